@@ -1,0 +1,195 @@
+//! The queues and exchanges of CONTRACT section 5, derived from one queue name.
+//!
+//! Declarations run on a channel of their own: a refused declaration (an
+//! existing queue with other arguments) closes its channel, and it must not
+//! take the consuming or publishing channel with it.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Connection, ExchangeKind};
+
+use crate::configuration::{AmqpSettings, QueueType};
+
+/// A declaration failed; the message names the object.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot declare {what} `{name}`: {source}")]
+pub struct TopologyError {
+    what: &'static str,
+    name: String,
+    #[source]
+    source: lapin::Error,
+}
+
+/// Every name of the topology.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// The commands queue, and the direct exchange of the same name.
+    pub queue: String,
+    /// Topic exchange of the result events.
+    pub results_exchange: String,
+    /// `(delay in seconds, queue name)` per broker-side redelivery step.
+    pub retry_queues: Vec<(u64, String)>,
+    /// Dead-letter exchange of the commands queue.
+    pub dlx: String,
+    /// Queue of dead letters, bound to the DLX.
+    pub dead: String,
+    queue_type: QueueType,
+    delivery_limit: u32,
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+impl Topology {
+    /// The names derived from the settings.
+    pub fn new(amqp: &AmqpSettings, redelivery_delays_secs: &[u64]) -> Self {
+        let queue = amqp.queue.clone();
+        Topology {
+            retry_queues: redelivery_delays_secs
+                .iter()
+                .map(|s| (*s, format!("{queue}.retry.{s}s")))
+                .collect(),
+            dlx: format!("{queue}.dlx"),
+            dead: format!("{queue}.dead"),
+            results_exchange: amqp.results_exchange.clone(),
+            queue_type: amqp.queue_type,
+            delivery_limit: amqp.delivery_limit,
+            queue,
+        }
+    }
+
+    /// Arguments shared by our queues of the configured type. Quorum queues
+    /// dead-letter at most once unless told otherwise; `at-least-once` (which
+    /// requires `reject-publish` overflow) keeps a dead letter from vanishing
+    /// on its way to the DLX or back from a delay queue.
+    fn typed(&self, extra: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut args = match self.queue_type {
+            QueueType::Quorum => table(&[
+                ("x-queue-type", text("quorum")),
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
+            ]),
+            QueueType::Classic => table(&[("x-queue-type", text("classic"))]),
+        };
+        for (k, v) in extra {
+            args.insert(ShortString::from(*k), v.clone());
+        }
+        args
+    }
+
+    /// Arguments of the commands queue.
+    fn commands_arguments(&self) -> FieldTable {
+        let mut extra = vec![("x-dead-letter-exchange", text(&self.dlx))];
+        if self.queue_type == QueueType::Quorum {
+            // A backstop against a message that crashes every worker that
+            // takes it; far above what our own nacks can reach.
+            extra.push((
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            ));
+        }
+        self.typed(&extra)
+    }
+
+    /// Declares everything; idempotent against an identical existing topology.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| TopologyError {
+                what: "channel for",
+                name: "topology".into(),
+                source,
+            })?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let exchange = |kind: ExchangeKind, name: String| {
+            let channel = channel.clone();
+            async move {
+                let opts = ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                };
+                channel
+                    .exchange_declare(name.as_str().into(), kind, opts, FieldTable::default())
+                    .await
+                    .map_err(|source| TopologyError {
+                        what: "exchange",
+                        name,
+                        source,
+                    })
+            }
+        };
+        exchange(ExchangeKind::Direct, self.queue.clone()).await?;
+        exchange(ExchangeKind::Topic, self.results_exchange.clone()).await?;
+        exchange(ExchangeKind::Fanout, self.dlx.clone()).await?;
+
+        let declare_queue = |name: String, args: FieldTable| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_declare(name.as_str().into(), durable, args)
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| TopologyError {
+                        what: "queue",
+                        name,
+                        source,
+                    })
+            }
+        };
+        let bind = |queue: String, exchange: String, key: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|source| TopologyError {
+                        what: "binding of",
+                        name: queue,
+                        source,
+                    })
+            }
+        };
+        declare_queue(self.dead.clone(), self.typed(&[])).await?;
+        bind(self.dead.clone(), self.dlx.clone(), String::new()).await?;
+        declare_queue(self.queue.clone(), self.commands_arguments()).await?;
+        bind(self.queue.clone(), self.queue.clone(), self.queue.clone()).await?;
+        for (secs, name) in &self.retry_queues {
+            // Expired messages go back to the commands queue through the
+            // default exchange; the TTL is per queue, so one queue per delay
+            // keeps a long delay from blocking a short one behind it.
+            let args = self.typed(&[
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(
+                        i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                    ),
+                ),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&self.queue)),
+            ]);
+            declare_queue(name.clone(), args).await?;
+        }
+        // Best effort: the channel is ours alone and the connection stays.
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,453 @@
+//! Settings, loaded in layers and checked once at start.
+//!
+//! A wrong value found at start costs an operator one log line; the same value
+//! found at 3 a.m. in the middle of a purchase costs a customer. So every rule
+//! that can be checked without the network is checked here, and the error names
+//! the offending key in one line. Once a [`Settings`] exists it is valid: the
+//! rest of the crate never re-checks it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// The documented defaults: `config/default.toml` is compiled in as the first
+/// layer, so the file an operator reads and the defaults the code uses can
+/// never disagree.
+const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// Hyperline keeps a successful answer for a key this long; a retry after it
+/// could charge again.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Why the settings could not be loaded. `Display` is the one line printed
+/// before the binary exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value of the right type breaks a rule.
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The Hyperline API key. Its `Debug` and `Display` print `[REDACTED]`, so a
+/// `{:?}` of any struct holding it cannot leak it into logs or errors.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key; surrounding whitespace (a trailing newline in a secret
+    /// file) is not part of it.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into().trim().to_owned())
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// Type of the commands queue.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, survives a broker node loss; the default.
+    Quorum,
+    /// Single-node, for brokers without quorum queues.
+    Classic,
+}
+
+/// Output format of the logs.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line, for log pipelines.
+    Json,
+    /// Human-readable, for a terminal.
+    Pretty,
+}
+
+/// Every setting of the worker and its tools.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Settings {
+    /// The broker and the names of the topology.
+    pub amqp: AmqpSettings,
+    /// The Hyperline API.
+    pub hyperline: HyperlineSettings,
+    /// In-process and broker-side retries.
+    pub retry: RetrySettings,
+    /// The consuming loop.
+    pub worker: WorkerSettings,
+    /// The operations HTTP server.
+    pub server: ServerSettings,
+    /// Logs and traces.
+    pub log: LogSettings,
+}
+
+/// `[amqp]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AmqpSettings {
+    /// Broker URL (`amqp://` or `amqps://`); may carry a password, so it is
+    /// never logged whole.
+    pub url: String,
+    /// The commands queue; the other names derive from it.
+    pub queue: String,
+    /// Topic exchange of the result events.
+    pub results_exchange: String,
+    /// `basic.qos` prefetch: the in-flight commands of a replica.
+    pub prefetch: u16,
+    /// Quorum or classic commands queue.
+    pub queue_type: QueueType,
+    /// Declare the topology at start.
+    pub declare_topology: bool,
+    /// `x-delivery-limit` of a quorum commands queue.
+    pub delivery_limit: u32,
+    /// Seconds to wait for a publisher confirm.
+    pub confirm_timeout_secs: u64,
+}
+
+/// `[hyperline]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct HyperlineSettings {
+    /// API root, without the `/v1/...` path.
+    pub base_url: Url,
+    /// The key, from `api_key` or read from `api_key_file` at load time.
+    pub api_key: Option<ApiKey>,
+    /// A file holding the key (Kubernetes secret).
+    pub api_key_file: Option<PathBuf>,
+    /// Total deadline of one request.
+    pub timeout_secs: u64,
+    /// Deadline of the connect phase.
+    pub connect_timeout_secs: u64,
+    /// Client-side cap per replica; 0 = none.
+    pub max_requests_per_second: u32,
+    /// Accept a non-loopback `http://` base URL.
+    pub allow_insecure_http: bool,
+}
+
+/// `[retry]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RetrySettings {
+    /// HTTP attempts per delivery before a broker-side redelivery.
+    pub attempts: u32,
+    /// Lower bound of the exponential backoff.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of the exponential backoff.
+    pub max_backoff_ms: u64,
+    /// Wait after a 409.
+    pub conflict_delay_ms: u64,
+    /// Longest 429 wait spent in process.
+    pub max_rate_limit_wait_secs: u64,
+    /// Broker-side delay steps.
+    pub redelivery_delays_secs: Vec<u64>,
+}
+
+/// `[worker]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct WorkerSettings {
+    /// Drain period on SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ServerSettings {
+    /// Address of `/metrics`, `/healthz`, `/readyz`; port 0 picks one.
+    pub listen: SocketAddr,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogSettings {
+    /// JSON or pretty.
+    pub format: LogFormat,
+    /// Default tracing filter.
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the layers (defaults, `config/default.toml`, `file`, `CPW__…`
+    /// environment) and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, vars)
+    }
+
+    /// [`Settings::load`] with an explicit environment, so tests need not
+    /// mutate the process's.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CPW__"))
+            .collect();
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::with_name("config/default.toml").required(false));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("CPW")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("retry.redelivery_delays_secs")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validated()
+    }
+
+    /// Applies every rule that a type cannot express, and reads the key file.
+    fn validated(mut self) -> Result<Settings, ConfigError> {
+        self.amqp.validate()?;
+        self.hyperline.validate()?;
+        self.retry.validate()?;
+        if self.worker.shutdown_grace_secs == 0 {
+            return Err(invalid("worker.shutdown_grace_secs", "must be positive"));
+        }
+        if let Some(path) = self.hyperline.api_key_file.clone() {
+            if self.hyperline.api_key.is_some() {
+                return Err(invalid(
+                    "hyperline.api_key_file",
+                    "is set together with hyperline.api_key: set only one",
+                ));
+            }
+            let key = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "hyperline.api_key_file",
+                    format!("cannot be read ({}): {e}", path.display()),
+                )
+            })?;
+            self.hyperline.api_key = Some(ApiKey::new(key));
+        }
+        if self
+            .hyperline
+            .api_key
+            .as_ref()
+            .is_some_and(|k| k.expose().is_empty())
+        {
+            return Err(invalid("hyperline.api_key", "is empty"));
+        }
+        Ok(self)
+    }
+
+    /// The key, or the error `run` stops with when there is none.
+    pub fn require_api_key(&self) -> Result<&ApiKey, ConfigError> {
+        self.hyperline.api_key.as_ref().ok_or_else(|| {
+            invalid(
+                "hyperline.api_key",
+                "is not set (set CPW__HYPERLINE__API_KEY or hyperline.api_key_file)",
+            )
+        })
+    }
+}
+
+/// AMQP object names are short strings (at most 255 bytes); a longer one
+/// would make lapin panic when the name is sent.
+fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    if name.len() + suffix_room > 255 {
+        return Err(invalid(
+            key,
+            format!("is too long: at most {} bytes", 255 - suffix_room),
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(invalid(key, "must not start with `amq.` (reserved)"));
+    }
+    Ok(())
+}
+
+impl AmqpSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let scheme = self.url.split("://").next().unwrap_or_default();
+        if !self.url.contains("://") || !matches!(scheme, "amqp" | "amqps") {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        // Room for ".retry.<seconds>s".
+        check_amqp_name("amqp.queue", &self.queue, 32)?;
+        check_amqp_name("amqp.results_exchange", &self.results_exchange, 0)?;
+        if self.prefetch == 0 {
+            return Err(invalid(
+                "amqp.prefetch",
+                "must be at least 1 (0 would mean unbounded)",
+            ));
+        }
+        if self.delivery_limit < 2 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 2"));
+        }
+        if self.confirm_timeout_secs == 0 {
+            return Err(invalid("amqp.confirm_timeout_secs", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// How long a publisher confirm may take.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.confirm_timeout_secs)
+    }
+}
+
+impl HyperlineSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.base_url.scheme() {
+            "https" => {}
+            "http" => {
+                let loopback = match self.base_url.host() {
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    None => false,
+                };
+                if !loopback && !self.allow_insecure_http {
+                    return Err(invalid(
+                        "hyperline.base_url",
+                        "uses http:// on a non-loopback host: the API key would travel in clear \
+                         (use https://, or set hyperline.allow_insecure_http)",
+                    ));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "hyperline.base_url",
+                    format!("has scheme `{other}`: use https://"),
+                ));
+            }
+        }
+        if self.base_url.query().is_some() || self.base_url.fragment().is_some() {
+            return Err(invalid(
+                "hyperline.base_url",
+                "must not carry a query or fragment",
+            ));
+        }
+        if self.timeout_secs == 0 {
+            return Err(invalid("hyperline.timeout_secs", "must be positive"));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(invalid(
+                "hyperline.connect_timeout_secs",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Total deadline of one request.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// Deadline of the connect phase.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+impl RetrySettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.attempts == 0 {
+            return Err(invalid("retry.attempts", "must be at least 1"));
+        }
+        if self.initial_backoff_ms == 0 {
+            return Err(invalid("retry.initial_backoff_ms", "must be positive"));
+        }
+        if self.max_backoff_ms < self.initial_backoff_ms {
+            return Err(invalid(
+                "retry.max_backoff_ms",
+                "must not be below retry.initial_backoff_ms",
+            ));
+        }
+        if self.redelivery_delays_secs.contains(&0) {
+            return Err(invalid(
+                "retry.redelivery_delays_secs",
+                "has a step of 0 s: every step needs a delay",
+            ));
+        }
+        let mut seen = self.redelivery_delays_secs.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != self.redelivery_delays_secs.len() {
+            return Err(invalid(
+                "retry.redelivery_delays_secs",
+                "repeats a delay: each step has its own queue, named by its delay",
+            ));
+        }
+        // The whole life of a command must fit in Hyperline's idempotency
+        // window, or a late retry could charge a second time. Count the
+        // broker-side delays plus a bound on the time spent in process.
+        let broker: u64 = self.redelivery_delays_secs.iter().sum();
+        let in_process = self.in_process_budget().as_secs();
+        let steps = self.redelivery_delays_secs.len() as u64 + 1;
+        if broker.saturating_add(in_process.saturating_mul(steps)) >= IDEMPOTENCY_WINDOW.as_secs() {
+            return Err(invalid(
+                "retry.redelivery_delays_secs",
+                format!(
+                    "sum to {broker} s, which with the in-process retries ({in_process} s per \
+                     delivery) reaches Hyperline's 24 h idempotency window: a late retry could \
+                     charge twice"
+                ),
+            ));
+        }
+        if self.max_rate_limit_wait_secs >= 25 * 60 {
+            return Err(invalid(
+                "retry.max_rate_limit_wait_secs",
+                "must stay well below RabbitMQ's 30 min consumer timeout",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Upper bound of the time one delivery spends retrying in process
+    /// (backoffs plus rate-limit waits), without the requests themselves.
+    pub fn in_process_budget(&self) -> Duration {
+        let waits = u64::from(self.attempts)
+            .saturating_mul(self.max_backoff_ms.max(self.conflict_delay_ms))
+            .saturating_add(self.max_rate_limit_wait_secs.saturating_mul(1000));
+        Duration::from_millis(waits)
+    }
+}
+
+impl WorkerSettings {
+    /// Drain period on SIGTERM.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}

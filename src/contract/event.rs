@@ -1,0 +1,372 @@
+//! The result events of section 3, with their AMQP properties and CloudEvents
+//! headers.
+//!
+//! Downstream teams dedupe on `command_id` and route on the `type`; the
+//! CloudEvents headers let generic tooling read the events without knowing
+//! this contract. All of it is built here so every publish path (results
+//! exchange, `reply_to`) sends byte-identical events.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use super::command::{Command, InvalidCommand};
+
+/// The `schema` of every event; bumped on a breaking change of the contract.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `cloudEvents:source` of every event.
+const SOURCE: &str = "credit-purchase-worker";
+
+/// The event `type`, also its routing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// The purchase was made (or had been made: an idempotent replay).
+    #[serde(rename = "credit_purchase.succeeded")]
+    Succeeded,
+    /// The purchase was not made, or its result is unknown (see the code).
+    #[serde(rename = "credit_purchase.failed")]
+    Failed,
+}
+
+impl EventKind {
+    /// The `type` string and routing key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Succeeded => "credit_purchase.succeeded",
+            EventKind::Failed => "credit_purchase.failed",
+        }
+    }
+}
+
+/// `error.code` of a failed event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message broke a rule of section 2; the API was not called.
+    InvalidCommand,
+    /// Hyperline answered 400, 404 or 422.
+    Rejected,
+    /// Hyperline answered 417: the id was reused for another purchase.
+    IdempotencyConflict,
+    /// Transient failures outlasted the whole retry budget.
+    RetriesExhausted,
+    /// A 2xx (or other answer) that is not the documented shape: the charge
+    /// may have happened, an operator must look.
+    UnexpectedResponse,
+}
+
+impl ErrorCode {
+    /// The code as written in events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidCommand => "invalid_command",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
+            ErrorCode::RetriesExhausted => "retries_exhausted",
+            ErrorCode::UnexpectedResponse => "unexpected_response",
+        }
+    }
+}
+
+/// `error` of a failed event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human readable; never the API key.
+    pub message: String,
+    /// Status of the deciding HTTP answer, if there was one.
+    pub http_status: Option<u16>,
+}
+
+/// One result event, as published.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultEvent {
+    /// [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Unique per event; also `message_id` and `cloudEvents:id`.
+    pub event_id: Uuid,
+    /// Succeeded or failed.
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// The command's id, or null when none could be read.
+    pub command_id: Option<String>,
+    /// The customer, or null when none could be read.
+    pub customer_id: Option<String>,
+    /// The product, or null when none could be read.
+    pub product_id: Option<String>,
+    /// The credits of the command, or null when none could be read.
+    pub credit_count: Option<u64>,
+    /// The invoice (succeeded only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<String>,
+    /// The balance after the purchase (succeeded only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_credit_balance: Option<u64>,
+    /// HTTP requests made for the command, as far as the worker knows.
+    pub attempts: u32,
+    /// When the outcome was decided (RFC 3339, UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    /// Why it failed (failed only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+}
+
+impl ResultEvent {
+    fn new(kind: EventKind, attempts: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        ResultEvent {
+            schema: SCHEMA_VERSION,
+            event_id: Uuid::new_v4(),
+            kind,
+            command_id: None,
+            customer_id: None,
+            product_id: None,
+            credit_count: None,
+            invoice_id: None,
+            new_credit_balance: None,
+            attempts,
+            // Whole seconds would lose ordering between quick events; the
+            // nanoseconds are noise. Milliseconds are what consumers sort on.
+            occurred_at: now
+                .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+                .unwrap_or(now),
+            error: None,
+        }
+    }
+
+    fn for_command(kind: EventKind, command: &Command, attempts: u32) -> Self {
+        ResultEvent {
+            command_id: Some(command.id.as_str().to_owned()),
+            customer_id: Some(command.customer_id.as_str().to_owned()),
+            product_id: Some(command.product_id.as_str().to_owned()),
+            credit_count: Some(command.credit_count.get()),
+            ..Self::new(kind, attempts)
+        }
+    }
+
+    /// The purchase was made.
+    pub fn succeeded(
+        command: &Command,
+        invoice_id: String,
+        new_credit_balance: u64,
+        attempts: u32,
+    ) -> Self {
+        ResultEvent {
+            invoice_id: Some(invoice_id),
+            new_credit_balance: Some(new_credit_balance),
+            ..Self::for_command(EventKind::Succeeded, command, attempts)
+        }
+    }
+
+    /// A valid command failed.
+    pub fn failed(command: &Command, attempts: u32, error: EventError) -> Self {
+        ResultEvent {
+            error: Some(error),
+            ..Self::for_command(EventKind::Failed, command, attempts)
+        }
+    }
+
+    /// A message that is not a command; the API was not called.
+    pub fn invalid(invalid: &InvalidCommand) -> Self {
+        ResultEvent {
+            command_id: invalid.raw.command_id.clone(),
+            customer_id: invalid.raw.customer_id.clone(),
+            product_id: invalid.raw.product_id.clone(),
+            credit_count: invalid.raw.credit_count,
+            error: Some(EventError {
+                code: ErrorCode::InvalidCommand,
+                message: invalid.reason.to_string(),
+                http_status: None,
+            }),
+            ..Self::new(EventKind::Failed, 0)
+        }
+    }
+
+    /// The routing key on the results exchange: the event type.
+    pub fn routing_key(&self) -> &'static str {
+        self.kind.as_str()
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising this struct cannot fail: only strings, integers and
+        // enums with fixed names, no maps with non-string keys.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// AMQP properties and CloudEvents headers of section 3; `traceparent`
+    /// continues the command's trace.
+    pub fn amqp_properties(&self, traceparent: Option<&str>) -> BasicProperties {
+        let time = self.occurred_at.format(&Rfc3339).unwrap_or_default();
+        let event_id = self.event_id.to_string();
+        let mut headers = FieldTable::default();
+        let mut put = |key: &str, value: &str| {
+            headers.insert(
+                ShortString::from(key),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        };
+        put("cloudEvents:specversion", "1.0");
+        put("cloudEvents:id", &event_id);
+        put("cloudEvents:type", self.kind.as_str());
+        put("cloudEvents:source", SOURCE);
+        put("cloudEvents:time", &time);
+        put("cloudEvents:datacontenttype", "application/json");
+        if let Some(id) = &self.command_id {
+            put("cloudEvents:subject", id);
+        }
+        if let Some(tp) = traceparent {
+            put("traceparent", tp);
+        }
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(event_id.as_str().into())
+            .with_type(self.kind.as_str().into())
+            .with_app_id(SOURCE.into())
+            .with_timestamp(self.occurred_at.unix_timestamp().max(0) as u64)
+            .with_headers(headers);
+        if let Some(id) = &self.command_id {
+            props = props.with_correlation_id(id.as_str().into());
+        }
+        props
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{ErrorCode, InvalidReason, RawIds};
+
+    fn command() -> Command {
+        let body = br#"{"command_id":"6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10","customer_id":"cus_1","product_id":"itm_1","credit_count":32,"amount_excluding_tax":24000}"#;
+        Command::parse(body, None).expect("valid")
+    }
+
+    fn header<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
+        props.headers().as_ref().and_then(|h| h.inner().get(key))
+    }
+
+    fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+        match header(props, key) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn succeeded_event_has_the_documented_shape() {
+        let e = ResultEvent::succeeded(&command(), "inv_1".into(), 2032, 1);
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["type"], "credit_purchase.succeeded");
+        assert_eq!(v["command_id"], "6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10");
+        assert_eq!(v["customer_id"], "cus_1");
+        assert_eq!(v["product_id"], "itm_1");
+        assert_eq!(v["credit_count"], 32);
+        assert_eq!(v["invoice_id"], "inv_1");
+        assert_eq!(v["new_credit_balance"], 2032);
+        assert_eq!(v["attempts"], 1);
+        assert!(v.get("error").is_none());
+        let at = v["occurred_at"].as_str().expect("string");
+        assert!(OffsetDateTime::parse(at, &Rfc3339).is_ok(), "{at}");
+        assert_eq!(e.routing_key(), "credit_purchase.succeeded");
+    }
+
+    #[test]
+    fn failed_event_carries_the_error() {
+        let error = EventError {
+            code: ErrorCode::Rejected,
+            message: "no such customer".into(),
+            http_status: Some(404),
+        };
+        let e = ResultEvent::failed(&command(), 2, error);
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(v["type"], "credit_purchase.failed");
+        assert_eq!(v["error"]["code"], "rejected");
+        assert_eq!(v["error"]["http_status"], 404);
+        assert_eq!(v["attempts"], 2);
+        assert!(v.get("invoice_id").is_none());
+        assert_eq!(e.routing_key(), "credit_purchase.failed");
+    }
+
+    #[test]
+    fn invalid_event_echoes_what_could_be_read() {
+        let invalid = InvalidCommand {
+            reason: InvalidReason::NoPricing,
+            raw: RawIds {
+                command_id: Some("abc".into()),
+                customer_id: None,
+                product_id: Some("p".into()),
+                credit_count: Some(3),
+            },
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&ResultEvent::invalid(&invalid).to_json()).expect("json");
+        assert_eq!(v["command_id"], "abc");
+        assert_eq!(v["customer_id"], serde_json::Value::Null);
+        assert_eq!(v["credit_count"], 3);
+        assert_eq!(v["attempts"], 0);
+        assert_eq!(v["error"]["code"], "invalid_command");
+        assert_eq!(v["error"]["http_status"], serde_json::Value::Null);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("amount_excluding_tax"))
+        );
+    }
+
+    #[test]
+    fn properties_and_cloudevents_headers() {
+        let e = ResultEvent::succeeded(&command(), "inv_1".into(), 1, 1);
+        let p = e.amqp_properties(Some(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ));
+        let id = e.event_id.to_string();
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.as_str()),
+            Some(id.as_str())
+        );
+        assert_eq!(
+            p.correlation_id().as_ref().map(|s| s.as_str()),
+            Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
+        );
+        assert_eq!(
+            p.kind().as_ref().map(|s| s.as_str()),
+            Some("credit_purchase.succeeded")
+        );
+        assert!(p.timestamp().is_some());
+        assert_eq!(
+            header_str(&p, "cloudEvents:specversion").as_deref(),
+            Some("1.0")
+        );
+        assert_eq!(header_str(&p, "cloudEvents:id"), Some(id));
+        assert_eq!(
+            header_str(&p, "cloudEvents:type").as_deref(),
+            Some("credit_purchase.succeeded")
+        );
+        assert_eq!(
+            header_str(&p, "cloudEvents:source").as_deref(),
+            Some("credit-purchase-worker")
+        );
+        assert_eq!(
+            header_str(&p, "cloudEvents:subject").as_deref(),
+            Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
+        );
+        assert!(header_str(&p, "cloudEvents:time").is_some());
+        assert!(header_str(&p, "traceparent").is_some());
+    }
+}

@@ -1,0 +1,214 @@
+//! The purchase request: one `POST` with the command's id as Idempotency-Key.
+//!
+//! The client never retries by itself (reqwest's built-in retry has no backoff
+//! and ignores `Retry-After`); it reports one attempt, and the pipeline decides.
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::answer::{PurchaseAnswer, Quota, TransientCause, classify};
+use crate::configuration::{ApiKey, HyperlineSettings};
+use crate::contract::{Command, CustomerId, Pricing, ProductId};
+
+/// Why a client could not be built. Never carries the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The key has characters an HTTP header cannot carry.
+    #[error("the Hyperline API key contains characters not allowed in an HTTP header")]
+    InvalidKey,
+    /// reqwest refused the settings (TLS backend, ...).
+    #[error("cannot build the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// One attempt's answer plus the rate-limit quota the answer announced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PurchaseResponse {
+    /// What to do next.
+    pub answer: PurchaseAnswer,
+    /// The write budget left, when the headers said.
+    pub quota: Option<Quota>,
+}
+
+/// The JSON body of the purchase request.
+#[derive(Serialize)]
+struct PurchaseBody<'a> {
+    credit_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount_excluding_tax: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<&'a str>,
+}
+
+/// The path of the purchase endpoint. The ids are valid by construction, so
+/// nothing in them can change the URL.
+pub fn purchase_path(customer: &CustomerId, product: &ProductId) -> String {
+    format!("/v1/customers/{customer}/credits/{product}/purchase")
+}
+
+/// A Hyperline API client for purchases. Cheap to clone; share one per process
+/// so connections are pooled.
+#[derive(Clone)]
+pub struct HyperlineClient {
+    http: reqwest::Client,
+    /// `base_url` without a trailing slash.
+    base: String,
+    /// `Bearer <key>`, marked sensitive so no debug output shows it.
+    authorization: HeaderValue,
+    /// The key, to scrub it from any text that came back from the network.
+    key: ApiKey,
+}
+
+impl std::fmt::Debug for HyperlineClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HyperlineClient")
+            .field("base", &self.base)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HyperlineClient {
+    /// Builds a client with separate connect and total deadlines.
+    pub fn new(settings: &HyperlineSettings, key: ApiKey) -> Result<Self, ClientError> {
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| ClientError::InvalidKey)?;
+        authorization.set_sensitive(true);
+        let mut default_headers = HeaderMap::new();
+        default_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout())
+            .timeout(settings.timeout())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .user_agent(concat!(
+                "credit-purchase-worker/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .default_headers(default_headers)
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(Self {
+            http,
+            base: settings.base_url.as_str().trim_end_matches('/').to_owned(),
+            authorization,
+            key,
+        })
+    }
+
+    /// The request body of a command. Deterministic, so every attempt of a
+    /// command sends the same bytes (Hyperline answers 417 otherwise).
+    pub fn body(command: &Command) -> Vec<u8> {
+        let (amount, price) = match &command.pricing {
+            Pricing::Amount(a) => (Some(*a), None),
+            Pricing::PriceId(p) => (None, Some(p.as_str())),
+        };
+        let body = PurchaseBody {
+            credit_count: command.credit_count.get(),
+            amount_excluding_tax: amount,
+            price_id: price,
+            expires_at: command.expires_at.as_deref(),
+        };
+        // Integers and strings only: serialisation cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// One purchase attempt. Never fails: every outcome, network errors
+    /// included, is an answer.
+    pub async fn purchase(&self, command: &Command, traceparent: Option<&str>) -> PurchaseResponse {
+        let url = format!(
+            "{}{}",
+            self.base,
+            purchase_path(&command.customer_id, &command.product_id)
+        );
+        let mut request = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header("Idempotency-Key", command.id.as_str())
+            .body(Self::body(command));
+        if let Some(tp) = traceparent.and_then(|tp| HeaderValue::from_str(tp).ok()) {
+            request = request.header("traceparent", tp);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return self.network_failure(&e),
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        match response.bytes().await {
+            Ok(body) => {
+                let (answer, quota) = classify(status, &headers, &body, OffsetDateTime::now_utc());
+                PurchaseResponse {
+                    answer: self.scrub(answer),
+                    quota,
+                }
+            }
+            // Headers arrived but the body did not: for a 2xx the purchase
+            // happened; retrying with the same key replays it.
+            Err(e) => self.network_failure(&e),
+        }
+    }
+
+    fn network_failure(&self, e: &reqwest::Error) -> PurchaseResponse {
+        let cause = if e.is_timeout() {
+            TransientCause::Timeout
+        } else if e.is_connect() {
+            TransientCause::Connect
+        } else {
+            TransientCause::Network(self.redact(&error_chain(e)))
+        };
+        PurchaseResponse {
+            answer: PurchaseAnswer::Transient {
+                status: None,
+                cause,
+            },
+            quota: None,
+        }
+    }
+
+    /// Texts from the network go into events and logs: make sure the key is
+    /// not among them, even if a server echoes it.
+    fn redact(&self, text: &str) -> String {
+        let key = self.key.expose();
+        if key.is_empty() || !text.contains(key) {
+            text.to_owned()
+        } else {
+            text.replace(key, "[REDACTED]")
+        }
+    }
+
+    fn scrub(&self, answer: PurchaseAnswer) -> PurchaseAnswer {
+        match answer {
+            PurchaseAnswer::Rejected { status, message } => PurchaseAnswer::Rejected {
+                status,
+                message: self.redact(&message),
+            },
+            PurchaseAnswer::IdempotencyConflict { message } => {
+                PurchaseAnswer::IdempotencyConflict {
+                    message: self.redact(&message),
+                }
+            }
+            PurchaseAnswer::UnexpectedResponse { status, detail } => {
+                PurchaseAnswer::UnexpectedResponse {
+                    status,
+                    detail: self.redact(&detail),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,12 @@
+//! `credit-purchase-worker`: buys Hyperline credits for commands taken from
+//! RabbitMQ, exactly once per command, and answers every command with an event.
+//!
+//! The data path reads top to bottom through these modules:
+//! delivery ([`broker`]) → command ([`contract`]) → purchase ([`hyperline`])
+//! → outcome ([`pipeline`]) → event ([`contract`]) → ack ([`pipeline`]).
+
+pub mod broker;
+pub mod configuration;
+pub mod contract;
+pub mod hyperline;
+pub mod simulator;
