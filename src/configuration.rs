@@ -130,6 +130,8 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     /// Seconds to wait for a publisher confirm.
     pub confirm_timeout_secs: u64,
+    /// The connection's name on the broker; empty = derived from the host.
+    pub connection_name: String,
 }
 
 /// `[hyperline]`.
@@ -318,6 +320,20 @@ impl AmqpSettings {
             return Err(invalid("amqp.confirm_timeout_secs", "must be positive"));
         }
         Ok(())
+    }
+
+    /// The connection's name on the broker, so an operator can tell the
+    /// replicas apart (and `rabbitmqctl close_connection` pick one).
+    pub fn connection_name(&self) -> String {
+        if !self.connection_name.is_empty() {
+            return self.connection_name.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        format!("credit-purchase-worker@{host}")
     }
 
     /// How long a publisher confirm may take.

@@ -6,7 +6,12 @@
 //! → outcome ([`pipeline`]) → event ([`contract`]) → ack ([`pipeline`]).
 
 pub mod broker;
+pub mod cli;
 pub mod configuration;
 pub mod contract;
 pub mod hyperline;
+pub mod operations;
+pub mod pipeline;
 pub mod simulator;
+pub mod startup;
+pub mod telemetry;

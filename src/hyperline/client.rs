@@ -31,6 +31,20 @@ pub struct PurchaseResponse {
     pub quota: Option<Quota>,
 }
 
+/// What a credential probe learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The key passed authentication.
+    Accepted,
+    /// 401 or 403.
+    Refused(u16),
+    /// No verdict (timeout, 5xx, ...).
+    Unknown(String),
+}
+
+/// Customer and product of the probe request: valid ids that name nothing.
+const PROBE_ID: &str = "cpw_credential_probe";
+
 /// The JSON body of the purchase request.
 #[derive(Serialize)]
 struct PurchaseBody<'a> {
@@ -149,6 +163,33 @@ impl HyperlineClient {
             // Headers arrived but the body did not: for a 2xx the purchase
             // happened; retrying with the same key replays it.
             Err(e) => self.network_failure(&e),
+        }
+    }
+
+    /// Tests the key without buying anything: a purchase request with an
+    /// empty body and no Idempotency-Key. Authentication comes before
+    /// validation, so a 401/403 means the key is refused and any 4xx
+    /// validation answer means it passed; an empty body can never charge.
+    pub async fn probe_credentials(&self) -> ProbeResult {
+        let id = CustomerId::parse(PROBE_ID).ok();
+        let product = ProductId::parse(PROBE_ID).ok();
+        let (Some(id), Some(product)) = (id, product) else {
+            return ProbeResult::Unknown("probe ids are invalid".into());
+        };
+        let url = format!("{}{}", self.base, purchase_path(&id, &product));
+        let sent = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .body("{}")
+            .send()
+            .await;
+        match sent.map(|r| r.status().as_u16()) {
+            Ok(status @ (401 | 403)) => ProbeResult::Refused(status),
+            Ok(429) => ProbeResult::Unknown("HTTP 429".into()),
+            Ok(400..=499) => ProbeResult::Accepted,
+            Ok(status) => ProbeResult::Unknown(format!("HTTP {status}")),
+            Err(e) => ProbeResult::Unknown(self.redact(&error_chain(&e))),
         }
     }
 

@@ -9,4 +9,4 @@ mod answer;
 mod client;
 
 pub use answer::{PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait};
-pub use client::{ClientError, HyperlineClient, PurchaseResponse, purchase_path};
+pub use client::{ClientError, HyperlineClient, ProbeResult, PurchaseResponse, purchase_path};

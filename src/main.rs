@@ -1,0 +1,102 @@
+//! The binary: parse the command line, load the settings, dispatch. Anything
+//! that can fail at start ends here as one line on stderr and a non-zero exit.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use credit_purchase_worker::cli::{Cli, Command, SimulatorArgs};
+use credit_purchase_worker::configuration::Settings;
+use credit_purchase_worker::simulator::{Faults, Simulator, SimulatorSettings};
+use credit_purchase_worker::startup::Application;
+use credit_purchase_worker::telemetry;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config.as_deref()).await,
+        Command::Simulator(args) => simulator(args).await,
+        other => {
+            eprintln!("`{}` is not built yet", subcommand_name(&other));
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+fn subcommand_name(command: &Command) -> &'static str {
+    match command {
+        Command::Run => "run",
+        Command::Simulator(_) => "simulator",
+        Command::Demo => "demo",
+        Command::Publish => "publish",
+        Command::DeadLetters(_) => "dead-letters",
+        Command::Check => "check",
+    }
+}
+
+async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(config)?;
+    telemetry::init(settings.log.format, &settings.log.level);
+    let app = Application::build(settings).await?;
+    tracing::info!(ops = %app.ops_addr(), "starting");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    app.run_until_stopped(shutdown).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn simulator(args: SimulatorArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init(credit_purchase_worker::configuration::LogFormat::Pretty, "info");
+    let settings = SimulatorSettings {
+        api_key: args.api_key,
+        faults: Faults {
+            latency_ms: args.latency_ms,
+            fail_rate: args.fail_rate,
+            hang_rate: args.hang_rate,
+            drop_rate: args.drop_rate,
+            rate_limit: args.rate_limit,
+            ..Faults::default()
+        },
+        seed: args.seed,
+    };
+    let sim = Simulator::start(args.listen, settings)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("Hyperline simulator listening on {}", sim.base_url());
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    sim.run_until(async move { stop.cancelled().await }).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C) starts a graceful shutdown.
+async fn stop_on_signal(token: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,138 @@
+//! What operators and Kubernetes see: `/healthz` and `/readyz`.
+//!
+//! Liveness and readiness answer different questions. `/healthz` fails only
+//! when the supervising loop itself is stuck (restart the pod); `/readyz`
+//! fails while the replica cannot do useful work (broker down, consumer
+//! paused, key refused), which a restart would not fix.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The supervising loop beats at least this often while alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Readiness and liveness, written by the pipeline, read by the probes.
+#[derive(Debug, Default)]
+pub struct Health {
+    connected: AtomicBool,
+    consuming: AtomicBool,
+    credentials_refused: AtomicBool,
+    shutting_down: AtomicBool,
+    last_beat_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The state behind `/readyz`, for tests and the summary line of the probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    /// A broker connection is open.
+    pub connected: bool,
+    /// A consumer is registered.
+    pub consuming: bool,
+    /// Hyperline accepts the key.
+    pub credentials_ok: bool,
+    /// SIGTERM received.
+    pub shutting_down: bool,
+}
+
+impl Readiness {
+    /// Whether the replica should receive work.
+    pub fn ready(&self) -> bool {
+        self.connected && self.consuming && self.credentials_ok && !self.shutting_down
+    }
+}
+
+impl Health {
+    /// The supervising loop is alive.
+    pub fn beat(&self) {
+        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Broker connection up or down.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if !up {
+            self.consuming.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Consumer registered or cancelled.
+    pub fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::Relaxed);
+    }
+
+    /// Key refused (true) or accepted (false).
+    pub fn set_credentials_refused(&self, refused: bool) {
+        self.credentials_refused.store(refused, Ordering::Relaxed);
+    }
+
+    /// From SIGTERM on, the replica takes no new work.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// The current readiness.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            connected: self.connected.load(Ordering::Relaxed),
+            consuming: self.consuming.load(Ordering::Relaxed),
+            credentials_ok: !self.credentials_refused.load(Ordering::Relaxed),
+            shutting_down: self.shutting_down.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Alive when the loop beat within a few heartbeats.
+    pub fn alive(&self) -> bool {
+        let last = self.last_beat_ms.load(Ordering::Relaxed);
+        now_ms().saturating_sub(last) < 3 * u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if health.alive() {
+        (StatusCode::OK, "alive\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the supervising loop is stuck\n")
+    }
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let r = health.readiness();
+    let text = format!(
+        "connected={} consuming={} credentials_ok={} shutting_down={}\n",
+        r.connected, r.consuming, r.credentials_ok, r.shutting_down
+    );
+    let status = if r.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, text)
+}
+
+/// Binds the operations server; port 0 picks a free one.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the probes until `stop`.
+pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}

@@ -1,0 +1,266 @@
+//! One delivery, top to bottom: delivery → command → purchase → outcome →
+//! event → ack.
+//!
+//! The order of the last two steps is the promise: a command is settled (acked,
+//! rejected to the dead-letter queue, or moved to a delay queue) only after
+//! what it produced is confirmed by the broker. If that fails, the command is
+//! put back and its next delivery replays the same charge.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tracing::Instrument;
+
+use super::Pipeline;
+use super::retry::{Attempted, RetryContext, Verdict, purchase_with_retry};
+use crate::broker::{PublishError, Publisher, REDELIVERY_HEADERS, Routed, header_str, header_u64};
+use crate::configuration::IDEMPOTENCY_WINDOW;
+use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
+
+/// Our headers on a command copied to a delay queue.
+pub const ATTEMPTS_HEADER: &str = "cpw-attempts";
+/// The number of delay steps the command went through.
+pub const STEP_HEADER: &str = "cpw-redelivery-step";
+/// Unix milliseconds of the command's first request to Hyperline: the start
+/// of its 24-hour idempotency window.
+pub const FIRST_ATTEMPT_HEADER: &str = "cpw-first-attempt-ms";
+
+/// What became of one delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `succeeded` event published, command acked.
+    Succeeded,
+    /// `failed` event published, command acked or dead-lettered.
+    Failed(ErrorCode),
+    /// Copied to the delay queue of this step (0-based), original acked.
+    Deferred(usize),
+    /// Put back on the queue: a credential fault.
+    CredentialFault,
+    /// Put back on the queue: its event or copy could not be confirmed.
+    NotConfirmed,
+}
+
+impl Outcome {
+    /// A label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed(code) => code.as_str(),
+            Outcome::Deferred(_) => "deferred",
+            Outcome::CredentialFault => "credential_fault",
+            Outcome::NotConfirmed => "not_confirmed",
+        }
+    }
+}
+
+/// How the delivery leaves the queue once its output is confirmed.
+enum Settle {
+    Ack,
+    DeadLetter,
+    Requeue,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Pipeline {
+    /// Handles one delivery to the end and reports what became of it.
+    pub async fn handle(&self, delivery: Delivery, publisher: Publisher) -> Outcome {
+        let props = &delivery.properties;
+        let headers = props.headers().as_ref();
+        let message_id = props.message_id().as_ref().map(|m| m.as_str().to_owned());
+        let span = tracing::info_span!(
+            "command",
+            command_id = tracing::field::Empty,
+            customer_id = tracing::field::Empty,
+            product_id = tracing::field::Empty,
+            attempt = header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0),
+            redelivered = delivery.redelivered,
+        );
+        async move {
+            let command = match Command::parse(&delivery.data, message_id.as_deref()) {
+                Ok(command) => command,
+                Err(invalid) => {
+                    tracing::warn!(reason = %invalid.reason, "invalid command: dead-lettering it");
+                    let event = ResultEvent::invalid(&invalid);
+                    let outcome = Outcome::Failed(ErrorCode::InvalidCommand);
+                    return self.finish(&delivery, &publisher, &event, outcome, Settle::DeadLetter).await;
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("command_id", command.id.as_str());
+            span.record("customer_id", command.customer_id.as_str());
+            span.record("product_id", command.product_id.as_str());
+            self.purchase(&delivery, &publisher, &command).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn purchase(&self, delivery: &Delivery, publisher: &Publisher, command: &Command) -> Outcome {
+        let headers = delivery.properties.headers().as_ref();
+        let traceparent = header_str(headers, "traceparent");
+        let earlier = u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0)).unwrap_or(u32::MAX);
+        let step = usize::try_from(header_u64(headers, STEP_HEADER).unwrap_or(0)).unwrap_or(usize::MAX);
+        let first_attempt = header_u64(headers, FIRST_ATTEMPT_HEADER).unwrap_or_else(now_ms);
+
+        // Hyperline forgets a key 24 h after its first use; a request after
+        // that could charge a second time. Configuration keeps normal retries
+        // far inside the window; this guards a replay of an old dead letter.
+        let age = Duration::from_millis(now_ms().saturating_sub(first_attempt));
+        if age + self.settings.in_process_budget() >= IDEMPOTENCY_WINDOW {
+            let error = EventError {
+                code: ErrorCode::RetriesExhausted,
+                message: format!(
+                    "first attempted {}h ago: another request could fall outside Hyperline's 24 h idempotency window and charge twice",
+                    age.as_secs() / 3600
+                ),
+                http_status: None,
+            };
+            let event = ResultEvent::failed(command, earlier, error);
+            return self.finish(delivery, publisher, &event, Outcome::Failed(ErrorCode::RetriesExhausted), Settle::DeadLetter).await;
+        }
+
+        let on_retry = |retry: &super::retry::Retry| {
+            tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
+        };
+        let ctx = RetryContext {
+            client: &self.client,
+            gate: &self.gate,
+            credentials: &self.credentials,
+            settings: &self.settings,
+            on_retry: &on_retry,
+        };
+        let Attempted { verdict, requests } = purchase_with_retry(&ctx, command, traceparent.as_deref()).await;
+        let attempts = earlier.saturating_add(requests);
+        let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
+            ResultEvent::failed(command, attempts, EventError { code, message, http_status })
+        };
+        let (event, outcome, settle) = match verdict {
+            Verdict::Succeeded(receipt) => {
+                tracing::info!(invoice_id = %receipt.invoice_id, attempts, "credits purchased");
+                let event = ResultEvent::succeeded(command, receipt.invoice_id, receipt.new_credit_balance, attempts);
+                (event, Outcome::Succeeded, Settle::Ack)
+            }
+            Verdict::Rejected { status, message } => {
+                tracing::warn!(status, %message, "purchase rejected");
+                (failed(ErrorCode::Rejected, message, Some(status)), Outcome::Failed(ErrorCode::Rejected), Settle::Ack)
+            }
+            Verdict::IdempotencyConflict { message } => {
+                tracing::warn!(%message, "command_id reused for another purchase");
+                let code = ErrorCode::IdempotencyConflict;
+                (failed(code, message, Some(417)), Outcome::Failed(code), Settle::Ack)
+            }
+            Verdict::Unexpected { status, detail } => {
+                tracing::error!(status, %detail, "unexpected answer: dead-lettering for an operator");
+                let code = ErrorCode::UnexpectedResponse;
+                (failed(code, detail, Some(status)), Outcome::Failed(code), Settle::DeadLetter)
+            }
+            Verdict::CredentialFault => {
+                if self.credentials.report_fault() {
+                    tracing::error!("Hyperline refuses the API key: pausing consumption until it is accepted");
+                }
+                return self.settle(delivery, Settle::Requeue, Outcome::CredentialFault).await;
+            }
+            Verdict::Exhausted { last_status, last_error } => {
+                if let Some((delay, queue)) = self.topology.retry_queues.get(step) {
+                    tracing::warn!(%last_error, delay_secs = delay, "in-process retries spent: moving to a delay queue");
+                    return self.defer(delivery, publisher, queue, step, attempts, first_attempt).await;
+                }
+                tracing::error!(%last_error, attempts, "retries exhausted: dead-lettering");
+                let message = format!("gave up after {attempts} attempts; last failure: {last_error}");
+                let code = ErrorCode::RetriesExhausted;
+                (failed(code, message, last_status), Outcome::Failed(code), Settle::DeadLetter)
+            }
+        };
+        self.finish(delivery, publisher, &event, outcome, settle).await
+    }
+
+    /// Publishes the event (results exchange and `reply_to`), then settles.
+    async fn finish(&self, delivery: &Delivery, publisher: &Publisher, event: &ResultEvent, outcome: Outcome, settle: Settle) -> Outcome {
+        match self.publish_event(delivery, publisher, event).await {
+            Ok(()) => self.settle(delivery, settle, outcome).await,
+            Err(e) => {
+                tracing::error!(error = %e, "event not confirmed: requeueing the command");
+                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed).await
+            }
+        }
+    }
+
+    async fn publish_event(&self, delivery: &Delivery, publisher: &Publisher, event: &ResultEvent) -> Result<(), PublishError> {
+        let body = event.to_json();
+        let traceparent = header_str(delivery.properties.headers().as_ref(), "traceparent");
+        let props = event.amqp_properties(traceparent.as_deref());
+        let to_results = publisher.send(&self.topology.results_exchange, event.routing_key(), &body, props.clone()).await?;
+        let reply_to = delivery.properties.reply_to().as_ref().map(|r| r.as_str().to_owned()).filter(|r| !r.is_empty());
+        let to_reply = match &reply_to {
+            Some(queue) => Some(publisher.send("", queue, &body, props).await?),
+            None => None,
+        };
+        if publisher.confirm(&self.topology.results_exchange, to_results).await? == Routed::No {
+            tracing::warn!(exchange = %self.topology.results_exchange, "no queue is bound to receive this event");
+        }
+        if let (Some(queue), Some(confirm)) = (reply_to, to_reply)
+            && publisher.confirm(&queue, confirm).await? == Routed::No
+        {
+            tracing::warn!(reply_to = %queue, "the reply_to queue does not exist; the event is on the results exchange only");
+        }
+        Ok(())
+    }
+
+    /// Copies the command to the delay queue of `step`, then acks the original.
+    async fn defer(&self, delivery: &Delivery, publisher: &Publisher, queue: &str, step: usize, attempts: u32, first_attempt: u64) -> Outcome {
+        let mut headers = FieldTable::default();
+        if let Some(old) = delivery.properties.headers() {
+            for (k, v) in old.inner() {
+                if !REDELIVERY_HEADERS.contains(&k.as_str()) {
+                    headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        headers.insert(ShortString::from(ATTEMPTS_HEADER), AMQPValue::LongLongInt(i64::from(attempts)));
+        headers.insert(ShortString::from(STEP_HEADER), AMQPValue::LongLongInt(i64::try_from(step + 1).unwrap_or(i64::MAX)));
+        headers.insert(ShortString::from(FIRST_ATTEMPT_HEADER), AMQPValue::LongLongInt(i64::try_from(first_attempt).unwrap_or(i64::MAX)));
+        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        match publisher.publish_routed("", queue, &delivery.data, props).await {
+            Ok(()) => self.settle(delivery, Settle::Ack, Outcome::Deferred(step)).await,
+            Err(e) => {
+                tracing::error!(error = %e, queue, "could not move the command to its delay queue: requeueing it");
+                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed).await
+            }
+        }
+    }
+
+    /// Acks, dead-letters or requeues. lapin answers `Ok(false)` when the
+    /// channel is gone: the broker will redeliver, which is safe, but it is
+    /// logged so a silent no-op never passes for an ack.
+    async fn settle(&self, delivery: &Delivery, settle: Settle, outcome: Outcome) -> Outcome {
+        let result = match settle {
+            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+            Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
+            // nack, not reject: RabbitMQ 4.3 counts rejects, not nacks, toward
+            // the quorum delivery limit, and a requeue is never the command's fault.
+            Settle::Requeue => {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await
+            }
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(outcome = outcome.label(), "the channel is gone: the settlement had no effect and the broker will redeliver"),
+            Err(e) => tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver"),
+        }
+        outcome
+    }
+}

@@ -1,0 +1,76 @@
+//! Keeps the replica consuming: a lost connection or channel is rebuilt with
+//! backoff, topology redeclared and consumption resumed, without a restart.
+//!
+//! This is our own loop rather than lapin's young auto-recovery: a fresh
+//! connection, fresh channels and a fresh consumer are easy to reason about,
+//! and a delivery can never be acked on a channel it did not come from.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Pipeline;
+use super::handler::Outcome;
+use super::session::{self, SessionContext};
+use crate::broker::redacted_url;
+use crate::configuration::Settings;
+use crate::operations::{HEARTBEAT, Health};
+
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Runs sessions until `shutdown` is cancelled.
+pub async fn run(
+    settings: &Settings,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    on_outcome: &(dyn Fn(&Outcome) + Sync),
+) {
+    let name = settings.amqp.connection_name();
+    let beat = {
+        let health = Arc::clone(&health);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            while !stop.is_cancelled() {
+                health.beat();
+                tick.tick().await;
+            }
+        })
+    };
+    let ctx = SessionContext {
+        settings,
+        pipeline: &pipeline,
+        health: &health,
+        shutdown: &shutdown,
+        name: &name,
+        on_outcome,
+    };
+    let mut wait = RECONNECT_FIRST;
+    loop {
+        let started = tokio::time::Instant::now();
+        match session::run(&ctx).await {
+            Ok(()) => break,
+            Err(e) => {
+                health.set_connected(false);
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                // A session that ran a while was healthy: start the backoff over.
+                if started.elapsed() > RECONNECT_MAX {
+                    wait = RECONNECT_FIRST;
+                }
+                tracing::error!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+    beat.abort();
+    tracing::info!("worker stopped");
+}

@@ -1,0 +1,105 @@
+//! Building the worker from its settings, and running it until told to stop.
+//!
+//! Split in two so tests can drive the real thing: [`Application::build`]
+//! binds the operations port (port 0 allowed) and checks everything that can
+//! fail at start; [`Application::run_until_stopped`] runs until a token says stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Topology;
+use crate::configuration::{ConfigError, Settings};
+use crate::hyperline::{ClientError, HyperlineClient};
+use crate::operations::{self, Health};
+use crate::pipeline::credentials::Credentials;
+use crate::pipeline::gate::Gate;
+use crate::pipeline::handler::Outcome;
+use crate::pipeline::{Pipeline, supervisor};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A setting is missing or wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The operations port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A worker ready to run.
+pub struct Application {
+    settings: Settings,
+    listener: TcpListener,
+    ops_addr: SocketAddr,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+}
+
+impl Application {
+    /// Checks the key, builds the client and binds the operations port.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let key = settings.require_api_key()?.clone();
+        let client = HyperlineClient::new(&settings.hyperline, key)?;
+        let addr = settings.server.listen;
+        let listener = operations::bind(addr).await.map_err(|source| StartupError::Listen { addr, source })?;
+        let ops_addr = listener.local_addr().map_err(|source| StartupError::Listen { addr, source })?;
+        let pipeline = Arc::new(Pipeline {
+            client,
+            gate: Gate::new(settings.hyperline.max_requests_per_second),
+            credentials: Credentials::default(),
+            settings: settings.retry.clone(),
+            topology: Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs),
+        });
+        Ok(Application {
+            settings,
+            listener,
+            ops_addr,
+            pipeline,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// Where `/healthz`, `/readyz` (and `/metrics`) are served.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    /// The probes' view, for tests.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Runs until `shutdown` is cancelled and in-flight commands are drained
+    /// (or the grace period is over).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let stop_ops = CancellationToken::new();
+        let ops = tokio::spawn(operations::serve(self.listener, Arc::clone(&self.health), stop_ops.clone()));
+        let health = Arc::clone(&self.health);
+        let mark = shutdown.clone();
+        let marker = tokio::spawn(async move {
+            mark.cancelled().await;
+            health.set_shutting_down();
+        });
+        let on_outcome = |outcome: &Outcome| tracing::debug!(outcome = outcome.label(), "delivery finished");
+        supervisor::run(&self.settings, self.pipeline, Arc::clone(&self.health), shutdown, &on_outcome).await;
+        marker.abort();
+        stop_ops.cancel();
+        match ops.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "operations server failed"),
+            Err(e) => tracing::error!(error = %e, "operations server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests of the worker against the real broker and the simulator.
+
+mod helpers;
+mod outcomes;
