@@ -331,7 +331,11 @@ impl AmqpSettings {
         let host = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
             .unwrap_or_else(|| "unknown".to_owned());
         format!("credit-purchase-worker@{host}")
     }

@@ -58,7 +58,10 @@ async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 }
 
 async fn simulator(args: SimulatorArgs) -> anyhow::Result<ExitCode> {
-    telemetry::init(credit_purchase_worker::configuration::LogFormat::Pretty, "info");
+    telemetry::init(
+        credit_purchase_worker::configuration::LogFormat::Pretty,
+        "info",
+    );
     let settings = SimulatorSettings {
         api_key: args.api_key,
         faults: Faults {

@@ -107,7 +107,10 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str
     if health.alive() {
         (StatusCode::OK, "alive\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "the supervising loop is stuck\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervising loop is stuck\n",
+        )
     }
 }
 
@@ -117,7 +120,11 @@ async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
         "connected={} consuming={} credentials_ok={} shutting_down={}\n",
         r.connected, r.consuming, r.credentials_ok, r.shutting_down
     );
-    let status = if r.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if r.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, text)
 }
 
@@ -127,7 +134,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the probes until `stop`.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -53,8 +53,12 @@ impl Application {
         let key = settings.require_api_key()?.clone();
         let client = HyperlineClient::new(&settings.hyperline, key)?;
         let addr = settings.server.listen;
-        let listener = operations::bind(addr).await.map_err(|source| StartupError::Listen { addr, source })?;
-        let ops_addr = listener.local_addr().map_err(|source| StartupError::Listen { addr, source })?;
+        let listener = operations::bind(addr)
+            .await
+            .map_err(|source| StartupError::Listen { addr, source })?;
+        let ops_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen { addr, source })?;
         let pipeline = Arc::new(Pipeline {
             client,
             gate: Gate::new(settings.hyperline.max_requests_per_second),
@@ -85,15 +89,27 @@ impl Application {
     /// (or the grace period is over).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let stop_ops = CancellationToken::new();
-        let ops = tokio::spawn(operations::serve(self.listener, Arc::clone(&self.health), stop_ops.clone()));
+        let ops = tokio::spawn(operations::serve(
+            self.listener,
+            Arc::clone(&self.health),
+            stop_ops.clone(),
+        ));
         let health = Arc::clone(&self.health);
         let mark = shutdown.clone();
         let marker = tokio::spawn(async move {
             mark.cancelled().await;
             health.set_shutting_down();
         });
-        let on_outcome = |outcome: &Outcome| tracing::debug!(outcome = outcome.label(), "delivery finished");
-        supervisor::run(&self.settings, self.pipeline, Arc::clone(&self.health), shutdown, &on_outcome).await;
+        let on_outcome =
+            |outcome: &Outcome| tracing::debug!(outcome = outcome.label(), "delivery finished");
+        supervisor::run(
+            &self.settings,
+            self.pipeline,
+            Arc::clone(&self.health),
+            shutdown,
+            &on_outcome,
+        )
+        .await;
         marker.abort();
         stop_ops.cancel();
         match ops.await {

@@ -103,8 +103,9 @@ pub enum InvalidReason {
 pub struct InvalidCommand {
     /// What is wrong.
     pub reason: InvalidReason,
-    /// What could be read.
-    pub raw: RawIds,
+    /// What could be read (boxed: the error travels up by value and should
+    /// stay small).
+    pub raw: Box<RawIds>,
 }
 
 /// The fields of section 2, unparsed. `Option<&RawValue>` maps both an absent
@@ -199,7 +200,10 @@ impl Command {
     /// command id.
     pub fn parse(body: &[u8], message_id: Option<&str>) -> Result<Command, InvalidCommand> {
         let fallback_id = || message_id.filter(|id| id.len() <= 255).map(str::to_owned);
-        let fail = |reason, raw: RawIds| InvalidCommand { reason, raw };
+        let fail = |reason, raw: RawIds| InvalidCommand {
+            reason,
+            raw: Box::new(raw),
+        };
         let bare = || RawIds {
             command_id: fallback_id(),
             ..RawIds::default()

@@ -302,12 +302,12 @@ mod tests {
     fn invalid_event_echoes_what_could_be_read() {
         let invalid = InvalidCommand {
             reason: InvalidReason::NoPricing,
-            raw: RawIds {
+            raw: Box::new(RawIds {
                 command_id: Some("abc".into()),
                 customer_id: None,
                 product_id: Some("p".into()),
                 credit_count: Some(3),
-            },
+            }),
         };
         let v: serde_json::Value =
             serde_json::from_slice(&ResultEvent::invalid(&invalid).to_json()).expect("json");

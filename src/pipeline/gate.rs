@@ -74,7 +74,9 @@ impl Gate {
 
     /// Time left until requests may flow again (for metrics and tests).
     pub fn paused_for(&self) -> Duration {
-        self.lock().not_before.saturating_duration_since(Instant::now())
+        self.lock()
+            .not_before
+            .saturating_duration_since(Instant::now())
     }
 }
 

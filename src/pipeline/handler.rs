@@ -90,7 +90,9 @@ impl Pipeline {
                     tracing::warn!(reason = %invalid.reason, "invalid command: dead-lettering it");
                     let event = ResultEvent::invalid(&invalid);
                     let outcome = Outcome::Failed(ErrorCode::InvalidCommand);
-                    return self.finish(&delivery, &publisher, &event, outcome, Settle::DeadLetter).await;
+                    return self
+                        .finish(&delivery, &publisher, &event, outcome, Settle::DeadLetter)
+                        .await;
                 }
             };
             let span = tracing::Span::current();
@@ -103,11 +105,18 @@ impl Pipeline {
         .await
     }
 
-    async fn purchase(&self, delivery: &Delivery, publisher: &Publisher, command: &Command) -> Outcome {
+    async fn purchase(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        command: &Command,
+    ) -> Outcome {
         let headers = delivery.properties.headers().as_ref();
         let traceparent = header_str(headers, "traceparent");
-        let earlier = u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0)).unwrap_or(u32::MAX);
-        let step = usize::try_from(header_u64(headers, STEP_HEADER).unwrap_or(0)).unwrap_or(usize::MAX);
+        let earlier =
+            u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0)).unwrap_or(u32::MAX);
+        let step =
+            usize::try_from(header_u64(headers, STEP_HEADER).unwrap_or(0)).unwrap_or(usize::MAX);
         let first_attempt = header_u64(headers, FIRST_ATTEMPT_HEADER).unwrap_or_else(now_ms);
 
         // Hyperline forgets a key 24 h after its first use; a request after
@@ -124,7 +133,15 @@ impl Pipeline {
                 http_status: None,
             };
             let event = ResultEvent::failed(command, earlier, error);
-            return self.finish(delivery, publisher, &event, Outcome::Failed(ErrorCode::RetriesExhausted), Settle::DeadLetter).await;
+            return self
+                .finish(
+                    delivery,
+                    publisher,
+                    &event,
+                    Outcome::Failed(ErrorCode::RetriesExhausted),
+                    Settle::DeadLetter,
+                )
+                .await;
         }
 
         let on_retry = |retry: &super::retry::Retry| {
@@ -137,73 +154,143 @@ impl Pipeline {
             settings: &self.settings,
             on_retry: &on_retry,
         };
-        let Attempted { verdict, requests } = purchase_with_retry(&ctx, command, traceparent.as_deref()).await;
+        let Attempted { verdict, requests } =
+            purchase_with_retry(&ctx, command, traceparent.as_deref()).await;
         let attempts = earlier.saturating_add(requests);
         let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
-            ResultEvent::failed(command, attempts, EventError { code, message, http_status })
+            ResultEvent::failed(
+                command,
+                attempts,
+                EventError {
+                    code,
+                    message,
+                    http_status,
+                },
+            )
         };
         let (event, outcome, settle) = match verdict {
             Verdict::Succeeded(receipt) => {
                 tracing::info!(invoice_id = %receipt.invoice_id, attempts, "credits purchased");
-                let event = ResultEvent::succeeded(command, receipt.invoice_id, receipt.new_credit_balance, attempts);
+                let event = ResultEvent::succeeded(
+                    command,
+                    receipt.invoice_id,
+                    receipt.new_credit_balance,
+                    attempts,
+                );
                 (event, Outcome::Succeeded, Settle::Ack)
             }
             Verdict::Rejected { status, message } => {
                 tracing::warn!(status, %message, "purchase rejected");
-                (failed(ErrorCode::Rejected, message, Some(status)), Outcome::Failed(ErrorCode::Rejected), Settle::Ack)
+                (
+                    failed(ErrorCode::Rejected, message, Some(status)),
+                    Outcome::Failed(ErrorCode::Rejected),
+                    Settle::Ack,
+                )
             }
             Verdict::IdempotencyConflict { message } => {
                 tracing::warn!(%message, "command_id reused for another purchase");
                 let code = ErrorCode::IdempotencyConflict;
-                (failed(code, message, Some(417)), Outcome::Failed(code), Settle::Ack)
+                (
+                    failed(code, message, Some(417)),
+                    Outcome::Failed(code),
+                    Settle::Ack,
+                )
             }
             Verdict::Unexpected { status, detail } => {
                 tracing::error!(status, %detail, "unexpected answer: dead-lettering for an operator");
                 let code = ErrorCode::UnexpectedResponse;
-                (failed(code, detail, Some(status)), Outcome::Failed(code), Settle::DeadLetter)
+                (
+                    failed(code, detail, Some(status)),
+                    Outcome::Failed(code),
+                    Settle::DeadLetter,
+                )
             }
             Verdict::CredentialFault => {
                 if self.credentials.report_fault() {
-                    tracing::error!("Hyperline refuses the API key: pausing consumption until it is accepted");
+                    tracing::error!(
+                        "Hyperline refuses the API key: pausing consumption until it is accepted"
+                    );
                 }
-                return self.settle(delivery, Settle::Requeue, Outcome::CredentialFault).await;
+                return self
+                    .settle(delivery, Settle::Requeue, Outcome::CredentialFault)
+                    .await;
             }
-            Verdict::Exhausted { last_status, last_error } => {
+            Verdict::Exhausted {
+                last_status,
+                last_error,
+            } => {
                 if let Some((delay, queue)) = self.topology.retry_queues.get(step) {
                     tracing::warn!(%last_error, delay_secs = delay, "in-process retries spent: moving to a delay queue");
-                    return self.defer(delivery, publisher, queue, step, attempts, first_attempt).await;
+                    return self
+                        .defer(delivery, publisher, queue, step, attempts, first_attempt)
+                        .await;
                 }
                 tracing::error!(%last_error, attempts, "retries exhausted: dead-lettering");
-                let message = format!("gave up after {attempts} attempts; last failure: {last_error}");
+                let message =
+                    format!("gave up after {attempts} attempts; last failure: {last_error}");
                 let code = ErrorCode::RetriesExhausted;
-                (failed(code, message, last_status), Outcome::Failed(code), Settle::DeadLetter)
+                (
+                    failed(code, message, last_status),
+                    Outcome::Failed(code),
+                    Settle::DeadLetter,
+                )
             }
         };
-        self.finish(delivery, publisher, &event, outcome, settle).await
+        self.finish(delivery, publisher, &event, outcome, settle)
+            .await
     }
 
     /// Publishes the event (results exchange and `reply_to`), then settles.
-    async fn finish(&self, delivery: &Delivery, publisher: &Publisher, event: &ResultEvent, outcome: Outcome, settle: Settle) -> Outcome {
+    async fn finish(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        event: &ResultEvent,
+        outcome: Outcome,
+        settle: Settle,
+    ) -> Outcome {
         match self.publish_event(delivery, publisher, event).await {
             Ok(()) => self.settle(delivery, settle, outcome).await,
             Err(e) => {
                 tracing::error!(error = %e, "event not confirmed: requeueing the command");
-                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed).await
+                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
+                    .await
             }
         }
     }
 
-    async fn publish_event(&self, delivery: &Delivery, publisher: &Publisher, event: &ResultEvent) -> Result<(), PublishError> {
+    async fn publish_event(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        event: &ResultEvent,
+    ) -> Result<(), PublishError> {
         let body = event.to_json();
         let traceparent = header_str(delivery.properties.headers().as_ref(), "traceparent");
         let props = event.amqp_properties(traceparent.as_deref());
-        let to_results = publisher.send(&self.topology.results_exchange, event.routing_key(), &body, props.clone()).await?;
-        let reply_to = delivery.properties.reply_to().as_ref().map(|r| r.as_str().to_owned()).filter(|r| !r.is_empty());
+        let to_results = publisher
+            .send(
+                &self.topology.results_exchange,
+                event.routing_key(),
+                &body,
+                props.clone(),
+            )
+            .await?;
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str().to_owned())
+            .filter(|r| !r.is_empty());
         let to_reply = match &reply_to {
             Some(queue) => Some(publisher.send("", queue, &body, props).await?),
             None => None,
         };
-        if publisher.confirm(&self.topology.results_exchange, to_results).await? == Routed::No {
+        if publisher
+            .confirm(&self.topology.results_exchange, to_results)
+            .await?
+            == Routed::No
+        {
             tracing::warn!(exchange = %self.topology.results_exchange, "no queue is bound to receive this event");
         }
         if let (Some(queue), Some(confirm)) = (reply_to, to_reply)
@@ -215,7 +302,15 @@ impl Pipeline {
     }
 
     /// Copies the command to the delay queue of `step`, then acks the original.
-    async fn defer(&self, delivery: &Delivery, publisher: &Publisher, queue: &str, step: usize, attempts: u32, first_attempt: u64) -> Outcome {
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        queue: &str,
+        step: usize,
+        attempts: u32,
+        first_attempt: u64,
+    ) -> Outcome {
         let mut headers = FieldTable::default();
         if let Some(old) = delivery.properties.headers() {
             for (k, v) in old.inner() {
@@ -224,15 +319,35 @@ impl Pipeline {
                 }
             }
         }
-        headers.insert(ShortString::from(ATTEMPTS_HEADER), AMQPValue::LongLongInt(i64::from(attempts)));
-        headers.insert(ShortString::from(STEP_HEADER), AMQPValue::LongLongInt(i64::try_from(step + 1).unwrap_or(i64::MAX)));
-        headers.insert(ShortString::from(FIRST_ATTEMPT_HEADER), AMQPValue::LongLongInt(i64::try_from(first_attempt).unwrap_or(i64::MAX)));
-        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
-        match publisher.publish_routed("", queue, &delivery.data, props).await {
-            Ok(()) => self.settle(delivery, Settle::Ack, Outcome::Deferred(step)).await,
+        headers.insert(
+            ShortString::from(ATTEMPTS_HEADER),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        headers.insert(
+            ShortString::from(STEP_HEADER),
+            AMQPValue::LongLongInt(i64::try_from(step + 1).unwrap_or(i64::MAX)),
+        );
+        headers.insert(
+            ShortString::from(FIRST_ATTEMPT_HEADER),
+            AMQPValue::LongLongInt(i64::try_from(first_attempt).unwrap_or(i64::MAX)),
+        );
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        match publisher
+            .publish_routed("", queue, &delivery.data, props)
+            .await
+        {
+            Ok(()) => {
+                self.settle(delivery, Settle::Ack, Outcome::Deferred(step))
+                    .await
+            }
             Err(e) => {
                 tracing::error!(error = %e, queue, "could not move the command to its delay queue: requeueing it");
-                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed).await
+                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
+                    .await
             }
         }
     }
@@ -243,7 +358,12 @@ impl Pipeline {
     async fn settle(&self, delivery: &Delivery, settle: Settle, outcome: Outcome) -> Outcome {
         let result = match settle {
             Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-            Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
+            Settle::DeadLetter => {
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+            }
             // nack, not reject: RabbitMQ 4.3 counts rejects, not nacks, toward
             // the quorum delivery limit, and a requeue is never the command's fault.
             Settle::Requeue => {
@@ -258,8 +378,13 @@ impl Pipeline {
         };
         match result {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(outcome = outcome.label(), "the channel is gone: the settlement had no effect and the broker will redeliver"),
-            Err(e) => tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver"),
+            Ok(false) => tracing::warn!(
+                outcome = outcome.label(),
+                "the channel is gone: the settlement had no effect and the broker will redeliver"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver")
+            }
         }
         outcome
     }

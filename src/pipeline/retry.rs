@@ -79,9 +79,15 @@ pub enum Step {
 pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
     match answer {
         PurchaseAnswer::Succeeded(r) => Step::Done(Verdict::Succeeded(r)),
-        PurchaseAnswer::Rejected { status, message } => Step::Done(Verdict::Rejected { status, message }),
-        PurchaseAnswer::IdempotencyConflict { message } => Step::Done(Verdict::IdempotencyConflict { message }),
-        PurchaseAnswer::UnexpectedResponse { status, detail } => Step::Done(Verdict::Unexpected { status, detail }),
+        PurchaseAnswer::Rejected { status, message } => {
+            Step::Done(Verdict::Rejected { status, message })
+        }
+        PurchaseAnswer::IdempotencyConflict { message } => {
+            Step::Done(Verdict::IdempotencyConflict { message })
+        }
+        PurchaseAnswer::UnexpectedResponse { status, detail } => {
+            Step::Done(Verdict::Unexpected { status, detail })
+        }
         PurchaseAnswer::CredentialFault { .. } => Step::Done(Verdict::CredentialFault),
         PurchaseAnswer::InProgress => Step::Retry(Retry {
             reason: "in_progress",
@@ -142,7 +148,11 @@ fn full_jitter(floor: Duration, ceiling: Duration) -> Duration {
 }
 
 /// Attempts the purchase up to `retry.attempts` times.
-pub async fn purchase_with_retry(ctx: &RetryContext<'_>, command: &Command, traceparent: Option<&str>) -> Attempted {
+pub async fn purchase_with_retry(
+    ctx: &RetryContext<'_>,
+    command: &Command,
+    traceparent: Option<&str>,
+) -> Attempted {
     let requests = AtomicU32::new(0);
     let floor = Duration::from_millis(ctx.settings.initial_backoff_ms);
     let max_rate_wait = Duration::from_secs(ctx.settings.max_rate_limit_wait_secs);
@@ -175,7 +185,10 @@ pub async fn purchase_with_retry(ctx: &RetryContext<'_>, command: &Command, trac
                     if wait > max_rate_wait {
                         // Too long to hold the delivery: RabbitMQ's consumer
                         // timeout would close the channel. Let a delay queue wait.
-                        return Ok(Verdict::Exhausted { last_status: Some(429), last_error: retry.detail });
+                        return Ok(Verdict::Exhausted {
+                            last_status: Some(429),
+                            last_error: retry.detail,
+                        });
                     }
                     ctx.gate.pause_for(wait);
                 }
@@ -217,30 +230,92 @@ mod tests {
 
     #[test]
     fn final_answers_end_the_attempts() {
-        let receipt = Receipt { invoice_id: "inv".into(), new_credit_balance: 1 };
-        assert_eq!(step(PurchaseAnswer::Succeeded(receipt.clone()), DELAY), Step::Done(Verdict::Succeeded(receipt)));
-        assert!(matches!(step(PurchaseAnswer::Rejected { status: 404, message: "m".into() }, DELAY), Step::Done(Verdict::Rejected { status: 404, .. })));
-        assert!(matches!(step(PurchaseAnswer::IdempotencyConflict { message: "m".into() }, DELAY), Step::Done(Verdict::IdempotencyConflict { .. })));
-        assert!(matches!(step(PurchaseAnswer::UnexpectedResponse { status: 201, detail: "d".into() }, DELAY), Step::Done(Verdict::Unexpected { .. })));
-        assert_eq!(step(PurchaseAnswer::CredentialFault { status: 401 }, DELAY), Step::Done(Verdict::CredentialFault));
+        let receipt = Receipt {
+            invoice_id: "inv".into(),
+            new_credit_balance: 1,
+        };
+        assert_eq!(
+            step(PurchaseAnswer::Succeeded(receipt.clone()), DELAY),
+            Step::Done(Verdict::Succeeded(receipt))
+        );
+        assert!(matches!(
+            step(
+                PurchaseAnswer::Rejected {
+                    status: 404,
+                    message: "m".into()
+                },
+                DELAY
+            ),
+            Step::Done(Verdict::Rejected { status: 404, .. })
+        ));
+        assert!(matches!(
+            step(
+                PurchaseAnswer::IdempotencyConflict {
+                    message: "m".into()
+                },
+                DELAY
+            ),
+            Step::Done(Verdict::IdempotencyConflict { .. })
+        ));
+        assert!(matches!(
+            step(
+                PurchaseAnswer::UnexpectedResponse {
+                    status: 201,
+                    detail: "d".into()
+                },
+                DELAY
+            ),
+            Step::Done(Verdict::Unexpected { .. })
+        ));
+        assert_eq!(
+            step(PurchaseAnswer::CredentialFault { status: 401 }, DELAY),
+            Step::Done(Verdict::CredentialFault)
+        );
     }
 
     #[test]
     fn in_progress_waits_the_conflict_delay() {
-        let Step::Retry(r) = step(PurchaseAnswer::InProgress, DELAY) else { panic!("not retried") };
-        assert_eq!((r.reason, r.wait, r.status), ("in_progress", Some(DELAY), Some(409)));
+        let Step::Retry(r) = step(PurchaseAnswer::InProgress, DELAY) else {
+            panic!("not retried")
+        };
+        assert_eq!(
+            (r.reason, r.wait, r.status),
+            ("in_progress", Some(DELAY), Some(409))
+        );
     }
 
     #[test]
     fn rate_limits_carry_their_wait() {
-        let Step::Retry(r) = step(PurchaseAnswer::RateLimited { wait: Some(Duration::from_secs(3)) }, DELAY) else { panic!("not retried") };
-        assert_eq!((r.reason, r.wait), ("rate_limited", Some(Duration::from_secs(3))));
+        let Step::Retry(r) = step(
+            PurchaseAnswer::RateLimited {
+                wait: Some(Duration::from_secs(3)),
+            },
+            DELAY,
+        ) else {
+            panic!("not retried")
+        };
+        assert_eq!(
+            (r.reason, r.wait),
+            ("rate_limited", Some(Duration::from_secs(3)))
+        );
     }
 
     #[test]
     fn transient_failures_are_retried_with_backoff() {
-        for (cause, label) in [(TransientCause::Timeout, "timeout"), (TransientCause::Connect, "connect"), (TransientCause::ServerError, "server_error")] {
-            let Step::Retry(r) = step(PurchaseAnswer::Transient { status: None, cause }, DELAY) else { panic!("not retried") };
+        for (cause, label) in [
+            (TransientCause::Timeout, "timeout"),
+            (TransientCause::Connect, "connect"),
+            (TransientCause::ServerError, "server_error"),
+        ] {
+            let Step::Retry(r) = step(
+                PurchaseAnswer::Transient {
+                    status: None,
+                    cause,
+                },
+                DELAY,
+            ) else {
+                panic!("not retried")
+            };
             assert_eq!((r.reason, r.wait), (label, None));
         }
     }
@@ -250,8 +325,14 @@ mod tests {
         let (floor, ceiling) = (Duration::from_millis(200), Duration::from_millis(800));
         let draws: Vec<_> = (0..500).map(|_| full_jitter(floor, ceiling)).collect();
         assert!(draws.iter().all(|d| *d >= floor && *d <= ceiling));
-        assert!(draws.iter().any(|d| *d < Duration::from_millis(400)), "spread low");
-        assert!(draws.iter().any(|d| *d > Duration::from_millis(600)), "spread high");
+        assert!(
+            draws.iter().any(|d| *d < Duration::from_millis(400)),
+            "spread low"
+        );
+        assert!(
+            draws.iter().any(|d| *d > Duration::from_millis(600)),
+            "spread high"
+        );
         assert_eq!(full_jitter(ceiling, floor), ceiling);
     }
 }

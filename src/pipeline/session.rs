@@ -63,7 +63,9 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     }
     let publisher = Publisher::open(&connection, amqp.confirm_timeout()).await?;
     let channel = connection.create_channel().await?;
-    channel.basic_qos(amqp.prefetch, BasicQosOptions { global: false }).await?;
+    channel
+        .basic_qos(amqp.prefetch, BasicQosOptions { global: false })
+        .await?;
     ctx.health.set_connected(true);
     tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "connected to the broker");
 
@@ -88,19 +90,31 @@ async fn consume(
     loop {
         if ctx.pipeline.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
-            if !ctx.pipeline.credentials.recover(&ctx.pipeline.client, ctx.shutdown).await {
+            if !ctx
+                .pipeline
+                .credentials
+                .recover(&ctx.pipeline.client, ctx.shutdown)
+                .await
+            {
                 return Ok(());
             }
             ctx.health.set_credentials_refused(false);
         }
         let mut consumer = channel
-            .basic_consume(ctx.settings.amqp.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                ctx.settings.amqp.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         ctx.health.set_consuming(true);
         let paused = run_consumer(ctx, &mut consumer, publisher, tasks).await?;
         ctx.health.set_consuming(false);
         // Stop the flow, then put back what the broker had already pushed.
-        channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await?;
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await?;
         requeue_buffered(&mut consumer).await;
         if !paused {
             return Ok(());
@@ -143,7 +157,9 @@ async fn run_consumer(
 fn record(ctx: &SessionContext<'_>, done: Result<Outcome, tokio::task::JoinError>) {
     match done {
         Ok(outcome) => (ctx.on_outcome)(&outcome),
-        Err(e) if e.is_panic() => tracing::error!(error = %e, "a delivery task panicked; the broker will redeliver its command"),
+        Err(e) if e.is_panic() => {
+            tracing::error!(error = %e, "a delivery task panicked; the broker will redeliver its command")
+        }
         Err(_) => {}
     }
 }
@@ -153,7 +169,13 @@ fn record(ctx: &SessionContext<'_>, done: Result<Outcome, tokio::task::JoinError
 async fn requeue_buffered(consumer: &mut Consumer) {
     let bounded = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await;
         }
     });
     let _ = bounded.await;
@@ -163,7 +185,11 @@ async fn requeue_buffered(consumer: &mut Consumer) {
 /// rest; closing the connection requeues their deliveries.
 async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     let grace = ctx.settings.worker.shutdown_grace();
-    tracing::info!(in_flight = tasks.len(), ?grace, "draining in-flight commands");
+    tracing::info!(
+        in_flight = tasks.len(),
+        ?grace,
+        "draining in-flight commands"
+    );
     let finished = tokio::time::timeout(grace, async {
         while let Some(done) = tasks.join_next().await {
             record(ctx, done);
@@ -171,7 +197,10 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     })
     .await;
     if finished.is_err() {
-        tracing::warn!(left = tasks.len(), "grace period over: requeueing the commands still in flight");
+        tracing::warn!(
+            left = tasks.len(),
+            "grace period over: requeueing the commands still in flight"
+        );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

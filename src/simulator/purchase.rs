@@ -226,42 +226,60 @@ async fn process(
         }
     };
 
-    tokio::time::sleep(admitted.latency).await;
-
-    let answer = {
-        let mut inner = shared.lock();
-        let balance = inner
-            .balances
-            .entry((customer_id.to_owned(), product_id.to_owned()))
-            .or_insert(0);
-        *balance = balance.saturating_add(purchase.credit_count);
-        let new_credit_balance = *balance;
-        let invoice_id = inner.invoice_id();
-        let answer = serde_json::json!({
-            "invoice_id": invoice_id,
-            "new_credit_balance": new_credit_balance,
-        });
-        inner.ledger.charges.push(Charge {
-            idempotency_key: key,
-            customer_id: customer_id.to_owned(),
-            product_id: product_id.to_owned(),
-            credit_count: purchase.credit_count,
-            amount_excluding_tax: purchase.amount_excluding_tax,
-            price_id: purchase.price_id,
-            invoice_id,
-            new_credit_balance,
-        });
-        if !matches!(admitted.after, AfterCharge::Answer) {
-            inner.ledger.faults += 1;
-        }
-        Bytes::from(answer.to_string())
+    // Like a real server, the purchase runs to its end even when the client
+    // hangs up (a timeout): the charge happens and the success is stored for
+    // replay. This is the case that makes a worker's retry dangerous without
+    // the Idempotency-Key, so the simulator must not spare it.
+    let charge = {
+        let shared = Arc::clone(shared);
+        let (customer_id, product_id) = (customer_id.to_owned(), product_id.to_owned());
+        let latency = admitted.latency;
+        let faulted = !matches!(admitted.after, AfterCharge::Answer);
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            let answer = {
+                let mut inner = shared.lock();
+                let balance = inner
+                    .balances
+                    .entry((customer_id.clone(), product_id.clone()))
+                    .or_insert(0);
+                *balance = balance.saturating_add(purchase.credit_count);
+                let new_credit_balance = *balance;
+                let invoice_id = inner.invoice_id();
+                let answer = serde_json::json!({
+                    "invoice_id": invoice_id,
+                    "new_credit_balance": new_credit_balance,
+                });
+                inner.ledger.charges.push(Charge {
+                    idempotency_key: key,
+                    customer_id,
+                    product_id,
+                    credit_count: purchase.credit_count,
+                    amount_excluding_tax: purchase.amount_excluding_tax,
+                    price_id: purchase.price_id,
+                    invoice_id,
+                    new_credit_balance,
+                });
+                if faulted {
+                    inner.ledger.faults += 1;
+                }
+                Bytes::from(answer.to_string())
+            };
+            if let Some(guard) = guard {
+                guard.complete(CachedResponse {
+                    status: StatusCode::CREATED,
+                    body: answer.clone(),
+                });
+            }
+            answer
+        })
     };
-    if let Some(guard) = guard {
-        guard.complete(CachedResponse {
-            status: StatusCode::CREATED,
-            body: answer.clone(),
-        });
-    }
+    let Ok(answer) = charge.await else {
+        return bad(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the purchase task failed",
+        );
+    };
 
     match admitted.after {
         AfterCharge::Answer => reply::json(StatusCode::CREATED, answer, rate),

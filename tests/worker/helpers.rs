@@ -7,12 +7,14 @@ use std::sync::{LazyLock, Once};
 use std::time::Duration;
 
 use credit_purchase_worker::configuration::Settings;
-use credit_purchase_worker::simulator::{Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings};
+use credit_purchase_worker::simulator::{
+    Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings,
+};
 use credit_purchase_worker::startup::Application;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -31,7 +33,10 @@ static TRACING: Once = Once::new();
 pub fn init_tracing() {
     TRACING.call_once(|| {
         if std::env::var("TEST_LOG").is_ok() {
-            credit_purchase_worker::telemetry::init(credit_purchase_worker::configuration::LogFormat::Pretty, "info");
+            credit_purchase_worker::telemetry::init(
+                credit_purchase_worker::configuration::LogFormat::Pretty,
+                "info",
+            );
         }
     });
 }
@@ -71,7 +76,10 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             env: Vec::new(),
-            faults: Faults { rate_limit: 0, ..Faults::default() },
+            faults: Faults {
+                rate_limit: 0,
+                ..Faults::default()
+            },
         }
     }
 }
@@ -122,7 +130,11 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     let connection_name = format!("cpw-test-worker-{tag}");
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings { api_key: SIM_KEY.into(), faults: options.faults, seed: None },
+        SimulatorSettings {
+            api_key: SIM_KEY.into(),
+            faults: options.faults,
+            seed: None,
+        },
     )
     .await
     .expect("simulator starts");
@@ -149,30 +161,68 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     .collect();
     env.extend(options.env);
 
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("broker reachable");
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker reachable");
     let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     // Declare the topology up front so publishes made before the worker is
     // up are not lost; the worker's own declaration must agree with it.
     let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
-    credit_purchase_worker::broker::Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
-        .declare(&connection)
-        .await
-        .expect("topology");
+    credit_purchase_worker::broker::Topology::new(
+        &settings.amqp,
+        &settings.retry.redelivery_delays_secs,
+    )
+    .declare(&connection)
+    .await
+    .expect("topology");
     let observer = format!("{queue}.observer");
     channel
-        .queue_declare(observer.as_str().into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            observer.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("observer queue");
     channel
-        .queue_bind(observer.as_str().into(), results_exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            observer.as_str().into(),
+            results_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("bind observer");
     let events = channel
-        .basic_consume(observer.as_str().into(), "observer".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            observer.as_str().into(),
+            "observer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume events");
-    TestApp { queue, results_exchange, connection_name, sim, env, ops_addr: None, channel, events, _connection: connection, worker: None }
+    TestApp {
+        queue,
+        results_exchange,
+        connection_name,
+        sim,
+        env,
+        ops_addr: None,
+        channel,
+        events,
+        _connection: connection,
+        worker: None,
+    }
 }
 
 /// An event as received: its JSON body and AMQP properties.
@@ -200,7 +250,9 @@ impl TestApp {
 
     /// Starts the worker in-process (again, after [`TestApp::stop_worker`]).
     pub async fn start_worker(&mut self) {
-        let app = Application::build(self.settings()).await.expect("worker builds");
+        let app = Application::build(self.settings())
+            .await
+            .expect("worker builds");
         self.ops_addr = Some(app.ops_addr());
         let token = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(token.clone()));
@@ -211,7 +263,10 @@ impl TestApp {
     pub async fn stop_worker(&mut self) {
         if let Some((token, handle)) = self.worker.take() {
             token.cancel();
-            tokio::time::timeout(WAIT, handle).await.expect("worker stops in time").expect("worker task");
+            tokio::time::timeout(WAIT, handle)
+                .await
+                .expect("worker stops in time")
+                .expect("worker task");
         }
     }
 
@@ -222,21 +277,34 @@ impl TestApp {
             .envs(self.env.iter())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var("TEST_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("binary starts")
     }
 
     pub async fn publish(&self, body: &Value) {
-        self.publish_raw(body.to_string().as_bytes(), BasicProperties::default()).await;
+        self.publish_raw(body.to_string().as_bytes(), BasicProperties::default())
+            .await;
     }
 
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        let props = properties.with_delivery_mode(2).with_content_type("application/json".into());
+        let props = properties
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
         let confirm = self
             .channel
-            .basic_publish("".into(), self.queue.as_str().into(), BasicPublishOptions::default(), body, props)
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
             .await
             .expect("publish")
             .await
@@ -246,18 +314,30 @@ impl TestApp {
 
     /// The next result event, bounded by `within`.
     pub async fn next_event_within(&mut self, within: Duration) -> Option<Event> {
-        let delivery = tokio::time::timeout(within, self.events.next()).await.ok()??.ok()?;
+        let delivery = tokio::time::timeout(within, self.events.next())
+            .await
+            .ok()??
+            .ok()?;
         delivery.acker.ack(BasicAckOptions::default()).await.ok()?;
         let body = serde_json::from_slice(&delivery.data).expect("events are JSON");
-        Some(Event { body, properties: delivery.properties })
+        Some(Event {
+            body,
+            properties: delivery.properties,
+        })
     }
 
     pub async fn next_event(&mut self) -> Event {
-        self.next_event_within(WAIT).await.expect("an event within the bound")
+        self.next_event_within(WAIT)
+            .await
+            .expect("an event within the bound")
     }
 
     /// Collects events until `done` says so, bounded by `within`.
-    pub async fn events_until(&mut self, within: Duration, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
+    pub async fn events_until(
+        &mut self,
+        within: Duration,
+        mut done: impl FnMut(&[Event]) -> bool,
+    ) -> Vec<Event> {
         let deadline = tokio::time::Instant::now() + within;
         let mut events = Vec::new();
         while !done(&events) {
@@ -279,7 +359,14 @@ impl TestApp {
     pub async fn depth(&self, queue: &str) -> u32 {
         let ch = self._connection.create_channel().await.expect("channel");
         let q = ch
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .expect("queue exists");
         let _ = ch.close(200, "ok".into()).await;
@@ -299,7 +386,10 @@ impl TestApp {
             if self.depth(&self.queue).await == 0 {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "commands queue never drained");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "commands queue never drained"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -308,7 +398,14 @@ impl TestApp {
     pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, BasicProperties)> {
         let ch = self._connection.create_channel().await.expect("channel");
         let mut out = Vec::new();
-        while let Some(m) = ch.basic_get(self.dead_queue().as_str().into(), BasicGetOptions { no_ack: true }).await.expect("get") {
+        while let Some(m) = ch
+            .basic_get(
+                self.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+        {
             out.push((m.delivery.data.clone(), m.delivery.properties.clone()));
         }
         out
@@ -325,14 +422,20 @@ impl TestApp {
     /// `/readyz` status code.
     pub async fn readyz(&self) -> u16 {
         let addr = self.ops_addr.expect("worker started");
-        reqwest::get(format!("http://{addr}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0)
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
     }
 
     /// Polls `/readyz` until it answers `status`, bounded.
     pub async fn wait_readyz(&self, status: u16) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.readyz().await != status {
-            assert!(tokio::time::Instant::now() < deadline, "/readyz never answered {status}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz never answered {status}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -341,7 +444,10 @@ impl TestApp {
     pub async fn wait_requests(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.sim.requests().len() < n {
-            assert!(tokio::time::Instant::now() < deadline, "fewer than {n} requests reached the simulator");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} requests reached the simulator"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -356,19 +462,37 @@ impl TestApp {
         self.stop_worker().await;
         let ch = &self.channel;
         let mut queues = vec![self.queue.clone(), self.dead_queue()];
-        queues.extend(self.settings().retry.redelivery_delays_secs.iter().map(|s| format!("{}.retry.{s}s", self.queue)));
+        queues.extend(
+            self.settings()
+                .retry
+                .redelivery_delays_secs
+                .iter()
+                .map(|s| format!("{}.retry.{s}s", self.queue)),
+        );
         for q in queues {
-            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
-        for x in [self.queue.clone(), format!("{}.dlx", self.queue), self.results_exchange.clone()] {
-            let _ = ch.exchange_delete(x.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+        for x in [
+            self.queue.clone(),
+            format!("{}.dlx", self.queue),
+            self.results_exchange.clone(),
+        ] {
+            let _ = ch
+                .exchange_delete(
+                    x.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await;
         }
     }
 }
 
 /// `rabbitmqctl close_connection` on every connection with that name.
 pub fn cut_connections_named(name: &str) -> usize {
-    static RABBITMQCTL: LazyLock<String> = LazyLock::new(|| std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into()));
+    static RABBITMQCTL: LazyLock<String> =
+        LazyLock::new(|| std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into()));
     let out = std::process::Command::new(RABBITMQCTL.as_str())
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
@@ -376,9 +500,16 @@ pub fn cut_connections_named(name: &str) -> usize {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut cut = 0;
     for line in text.lines().filter(|l| l.contains(&format!("\"{name}\""))) {
-        let Some(pid) = line.split_whitespace().next() else { continue };
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
         let status = std::process::Command::new(RABBITMQCTL.as_str())
-            .args(["-q", "close_connection", pid, "test: cutting the connection"])
+            .args([
+                "-q",
+                "close_connection",
+                pid,
+                "test: cutting the connection",
+            ])
             .status()
             .expect("rabbitmqctl runs");
         if status.success() {

@@ -1,4 +1,6 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
 mod helpers;
+mod invalid;
 mod outcomes;
+mod redelivery;

@@ -10,7 +10,13 @@ use crate::helpers::{command, command_for, command_id, spawn_app};
 
 fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u32>) -> FaultsPatch {
     FaultsPatch {
-        scripted: Some(vec![ScriptedResponse { customer_id: Some(customer.into()), status, body, headers: Default::default(), times }]),
+        scripted: Some(vec![ScriptedResponse {
+            customer_id: Some(customer.into()),
+            status,
+            body,
+            headers: Default::default(),
+            times,
+        }]),
         ..FaultsPatch::default()
     }
 }
@@ -18,7 +24,11 @@ fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u3
 /// Every request the simulator saw carried the command's id as its key.
 fn assert_keys(app: &crate::helpers::TestApp, id: &str, at_least: usize) {
     let requests = app.sim.requests();
-    assert!(requests.len() >= at_least, "expected at least {at_least} requests, got {}", requests.len());
+    assert!(
+        requests.len() >= at_least,
+        "expected at least {at_least} requests, got {}",
+        requests.len()
+    );
     for r in &requests {
         assert_eq!(r.idempotency_key.as_deref(), Some(id), "{r:?}");
     }
@@ -37,8 +47,18 @@ async fn success_publishes_succeeded_then_acks() {
     assert_eq!(event.body["new_credit_balance"], 32);
     let ledger = app.ledger();
     assert_eq!(ledger.charges_for(&id), 1);
-    assert_eq!(event.body["invoice_id"].as_str(), Some(ledger.charges[0].invoice_id.as_str()));
-    assert_eq!(event.properties.correlation_id().as_ref().map(|s| s.as_str()), Some(id.as_str()));
+    assert_eq!(
+        event.body["invoice_id"].as_str(),
+        Some(ledger.charges[0].invoice_id.as_str())
+    );
+    assert_eq!(
+        event
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some(id.as_str())
+    );
     assert_keys(&app, &id, 1);
     app.wait_until_drained().await;
     assert_eq!(app.depth(&app.dead_queue()).await, 0);
@@ -50,18 +70,34 @@ async fn rejections_fail_and_ack() {
     let mut app = spawn_app().await;
     for status in [400, 404, 422] {
         let customer = format!("cus_rejected_{status}");
-        app.set_faults(script(&customer, status, json!({"message": format!("refused with {status}")}), None));
+        app.set_faults(script(
+            &customer,
+            status,
+            json!({"message": format!("refused with {status}")}),
+            None,
+        ));
         let id = command_id();
         app.publish(&command_for(&id, &customer)).await;
         let event = app.next_event().await;
-        assert_eq!((event.kind(), event.code()), ("credit_purchase.failed", "rejected"), "{status}");
+        assert_eq!(
+            (event.kind(), event.code()),
+            ("credit_purchase.failed", "rejected"),
+            "{status}"
+        );
         assert_eq!(event.body["error"]["http_status"], status);
-        assert_eq!(event.body["error"]["message"], format!("refused with {status}"));
+        assert_eq!(
+            event.body["error"]["message"],
+            format!("refused with {status}")
+        );
         assert_eq!(event.body["attempts"], 1);
         assert_eq!(app.ledger().charges_for(&id), 0);
     }
     app.wait_until_drained().await;
-    assert_eq!(app.depth(&app.dead_queue()).await, 0, "rejections are acked, not dead-lettered");
+    assert_eq!(
+        app.depth(&app.dead_queue()).await,
+        0,
+        "rejections are acked, not dead-lettered"
+    );
     app.cleanup().await;
 }
 
@@ -75,7 +111,10 @@ async fn a_reused_id_with_another_body_is_an_idempotency_conflict() {
     other["credit_count"] = json!(64);
     app.publish(&other).await;
     let event = app.next_event().await;
-    assert_eq!((event.kind(), event.code()), ("credit_purchase.failed", "idempotency_conflict"));
+    assert_eq!(
+        (event.kind(), event.code()),
+        ("credit_purchase.failed", "idempotency_conflict")
+    );
     assert_eq!(event.body["error"]["http_status"], 417);
     assert_eq!(app.ledger().charges_for(&id), 1);
     assert_keys(&app, &id, 2);
@@ -89,7 +128,10 @@ async fn in_progress_is_retried_until_the_first_request_completes() {
     // The first request takes 3 s, past the 2 s client timeout; the retries
     // meet 409 while it runs, then the replay of its success.
     let mut app = spawn_app().await;
-    app.set_faults(FaultsPatch { latency_ms: Some(3000), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        latency_ms: Some(3000),
+        ..FaultsPatch::default()
+    });
     let id = command_id();
     app.publish(&command(&id)).await;
     let event = app.next_event().await;
@@ -98,7 +140,10 @@ async fn in_progress_is_retried_until_the_first_request_completes() {
     assert_eq!(ledger.charges_for(&id), 1);
     assert!(ledger.conflicts >= 1, "a 409 was seen: {ledger:?}");
     assert!(ledger.replayed >= 1, "the success was replayed: {ledger:?}");
-    assert_eq!(event.body["invoice_id"].as_str(), Some(ledger.charges[0].invoice_id.as_str()));
+    assert_eq!(
+        event.body["invoice_id"].as_str(),
+        Some(ledger.charges[0].invoice_id.as_str())
+    );
     assert_keys(&app, &id, 2);
     app.cleanup().await;
 }
@@ -106,13 +151,23 @@ async fn in_progress_is_retried_until_the_first_request_completes() {
 #[tokio::test]
 async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
     let mut app = spawn_app().await;
-    app.set_faults(FaultsPatch { rate_limit: Some(3), rate_limit_window_ms: Some(1000), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        rate_limit: Some(3),
+        rate_limit_window_ms: Some(1000),
+        ..FaultsPatch::default()
+    });
     let ids: Vec<String> = (0..12).map(|_| command_id()).collect();
     for id in &ids {
         app.publish(&command(id)).await;
     }
-    let events = app.events_until(Duration::from_secs(60), |e| e.len() == ids.len()).await;
-    assert!(events.iter().all(|e| e.kind() == "credit_purchase.succeeded"));
+    let events = app
+        .events_until(Duration::from_secs(60), |e| e.len() == ids.len())
+        .await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.kind() == "credit_purchase.succeeded")
+    );
     let ledger = app.ledger();
     for id in &ids {
         assert_eq!(ledger.charges_for(id), 1, "{id}");
@@ -124,7 +179,12 @@ async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
 #[tokio::test]
 async fn server_errors_are_retried_with_the_same_key() {
     let mut app = spawn_app().await;
-    app.set_faults(script("cus_flaky", 503, json!({"message": "unavailable"}), Some(2)));
+    app.set_faults(script(
+        "cus_flaky",
+        503,
+        json!({"message": "unavailable"}),
+        Some(2),
+    ));
     let id = command_id();
     app.publish(&command_for(&id, "cus_flaky")).await;
     let event = app.next_event().await;
@@ -138,16 +198,26 @@ async fn server_errors_are_retried_with_the_same_key() {
 #[tokio::test]
 async fn a_hang_times_out_and_the_retry_replays_the_charge() {
     let mut app = spawn_app().await;
-    app.set_faults(FaultsPatch { hang_rate: Some(1.0), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        hang_rate: Some(1.0),
+        ..FaultsPatch::default()
+    });
     let id = command_id();
     app.publish(&command(&id)).await;
     app.wait_requests(1).await;
-    app.set_faults(FaultsPatch { hang_rate: Some(0.0), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        hang_rate: Some(0.0),
+        ..FaultsPatch::default()
+    });
     let event = app.next_event().await;
     assert_eq!(event.kind(), "credit_purchase.succeeded");
     assert!(event.body["attempts"].as_u64() >= Some(2));
     let ledger = app.ledger();
-    assert_eq!(ledger.charges_for(&id), 1, "the hung request charged; the retry replayed it");
+    assert_eq!(
+        ledger.charges_for(&id),
+        1,
+        "the hung request charged; the retry replayed it"
+    );
     assert!(ledger.replayed >= 1);
     assert_keys(&app, &id, 2);
     app.cleanup().await;
@@ -156,11 +226,17 @@ async fn a_hang_times_out_and_the_retry_replays_the_charge() {
 #[tokio::test]
 async fn a_dropped_connection_is_retried_and_charged_once() {
     let mut app = spawn_app().await;
-    app.set_faults(FaultsPatch { drop_rate: Some(1.0), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        drop_rate: Some(1.0),
+        ..FaultsPatch::default()
+    });
     let id = command_id();
     app.publish(&command(&id)).await;
     app.wait_requests(1).await;
-    app.set_faults(FaultsPatch { drop_rate: Some(0.0), ..FaultsPatch::default() });
+    app.set_faults(FaultsPatch {
+        drop_rate: Some(0.0),
+        ..FaultsPatch::default()
+    });
     let event = app.next_event().await;
     assert_eq!(event.kind(), "credit_purchase.succeeded");
     assert_eq!(app.ledger().charges_for(&id), 1);
@@ -175,7 +251,10 @@ async fn an_undocumented_success_body_is_dead_lettered_for_an_operator() {
     let id = command_id();
     app.publish(&command_for(&id, "cus_odd")).await;
     let event = app.next_event().await;
-    assert_eq!((event.kind(), event.code()), ("credit_purchase.failed", "unexpected_response"));
+    assert_eq!(
+        (event.kind(), event.code()),
+        ("credit_purchase.failed", "unexpected_response")
+    );
     assert_eq!(event.body["error"]["http_status"], 201);
     let dead = app.take_dead_letters().await;
     assert_eq!(dead.len(), 1);
