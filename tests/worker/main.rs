@@ -4,3 +4,4 @@ mod helpers;
 mod invalid;
 mod outcomes;
 mod redelivery;
+mod resilience;
