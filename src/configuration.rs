@@ -45,8 +45,14 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 /// The Hyperline API key. Its `Debug` and `Display` print `[REDACTED]`, so a
 /// `{:?}` of any struct holding it cannot leak it into logs or errors.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+#[serde(from = "String")]
 pub struct ApiKey(String);
+
+impl From<String> for ApiKey {
+    fn from(key: String) -> Self {
+        ApiKey::new(key)
+    }
+}
 
 impl ApiKey {
     /// Wraps a key; surrounding whitespace (a trailing newline in a secret
@@ -469,5 +475,208 @@ impl WorkerSettings {
     /// Drain period on SIGTERM.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            None,
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    /// The error line, which must name `key`.
+    fn refused(pairs: &[(&str, &str)], key: &str) {
+        let line = load(pairs).expect_err("refused").to_string();
+        assert!(line.contains(key), "{line:?} does not name {key}");
+        assert!(!line.contains('\n'), "one line: {line:?}");
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = load(&[]).expect("defaults are valid");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.queue, "credit-purchases");
+        assert_eq!(s.amqp.results_exchange, "credit-purchase-results");
+        assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+        assert!(s.amqp.declare_topology);
+        assert_eq!(
+            s.hyperline.base_url.as_str(),
+            "https://sandbox.api.hyperline.co/"
+        );
+        assert_eq!(s.hyperline.timeout_secs, 30);
+        assert_eq!(s.retry.redelivery_delays_secs, vec![30, 300, 1800, 7200]);
+        assert_eq!(s.worker.shutdown_grace_secs, 25);
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert!(s.hyperline.api_key.is_none());
+        assert!(s.require_api_key().is_err());
+    }
+
+    #[test]
+    fn environment_overrides_with_lists() {
+        let s = load(&[
+            ("CPW__AMQP__PREFETCH", "128"),
+            ("CPW__AMQP__QUEUE_TYPE", "classic"),
+            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "5,60"),
+            ("CPW__HYPERLINE__API_KEY", "key_123"),
+            ("CPW__LOG__FORMAT", "pretty"),
+            ("OTHER__AMQP__PREFETCH", "7"),
+        ])
+        .expect("valid");
+        assert_eq!(s.amqp.prefetch, 128);
+        assert_eq!(s.amqp.queue_type, QueueType::Classic);
+        assert_eq!(s.retry.redelivery_delays_secs, vec![5, 60]);
+        assert_eq!(
+            s.require_api_key().map(ApiKey::expose).ok(),
+            Some("key_123")
+        );
+        assert_eq!(s.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn a_config_file_is_layered_under_the_environment() {
+        let dir = std::env::temp_dir().join(format!("cpw-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("worker.toml");
+        std::fs::write(&file, "[amqp]\nprefetch = 9\nqueue = \"from-file\"\n").expect("write");
+        let env = [("CPW__AMQP__QUEUE".to_string(), "from-env".to_string())];
+        let s = Settings::load_from(Some(&file), env).expect("valid");
+        assert_eq!((s.amqp.prefetch, s.amqp.queue.as_str()), (9, "from-env"));
+        assert!(Settings::load_from(Some(&dir.join("missing.toml")), []).is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        refused(&[("CPW__AMQP__PREFETCH", "many")], "prefetch");
+        refused(&[("CPW__AMQP__PREFETCH", "0")], "amqp.prefetch");
+        refused(&[("CPW__AMQP__PREFETCH", "70000")], "prefetch");
+        refused(&[("CPW__AMQP__URL", "http://broker")], "amqp.url");
+        refused(&[("CPW__AMQP__QUEUE", "")], "amqp.queue");
+        refused(&[("CPW__AMQP__QUEUE", "amq.reserved")], "amqp.queue");
+        refused(&[("CPW__AMQP__QUEUE", &"q".repeat(240))], "amqp.queue");
+        refused(&[("CPW__AMQP__QUEUE_TYPE", "stream")], "queue_type");
+        refused(&[("CPW__AMQP__DELIVERY_LIMIT", "1")], "amqp.delivery_limit");
+        refused(
+            &[("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "0")],
+            "amqp.confirm_timeout_secs",
+        );
+        refused(
+            &[("CPW__HYPERLINE__TIMEOUT_SECS", "0")],
+            "hyperline.timeout_secs",
+        );
+        refused(
+            &[("CPW__HYPERLINE__CONNECT_TIMEOUT_SECS", "0")],
+            "hyperline.connect_timeout_secs",
+        );
+        refused(&[("CPW__HYPERLINE__BASE_URL", "not a url")], "base_url");
+        refused(
+            &[("CPW__HYPERLINE__BASE_URL", "ftp://api.hyperline.co")],
+            "hyperline.base_url",
+        );
+        refused(
+            &[("CPW__HYPERLINE__BASE_URL", "https://api.hyperline.co/?x=1")],
+            "hyperline.base_url",
+        );
+        refused(&[("CPW__HYPERLINE__API_KEY", "  ")], "hyperline.api_key");
+        refused(&[("CPW__RETRY__ATTEMPTS", "0")], "retry.attempts");
+        refused(
+            &[("CPW__RETRY__INITIAL_BACKOFF_MS", "0")],
+            "retry.initial_backoff_ms",
+        );
+        refused(
+            &[
+                ("CPW__RETRY__MAX_BACKOFF_MS", "100"),
+                ("CPW__RETRY__INITIAL_BACKOFF_MS", "200"),
+            ],
+            "retry.max_backoff_ms",
+        );
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "30,0")],
+            "retry.redelivery_delays_secs",
+        );
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "30,30")],
+            "retry.redelivery_delays_secs",
+        );
+        refused(
+            &[("CPW__RETRY__MAX_RATE_LIMIT_WAIT_SECS", "1500")],
+            "retry.max_rate_limit_wait_secs",
+        );
+        refused(
+            &[("CPW__WORKER__SHUTDOWN_GRACE_SECS", "0")],
+            "worker.shutdown_grace_secs",
+        );
+        refused(&[("CPW__SERVER__LISTEN", "nowhere")], "listen");
+        refused(&[("CPW__LOG__FORMAT", "xml")], "format");
+    }
+
+    #[test]
+    fn a_redelivery_budget_of_24_hours_or_more_is_refused() {
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "86400")],
+            "retry.redelivery_delays_secs",
+        );
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "43200,43200")],
+            "retry.redelivery_delays_secs",
+        );
+        // Just under, once the in-process time of each delivery is counted.
+        assert!(load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "3600,36000,43200")]).is_ok());
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback_unless_allowed() {
+        for url in [
+            "http://127.0.0.1:8089",
+            "http://localhost:8089",
+            "http://[::1]:8089",
+        ] {
+            assert!(load(&[("CPW__HYPERLINE__BASE_URL", url)]).is_ok(), "{url}");
+        }
+        refused(
+            &[("CPW__HYPERLINE__BASE_URL", "http://api.hyperline.co")],
+            "hyperline.base_url",
+        );
+        let allowed = load(&[
+            ("CPW__HYPERLINE__BASE_URL", "http://sim.internal:8089"),
+            ("CPW__HYPERLINE__ALLOW_INSECURE_HTTP", "true"),
+        ]);
+        assert!(allowed.is_ok());
+    }
+
+    #[test]
+    fn the_key_can_come_from_a_file_but_not_from_both() {
+        let path = std::env::temp_dir().join(format!("cpw-key-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "file_key_456\n").expect("write");
+        let p = path.to_string_lossy().to_string();
+        let s = load(&[("CPW__HYPERLINE__API_KEY_FILE", &p)]).expect("valid");
+        assert_eq!(
+            s.require_api_key().map(ApiKey::expose).ok(),
+            Some("file_key_456")
+        );
+        refused(
+            &[
+                ("CPW__HYPERLINE__API_KEY_FILE", &p),
+                ("CPW__HYPERLINE__API_KEY", "k"),
+            ],
+            "hyperline.api_key_file",
+        );
+        refused(
+            &[("CPW__HYPERLINE__API_KEY_FILE", "/nonexistent/key")],
+            "hyperline.api_key_file",
+        );
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let s = load(&[("CPW__HYPERLINE__API_KEY", "sk_live_secret_value")]).expect("valid");
+        let debug = format!("{s:?} {}", ApiKey::new("sk_live_secret_value"));
+        assert!(!debug.contains("sk_live_secret_value"), "{debug}");
+        assert!(debug.contains("[REDACTED]"));
     }
 }
