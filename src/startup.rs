@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Topology;
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::{ClientError, HyperlineClient};
-use crate::operations::{self, Health};
+use crate::operations::{self, Health, Metrics};
 use crate::pipeline::credentials::Credentials;
 use crate::pipeline::gate::Gate;
-use crate::pipeline::handler::Outcome;
 use crate::pipeline::{Pipeline, supervisor};
 
 /// Why the worker could not start.
@@ -65,6 +64,7 @@ impl Application {
             credentials: Credentials::default(),
             settings: settings.retry.clone(),
             topology: Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs),
+            metrics: Arc::new(Metrics::new()),
         });
         Ok(Application {
             settings,
@@ -92,6 +92,7 @@ impl Application {
         let ops = tokio::spawn(operations::serve(
             self.listener,
             Arc::clone(&self.health),
+            Arc::clone(&self.pipeline.metrics),
             stop_ops.clone(),
         ));
         let health = Arc::clone(&self.health);
@@ -100,14 +101,11 @@ impl Application {
             mark.cancelled().await;
             health.set_shutting_down();
         });
-        let on_outcome =
-            |outcome: &Outcome| tracing::debug!(outcome = outcome.label(), "delivery finished");
         supervisor::run(
             &self.settings,
             self.pipeline,
             Arc::clone(&self.health),
             shutdown,
-            &on_outcome,
         )
         .await;
         marker.abort();

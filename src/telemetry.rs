@@ -25,3 +25,69 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Pretty => builder.try_init(),
     };
 }
+
+/// The W3C `traceparent` to send on for a command: the same trace as the
+/// publisher's (when it sent a valid one), with a new span id for the
+/// worker's hop, so a trace crosses the worker; a fresh trace otherwise.
+pub fn child_traceparent(incoming: Option<&str>) -> String {
+    let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let parsed = incoming.and_then(|tp| {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        match parts.as_slice() {
+            [version, trace, parent, flags]
+                if hex(version, 2)
+                    && *version != "ff"
+                    && hex(trace, 32)
+                    && hex(parent, 16)
+                    && hex(flags, 2)
+                    && trace.bytes().any(|b| b != b'0') =>
+            {
+                Some((trace.to_string(), flags.to_string()))
+            }
+            _ => None,
+        }
+    });
+    let (trace, flags) =
+        parsed.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
+    format!("00-{trace}-{span_id}-{flags}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_traceparent;
+
+    #[test]
+    fn a_valid_traceparent_keeps_its_trace_with_a_new_span() {
+        let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let out = child_traceparent(Some(incoming));
+        let parts: Vec<&str> = out.split('-').collect();
+        assert_eq!(parts[1], "0af7651916cd43dd8448eb211c80319c");
+        assert_ne!(parts[2], "b7ad6b7169203331");
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "01");
+    }
+
+    #[test]
+    fn an_absent_or_invalid_traceparent_starts_a_trace() {
+        for incoming in [
+            None,
+            Some("garbage"),
+            Some("00-00000000000000000000000000000000-b7ad6b7169203331-01"),
+            Some("00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01\r\nX: y"),
+        ] {
+            let out = child_traceparent(incoming);
+            let parts: Vec<&str> = out.split('-').collect();
+            assert_eq!(parts.len(), 4, "{out}");
+            assert_eq!(
+                (parts[0], parts[1].len(), parts[2].len()),
+                ("00", 32, 16),
+                "{out}"
+            );
+        }
+    }
+}

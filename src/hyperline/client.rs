@@ -27,6 +27,8 @@ pub enum ClientError {
 pub struct PurchaseResponse {
     /// What to do next.
     pub answer: PurchaseAnswer,
+    /// The HTTP status, when an answer arrived.
+    pub status: Option<u16>,
     /// The write budget left, when the headers said.
     pub quota: Option<Quota>,
 }
@@ -44,6 +46,22 @@ pub enum ProbeResult {
 
 /// Customer and product of the probe request: valid ids that name nothing.
 const PROBE_ID: &str = "cpw_credential_probe";
+
+impl PurchaseResponse {
+    /// The metrics label of the answer: its status class, or what kept it
+    /// from arriving.
+    pub fn status_class(&self) -> &'static str {
+        match (self.status, &self.answer) {
+            (Some(429), _) => "429",
+            (Some(200..=299), _) => "2xx",
+            (Some(400..=499), _) => "4xx",
+            (Some(500..=599), _) => "5xx",
+            (Some(_), _) => "other",
+            (None, PurchaseAnswer::Transient { cause, .. }) => cause.label(),
+            (None, _) => "error",
+        }
+    }
+}
 
 /// The JSON body of the purchase request.
 #[derive(Serialize)]
@@ -157,6 +175,7 @@ impl HyperlineClient {
                 let (answer, quota) = classify(status, &headers, &body, OffsetDateTime::now_utc());
                 PurchaseResponse {
                     answer: self.scrub(answer),
+                    status: Some(status),
                     quota,
                 }
             }
@@ -206,6 +225,7 @@ impl HyperlineClient {
                 status: None,
                 cause,
             },
+            status: None,
             quota: None,
         }
     }

@@ -18,6 +18,7 @@ use super::retry::{Attempted, RetryContext, Verdict, purchase_with_retry};
 use crate::broker::{PublishError, Publisher, REDELIVERY_HEADERS, Routed, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
+use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 
 /// Our headers on a command copied to a delay queue.
 pub const ATTEMPTS_HEADER: &str = "cpw-attempts";
@@ -72,15 +73,57 @@ fn now_ms() -> u64 {
 impl Pipeline {
     /// Handles one delivery to the end and reports what became of it.
     pub async fn handle(&self, delivery: Delivery, publisher: Publisher) -> Outcome {
+        let started = std::time::Instant::now();
+        self.metrics.commands_received.inc();
+        self.metrics.in_flight.inc();
+        let outcome = self.handle_delivery(delivery, publisher).await;
+        self.metrics.in_flight.dec();
+        self.metrics
+            .processing
+            .observe(started.elapsed().as_secs_f64());
+        match &outcome {
+            Outcome::Succeeded => self.count_outcome("succeeded", ""),
+            Outcome::Failed(code) => self.count_outcome("failed", code.as_str()),
+            Outcome::Deferred(step) => {
+                let step = u32::try_from(step + 1).unwrap_or(u32::MAX);
+                self.metrics
+                    .redeliveries
+                    .get_or_create(&StepLabel { step })
+                    .inc();
+            }
+            Outcome::CredentialFault | Outcome::NotConfirmed => {
+                self.metrics
+                    .requeued
+                    .get_or_create(&ReasonLabel {
+                        reason: outcome.label(),
+                    })
+                    .inc();
+            }
+        }
+        outcome
+    }
+
+    fn count_outcome(&self, r#type: &'static str, code: &'static str) {
+        self.metrics
+            .outcomes
+            .get_or_create(&OutcomeLabels { r#type, code })
+            .inc();
+    }
+
+    async fn handle_delivery(&self, delivery: Delivery, publisher: Publisher) -> Outcome {
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
         let message_id = props.message_id().as_ref().map(|m| m.as_str().to_owned());
+        // One hop of the publisher's trace, shared by the request and the event.
+        let traceparent =
+            crate::telemetry::child_traceparent(header_str(headers, "traceparent").as_deref());
         let span = tracing::info_span!(
             "command",
             command_id = tracing::field::Empty,
             customer_id = tracing::field::Empty,
             product_id = tracing::field::Empty,
             attempt = header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0),
+            trace_id = traceparent.get(3..35).unwrap_or_default(),
             redelivered = delivery.redelivered,
         );
         async move {
@@ -91,7 +134,14 @@ impl Pipeline {
                     let event = ResultEvent::invalid(&invalid);
                     let outcome = Outcome::Failed(ErrorCode::InvalidCommand);
                     return self
-                        .finish(&delivery, &publisher, &event, outcome, Settle::DeadLetter)
+                        .finish(
+                            &delivery,
+                            &publisher,
+                            &event,
+                            outcome,
+                            Settle::DeadLetter,
+                            &traceparent,
+                        )
                         .await;
                 }
             };
@@ -99,7 +149,8 @@ impl Pipeline {
             span.record("command_id", command.id.as_str());
             span.record("customer_id", command.customer_id.as_str());
             span.record("product_id", command.product_id.as_str());
-            self.purchase(&delivery, &publisher, &command).await
+            self.purchase(&delivery, &publisher, &command, &traceparent)
+                .await
         }
         .instrument(span)
         .await
@@ -110,9 +161,9 @@ impl Pipeline {
         delivery: &Delivery,
         publisher: &Publisher,
         command: &Command,
+        traceparent: &str,
     ) -> Outcome {
         let headers = delivery.properties.headers().as_ref();
-        let traceparent = header_str(headers, "traceparent");
         let earlier =
             u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0)).unwrap_or(u32::MAX);
         let step =
@@ -140,22 +191,20 @@ impl Pipeline {
                     &event,
                     Outcome::Failed(ErrorCode::RetriesExhausted),
                     Settle::DeadLetter,
+                    traceparent,
                 )
                 .await;
         }
 
-        let on_retry = |retry: &super::retry::Retry| {
-            tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
-        };
         let ctx = RetryContext {
             client: &self.client,
             gate: &self.gate,
             credentials: &self.credentials,
             settings: &self.settings,
-            on_retry: &on_retry,
+            metrics: &self.metrics,
         };
         let Attempted { verdict, requests } =
-            purchase_with_retry(&ctx, command, traceparent.as_deref()).await;
+            purchase_with_retry(&ctx, command, Some(traceparent)).await;
         let attempts = earlier.saturating_add(requests);
         let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
             ResultEvent::failed(
@@ -236,7 +285,7 @@ impl Pipeline {
                 )
             }
         };
-        self.finish(delivery, publisher, &event, outcome, settle)
+        self.finish(delivery, publisher, &event, outcome, settle, traceparent)
             .await
     }
 
@@ -248,8 +297,12 @@ impl Pipeline {
         event: &ResultEvent,
         outcome: Outcome,
         settle: Settle,
+        traceparent: &str,
     ) -> Outcome {
-        match self.publish_event(delivery, publisher, event).await {
+        match self
+            .publish_event(delivery, publisher, event, traceparent)
+            .await
+        {
             Ok(()) => self.settle(delivery, settle, outcome).await,
             Err(e) => {
                 tracing::error!(error = %e, "event not confirmed: requeueing the command");
@@ -264,10 +317,10 @@ impl Pipeline {
         delivery: &Delivery,
         publisher: &Publisher,
         event: &ResultEvent,
+        traceparent: &str,
     ) -> Result<(), PublishError> {
         let body = event.to_json();
-        let traceparent = header_str(delivery.properties.headers().as_ref(), "traceparent");
-        let props = event.amqp_properties(traceparent.as_deref());
+        let props = event.amqp_properties(Some(traceparent));
         let to_results = publisher
             .send(
                 &self.topology.results_exchange,
@@ -376,6 +429,9 @@ impl Pipeline {
                     .await
             }
         };
+        if !matches!(result, Ok(true)) {
+            self.metrics.settlements_lost.inc();
+        }
         match result {
             Ok(true) => {}
             Ok(false) => tracing::warn!(

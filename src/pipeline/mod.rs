@@ -16,6 +16,7 @@ pub mod supervisor;
 use crate::broker::Topology;
 use crate::configuration::RetrySettings;
 use crate::hyperline::HyperlineClient;
+use crate::operations::Metrics;
 
 /// Everything a delivery's task needs, shared by all tasks of a replica.
 pub struct Pipeline {
@@ -29,4 +30,6 @@ pub struct Pipeline {
     pub settings: RetrySettings,
     /// Queue and exchange names.
     pub topology: Topology,
+    /// Counters and histograms.
+    pub metrics: std::sync::Arc<Metrics>,
 }

@@ -17,6 +17,8 @@ use super::gate::Gate;
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
 use crate::hyperline::{HyperlineClient, PurchaseAnswer, Receipt};
+use crate::operations::Metrics;
+use crate::operations::metrics::ReasonLabel;
 
 /// How the in-process attempts of a delivery ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,8 +135,8 @@ pub struct RetryContext<'a> {
     pub credentials: &'a Credentials,
     /// The budget.
     pub settings: &'a RetrySettings,
-    /// Called before each retry sleep, for logs and metrics.
-    pub on_retry: &'a (dyn Fn(&Retry) + Sync),
+    /// Requests, retries and rate-limit waits are counted here.
+    pub metrics: &'a Metrics,
 }
 
 /// Full jitter: a uniform delay between the configured floor and the
@@ -172,10 +174,15 @@ pub async fn purchase_with_retry(
             return Ok(Verdict::CredentialFault);
         }
         requests.fetch_add(1, Ordering::Relaxed);
+        let sent = std::time::Instant::now();
         let response = ctx.client.purchase(command, traceparent).await;
+        ctx.metrics
+            .hyperline_request(response.status_class(), sent.elapsed());
         if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
             // The window is spent: wait for its reset instead of collecting 429s.
-            ctx.gate.pause_for(quota.reset_after.min(max_rate_wait));
+            let wait = quota.reset_after.min(max_rate_wait);
+            ctx.gate.pause_for(wait);
+            ctx.metrics.rate_limit_wait(wait);
         }
         match step(response.answer, conflict_delay) {
             Step::Done(verdict) => Ok(verdict),
@@ -191,6 +198,7 @@ pub async fn purchase_with_retry(
                         });
                     }
                     ctx.gate.pause_for(wait);
+                    ctx.metrics.rate_limit_wait(wait);
                 }
                 Err(retry)
             }
@@ -209,7 +217,15 @@ pub async fn purchase_with_retry(
                 _ => full_jitter(floor, ceiling),
             })
         })
-        .notify(|retry: &Retry, _| (ctx.on_retry)(retry))
+        .notify(|retry: &Retry, _| {
+            tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
+            ctx.metrics
+                .retries
+                .get_or_create(&ReasonLabel {
+                    reason: retry.reason,
+                })
+                .inc();
+        })
         .await;
     let verdict = result.unwrap_or_else(|last| Verdict::Exhausted {
         last_status: last.status,

@@ -50,8 +50,6 @@ pub struct SessionContext<'a> {
     pub shutdown: &'a CancellationToken,
     /// This replica's name on the broker.
     pub name: &'a str,
-    /// Called once per finished delivery.
-    pub on_outcome: &'a (dyn Fn(&Outcome) + Sync),
 }
 
 /// Runs one session until shutdown (`Ok`) or a failure (`Err`).
@@ -90,6 +88,7 @@ async fn consume(
     loop {
         if ctx.pipeline.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
+            ctx.pipeline.metrics.credentials_refused.set(1);
             if !ctx
                 .pipeline
                 .credentials
@@ -99,6 +98,7 @@ async fn consume(
                 return Ok(());
             }
             ctx.health.set_credentials_refused(false);
+            ctx.pipeline.metrics.credentials_refused.set(0);
         }
         let mut consumer = channel
             .basic_consume(
@@ -135,7 +135,7 @@ async fn run_consumer(
         tokio::select! {
             () = ctx.shutdown.cancelled() => return Ok(false),
             () = ctx.pipeline.credentials.faulted() => return Ok(true),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => record(ctx, done),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => record(done),
             _ = publisher_check.tick() => {
                 if !publisher.is_open() {
                     return Err(SessionError::PublisherClosed);
@@ -154,9 +154,9 @@ async fn run_consumer(
     }
 }
 
-fn record(ctx: &SessionContext<'_>, done: Result<Outcome, tokio::task::JoinError>) {
+fn record(done: Result<Outcome, tokio::task::JoinError>) {
     match done {
-        Ok(outcome) => (ctx.on_outcome)(&outcome),
+        Ok(outcome) => tracing::debug!(outcome = outcome.label(), "delivery finished"),
         Err(e) if e.is_panic() => {
             tracing::error!(error = %e, "a delivery task panicked; the broker will redeliver its command")
         }
@@ -192,7 +192,7 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     );
     let finished = tokio::time::timeout(grace, async {
         while let Some(done) = tasks.join_next().await {
-            record(ctx, done);
+            record(done);
         }
     })
     .await;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::handler::Outcome;
 use super::session::{self, SessionContext};
 use crate::broker::redacted_url;
 use crate::configuration::Settings;
@@ -26,7 +25,6 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
     shutdown: CancellationToken,
-    on_outcome: &(dyn Fn(&Outcome) + Sync),
 ) {
     let name = settings.amqp.connection_name();
     let beat = {
@@ -46,7 +44,6 @@ pub async fn run(
         health: &health,
         shutdown: &shutdown,
         name: &name,
-        on_outcome,
     };
     let mut wait = RECONNECT_FIRST;
     loop {
@@ -55,6 +52,7 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => {
                 health.set_connected(false);
+                pipeline.metrics.reconnects.inc();
                 if shutdown.is_cancelled() {
                     break;
                 }

@@ -2,6 +2,7 @@
 
 mod helpers;
 mod invalid;
+mod operations;
 mod outcomes;
 mod redelivery;
 mod resilience;

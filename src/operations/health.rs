@@ -1,21 +1,12 @@
-//! What operators and Kubernetes see: `/healthz` and `/readyz`.
+//! Liveness and readiness state.
 //!
 //! Liveness and readiness answer different questions. `/healthz` fails only
 //! when the supervising loop itself is stuck (restart the pod); `/readyz`
 //! fails while the replica cannot do useful work (broker down, consumer
 //! paused, key refused), which a restart would not fix.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// The supervising loop beats at least this often while alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -101,49 +92,4 @@ impl Health {
         let last = self.last_beat_ms.load(Ordering::Relaxed);
         now_ms().saturating_sub(last) < 3 * u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX)
     }
-}
-
-async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.alive() {
-        (StatusCode::OK, "alive\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the supervising loop is stuck\n",
-        )
-    }
-}
-
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
-    let r = health.readiness();
-    let text = format!(
-        "connected={} consuming={} credentials_ok={} shutting_down={}\n",
-        r.connected, r.consuming, r.credentials_ok, r.shutting_down
-    );
-    let status = if r.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, text)
-}
-
-/// Binds the operations server; port 0 picks a free one.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Serves the probes until `stop`.
-pub async fn serve(
-    listener: TcpListener,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(health);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
 }

@@ -1,0 +1,245 @@
+//! Prometheus metrics: what an operator needs to scale replicas against
+//! Hyperline's shared write limit and to be paged for the right reason.
+//!
+//! Names follow Prometheus conventions (`cpw_` prefix, `_total` counters,
+//! `_seconds` in base units); the text comes from `prometheus-client`, never
+//! from hand-written formatting.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `type` and `code` of an outcome (`code` empty for successes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `succeeded` or `failed`.
+    pub r#type: &'static str,
+    /// The error code of a failure.
+    pub code: &'static str,
+}
+
+/// One label named `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// The status class of a Hyperline answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// `2xx`, `4xx`, `429`, `5xx`, `timeout`, `connect`, `network`...
+    pub status: &'static str,
+}
+
+/// The delay step of a broker-side redelivery.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    /// 1-based step number.
+    pub step: u32,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 5 ms to ~80 s: an instant local endpoint up to a purchase that
+    // "can take a few seconds" plus its retries.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Every metric of the worker.
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries taken from the commands queue.
+    pub commands_received: Counter,
+    /// Final outcomes, by event type and error code.
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    /// Commands put back on the queue (credential fault, unconfirmed event).
+    pub requeued: Family<ReasonLabel, Counter>,
+    /// Hyperline requests by status class.
+    pub hyperline_requests: Family<StatusLabel, Counter>,
+    /// Hyperline request latency by status class.
+    pub hyperline_latency: HistogramFamily<StatusLabel>,
+    /// In-process retries by reason.
+    pub retries: Family<ReasonLabel, Counter>,
+    /// Broker-side redeliveries by step.
+    pub redeliveries: Family<StepLabel, Counter>,
+    /// Commands being processed now.
+    pub in_flight: Gauge,
+    /// Delivery to settlement.
+    pub processing: Histogram,
+    /// Broker sessions that ended in an error and were rebuilt.
+    pub reconnects: Counter,
+    /// 429s and exhausted quotas that paused the replica.
+    pub rate_limit_waits: Counter,
+    /// Time the replica was told to pause, summed.
+    pub rate_limit_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while Hyperline refuses the key.
+    pub credentials_refused: Gauge,
+    /// Acks, nacks and rejects that had no effect (channel gone).
+    pub settlements_lost: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cpw");
+        let m = Metrics {
+            commands_received: Counter::default(),
+            outcomes: Family::default(),
+            requeued: Family::default(),
+            hyperline_requests: Family::default(),
+            hyperline_latency: Family::new_with_constructor(latency_histogram),
+            retries: Family::default(),
+            redeliveries: Family::default(),
+            in_flight: Gauge::default(),
+            processing: latency_histogram(),
+            reconnects: Counter::default(),
+            rate_limit_waits: Counter::default(),
+            rate_limit_wait_seconds: Counter::default(),
+            credentials_refused: Gauge::default(),
+            settlements_lost: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "commands_received",
+            "Deliveries taken from the commands queue",
+            m.commands_received.clone(),
+        );
+        registry.register(
+            "outcomes",
+            "Final outcomes of commands, by event type and error code",
+            m.outcomes.clone(),
+        );
+        registry.register(
+            "requeued",
+            "Commands put back on the queue, by reason",
+            m.requeued.clone(),
+        );
+        registry.register(
+            "hyperline_requests",
+            "Purchase requests sent to Hyperline, by status class",
+            m.hyperline_requests.clone(),
+        );
+        registry.register_with_unit(
+            "hyperline_request_duration",
+            "Latency of purchase requests, by status class",
+            prometheus_client::registry::Unit::Seconds,
+            m.hyperline_latency.clone(),
+        );
+        registry.register(
+            "retries",
+            "In-process retries of purchases, by reason",
+            m.retries.clone(),
+        );
+        registry.register(
+            "redeliveries",
+            "Commands moved to a broker-side delay queue, by step",
+            m.redeliveries.clone(),
+        );
+        registry.register(
+            "in_flight_commands",
+            "Commands being processed by this replica",
+            m.in_flight.clone(),
+        );
+        registry.register_with_unit(
+            "processing_duration",
+            "Time from delivery to settlement of a command",
+            prometheus_client::registry::Unit::Seconds,
+            m.processing.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Broker sessions rebuilt after a failure",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "rate_limit_waits",
+            "Pauses of the whole replica for Hyperline's rate limit",
+            m.rate_limit_waits.clone(),
+        );
+        registry.register_with_unit(
+            "rate_limit_wait",
+            "Time the replica was asked to pause for the rate limit",
+            prometheus_client::registry::Unit::Seconds,
+            m.rate_limit_wait_seconds.clone(),
+        );
+        registry.register(
+            "credentials_refused",
+            "1 while Hyperline refuses the API key",
+            m.credentials_refused.clone(),
+        );
+        registry.register(
+            "settlements_lost",
+            "Acks, nacks or rejects that had no effect because the channel was gone",
+            m.settlements_lost.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Records one Hyperline request.
+    pub fn hyperline_request(&self, status: &'static str, took: Duration) {
+        let label = StatusLabel { status };
+        self.hyperline_requests.get_or_create(&label).inc();
+        self.hyperline_latency
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a pause of the replica.
+    pub fn rate_limit_wait(&self, wait: Duration) {
+        self.rate_limit_waits.inc();
+        self.rate_limit_wait_seconds.inc_by(wait.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.commands_received.inc();
+        m.outcomes
+            .get_or_create(&OutcomeLabels {
+                r#type: "failed",
+                code: "rejected",
+            })
+            .inc();
+        m.hyperline_request("2xx", Duration::from_millis(20));
+        m.rate_limit_wait(Duration::from_secs(2));
+        let text = m.encode();
+        for line in [
+            "cpw_commands_received_total 1",
+            "cpw_outcomes_total{type=\"failed\",code=\"rejected\"} 1",
+            "cpw_hyperline_requests_total{status=\"2xx\"} 1",
+            "cpw_hyperline_request_duration_seconds_count{status=\"2xx\"} 1",
+            "cpw_rate_limit_waits_total 1",
+            "cpw_rate_limit_wait_seconds_total 2.0",
+            "cpw_in_flight_commands 0",
+            "cpw_credentials_refused 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
