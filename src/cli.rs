@@ -26,24 +26,132 @@ pub enum Command {
     Run,
     /// Serve the Hyperline simulator (a faithful stand-in for tests and demos).
     Simulator(SimulatorArgs),
-    /// Run the whole flow on this machine with the embedded simulator (not built yet).
-    Demo,
-    /// Publish one command from flags, optionally waiting for its result (not built yet).
-    Publish,
-    /// Inspect or replay the dead-letter queue (not built yet).
+    /// Run the whole flow on this machine and print a summary.
+    ///
+    /// Starts an embedded Hyperline simulator (with latency and random 5xx),
+    /// runs the worker in-process on throwaway queues of the configured broker
+    /// (`cpw-demo-<id>`, removed at the end, also on Ctrl-C), publishes a batch
+    /// of sample commands (some deliberately invalid), and checks that the
+    /// simulator charged exactly once per succeeded command.
+    Demo(DemoArgs),
+    /// Publish one credit-purchase command from flags, optionally waiting for its result.
+    ///
+    /// The command is checked with the worker's own rules first (an invalid
+    /// one is refused with the reason), then published persistent and
+    /// confirmed by the broker to the commands queue. Prints the command id;
+    /// with `--wait`, then the result event.
+    Publish(PublishArgs),
+    /// Inspect or replay the dead-letter queue (`<queue>.dead`).
     #[command(subcommand)]
     DeadLetters(DeadLetters),
-    /// Check the configuration, the broker, the topology and the API key (not built yet).
+    /// Check the configuration, the broker, the topology and the API key.
+    ///
+    /// One ✓/✗ line each; exits 1 when any check fails. Nothing is consumed
+    /// or bought, and neither the key nor the broker password is printed.
     Check,
 }
 
 /// `dead-letters` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetters {
-    /// List dead letters with their reason (not built yet).
-    List,
-    /// Put dead letters back on the commands queue (not built yet).
-    Replay,
+    /// List the dead letters with why and when they died.
+    ///
+    /// Nothing is removed: every message read is put back.
+    List(ListArgs),
+    /// Move dead letters back to the commands queue for another try.
+    ///
+    /// The copy starts a fresh retry budget. A command first attempted close to
+    /// 24 hours ago or more is refused unless `--force`: Hyperline's
+    /// idempotency window would no longer protect it from a second charge.
+    /// Invalid commands are never replayed (they would only die again).
+    /// Exit status 1 when a selected command was skipped or not found.
+    Replay(ReplayArgs),
+}
+
+/// `publish` flags: the fields of a command (CONTRACT section 2).
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("pricing")
+        .required(true)
+        .multiple(false)
+        .args(["amount_excluding_tax", "price_id"])
+))]
+pub struct PublishArgs {
+    /// Hyperline customer to credit, e.g. `cus_Typ0px2W0aiEtl`.
+    #[arg(long, value_name = "ID")]
+    pub customer_id: String,
+    /// Hyperline product the credits are for, e.g. `itm_3kXODDF42QXtnL`.
+    #[arg(long, value_name = "ID")]
+    pub product_id: String,
+    /// How many credits to buy (a whole pack when priced with `--price-id`).
+    #[arg(long, value_name = "N")]
+    pub credit_count: u64,
+    /// Price of the purchase, in the currency's smallest unit (cents).
+    /// Give this or `--price-id`, not both.
+    #[arg(long, value_name = "AMOUNT")]
+    pub amount_excluding_tax: Option<u64>,
+    /// A bundle price of the product. Give this or `--amount-excluding-tax`.
+    #[arg(long, value_name = "ID")]
+    pub price_id: Option<String>,
+    /// When the credits expire (RFC 3339, e.g. `2027-01-31T23:59:59Z`).
+    #[arg(long, value_name = "DATE-TIME")]
+    pub expires_at: Option<String>,
+    /// The command id, which is also Hyperline's Idempotency-Key: publishing
+    /// twice with the same id charges once. A fresh UUID when omitted.
+    #[arg(long, value_name = "ID")]
+    pub command_id: Option<String>,
+    /// Wait for the command's result event and print it. Exit status: 0 when
+    /// it succeeded, 1 when it failed, 2 when none came in time.
+    #[arg(long)]
+    pub wait: bool,
+    /// With `--wait`: how long to wait for the result, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, requires = "wait")]
+    pub timeout_secs: u64,
+}
+
+/// `dead-letters list` flags.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// One JSON object per dead letter and line, for scripts, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dead-letters replay` flags: which dead letters to move back.
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("selection")
+        .required(true)
+        .args(["command_id", "all"])
+))]
+pub struct ReplayArgs {
+    /// Replay the dead letter of this command (repeat the flag for several).
+    #[arg(long = "command-id", value_name = "ID")]
+    pub command_id: Vec<String>,
+    /// Replay every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// Replay even a command first attempted nearly 24 hours ago or more:
+    /// Hyperline has then forgotten its Idempotency-Key and may charge the
+    /// customer a second time. Check the ledger first.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many sample commands to publish (about 5% of them deliberately invalid).
+    #[arg(long, value_name = "N", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub commands: u32,
+    /// Give up after this many seconds from the first publish, and list the
+    /// commands still without a result.
+    #[arg(long, value_name = "SECS", default_value_t = 50)]
+    pub timeout_secs: u64,
+    /// Seed of the simulator's fault dice, for a reproducible run.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// `simulator` flags (CONTRACT section 8).

@@ -173,6 +173,7 @@ pub struct RetrySettings {
     /// Longest 429 wait spent in process.
     pub max_rate_limit_wait_secs: u64,
     /// Broker-side delay steps.
+    #[serde(deserialize_with = "delay_list")]
     pub redelivery_delays_secs: Vec<u64>,
 }
 
@@ -197,6 +198,32 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// Default tracing filter.
     pub level: String,
+}
+
+/// `redelivery_delays_secs` as a TOML array, or from the environment as
+/// `30,300` — including a single step, which the `config` crate hands over as
+/// a scalar rather than a one-element list.
+fn delay_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Delays {
+        List(Vec<u64>),
+        TextList(Vec<String>),
+        One(u64),
+        Text(String),
+    }
+    let parse = |text: &str| {
+        text.trim().parse::<u64>().map_err(|e| {
+            serde::de::Error::custom(format!("`{text}` is not a whole number of seconds: {e}"))
+        })
+    };
+    match Delays::deserialize(d)? {
+        Delays::List(list) => Ok(list),
+        Delays::TextList(list) => list.iter().map(|t| parse(t)).collect(),
+        Delays::One(n) => Ok(vec![n]),
+        Delays::Text(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Delays::Text(text) => text.split(',').map(parse).collect(),
+    }
 }
 
 impl Settings {
@@ -531,6 +558,8 @@ mod tests {
         assert_eq!(s.amqp.prefetch, 128);
         assert_eq!(s.amqp.queue_type, QueueType::Classic);
         assert_eq!(s.retry.redelivery_delays_secs, vec![5, 60]);
+        let one = load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "45")]).expect("one step");
+        assert_eq!(one.retry.redelivery_delays_secs, vec![45]);
         assert_eq!(
             s.require_api_key().map(ApiKey::expose).ok(),
             Some("key_123")

@@ -5,6 +5,7 @@
 //! delivery ([`broker`]) → command ([`contract`]) → purchase ([`hyperline`])
 //! → outcome ([`pipeline`]) → event ([`contract`]) → ack ([`pipeline`]).
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod configuration;

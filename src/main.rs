@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use credit_purchase_worker::cli::{Cli, Command, SimulatorArgs};
+use credit_purchase_worker::admin;
+use credit_purchase_worker::cli::{Cli, Command, DeadLetters, SimulatorArgs};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{Faults, Simulator, SimulatorSettings};
 use credit_purchase_worker::startup::Application;
@@ -25,25 +26,20 @@ async fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.config.as_deref()).await,
-        Command::Simulator(args) => simulator(args).await,
-        other => {
-            eprintln!("`{}` is not built yet", subcommand_name(&other));
-            Ok(ExitCode::from(3))
+    let config = cli.config.as_deref();
+    Ok(match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config).await?,
+        Command::Simulator(args) => simulator(args).await?,
+        Command::Demo(args) => admin::demo::run(config, args).await?,
+        Command::Publish(args) => admin::publish::run(config, args).await?,
+        Command::DeadLetters(DeadLetters::List(args)) => {
+            admin::dead_letters::list(config, args).await?
         }
-    }
-}
-
-fn subcommand_name(command: &Command) -> &'static str {
-    match command {
-        Command::Run => "run",
-        Command::Simulator(_) => "simulator",
-        Command::Demo => "demo",
-        Command::Publish => "publish",
-        Command::DeadLetters(_) => "dead-letters",
-        Command::Check => "check",
-    }
+        Command::DeadLetters(DeadLetters::Replay(args)) => {
+            admin::dead_letters::replay(config, args).await?
+        }
+        Command::Check => admin::check::run(config).await,
+    })
 }
 
 async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {

@@ -67,6 +67,11 @@ impl Topology {
         }
     }
 
+    /// The broker's `x-delivery-limit` on the commands queue, if it has one.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        (self.queue_type == QueueType::Quorum).then_some(self.delivery_limit)
+    }
+
     /// Arguments shared by our queues of the configured type. Quorum queues
     /// dead-letter at most once unless told otherwise; `at-least-once` (which
     /// requires `reject-publish` overflow) keeps a dead letter from vanishing

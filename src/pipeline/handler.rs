@@ -10,23 +10,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tracing::Instrument;
 
 use super::Pipeline;
+pub use super::redelivery::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, REFRESH_HEADER, STEP_HEADER};
 use super::retry::{Attempted, RetryContext, Verdict, purchase_with_retry};
-use crate::broker::{PublishError, Publisher, REDELIVERY_HEADERS, Routed, header_str, header_u64};
+use crate::broker::{PublishError, Publisher, Routed, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
-
-/// Our headers on a command copied to a delay queue.
-pub const ATTEMPTS_HEADER: &str = "cpw-attempts";
-/// The number of delay steps the command went through.
-pub const STEP_HEADER: &str = "cpw-redelivery-step";
-/// Unix milliseconds of the command's first request to Hyperline: the start
-/// of its 24-hour idempotency window.
-pub const FIRST_ATTEMPT_HEADER: &str = "cpw-first-attempt-ms";
 
 /// What became of one delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +29,9 @@ pub enum Outcome {
     Failed(ErrorCode),
     /// Copied to the delay queue of this step (0-based), original acked.
     Deferred(usize),
+    /// Near the broker's delivery limit: copied back to the commands queue
+    /// as a fresh message, original acked.
+    Refreshed,
     /// Put back on the queue: a credential fault.
     CredentialFault,
     /// Put back on the queue: its event or copy could not be confirmed.
@@ -50,6 +45,7 @@ impl Outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::Failed(code) => code.as_str(),
             Outcome::Deferred(_) => "deferred",
+            Outcome::Refreshed => "refreshed",
             Outcome::CredentialFault => "credential_fault",
             Outcome::NotConfirmed => "not_confirmed",
         }
@@ -57,7 +53,7 @@ impl Outcome {
 }
 
 /// How the delivery leaves the queue once its output is confirmed.
-enum Settle {
+pub(super) enum Settle {
     Ack,
     DeadLetter,
     Requeue,
@@ -91,7 +87,7 @@ impl Pipeline {
                     .get_or_create(&StepLabel { step })
                     .inc();
             }
-            Outcome::CredentialFault | Outcome::NotConfirmed => {
+            Outcome::CredentialFault | Outcome::NotConfirmed | Outcome::Refreshed => {
                 self.metrics
                     .requeued
                     .get_or_create(&ReasonLabel {
@@ -149,6 +145,12 @@ impl Pipeline {
             span.record("command_id", command.id.as_str());
             span.record("customer_id", command.customer_id.as_str());
             span.record("product_id", command.product_id.as_str());
+            if let Some(outcome) = self
+                .refresh_if_worn(&delivery, &publisher, &command, &traceparent)
+                .await
+            {
+                return outcome;
+            }
             self.purchase(&delivery, &publisher, &command, &traceparent)
                 .await
         }
@@ -290,7 +292,7 @@ impl Pipeline {
     }
 
     /// Publishes the event (results exchange and `reply_to`), then settles.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         delivery: &Delivery,
         publisher: &Publisher,
@@ -354,61 +356,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Copies the command to the delay queue of `step`, then acks the original.
-    async fn defer(
-        &self,
-        delivery: &Delivery,
-        publisher: &Publisher,
-        queue: &str,
-        step: usize,
-        attempts: u32,
-        first_attempt: u64,
-    ) -> Outcome {
-        let mut headers = FieldTable::default();
-        if let Some(old) = delivery.properties.headers() {
-            for (k, v) in old.inner() {
-                if !REDELIVERY_HEADERS.contains(&k.as_str()) {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        headers.insert(
-            ShortString::from(ATTEMPTS_HEADER),
-            AMQPValue::LongLongInt(i64::from(attempts)),
-        );
-        headers.insert(
-            ShortString::from(STEP_HEADER),
-            AMQPValue::LongLongInt(i64::try_from(step + 1).unwrap_or(i64::MAX)),
-        );
-        headers.insert(
-            ShortString::from(FIRST_ATTEMPT_HEADER),
-            AMQPValue::LongLongInt(i64::try_from(first_attempt).unwrap_or(i64::MAX)),
-        );
-        let props = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        match publisher
-            .publish_routed("", queue, &delivery.data, props)
-            .await
-        {
-            Ok(()) => {
-                self.settle(delivery, Settle::Ack, Outcome::Deferred(step))
-                    .await
-            }
-            Err(e) => {
-                tracing::error!(error = %e, queue, "could not move the command to its delay queue: requeueing it");
-                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
-                    .await
-            }
-        }
-    }
-
     /// Acks, dead-letters or requeues. lapin answers `Ok(false)` when the
     /// channel is gone: the broker will redeliver, which is safe, but it is
     /// logged so a silent no-op never passes for an ack.
-    async fn settle(&self, delivery: &Delivery, settle: Settle, outcome: Outcome) -> Outcome {
+    pub(super) async fn settle(
+        &self,
+        delivery: &Delivery,
+        settle: Settle,
+        outcome: Outcome,
+    ) -> Outcome {
         let result = match settle {
             Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
             Settle::DeadLetter => {

@@ -3,12 +3,14 @@
 //! - [`supervisor`] keeps a connection alive and rebuilds everything after a loss;
 //! - [`session`] consumes on one connection and runs one task per delivery;
 //! - [`handler`] takes one delivery from command to ack;
+//! - `redelivery` copies commands into delay queues, or back when worn;
 //! - [`retry`] and [`gate`] pace and repeat the Hyperline requests;
 //! - [`credentials`] pauses the replica while its key is refused.
 
 pub mod credentials;
 pub mod gate;
 pub mod handler;
+mod redelivery;
 pub mod retry;
 pub mod session;
 pub mod supervisor;

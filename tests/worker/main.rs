@@ -1,5 +1,6 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
+mod chaos;
 mod helpers;
 mod invalid;
 mod operations;

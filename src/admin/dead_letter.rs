@@ -1,0 +1,295 @@
+//! What can be read off one dead letter: why and when it died, which command
+//! it is, and where its 24-hour idempotency window started.
+//!
+//! RabbitMQ records a dead letter's history in headers (`x-death`, an array of
+//! tables, most recent first; `x-first-death-*`), and the worker adds its own
+//! (`cpw-*`). Both `list` and `replay` need the same reading, and `replay`
+//! needs the opposite too: a copy stripped of that history, so the worker
+//! gives it a fresh retry budget and the broker does not take it for a
+//! dead-letter cycle.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::Serialize;
+
+use crate::broker::{REDELIVERY_HEADERS, header_str, header_u64};
+use crate::configuration::IDEMPOTENCY_WINDOW;
+use crate::contract::{Command, ErrorCode};
+use crate::pipeline::handler::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER};
+
+/// Besides the worker's in-process budget, how much younger than 24 hours a
+/// command must be to be replayed without `--force`: the copy may wait in a
+/// backlog before a worker takes it, and a first attempt read from `x-death`
+/// is only an estimate (the death, not the first request).
+pub const REPLAY_MARGIN: Duration = Duration::from_secs(60 * 60);
+
+/// One dead letter, as `list` shows it (`--json` prints exactly this).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    /// The body's `command_id`, else the `message_id`.
+    pub command_id: Option<String>,
+    /// Why the broker dead-lettered it (`rejected`, `expired`,
+    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry.
+    pub reason: Option<String>,
+    /// The queue it died in.
+    pub queue: Option<String>,
+    /// When it first died there for that reason (RFC 3339, UTC).
+    pub died_at: Option<String>,
+    /// How many times it died there for that reason.
+    pub count: Option<u64>,
+    /// The worker's error code, where the message alone tells it: an
+    /// unparseable body is `invalid_command`; a command that went through
+    /// every delay step is `retries_exhausted`. Otherwise unknown: the
+    /// `failed` event has it.
+    pub error_code: Option<&'static str>,
+    /// Why the body is not a valid command, when it is not.
+    pub invalid_reason: Option<String>,
+    /// HTTP requests made for it before its last delay step, per the worker.
+    pub attempts: Option<u64>,
+    /// When its first request was made (RFC 3339), or estimated from the
+    /// earliest death.
+    pub first_attempt: Option<String>,
+    /// Unix milliseconds of [`DeadLetterInfo::first_attempt`].
+    #[serde(skip)]
+    pub first_attempt_ms: Option<u64>,
+}
+
+/// Reads a dead letter. `delay_steps` is the number of configured
+/// redelivery steps, to recognise a command that used them all.
+pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) -> DeadLetterInfo {
+    let headers = properties.headers().as_ref();
+    let message_id = properties.message_id().as_ref().map(|m| m.as_str());
+    let parsed = Command::parse(body, message_id);
+    let (command_id, invalid_reason) = match &parsed {
+        Ok(command) => (Some(command.id.as_str().to_owned()), None),
+        Err(e) => (e.raw.command_id.clone(), Some(e.reason.to_string())),
+    };
+    let deaths = deaths(headers);
+    let latest = deaths.first();
+    let step = header_u64(headers, STEP_HEADER);
+    let error_code = match (&parsed, step) {
+        (Err(_), _) => Some(ErrorCode::InvalidCommand.as_str()),
+        (Ok(_), Some(step)) if delay_steps > 0 && step >= delay_steps as u64 => {
+            Some(ErrorCode::RetriesExhausted.as_str())
+        }
+        _ => None,
+    };
+    let earliest_death = deaths.iter().filter_map(|d| d.time_secs).min();
+    let first_attempt_ms = header_u64(headers, FIRST_ATTEMPT_HEADER)
+        .or_else(|| earliest_death.map(|s| s.saturating_mul(1000)));
+    DeadLetterInfo {
+        command_id,
+        reason: latest
+            .and_then(|d| d.reason.clone())
+            .or_else(|| header_str(headers, "x-first-death-reason")),
+        queue: latest
+            .and_then(|d| d.queue.clone())
+            .or_else(|| header_str(headers, "x-first-death-queue")),
+        died_at: latest
+            .and_then(|d| d.time_secs)
+            .and_then(|s| super::rfc3339_ms(s.saturating_mul(1000))),
+        count: latest.and_then(|d| d.count),
+        error_code,
+        invalid_reason,
+        attempts: header_u64(headers, ATTEMPTS_HEADER),
+        first_attempt: first_attempt_ms.and_then(super::rfc3339_ms),
+        first_attempt_ms,
+    }
+}
+
+/// One entry of `x-death`.
+#[derive(Debug, Default)]
+struct Death {
+    reason: Option<String>,
+    queue: Option<String>,
+    time_secs: Option<u64>,
+    count: Option<u64>,
+}
+
+/// The `x-death` entries, most recent first; empty when absent or malformed.
+fn deaths(headers: Option<&FieldTable>) -> Vec<Death> {
+    let Some(AMQPValue::FieldArray(entries)) = headers.and_then(|h| h.inner().get("x-death"))
+    else {
+        return Vec::new();
+    };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|entry| match entry {
+            AMQPValue::FieldTable(t) => Some(Death {
+                reason: header_str(Some(t), "reason"),
+                queue: header_str(Some(t), "queue"),
+                time_secs: header_u64(Some(t), "time"),
+                count: header_u64(Some(t), "count"),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a command may be replayed without `--force`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// Young enough: Hyperline still remembers its Idempotency-Key.
+    Open,
+    /// First attempted this long ago: too close to (or past) 24 hours.
+    Closed(Duration),
+    /// Neither `cpw-first-attempt-ms` nor `x-death`: its age is unknown.
+    Unknown,
+}
+
+/// Judges the idempotency window at `now_ms`. `in_process_budget` is the
+/// worker's own margin: it refuses a delivery whose age plus that budget
+/// reaches 24 hours, so a replay it would refuse is refused here first.
+pub fn window(info: &DeadLetterInfo, now_ms: u64, in_process_budget: Duration) -> Window {
+    let Some(first) = info.first_attempt_ms else {
+        return Window::Unknown;
+    };
+    let age = Duration::from_millis(now_ms.saturating_sub(first));
+    let limit = IDEMPOTENCY_WINDOW.saturating_sub(REPLAY_MARGIN + in_process_budget);
+    if age >= limit {
+        Window::Closed(age)
+    } else {
+        Window::Open
+    }
+}
+
+/// The properties of the copy sent back to the commands queue: the broker's
+/// dead-letter history and the worker's counters are dropped, so the copy
+/// starts a fresh in-process budget and is not taken for a dead-letter cycle.
+/// The start of the idempotency window is kept (or set from the estimate),
+/// so the worker's own 24-hour guard still holds, unless `forced`: then it is
+/// dropped too, or the worker would refuse what the operator chose to force.
+pub fn replay_properties(
+    properties: &BasicProperties,
+    first_attempt_ms: Option<u64>,
+    forced: bool,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(old) = properties.headers() {
+        for (key, value) in old.inner() {
+            let k = key.as_str();
+            let history = REDELIVERY_HEADERS.contains(&k)
+                || k.starts_with("x-first-death-")
+                || k.starts_with("x-last-death-");
+            if !history && !k.starts_with("cpw-") {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    if let (false, Some(ms)) = (forced, first_attempt_ms) {
+        headers.insert(
+            ShortString::from(FIRST_ATTEMPT_HEADER),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+    }
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    fn dead_properties(first_attempt_ms: Option<u64>) -> BasicProperties {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text("rejected"));
+        death.insert("queue".into(), text("credit-purchases"));
+        death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let mut older = FieldTable::default();
+        older.insert("reason".into(), text("expired"));
+        older.insert("time".into(), AMQPValue::Timestamp(1_699_999_000));
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::FieldTable(death),
+                AMQPValue::FieldTable(older),
+            ])),
+        );
+        headers.insert("x-first-death-reason".into(), text("expired"));
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        headers.insert(STEP_HEADER.into(), AMQPValue::LongLongInt(2));
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(9));
+        headers.insert("traceparent".into(), text("00-abc"));
+        if let Some(ms) = first_attempt_ms {
+            headers.insert(
+                FIRST_ATTEMPT_HEADER.into(),
+                AMQPValue::LongLongInt(ms as i64),
+            );
+        }
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10".into())
+    }
+
+    #[test]
+    fn the_latest_death_and_the_worker_headers_are_read() {
+        let body = br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
+        let info = inspect(body, &dead_properties(None), 2);
+        assert_eq!(
+            info.command_id.as_deref(),
+            Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
+        );
+        assert_eq!(info.reason.as_deref(), Some("rejected"));
+        assert_eq!(info.queue.as_deref(), Some("credit-purchases"));
+        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(info.count, Some(1));
+        assert_eq!(info.error_code, Some("retries_exhausted"));
+        assert_eq!(info.attempts, Some(9));
+        // No cpw-first-attempt-ms: the earliest death stands in for it.
+        assert_eq!(info.first_attempt_ms, Some(1_699_999_000_000));
+    }
+
+    #[test]
+    fn an_unparseable_body_is_an_invalid_command() {
+        let info = inspect(b"{nope", &BasicProperties::default(), 2);
+        assert_eq!(info.error_code, Some("invalid_command"));
+        assert!(info.invalid_reason.is_some());
+        assert_eq!(
+            (info.command_id, info.reason, info.first_attempt_ms),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn the_window_closes_an_hour_and_a_budget_before_24_hours() {
+        let budget = Duration::from_secs(110);
+        let hour = 3_600_000;
+        let info = |first| inspect(b"{}", &dead_properties(Some(first)), 2);
+        let now = 100 * 24 * hour;
+        assert_eq!(window(&info(now - 2 * hour), now, budget), Window::Open);
+        assert_eq!(
+            window(&info(now - 23 * hour), now, budget),
+            Window::Closed(Duration::from_secs(23 * 3600))
+        );
+        let bare = inspect(b"{}", &BasicProperties::default(), 2);
+        assert_eq!(window(&bare, now, budget), Window::Unknown);
+    }
+
+    #[test]
+    fn a_replayed_copy_keeps_the_window_start_and_nothing_else_of_its_history() {
+        let copy = replay_properties(&dead_properties(Some(42)), Some(42), false);
+        let headers = copy.headers().clone().unwrap_or_default();
+        let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, vec![FIRST_ATTEMPT_HEADER, "traceparent"]);
+        assert_eq!(copy.message_id(), dead_properties(None).message_id());
+        assert_eq!(*copy.delivery_mode(), Some(2));
+        let forced = replay_properties(&dead_properties(Some(42)), Some(42), true);
+        let keys = forced.headers().clone().unwrap_or_default();
+        assert_eq!(
+            keys.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["traceparent"]
+        );
+    }
+}

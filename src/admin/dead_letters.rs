@@ -1,0 +1,317 @@
+//! `dead-letters list` and `dead-letters replay`: the operator's side of the
+//! dead-letter queue (`<queue>.dead`).
+//!
+//! Invalid commands, exhausted ones and unexpected answers end there "for an
+//! operator to look" (CONTRACT section 3); these are the looking and the
+//! putting back. AMQP 0-9-1 has no peek, so both read with `basic.get`
+//! without auto-ack, holding every message unacknowledged until the queue
+//! (as it was when they started) is read, then settle each one: `list` puts
+//! all of them back, `replay` acks only what it has republished and had
+//! confirmed, and puts the rest back. A crash in between loses nothing: the
+//! broker requeues what a closed channel held.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::{Channel, Connection};
+
+use super::ConnectError;
+use super::dead_letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
+use crate::broker::{Publisher, Topology};
+use crate::cli::{ListArgs, ReplayArgs};
+use crate::configuration::{ConfigError, Settings};
+
+/// Why the dead letters could not be read or replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The settings could not be loaded.
+    #[error("{0}")]
+    Config(ConfigError),
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The dead-letter queue does not exist.
+    #[error("the dead-letter queue `{0}` does not exist: is the topology declared? (see `check`)")]
+    Missing(String),
+    /// The dead-letter queue could not be read.
+    #[error("cannot read the dead-letter queue `{queue}`: {}", super::broker_says(.cause))]
+    Read {
+        /// The queue.
+        queue: String,
+        /// What the broker said.
+        cause: lapin::Error,
+    },
+    /// A channel operation failed.
+    #[error("broker error: {}", super::broker_says(.0))]
+    Broker(lapin::Error),
+    /// A replayed copy was not confirmed (its dead letter stays where it was).
+    #[error("could not replay {id}: {cause}; it stays in the dead-letter queue")]
+    Replay {
+        /// The command id.
+        id: String,
+        /// What went wrong.
+        cause: crate::broker::PublishError,
+    },
+}
+
+super::wrap_error!(Error::Config(ConfigError));
+super::wrap_error!(Error::Broker(lapin::Error));
+
+/// `dead-letters list`: prints a table (or JSON lines) and puts every message back.
+pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Error> {
+    let settings = Settings::load(config)?;
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let connection = super::connect(&settings.amqp, "dead-letters").await?;
+    let result = async {
+        let channel = connection.create_channel().await?;
+        let held = take_all(&channel, &topology.dead).await?;
+        let steps = topology.retry_queues.len();
+        let infos: Vec<DeadLetterInfo> = held
+            .iter()
+            .map(|d| inspect(&d.data, &d.properties, steps))
+            .collect();
+        put_back(&held).await?;
+        let _ = channel.close(200, "listed".into()).await;
+        Ok::<_, Error>(infos)
+    }
+    .await;
+    super::close(&connection).await;
+    let infos = result?;
+    if infos.is_empty() {
+        println!("dead-letter queue {} is empty", topology.dead);
+    } else if args.json {
+        for info in &infos {
+            println!("{}", serde_json::to_string(info).unwrap_or_default());
+        }
+    } else {
+        print!("{}", table(&infos));
+        println!("{} dead letter(s) in {}", infos.len(), topology.dead);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dead-letters replay`: republishes the selected dead letters to the
+/// commands queue. Exit status 1 when one was refused or not found.
+pub async fn replay(config: Option<&Path>, args: ReplayArgs) -> Result<ExitCode, Error> {
+    let settings = Settings::load(config)?;
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let connection = super::connect(&settings.amqp, "dead-letters").await?;
+    let result = replay_on(&connection, &settings, &topology, &args).await;
+    super::close(&connection).await;
+    let tally = result?;
+    if tally.seen == 0 {
+        println!("dead-letter queue {} is empty", topology.dead);
+    }
+    for id in &tally.not_found {
+        println!("no dead letter with command id {id}");
+    }
+    println!("replayed {}, skipped {}", tally.replayed, tally.skipped);
+    let clean = tally.skipped == 0 && tally.not_found.is_empty();
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// What a replay did.
+#[derive(Default)]
+struct Tally {
+    seen: usize,
+    replayed: usize,
+    skipped: usize,
+    not_found: Vec<String>,
+}
+
+/// Reads the dead letters, republishes the selected ones (acking each dead
+/// letter only once its copy is confirmed), and puts the rest back.
+async fn replay_on(
+    connection: &Connection,
+    settings: &Settings,
+    topology: &Topology,
+    args: &ReplayArgs,
+) -> Result<Tally, Error> {
+    let channel = connection.create_channel().await?;
+    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let held = take_all(&channel, &topology.dead).await?;
+    let mut tally = Tally {
+        seen: held.len(),
+        ..Tally::default()
+    };
+    let mut found = Vec::new();
+    let mut keep = Vec::new();
+    let mut failure = None;
+    let now = super::now_ms();
+    let budget = settings.retry.in_process_budget();
+    for delivery in held {
+        let info = inspect(
+            &delivery.data,
+            &delivery.properties,
+            topology.retry_queues.len(),
+        );
+        let id = info.command_id.clone().unwrap_or_else(|| "-".to_owned());
+        let selected = args.all || args.command_id.contains(&id);
+        if !selected || failure.is_some() {
+            keep.push(delivery);
+            continue;
+        }
+        found.push(id.clone());
+        // An invalid command would only be dead-lettered again: it needs a
+        // corrected copy from its publisher, not a replay.
+        let invalid = info
+            .invalid_reason
+            .as_ref()
+            .map(|reason| format!("not a valid command ({reason}): it would only die again"));
+        let refused = invalid.or_else(|| match args.force {
+            true => None,
+            false => refusal(&id, window(&info, now, budget)),
+        });
+        if let Some(why) = refused {
+            eprintln!("skipped {id}: {why}");
+            tally.skipped += 1;
+            keep.push(delivery);
+            continue;
+        }
+        let properties = replay_properties(&delivery.properties, info.first_attempt_ms, args.force);
+        match publisher
+            .publish_routed("", &topology.queue, &delivery.data, properties)
+            .await
+        {
+            // Acked only now: until the copy is confirmed, the dead letter is
+            // the only copy there is.
+            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => tally.replayed += 1,
+                // The copy is queued and the dead letter will come back: a
+                // duplicate, which the Idempotency-Key makes harmless.
+                Err(e) => failure = Some(Error::Broker(e)),
+            },
+            Err(cause) => {
+                failure = Some(Error::Replay { id, cause });
+                keep.push(delivery);
+            }
+        }
+    }
+    put_back(&keep).await?;
+    let _ = channel.close(200, "replayed".into()).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    tally.not_found = args
+        .command_id
+        .iter()
+        .filter(|id| !found.contains(id))
+        .cloned()
+        .collect();
+    Ok(tally)
+}
+
+/// Why a command must not be replayed without `--force`, if it must not.
+fn refusal(id: &str, window: Window) -> Option<String> {
+    let consequence =
+        "a replay could charge the customer twice; check the ledger, then use --force";
+    match window {
+        Window::Open => None,
+        Window::Closed(age) => Some(format!(
+            "Hyperline's 24-hour idempotency window has passed for {id} (first attempted {} ago): \
+             {consequence}",
+            super::human(age)
+        )),
+        Window::Unknown => Some(format!(
+            "the first attempt of {id} is unknown (no cpw-first-attempt-ms, no x-death), so \
+             Hyperline's 24-hour idempotency window may have passed: {consequence}"
+        )),
+    }
+}
+
+/// Gets, without acking, every message that was in `queue` when the first was
+/// got: new arrivals during the read are left for the next run, so a busy
+/// queue cannot keep this loop going forever.
+async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error> {
+    let get = |queue: &str| {
+        let channel = channel.clone();
+        let queue = queue.to_owned();
+        async move {
+            channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(|cause| match super::is_not_found(&cause) {
+                    true => Error::Missing(queue),
+                    false => Error::Read { queue, cause },
+                })
+        }
+    };
+    let Some(first) = get(queue).await? else {
+        return Ok(Vec::new());
+    };
+    let total = usize::try_from(first.message_count)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let mut held = vec![first.delivery];
+    while held.len() < total {
+        match get(queue).await? {
+            Some(message) => held.push(message.delivery),
+            None => break,
+        }
+    }
+    Ok(held)
+}
+
+/// Requeues what was read, in the order it was read.
+async fn put_back(held: &[Delivery]) -> Result<(), lapin::Error> {
+    for delivery in held {
+        delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// The aligned table of `list`.
+fn table(infos: &[DeadLetterInfo]) -> String {
+    let dash = |s: Option<&str>| s.unwrap_or("-").to_owned();
+    let header = ["COMMAND ID", "REASON", "DIED AT", "COUNT", "CODE", "DETAIL"].map(String::from);
+    let rows: Vec<[String; 6]> = infos
+        .iter()
+        .map(|i| {
+            let detail = match (&i.invalid_reason, i.attempts) {
+                (Some(reason), _) => reason.clone(),
+                (None, Some(n)) => format!("{n} attempt(s) before its last delay step"),
+                (None, None) => "-".to_owned(),
+            };
+            [
+                dash(i.command_id.as_deref()),
+                dash(i.reason.as_deref()),
+                dash(i.died_at.as_deref()),
+                i.count.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                dash(i.error_code),
+                detail,
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,245 @@
+//! `demo`: the whole job on one machine, in well under a minute.
+//!
+//! Someone evaluating the worker should see it do its job, failures included,
+//! without an API key or a staging account: this starts the embedded
+//! Hyperline simulator (with latency and random 5xx), runs the real worker
+//! in-process against the configured broker on throwaway names
+//! (`cpw-demo-<id>`), publishes a batch of sample commands, waits for every
+//! result event, and prints a summary that checks the exactly-once promise
+//! against the simulator's ledger. The throwaway queues and exchanges are
+//! removed at the end, on failure and on Ctrl-C alike.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::{BasicProperties, Connection};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::ConnectError;
+use super::demo_batch::{self, Scorecard};
+use super::demo_queues::{observe, remove};
+use crate::broker::{self, Publisher, Routed, Topology, TopologyError, redacted_url};
+use crate::cli::DemoArgs;
+use crate::configuration::{ApiKey, ConfigError, LogFormat, Settings};
+use crate::simulator::{Faults, Simulator, SimulatorSettings};
+use crate::startup::{Application, StartupError};
+
+/// The key the embedded simulator accepts; it guards nothing.
+const DEMO_KEY: &str = "sim_demo_key";
+
+/// The demo's log filter: broker and startup errors only.
+const DEMO_LOG_FILTER: &str = "error,credit_purchase_worker::pipeline::handler=off";
+
+/// How long the worker may take to stop once the results are in.
+const WORKER_STOP: Duration = Duration::from_secs(10);
+
+/// Why the demo could not run to its summary.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The settings could not be loaded.
+    #[error("{0}")]
+    Config(ConfigError),
+    /// The simulator could not bind a port.
+    #[error("cannot start the embedded simulator: {0}")]
+    Simulator(std::io::Error),
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The demo's topology could not be declared.
+    #[error("{0}")]
+    Topology(TopologyError),
+    /// The worker could not be built.
+    #[error("cannot start the worker: {0}")]
+    Startup(StartupError),
+    /// A channel operation failed.
+    #[error("broker error: {}", super::broker_says(.0))]
+    Broker(lapin::Error),
+    /// A sample command was not confirmed or not routed.
+    #[error("publishing the sample commands failed: {0}")]
+    Publish(broker::PublishError),
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+super::wrap_error!(Error::Config(ConfigError));
+super::wrap_error!(Error::Topology(TopologyError));
+super::wrap_error!(Error::Startup(StartupError));
+super::wrap_error!(Error::Broker(lapin::Error));
+super::wrap_error!(Error::Publish(broker::PublishError));
+
+/// The running worker: its stop token and task.
+type Worker = (CancellationToken, JoinHandle<()>);
+
+/// Runs the demo; 0 when every command got its result and the ledger holds
+/// one charge per success, 1 otherwise, 130 on Ctrl-C.
+pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Error> {
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let simulator = Simulator::start(
+        ([127, 0, 0, 1], 0).into(),
+        SimulatorSettings {
+            api_key: DEMO_KEY.to_owned(),
+            faults: Faults {
+                latency_ms: 20,
+                latency_jitter_ms: 80,
+                fail_rate: 0.05,
+                rate_limit: 0,
+                scripted: demo_batch::scripted(),
+                ..Faults::default()
+            },
+            seed: args.seed,
+        },
+    )
+    .await
+    .map_err(Error::Simulator)?;
+    let settings = demo_settings(Settings::load(config)?, &tag, &simulator.base_url())?;
+    // Only errors, and none about single commands: the demo's failures
+    // (invalid commands, 404s, garbled answers, 5xx) are deliberate, their
+    // events tell the story, and log lines would drown the progress bar.
+    // RUST_LOG still wins.
+    crate::telemetry::init(LogFormat::Pretty, DEMO_LOG_FILTER);
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let connection = super::connect(&settings.amqp, "demo").await?;
+    eprintln!(
+        "demo: simulator at {}, worker on {} (queue {}), {} commands",
+        simulator.base_url(),
+        redacted_url(&settings.amqp.url),
+        topology.queue,
+        args.commands
+    );
+
+    let mut worker = None;
+    let result = tokio::select! {
+        result = drive(&connection, &settings, &topology, &args, &mut worker) => result,
+        _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+    };
+    if let Some((stop, task)) = worker {
+        stop.cancel();
+        if tokio::time::timeout(WORKER_STOP, task).await.is_err() {
+            eprintln!("demo: the worker did not stop within {WORKER_STOP:?}");
+        }
+    }
+    remove(&connection, &topology).await;
+    super::close(&connection).await;
+    let (ledger, requests) = (simulator.ledger(), simulator.requests());
+    simulator.shutdown().await;
+
+    let card = match result {
+        Ok(card) => card,
+        Err(Error::Interrupted) => {
+            eprintln!("demo: interrupted; its queues and exchanges are removed");
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => return Err(e),
+    };
+    let missing = card.missing();
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+        eprintln!(
+            "demo: no result within {} s for {} command(s): {}{}",
+            args.timeout_secs,
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    let summary = card.summary(&ledger, &requests);
+    print!("{summary}");
+    Ok(if summary.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The user's settings (broker URL, queue type, prefetch) with everything
+/// else pointed at the demo: throwaway names, the simulator, and retry steps
+/// short enough to watch.
+fn demo_settings(mut s: Settings, tag: &str, base_url: &str) -> Result<Settings, ConfigError> {
+    let queue = format!("cpw-demo-{tag}");
+    s.amqp.results_exchange = format!("{queue}-results");
+    s.amqp.connection_name = format!("credit-purchase-worker demo {tag}");
+    s.amqp.queue = queue;
+    s.amqp.declare_topology = true;
+    s.hyperline.base_url = base_url
+        .parse()
+        .map_err(|e: url::ParseError| ConfigError::Invalid {
+            key: "hyperline.base_url",
+            reason: e.to_string(),
+        })?;
+    s.hyperline.api_key = Some(ApiKey::new(DEMO_KEY));
+    s.hyperline.api_key_file = None;
+    s.hyperline.timeout_secs = 5;
+    s.hyperline.max_requests_per_second = 0;
+    s.retry.attempts = 3;
+    s.retry.initial_backoff_ms = 20;
+    s.retry.max_backoff_ms = 200;
+    s.retry.conflict_delay_ms = 100;
+    s.retry.max_rate_limit_wait_secs = 5;
+    s.retry.redelivery_delays_secs = vec![1, 2];
+    s.worker.shutdown_grace_secs = 5;
+    s.server.listen = ([127, 0, 0, 1], 0).into();
+    Ok(s)
+}
+
+/// Declares, observes, starts the worker, publishes, and collects results
+/// until every command has one or the time is up.
+async fn drive(
+    connection: &Connection,
+    settings: &Settings,
+    topology: &Topology,
+    args: &DemoArgs,
+    worker: &mut Option<Worker>,
+) -> Result<Scorecard, Error> {
+    topology.declare(connection).await?;
+    let mut events = observe(connection, &topology.results_exchange).await?;
+    let app = Application::build(settings.clone()).await?;
+    let stop = CancellationToken::new();
+    *worker = Some((stop.clone(), tokio::spawn(app.run_until_stopped(stop))));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    let batch = demo_batch::batch(args.commands);
+    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let mut card = Scorecard::new(batch.len());
+    let mut confirms = Vec::with_capacity(batch.len());
+    for sample in &batch {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        card.sent(&sample.id, Instant::now());
+        confirms.push(
+            publisher
+                .send("", &topology.queue, &sample.body, properties)
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        if publisher.confirm(&topology.queue, confirm).await? == Routed::No {
+            return Err(broker::PublishError::Unroutable(topology.queue.clone()).into());
+        }
+    }
+
+    let bar = ProgressBar::new(batch.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} results  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    while !card.complete() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some((at, event))) => {
+                if card.record(&event, at) {
+                    bar.inc(1);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bar.finish_and_clear();
+    Ok(card)
+}

@@ -1,0 +1,150 @@
+//! The operator subcommands of CONTRACT section 7: `publish`, `dead-letters
+//! list` / `replay`, `check` and `demo`.
+//!
+//! The worker is the product; these are the tools a person on call reaches for
+//! when it misbehaves: send one command by hand and see its answer, look at
+//! what was dead-lettered and why, put it back without risking a double
+//! charge, and tell a broken configuration from a broken broker or a revoked
+//! key in one command. They live in the library, next to the contract types
+//! they reuse, so a test can drive them through the real binary and nothing
+//! here re-implements a rule the worker already owns.
+
+pub mod check;
+mod dead_letter;
+pub mod dead_letters;
+pub mod demo;
+mod demo_batch;
+mod demo_queues;
+pub mod publish;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::Connection;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::broker::{self, redacted_url};
+use crate::configuration::AmqpSettings;
+
+/// How long a subcommand waits for the broker to accept its connection. A
+/// firewalled host never answers; an operator should hear so, not wait forever.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The broker could not be reached. The URL is always shown without its
+/// password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection was refused or failed.
+    #[error("cannot reach the broker at {url}: {cause}")]
+    Failed {
+        /// The broker URL, redacted.
+        url: String,
+        /// What lapin said.
+        cause: lapin::Error,
+    },
+    /// No answer within [`CONNECT_TIMEOUT`].
+    #[error("cannot reach the broker at {url}: no answer within {secs} s")]
+    Timeout {
+        /// The broker URL, redacted.
+        url: String,
+        /// The bound.
+        secs: u64,
+    },
+}
+
+/// Connects to the configured broker under a name that says which tool it is
+/// (`credit-purchase-worker@host (publish)`), so an operator reading the
+/// management UI can tell a stray admin connection from a replica.
+pub async fn connect(amqp: &AmqpSettings, tool: &str) -> Result<Connection, ConnectError> {
+    let url = redacted_url(&amqp.url);
+    let name = format!("{} ({tool})", amqp.connection_name());
+    match tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(&amqp.url, &name)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(cause)) => Err(ConnectError::Failed { url, cause }),
+        Err(_) => Err(ConnectError::Timeout {
+            url,
+            secs: CONNECT_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+/// The broker's own words for a refused operation (`NOT_FOUND - no queue
+/// 'x' in vhost '/'`), without lapin's layers around them; anything else as
+/// lapin says it.
+pub fn broker_says(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().as_str().to_owned(),
+        _ => e.to_string(),
+    }
+}
+
+/// Whether the broker answered 404: the queue or exchange does not exist.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
+/// `From` for an error wrapped without becoming its `source()`: lapin's and
+/// the configuration's errors already print their causes in their `Display`,
+/// and the binary's `{:#}` would print them a second time.
+macro_rules! wrap_error {
+    ($outer:ident :: $variant:ident ($inner:ty)) => {
+        impl From<$inner> for $outer {
+            fn from(e: $inner) -> Self {
+                $outer::$variant(e)
+            }
+        }
+    };
+}
+pub(crate) use wrap_error;
+
+/// Closes a connection politely; the process is about to end either way, so
+/// a failure here changes nothing and is not reported.
+pub async fn close(connection: &Connection) {
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Milliseconds since the Unix epoch, the unit of `cpw-first-attempt-ms`.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds as RFC 3339 (UTC), or `None` for a value no calendar
+/// holds (a corrupt header must not stop a listing).
+pub fn rfc3339_ms(ms: u64) -> Option<String> {
+    let nanos = i128::from(ms).checked_mul(1_000_000)?;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
+}
+
+/// A duration as people say it: `25h 3m`, `4m 10s`, `12s`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m {s}s"),
+        (h, m, _) => format!("{h}h {m}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_people_write_them() {
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(
+            rfc3339_ms(1_700_000_000_123).as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        assert_eq!(rfc3339_ms(u64::MAX), None);
+        assert_eq!(human(Duration::from_secs(12)), "12s");
+        assert_eq!(human(Duration::from_secs(250)), "4m 10s");
+        assert_eq!(human(Duration::from_secs(25 * 3600 + 180)), "25h 3m");
+    }
+}

@@ -1,0 +1,647 @@
+//! The operator subcommands (`publish`, `dead-letters`, `check`, `demo`) run
+//! as the real binary against the real broker, each test on its own queue
+//! names, with the worker (where one is needed) in-process beside an
+//! in-process simulator.
+
+use std::collections::BTreeMap;
+use std::process::{Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::configuration::Settings;
+use credit_purchase_worker::simulator::{
+    Faults, FaultsPatch, ScriptedResponse, Simulator, SimulatorSettings,
+};
+use credit_purchase_worker::startup::Application;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const SIM_KEY: &str = "sim_admin_key";
+/// Every wait here is bounded by this.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One test's world: names, simulator, observer, and maybe a worker.
+struct Admin {
+    queue: String,
+    env: BTreeMap<String, String>,
+    sim: Simulator,
+    connection: Connection,
+    channel: Channel,
+    events: Consumer,
+    worker: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+/// Declares a fresh topology, binds an observer to its results, and starts
+/// the worker in-process when `worker` is true.
+async fn setup(worker: bool, faults: Faults) -> Admin {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("cpw-admin-{tag}");
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        SimulatorSettings {
+            api_key: SIM_KEY.into(),
+            faults: Faults {
+                rate_limit: 0,
+                ..faults
+            },
+            seed: None,
+        },
+    )
+    .await
+    .expect("simulator starts");
+    let env: BTreeMap<String, String> = [
+        ("CPW__AMQP__URL", AMQP_URL.to_owned()),
+        ("CPW__AMQP__QUEUE", queue.clone()),
+        ("CPW__AMQP__RESULTS_EXCHANGE", format!("{queue}-results")),
+        ("CPW__HYPERLINE__BASE_URL", sim.base_url()),
+        ("CPW__HYPERLINE__API_KEY", SIM_KEY.to_owned()),
+        ("CPW__HYPERLINE__TIMEOUT_SECS", "2".to_owned()),
+        ("CPW__RETRY__ATTEMPTS", "2".to_owned()),
+        ("CPW__RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
+        ("CPW__RETRY__MAX_BACKOFF_MS", "50".to_owned()),
+        ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2".to_owned()),
+        ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5".to_owned()),
+        ("CPW__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = Settings::load_from(None, env.clone()).expect("valid settings");
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker reachable");
+    Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
+        .declare(&connection)
+        .await
+        .expect("topology");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let observer = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("observer");
+    channel
+        .queue_bind(
+            observer.name().clone(),
+            settings.amqp.results_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let events = channel
+        .basic_consume(
+            observer.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let worker = match worker {
+        false => None,
+        true => {
+            let app = Application::build(settings).await.expect("worker builds");
+            let token = CancellationToken::new();
+            Some((token.clone(), tokio::spawn(app.run_until_stopped(token))))
+        }
+    };
+    Admin {
+        queue,
+        env,
+        sim,
+        connection,
+        channel,
+        events,
+        worker,
+    }
+}
+
+fn command(id: &str, customer: &str) -> Value {
+    json!({
+        "command_id": id, "customer_id": customer, "product_id": "itm_admin",
+        "credit_count": 3, "amount_excluding_tax": 300,
+    })
+}
+
+fn now_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    i64::try_from(since.as_millis()).expect("ms")
+}
+
+impl Admin {
+    fn dead(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// Runs the binary with this test's settings and `extra` env, bounded.
+    async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (Option<i32>, String, String) {
+        let child = tokio::process::Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .envs(&self.env)
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out: Output = tokio::time::timeout(WAIT, child)
+            .await
+            .expect("the command ends in time")
+            .expect("the binary runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+
+    async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+
+    /// The next event about `id`, bounded.
+    async fn event_for(&mut self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let delivery = tokio::time::timeout_at(deadline, self.events.next())
+                .await
+                .expect("an event in time")
+                .expect("stream open")
+                .expect("delivery");
+            let event: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+            if event["command_id"] == id {
+                return event;
+            }
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.connection.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Polls, bounded, until `queue` holds `n` ready messages: the worker
+    /// rejects a command only after its event is confirmed, so the event
+    /// can arrive first.
+    async fn wait_depth(&self, queue: &str, n: u32) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.depth(queue).await != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} never held {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn cleanup(mut self) {
+        if let Some((token, task)) = self.worker.take() {
+            token.cancel();
+            let _ = tokio::time::timeout(WAIT, task).await;
+        }
+        for q in [
+            self.queue.clone(),
+            self.dead(),
+            format!("{}.retry.1s", self.queue),
+            format!("{}.retry.2s", self.queue),
+        ] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            self.queue.clone(),
+            format!("{}.dlx", self.queue),
+            format!("{}-results", self.queue),
+        ] {
+            let _ = self
+                .channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn publish_wait_round_trips_through_a_running_worker() {
+    let admin = setup(true, Faults::default()).await;
+    let (code, stdout, stderr) = admin
+        .cli(
+            &[
+                "publish",
+                "--customer-id",
+                "cus_admin",
+                "--product-id",
+                "itm_admin",
+                "--credit-count",
+                "3",
+                "--amount-excluding-tax",
+                "300",
+                "--wait",
+                "--timeout-secs",
+                "30",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let (id, json) = stdout.split_once('\n').expect("the id, then the event");
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "a fresh UUID: {id}");
+    let event: Value = serde_json::from_str(json).expect("the event, as JSON");
+    assert_eq!(event["type"], "credit_purchase.succeeded");
+    assert_eq!(event["command_id"], id);
+    assert_eq!(admin.sim.ledger().charges_for(id), 1);
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn publish_refuses_invalid_or_unroutable_commands_and_bounds_its_wait() {
+    let admin = setup(false, Faults::default()).await;
+    let base = [
+        "publish",
+        "--product-id",
+        "itm_admin",
+        "--credit-count",
+        "3",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&str> { [&base[..], extra].concat() };
+    let id = uuid::Uuid::new_v4().to_string();
+
+    let args = with(&["--customer-id", "cus/../x", "--price-id", "price_1"]);
+    let (code, _, stderr) = admin.cli(&args, &[]).await;
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("refusing to publish") && stderr.contains("customer_id"),
+        "{stderr}"
+    );
+    assert_eq!(admin.depth(&admin.queue).await, 0, "nothing was sent");
+
+    let mut args = with(&["--customer-id", "cus_1", "--price-id", "p_1"]);
+    args.extend(["--command-id", &id, "--wait", "--timeout-secs", "1"]);
+    let (code, stdout, stderr) = admin.cli(&args, &[]).await;
+    assert_eq!(code, Some(2), "no worker, no result");
+    assert_eq!(stdout.trim(), id, "published, then waited");
+    assert!(
+        stderr.contains(&format!(
+            "no result for {id} within 1 s (is a worker running?)"
+        )),
+        "{stderr}"
+    );
+
+    let args = with(&["--customer-id", "cus_1", "--amount-excluding-tax", "1"]);
+    let (code, _, stderr) = admin
+        .cli(&args, &[("CPW__AMQP__QUEUE", "cpw-admin-nowhere-0000")])
+        .await;
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("unroutable") && stderr.contains("topology"),
+        "{stderr}"
+    );
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
+    let mut admin = setup(true, Faults::default()).await;
+    let (code, stdout, _) = admin.cli(&["dead-letters", "list"], &[]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stdout.trim(),
+        format!("dead-letter queue {} is empty", admin.dead())
+    );
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut body = command(&id, "cus_admin");
+    body["credit_count"] = json!(0);
+    admin
+        .publish_to(
+            &admin.queue,
+            body.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    assert_eq!(
+        admin.event_for(&id).await["error"]["code"],
+        "invalid_command"
+    );
+    admin.wait_depth(&admin.dead(), 1).await;
+
+    let (code, stdout, stderr) = admin.cli(&["dead-letters", "list"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.contains(&id))
+        .expect("a row for it");
+    for cell in ["rejected", "invalid_command", "credit_count"] {
+        assert!(row.contains(cell), "{cell} missing in {row:?}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with("COMMAND ID")),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = admin.cli(&["dead-letters", "list", "--json"], &[]).await;
+    assert_eq!(code, Some(0));
+    let line: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(line["command_id"], id.as_str());
+    assert_eq!(line["reason"], "rejected");
+    assert_eq!(line["queue"], admin.queue.as_str());
+    assert_eq!(line["error_code"], "invalid_command");
+    assert!(
+        line["died_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
+    assert_eq!(
+        admin.depth(&admin.dead()).await,
+        1,
+        "listing removes nothing"
+    );
+
+    let (code, stdout, stderr) = admin.cli(&["dead-letters", "replay", "--all"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("replayed 0, skipped 1"), "{stdout}");
+    assert!(stderr.contains("not a valid command"), "{stderr}");
+    assert_eq!(
+        admin.depth(&admin.dead()).await,
+        1,
+        "an invalid command stays"
+    );
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn replay_moves_a_dead_letter_back_and_it_succeeds_once() {
+    let garbled = ScriptedResponse {
+        customer_id: Some("cus_garbled".into()),
+        status: 201,
+        body: json!({"status": "ok"}),
+        headers: BTreeMap::new(),
+        times: None,
+    };
+    let faults = Faults {
+        scripted: vec![garbled],
+        ..Faults::default()
+    };
+    let mut admin = setup(true, faults).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = command(&id, "cus_garbled").to_string();
+    admin
+        .publish_to(&admin.queue, body.as_bytes(), BasicProperties::default())
+        .await;
+    assert_eq!(
+        admin.event_for(&id).await["error"]["code"],
+        "unexpected_response"
+    );
+    admin.wait_depth(&admin.dead(), 1).await;
+
+    admin.sim.set_faults(FaultsPatch {
+        scripted: Some(Vec::new()),
+        ..FaultsPatch::default()
+    });
+    let (code, stdout, stderr) = admin
+        .cli(&["dead-letters", "replay", "--command-id", &id], &[])
+        .await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("replayed 1, skipped 0"), "{stdout}");
+    let event = admin.event_for(&id).await;
+    assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
+    assert_eq!(admin.sim.ledger().charges_for(&id), 1, "charged once");
+    assert_eq!(admin.depth(&admin.dead()).await, 0);
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
+    let admin = setup(false, Faults::default()).await;
+    let (old, other) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let mut headers = FieldTable::default();
+    let day_and_an_hour_ago = now_ms() - 25 * 3600 * 1000;
+    headers.insert(
+        ShortString::from("cpw-first-attempt-ms"),
+        AMQPValue::LongLongInt(day_and_an_hour_ago),
+    );
+    headers.insert(ShortString::from("cpw-attempts"), AMQPValue::LongLongInt(7));
+    let dead = admin.dead();
+    let body = command(&old, "cus_admin").to_string();
+    let props = BasicProperties::default().with_headers(headers);
+    admin.publish_to(&dead, body.as_bytes(), props).await;
+    let body = command(&other, "cus_admin").to_string();
+    admin
+        .publish_to(&dead, body.as_bytes(), BasicProperties::default())
+        .await;
+
+    let (code, stdout, stderr) = admin
+        .cli(
+            &[
+                "dead-letters",
+                "replay",
+                "--command-id",
+                &old,
+                "--command-id",
+                "cmd-not-there-0000",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("replayed 0, skipped 1"), "{stdout}");
+    assert!(
+        stdout.contains("no dead letter with command id cmd-not-there-0000"),
+        "{stdout}"
+    );
+    let why = format!("Hyperline's 24-hour idempotency window has passed for {old}");
+    assert!(
+        stderr.contains(&why) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(admin.depth(&dead).await, 2, "both are still there");
+
+    let (code, stdout, stderr) = admin
+        .cli(
+            &["dead-letters", "replay", "--command-id", &old, "--force"],
+            &[],
+        )
+        .await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("replayed 1, skipped 0"), "{stdout}");
+    assert_eq!(admin.depth(&dead).await, 1, "the other one stays");
+    let copy = admin
+        .channel
+        .basic_get(
+            admin.queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the copy is on the commands queue");
+    let body: Value = serde_json::from_slice(&copy.delivery.data).expect("json");
+    assert_eq!(body["command_id"], old.as_str());
+    let headers = copy
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !headers
+            .inner()
+            .keys()
+            .any(|k| k.as_str().starts_with("cpw-")),
+        "forced: a fresh budget and no window start, or the worker would refuse it: {headers:?}"
+    );
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn check_passes_with_everything_in_place_and_names_a_refused_key() {
+    let admin = setup(false, Faults::default()).await;
+    let (code, stdout, stderr) = admin.cli(&["check"], &[]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.lines().count() >= 8, "{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with('✓')), "{stdout}");
+    assert!(
+        stdout.contains("guest:***@127.0.0.1"),
+        "redacted URL: {stdout}"
+    );
+    assert!(stdout.contains("accepts the key"), "{stdout}");
+
+    let secret = "sk_wrong_secret_value_42";
+    let (code, stdout, _) = admin
+        .cli(&["check"], &[("CPW__HYPERLINE__API_KEY", secret)])
+        .await;
+    assert_eq!(code, Some(1));
+    let refused = stdout
+        .lines()
+        .find(|l| l.starts_with('✗'))
+        .expect("a ✗ line");
+    assert!(refused.contains("refuses the key (HTTP 401)"), "{refused}");
+    assert!(!stdout.contains(secret), "the key is never printed");
+
+    let (code, stdout, _) = admin
+        .cli(
+            &["check"],
+            &[("CPW__AMQP__QUEUE", "cpw-admin-nowhere-0000")],
+        )
+        .await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains("✗ commands queue `cpw-admin-nowhere-0000` is missing"),
+        "{stdout}"
+    );
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn demo_runs_to_completion_with_one_charge_per_success() {
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--commands",
+            "60",
+            "--timeout-secs",
+            "40",
+            "--seed",
+            "7",
+        ])
+        .env_clear()
+        .env("CPW__AMQP__URL", AMQP_URL)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the demo ends in time")
+        .expect("runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let number = |label: &str| -> u64 {
+        let line = stdout
+            .lines()
+            .map(str::trim_start)
+            .find(|l| l.starts_with(label))
+            .expect(label);
+        let value = line[label.len()..].split_whitespace().next();
+        value.and_then(|n| n.parse().ok()).expect(label)
+    };
+    assert_eq!(number("commands published"), 60);
+    assert_eq!(
+        number("charges in the ledger"),
+        number("succeeded"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("✓ one per succeeded command"), "{stdout}");
+    assert_eq!(number("invalid_command"), 3, "{stdout}");
+
+    // Its throwaway queue is gone.
+    let queue = stderr
+        .split("(queue ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("the demo names its queue");
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let gone = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await;
+    assert!(gone.is_err(), "{queue} was removed");
+}
