@@ -138,6 +138,8 @@ pub struct AmqpSettings {
     pub confirm_timeout_secs: u64,
     /// The connection's name on the broker; empty = derived from the host.
     pub connection_name: String,
+    /// Extra CA certificates (PEM) for `amqps://`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[hyperline]`.
@@ -149,6 +151,8 @@ pub struct HyperlineSettings {
     pub api_key: Option<ApiKey>,
     /// A file holding the key (Kubernetes secret).
     pub api_key_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) for `https://`.
+    pub ca_file: Option<PathBuf>,
     /// Total deadline of one request.
     pub timeout_secs: u64,
     /// Deadline of the connect phase.
@@ -313,6 +317,20 @@ impl Settings {
     }
 }
 
+/// Reads a PEM file of CA certificates; a missing, unreadable or empty one
+/// stops the start here rather than at the first TLS handshake.
+pub fn read_pem(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot be read ({}): {e}", path.display())))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(
+            key,
+            format!("({}) holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(pem)
+}
+
 /// AMQP object names are short strings (at most 255 bytes); a longer one
 /// would make lapin panic when the name is sent.
 fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<(), ConfigError> {
@@ -351,6 +369,9 @@ impl AmqpSettings {
         }
         if self.confirm_timeout_secs == 0 {
             return Err(invalid("amqp.confirm_timeout_secs", "must be positive"));
+        }
+        if let Some(path) = &self.ca_file {
+            read_pem("amqp.ca_file", path)?;
         }
         Ok(())
     }
@@ -419,6 +440,9 @@ impl HyperlineSettings {
                 "hyperline.connect_timeout_secs",
                 "must be positive",
             ));
+        }
+        if let Some(path) = &self.ca_file {
+            read_pem("hyperline.ca_file", path)?;
         }
         Ok(())
     }

@@ -39,8 +39,8 @@ pub enum ConnectError {
     Failed {
         /// The broker URL, redacted.
         url: String,
-        /// What lapin said.
-        cause: lapin::Error,
+        /// What went wrong.
+        cause: broker::ConnectError,
     },
     /// No answer within [`CONNECT_TIMEOUT`].
     #[error("cannot reach the broker at {url}: no answer within {secs} s")]
@@ -58,7 +58,12 @@ pub enum ConnectError {
 pub async fn connect(amqp: &AmqpSettings, tool: &str) -> Result<Connection, ConnectError> {
     let url = redacted_url(&amqp.url);
     let name = format!("{} ({tool})", amqp.connection_name());
-    match tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(&amqp.url, &name)).await {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        broker::connect(&amqp.url, &name, amqp.ca_file.as_deref()),
+    )
+    .await
+    {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(cause)) => Err(ConnectError::Failed { url, cause }),
         Err(_) => Err(ConnectError::Timeout {

@@ -11,14 +11,45 @@ mod topology;
 pub use publish::{PublishError, Publisher, REDELIVERY_HEADERS, Routed, header_str, header_u64};
 pub use topology::{Topology, TopologyError};
 
+use std::path::Path;
+
 use lapin::{Connection, ConnectionProperties};
+
+use crate::configuration::{ConfigError, read_pem};
 
 /// Opens a connection named after this process, so an operator can tell the
 /// replicas apart in the management UI (and `rabbitmqctl close_connection`
 /// can pick one).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+///
+/// `ca_file` adds a private CA for `amqps://` brokers.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    ca_file: Option<&Path>,
+) -> Result<Connection, ConnectError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    let Some(path) = ca_file else {
+        return Ok(Connection::connect(url, props).await?);
+    };
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(read_pem("amqp.ca_file", path)?),
+    };
+    Ok(
+        Connection::connect_with_config(url, props, tls, async_rs::Runtime::tokio_current())
+            .await?,
+    )
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The broker refused or could not be reached.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// `amqp.ca_file` is not usable.
+    #[error(transparent)]
+    CaFile(#[from] ConfigError),
 }
 
 /// The broker URL without its password, for logs and errors.

@@ -265,6 +265,13 @@ impl Command {
                 let text = string_field("expires_at", raw)?;
                 time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
                     .map_err(|_| InvalidReason::ExpiresAt)?;
+                // `time` takes any byte between the date and the time (a
+                // space, but also CR, LF or NUL); RFC 3339's grammar, and the
+                // published schema, say `T` (or `t`). The date is exactly 10
+                // bytes, so the separator is the 11th.
+                if !matches!(text.as_bytes().get(10), Some(b'T' | b't')) {
+                    return Err(InvalidReason::ExpiresAt);
+                }
                 Some(text)
             }
         };
@@ -530,7 +537,17 @@ mod tests {
     fn expires_at_is_rfc3339_and_kept_verbatim() {
         let c = parse(&with("expires_at", json!("2027-01-01T00:00:00+01:00"))).expect("valid");
         assert_eq!(c.expires_at.as_deref(), Some("2027-01-01T00:00:00+01:00"));
-        for bad in [json!("tomorrow"), json!("2027-01-01"), json!(1700000000)] {
+        let c = parse(&with("expires_at", json!("2027-01-01t00:00:00.5z"))).expect("valid");
+        assert_eq!(c.expires_at.as_deref(), Some("2027-01-01t00:00:00.5z"));
+        for bad in [
+            json!("tomorrow"),
+            json!("2027-01-01"),
+            json!(1700000000),
+            json!("2027-01-01 00:00:00Z"),
+            json!("2027-01-01\n00:00:00Z"),
+            json!("2027-01-01\u{0}00:00:00Z"),
+            json!("2027-01-01/00:00:00Z"),
+        ] {
             assert!(
                 matches!(
                     reason(&with("expires_at", bad.clone())),

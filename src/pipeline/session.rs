@@ -24,9 +24,12 @@ use crate::operations::Health;
 /// Why a session ended other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// Connecting, opening a channel or consuming failed.
+    /// Opening a channel or consuming failed.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// The connection could not be opened.
+    #[error("broker: {0}")]
+    Connect(#[from] broker::ConnectError),
     /// The topology could not be declared.
     #[error(transparent)]
     Topology(#[from] TopologyError),
@@ -55,7 +58,7 @@ pub struct SessionContext<'a> {
 /// Runs one session until shutdown (`Ok`) or a failure (`Err`).
 pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
-    let connection = broker::connect(&amqp.url, ctx.name).await?;
+    let connection = broker::connect(&amqp.url, ctx.name, amqp.ca_file.as_deref()).await?;
     if amqp.declare_topology {
         ctx.pipeline.topology.declare(&connection).await?;
     }
