@@ -1108,7 +1108,7 @@ async fn the_worker_redeclares_the_definitions_topology_without_conflict() {
         }
     };
 
-    let connection = credit_purchase_worker::broker::connect(&url, "deploy_and_schemas test")
+    let connection = credit_purchase_worker::broker::connect(&url, "deploy_and_schemas test", None)
         .await
         .unwrap_or_else(|e| panic!("the test broker at {url} is needed: {e}"));
     let channel = connection.create_channel().await.expect("channel");
