@@ -10,10 +10,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::Connection;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -27,33 +24,14 @@ pub async fn observe(
     connection: &Connection,
     exchange: &str,
 ) -> Result<mpsc::UnboundedReceiver<(Instant, Value)>, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let options = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), options, FieldTable::default())
-        .await?;
-    let name = queue.name().as_str().to_owned();
+    let (channel, name, mut consumer) =
+        crate::broker::private_queue(connection, "demo-observer").await?;
     channel
         .queue_bind(
             name.as_str().into(),
             exchange.into(),
             "#".into(),
             QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "demo-observer".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
             FieldTable::default(),
         )
         .await?;

@@ -14,8 +14,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde_json::{Value, json};
 
@@ -168,27 +166,7 @@ struct ReplyQueue {
 
 impl ReplyQueue {
     async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = channel
-            .queue_declare("".into(), options, FieldTable::default())
-            .await?;
-        let name = queue.name().as_str().to_owned();
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let (channel, name, consumer) = crate::broker::private_queue(connection, "").await?;
         Ok(ReplyQueue {
             name,
             consumer,

@@ -13,7 +13,9 @@ pub use topology::{Topology, TopologyError};
 
 use std::path::Path;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
 use crate::configuration::{ConfigError, read_pem};
 
@@ -39,6 +41,39 @@ pub async fn connect(
         Connection::connect_with_config(url, props, tls, async_rs::Runtime::tokio_current())
             .await?,
     )
+}
+
+/// A server-named, exclusive, auto-deleted queue with a no-ack consumer, on a
+/// channel of its own: for replies and observers, which must vanish with
+/// their connection and leave nothing behind on the broker. Keep the channel
+/// alive as long as the consumer is read.
+pub async fn private_queue(
+    connection: &Connection,
+    tag: &str,
+) -> Result<(Channel, String, Consumer), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?;
+    let name = queue.name().as_str().to_owned();
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            tag.into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, name, consumer))
 }
 
 /// Why a connection could not be opened.

@@ -287,6 +287,23 @@ impl TestApp {
             .expect("binary starts")
     }
 
+    /// Publishes `n` valid commands and returns their ids.
+    pub async fn publish_commands(&self, n: usize) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|_| command_id()).collect();
+        for id in &ids {
+            self.publish(&command(id)).await;
+        }
+        ids
+    }
+
+    /// The ledger holds exactly one charge for each id.
+    pub fn assert_charged_once(&self, ids: &[String]) {
+        let ledger = self.ledger();
+        for id in ids {
+            assert_eq!(ledger.charges_for(id), 1, "{id} charged exactly once");
+        }
+    }
+
     pub async fn publish(&self, body: &Value) {
         self.publish_raw(body.to_string().as_bytes(), BasicProperties::default())
             .await;

@@ -76,10 +76,7 @@ async fn a_cut_connection_is_rebuilt_without_a_restart() {
         ..Faults::default()
     };
     let mut app = spawn_app_with(Options::default().faults(faults)).await;
-    let ids: Vec<String> = (0..300).map(|_| command_id()).collect();
-    for id in &ids {
-        app.publish(&command(id)).await;
-    }
+    let ids = app.publish_commands(300).await;
     let mut events = app
         .events_until(Duration::from_secs(60), |e| e.len() >= 30)
         .await;
@@ -105,10 +102,7 @@ async fn a_cut_connection_is_rebuilt_without_a_restart() {
         events.push(e);
     }
     assert_all_succeeded(&events, &ids);
-    let ledger = app.ledger();
-    for id in &ids {
-        assert_eq!(ledger.charges_for(id), 1, "{id}");
-    }
+    app.assert_charged_once(&ids);
     app.wait_until_drained().await;
     app.cleanup().await;
 }
@@ -121,10 +115,7 @@ async fn a_refused_key_pauses_the_replica_until_it_is_accepted() {
         ..Faults::default()
     };
     let mut app = spawn_app_with(Options::default().faults(faults)).await;
-    let ids: Vec<String> = (0..3).map(|_| command_id()).collect();
-    for id in &ids {
-        app.publish(&command(id)).await;
-    }
+    let ids = app.publish_commands(3).await;
     app.wait_requests(1).await;
     app.wait_readyz(503).await;
     assert!(
@@ -145,10 +136,7 @@ async fn a_refused_key_pauses_the_replica_until_it_is_accepted() {
         .await;
     assert_all_succeeded(&events, &ids);
     app.wait_readyz(200).await;
-    let ledger = app.ledger();
-    for id in &ids {
-        assert_eq!(ledger.charges_for(id), 1);
-    }
+    app.assert_charged_once(&ids);
     app.cleanup().await;
 }
 
@@ -165,10 +153,7 @@ async fn sigterm_drains_in_flight_purchases_and_exits_zero() {
             .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5),
     )
     .await;
-    let ids: Vec<String> = (0..60).map(|_| command_id()).collect();
-    for id in &ids {
-        app.publish(&command(id)).await;
-    }
+    let ids = app.publish_commands(60).await;
     let mut child = app.spawn_process();
     app.wait_requests(10).await;
     let pid = child.id().expect("running");
@@ -189,10 +174,7 @@ async fn sigterm_drains_in_flight_purchases_and_exits_zero() {
         events.push(app.next_event().await);
     }
     assert_all_succeeded(&events, &ids);
-    let ledger = app.ledger();
-    for id in &ids {
-        assert_eq!(ledger.charges_for(id), 1, "{id}");
-    }
+    app.assert_charged_once(&ids);
     app.wait_until_drained().await;
     app.cleanup().await;
 }
@@ -210,10 +192,7 @@ async fn a_burst_of_2000_with_transient_faults_charges_each_once() {
             .env("CPW__AMQP__PREFETCH", 64),
     )
     .await;
-    let ids: Vec<String> = (0..2000).map(|_| command_id()).collect();
-    for id in &ids {
-        app.publish(&command(id)).await;
-    }
+    let ids = app.publish_commands(2000).await;
     let events = app
         .events_until(Duration::from_secs(180), |e| e.len() >= ids.len())
         .await;
@@ -222,10 +201,8 @@ async fn a_burst_of_2000_with_transient_faults_charges_each_once() {
         app.no_event_for(Duration::from_millis(500)).await,
         "one outcome per command"
     );
+    app.assert_charged_once(&ids);
     let ledger = app.ledger();
-    for id in &ids {
-        assert_eq!(ledger.charges_for(id), 1, "{id}");
-    }
     assert!(
         ledger.faults > 100,
         "faults were injected: {}",
