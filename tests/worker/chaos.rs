@@ -161,7 +161,7 @@ async fn chaos_run_keeps_every_promise() {
         );
     }
     let dead: Vec<String> = app
-        .take_dead_letters()
+        .wait_dead_letters(invalid.len() as u32)
         .await
         .iter()
         .filter_map(|(body, _)| serde_json::from_slice::<serde_json::Value>(body).ok())

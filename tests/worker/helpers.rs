@@ -411,6 +411,21 @@ impl TestApp {
         }
     }
 
+    /// Waits (bounded) until `n` dead letters are there, then takes them all.
+    /// The worker publishes a command's event before it rejects the command,
+    /// so the dead letter can trail the event by a moment.
+    pub async fn wait_dead_letters(&self, n: u32) -> Vec<(Vec<u8>, BasicProperties)> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.depth(&self.dead_queue()).await < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} dead letters arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.take_dead_letters().await
+    }
+
     /// Takes the dead letters (body, headers).
     pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, BasicProperties)> {
         let ch = self._connection.create_channel().await.expect("channel");

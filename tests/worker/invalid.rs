@@ -110,7 +110,7 @@ async fn every_rule_dead_letters_with_an_event_and_no_request() {
         0,
         "no invalid command reaches the API"
     );
-    let dead = app.take_dead_letters().await;
+    let dead = app.wait_dead_letters(cases.len() as u32).await;
     assert_eq!(dead.len(), cases.len());
     let originals: HashSet<Vec<u8>> = cases.iter().map(|(_, b)| b.clone()).collect();
     assert!(

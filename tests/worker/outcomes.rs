@@ -251,7 +251,7 @@ async fn an_undocumented_success_body_is_dead_lettered_for_an_operator() {
         ("credit_purchase.failed", "unexpected_response")
     );
     assert_eq!(event.body["error"]["http_status"], 201);
-    let dead = app.take_dead_letters().await;
+    let dead = app.wait_dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     let body: serde_json::Value = serde_json::from_slice(&dead[0].0).expect("json");
     assert_eq!(body["command_id"], id.as_str());

@@ -59,7 +59,7 @@ async fn retries_exhausted_across_the_delay_queues() {
         "one key throughout"
     );
     assert_eq!(app.ledger().charges_for(&id), 0);
-    let dead = app.take_dead_letters().await;
+    let dead = app.wait_dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     let headers = dead[0].1.headers().clone();
     assert_eq!(
