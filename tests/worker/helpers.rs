@@ -70,6 +70,8 @@ pub fn command_for(id: &str, customer: &str) -> Value {
 pub struct Options {
     pub env: Vec<(String, String)>,
     pub faults: Faults,
+    /// The key the simulator accepts and the worker is given.
+    pub api_key: String,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
                 rate_limit: 0,
                 ..Faults::default()
             },
+            api_key: SIM_KEY.to_owned(),
         }
     }
 }
@@ -91,6 +94,10 @@ impl Options {
     }
     pub fn faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = key.to_owned();
         self
     }
 }
@@ -131,7 +138,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
         SimulatorSettings {
-            api_key: SIM_KEY.into(),
+            api_key: options.api_key.clone(),
             faults: options.faults,
             seed: None,
         },
@@ -145,7 +152,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
         ("CPW__AMQP__CONNECTION_NAME", connection_name.clone()),
         ("CPW__AMQP__PREFETCH", "32".to_owned()),
         ("CPW__HYPERLINE__BASE_URL", sim.base_url()),
-        ("CPW__HYPERLINE__API_KEY", SIM_KEY.to_owned()),
+        ("CPW__HYPERLINE__API_KEY", options.api_key.clone()),
         ("CPW__HYPERLINE__TIMEOUT_SECS", "2".to_owned()),
         ("CPW__RETRY__ATTEMPTS", "4".to_owned()),
         ("CPW__RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),

@@ -2,7 +2,9 @@
 
 mod chaos;
 mod helpers;
+mod hostile;
 mod invalid;
+mod leak;
 mod operations;
 mod outcomes;
 mod redelivery;
