@@ -924,7 +924,26 @@ fn the_manifest_has_no_target_the_dockerfile_stub_build_would_miss() {
     assert_eq!(bins.len(), 1);
     assert_eq!(bins[0]["name"].as_str(), Some("credit-purchase-worker"));
     assert_eq!(bins[0]["path"].as_str(), Some("src/main.rs"));
-    for section in ["bench", "example", "test"] {
+    // Every [[bench]] needs a stub in the dependency layer and its sources
+    // copied before the real build, or the manifest does not load.
+    let dockerfile = read("deploy/Dockerfile");
+    for bench in manifest
+        .get("bench")
+        .and_then(|b| b.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let name = bench["name"].as_str().expect("bench name");
+        assert!(
+            dockerfile.contains(&format!("> benches/{name}.rs")),
+            "deploy/Dockerfile's dependency layer lacks a stub for bench `{name}`"
+        );
+        assert!(
+            dockerfile.contains("COPY benches ./benches"),
+            "deploy/Dockerfile does not copy benches/"
+        );
+    }
+    for section in ["example", "test"] {
         assert!(
             !manifest.contains_key(section),
             "[[{section}]] in Cargo.toml: give it a stub in deploy/Dockerfile's dependency layer"

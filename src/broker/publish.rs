@@ -5,6 +5,7 @@
 //! and reports an unroutable mandatory message as an `Ack` carrying the
 //! returned message; both traps are handled here, once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -44,9 +45,14 @@ pub enum PublishError {
 }
 
 /// A confirm-mode channel for events and delay-queue copies. Clone it freely:
-/// publishes from concurrent commands share the channel.
+/// publishes from concurrent commands share the channel, and a clone is one
+/// reference count (a lapin `Channel` clone is more than a dozen).
 #[derive(Clone)]
 pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     channel: Channel,
     confirm_timeout: Duration,
 }
@@ -71,14 +77,16 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Publisher {
-            channel,
-            confirm_timeout,
+            inner: Arc::new(Inner {
+                channel,
+                confirm_timeout,
+            }),
         })
     }
 
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.inner.channel.status().connected()
     }
 
     /// Sends a persistent, mandatory message; confirm it with [`Publisher::confirm`].
@@ -94,6 +102,7 @@ impl Publisher {
             ..BasicPublishOptions::default()
         };
         Ok(self
+            .inner
             .channel
             .basic_publish(
                 exchange.into(),
@@ -111,11 +120,9 @@ impl Publisher {
         target: &str,
         confirm: PublisherConfirm,
     ) -> Result<Routed, PublishError> {
-        match tokio::time::timeout(self.confirm_timeout, confirm).await {
-            Err(_) => Err(PublishError::Timeout(
-                target.to_owned(),
-                self.confirm_timeout,
-            )),
+        let limit = self.inner.confirm_timeout;
+        match tokio::time::timeout(limit, confirm).await {
+            Err(_) => Err(PublishError::Timeout(target.to_owned(), limit)),
             Ok(Err(e)) => Err(PublishError::Channel(e)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(Routed::Yes),
             Ok(Ok(Confirmation::Ack(Some(_)))) => Ok(Routed::No),

@@ -3,7 +3,7 @@
 //! The client never retries by itself (reqwest's built-in retry has no backoff
 //! and ignores `Retry-After`); it reports one attempt, and the pipeline decides.
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -50,6 +50,12 @@ pub enum ProbeResult {
 /// Customer and product of the probe request: valid ids that name nothing.
 const PROBE_ID: &str = "cpw_credential_probe";
 
+/// Header names, lower case and built at compile time: a name parsed from
+/// `"Idempotency-Key"` would be lower-cased into a fresh allocation on
+/// every request.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 impl PurchaseResponse {
     /// The metrics label of the answer: its status class, or what kept it
     /// from arriving.
@@ -81,7 +87,24 @@ struct PurchaseBody<'a> {
 /// The path of the purchase endpoint. The ids are valid by construction, so
 /// nothing in them can change the URL.
 pub fn purchase_path(customer: &CustomerId, product: &ProductId) -> String {
-    format!("/v1/customers/{customer}/credits/{product}/purchase")
+    let mut path = String::new();
+    push_purchase_path(&mut path, customer, product);
+    path
+}
+
+/// The constant part of [`purchase_path`]'s length.
+const PATH_TEMPLATE_LEN: usize = "/v1/customers//credits//purchase".len();
+
+/// Appends [`purchase_path`] to `out` (no formatting machinery: it runs for
+/// every request).
+fn push_purchase_path(out: &mut String, customer: &CustomerId, product: &ProductId) {
+    let (customer, product) = (customer.as_str(), product.as_str());
+    out.reserve(PATH_TEMPLATE_LEN + customer.len() + product.len());
+    out.push_str("/v1/customers/");
+    out.push_str(customer);
+    out.push_str("/credits/");
+    out.push_str(product);
+    out.push_str("/purchase");
 }
 
 /// A Hyperline API client for purchases. Cheap to clone; share one per process
@@ -160,26 +183,22 @@ impl HyperlineClient {
     /// One purchase attempt. Never fails: every outcome, network errors
     /// included, is an answer.
     pub async fn purchase(&self, command: &Command, traceparent: Option<&str>) -> PurchaseResponse {
-        let url = format!(
-            "{}{}",
-            self.base,
-            purchase_path(&command.customer_id, &command.product_id)
-        );
         let mut request = self
             .http
-            .post(url)
+            .post(self.purchase_url(&command.customer_id, &command.product_id))
             .header(AUTHORIZATION, self.authorization.clone())
-            .header("Idempotency-Key", command.id.as_str())
+            .header(IDEMPOTENCY_KEY, command.id.as_str())
             .body(Self::body(command));
         if let Some(tp) = traceparent.and_then(|tp| HeaderValue::from_str(tp).ok()) {
-            request = request.header("traceparent", tp);
+            request = request.header(TRACEPARENT, tp);
         }
-        let response = match request.send().await {
+        let mut response = match request.send().await {
             Ok(r) => r,
             Err(e) => return self.network_failure(&e),
         };
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
+        // Taken, not cloned: reading the body does not need them.
+        let headers = std::mem::take(response.headers_mut());
         match response.bytes().await {
             Ok(body) => {
                 let (answer, quota) = classify(status, &headers, &body, OffsetDateTime::now_utc());
@@ -205,10 +224,9 @@ impl HyperlineClient {
         let (Some(id), Some(product)) = (id, product) else {
             return ProbeResult::Unknown("probe ids are invalid".into());
         };
-        let url = format!("{}{}", self.base, purchase_path(&id, &product));
         let sent = self
             .http
-            .post(url)
+            .post(self.purchase_url(&id, &product))
             .header(AUTHORIZATION, self.authorization.clone())
             .body("{}")
             .send()
@@ -220,6 +238,16 @@ impl HyperlineClient {
             Ok(status) => ProbeResult::Unknown(format!("HTTP {status}")),
             Err(e) => ProbeResult::Unknown(self.redact(&error_chain(&e))),
         }
+    }
+
+    /// `base_url` + [`purchase_path`], in one allocation.
+    fn purchase_url(&self, customer: &CustomerId, product: &ProductId) -> String {
+        let mut url = String::with_capacity(
+            self.base.len() + PATH_TEMPLATE_LEN + customer.as_str().len() + product.as_str().len(),
+        );
+        url.push_str(&self.base);
+        push_purchase_path(&mut url, customer, product);
+        url
     }
 
     fn network_failure(&self, e: &reqwest::Error) -> PurchaseResponse {

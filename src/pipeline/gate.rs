@@ -1,15 +1,44 @@
 //! The replica-wide gate every Hyperline request passes.
 //!
-//! Hyperline's write limit is per account, not per command: when one command
-//! hears 429, every in-flight command of the replica must hold back, or they
-//! would all burn their retries against the same closed window. The gate
-//! holds one "not before" instant that a 429 (or an exhausted quota) pushes
-//! forward, and spaces requests to honour `hyperline.max_requests_per_second`.
+//! Hyperline's write limit is per account, not per command nor per replica:
+//! 50 writes per 10 s shared by every replica. When one command hears 429,
+//! every in-flight command of the replica must hold back, or they would all
+//! burn their retries against the same closed window. So the gate holds one
+//! "not before" instant that a 429 pushes forward, and spaces requests to
+//! honour `hyperline.max_requests_per_second`.
+//!
+//! It also paces by what the API announces (`X-RateLimit-Remaining` and
+//! `X-RateLimit-Reset`), so that replicas sharing the quota do not learn of
+//! its end by collecting 429s:
+//! - while the current window's quota is unknown (at start, and once the
+//!   announced window has reset) one request goes alone, a probe, and the
+//!   others wait for its answer instead of rushing the new window together;
+//! - then each replica spreads its share of what is left over the time left,
+//!   counting the requests it sent since the announcement and assuming every
+//!   other client sharing the quota sent as many;
+//! - the share is estimated from how fast the announced remaining falls
+//!   between two of the replica's own answers, compared with how many
+//!   requests the replica itself sent meanwhile;
+//! - when less than one request per sharing client is left, what is left may
+//!   well be another's: the replica waits for the next window.
+//!
+//! An API that announces nothing (no rate-limit headers) is not paced at all.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::hyperline::Quota;
+
+/// Two announced resets this close describe the same window.
+const SAME_WINDOW: Duration = Duration::from_millis(250);
+/// How long a request waits for a probe's answer before it looks again (a
+/// safety net: the end of a probe always wakes the waiters).
+const PROBE_PATIENCE: Duration = Duration::from_secs(1);
+/// Upper bound of the estimated number of clients sharing the quota.
+const MAX_SHARE: f64 = 64.0;
 
 /// Shared by all commands of one replica.
 #[derive(Debug)]
@@ -17,14 +46,119 @@ pub struct Gate {
     /// Minimum spacing between requests (`1 / max_requests_per_second`).
     interval: Option<Duration>,
     state: Mutex<GateState>,
+    /// Woken when a probe ends.
+    probe_done: Notify,
 }
 
 #[derive(Debug)]
 struct GateState {
     /// The next free request slot of the client-side cap.
     next_slot: Instant,
-    /// No request before this instant (rate limit, exhausted quota).
+    /// No request before this instant (a 429).
     not_before: Instant,
+    /// Requests admitted so far; a permit's number.
+    admitted: u64,
+    /// When the last request was admitted.
+    last_admitted: Option<Instant>,
+    /// What the API last said about the write quota.
+    quota: QuotaView,
+    /// Estimated number of clients sharing the quota, this one included.
+    share: f64,
+    /// A probe is out: the others wait for its answer.
+    probing: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum QuotaView {
+    /// Not known yet.
+    Unknown,
+    /// The API answers without rate-limit headers: nothing to pace on.
+    Unannounced,
+    /// The window the API announced last.
+    Window {
+        /// When it resets.
+        reset_at: Instant,
+        /// Writes left in it, as announced.
+        remaining: u64,
+        /// The permit whose answer announced it: later permits are not in it.
+        seq: u64,
+    },
+}
+
+/// Why a request may not go yet.
+enum Wait {
+    Until(Instant),
+    ForProbe,
+}
+
+/// One admitted request. Report its answer with [`Permit::answered`]; a
+/// permit dropped without an answer (a network failure) teaches nothing.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    gate: &'a Gate,
+    seq: u64,
+    probe: bool,
+}
+
+impl Permit<'_> {
+    /// The answer arrived; `quota` is what its rate-limit headers announced
+    /// (`None`: it had none).
+    pub fn answered(self, quota: Option<Quota>) {
+        self.gate.learn(self.seq, self.probe, quota);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.gate.lock().probing = false;
+            self.gate.probe_done.notify_waiters();
+        }
+    }
+}
+
+impl GateState {
+    /// Admits now (`Ok(is a probe)`) or says how long to wait.
+    fn decide(&self, now: Instant, capped: bool) -> Result<bool, Wait> {
+        let mut at = now.max(self.not_before);
+        if capped {
+            at = at.max(self.next_slot);
+        }
+        let mut probe = false;
+        match self.quota {
+            QuotaView::Unannounced => {}
+            QuotaView::Window {
+                reset_at,
+                remaining,
+                seq,
+            } if now < reset_at => {
+                let unseen = self.share * (self.admitted - seq) as f64;
+                let left = remaining as f64 - unseen;
+                if left < self.share.round().max(1.0) {
+                    // What is left may be another client's.
+                    at = at.max(reset_at);
+                } else if let Some(last) = self.last_admitted {
+                    // Our share of what is left, spread evenly over the time
+                    // left (the last request one step before the reset).
+                    let step = (reset_at - now).mul_f64(self.share / (left + self.share));
+                    at = at.max(last + step);
+                }
+            }
+            // Unknown, or the announced window is over: one request learns
+            // the new one.
+            QuotaView::Unknown | QuotaView::Window { .. } => {
+                if self.probing {
+                    return Err(Wait::ForProbe);
+                }
+                probe = true;
+            }
+        }
+        if at > now {
+            Err(Wait::Until(at))
+        } else {
+            Ok(probe)
+        }
+    }
 }
 
 impl Gate {
@@ -36,32 +170,99 @@ impl Gate {
             state: Mutex::new(GateState {
                 next_slot: now,
                 not_before: now,
+                admitted: 0,
+                last_admitted: None,
+                quota: QuotaView::Unknown,
+                share: 1.0,
+                probing: false,
             }),
+            probe_done: Notify::new(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        // The state is two instants: a panic elsewhere cannot leave it
-        // inconsistent, so a poisoned lock is still usable.
+        // The state is a few numbers, each update complete under the lock:
+        // a panic elsewhere cannot leave it inconsistent, so a poisoned lock
+        // is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until this replica may send its next request, and takes the slot.
-    pub async fn admit(&self) {
+    pub async fn admit(&self) -> Permit<'_> {
         loop {
-            let slot = {
+            let wait = {
+                let now = Instant::now();
                 let mut s = self.lock();
-                let slot = Instant::now().max(s.next_slot).max(s.not_before);
-                if let Some(interval) = self.interval {
-                    s.next_slot = slot + interval;
+                match s.decide(now, self.interval.is_some()) {
+                    Ok(probe) => {
+                        s.admitted += 1;
+                        s.last_admitted = Some(now);
+                        if let Some(interval) = self.interval {
+                            s.next_slot = now + interval;
+                        }
+                        s.probing |= probe;
+                        return Permit {
+                            gate: self,
+                            seq: s.admitted,
+                            probe,
+                        };
+                    }
+                    Err(wait) => wait,
                 }
-                slot
             };
-            tokio::time::sleep_until(slot).await;
-            // A 429 that arrived while we slept pushes us further out.
-            if self.lock().not_before <= slot {
-                return;
+            // Whatever changes meanwhile (a 429, an announcement) is taken
+            // into account when the loop decides again.
+            match wait {
+                Wait::Until(at) => tokio::time::sleep_until(at).await,
+                Wait::ForProbe => {
+                    let done = self.probe_done.notified();
+                    tokio::pin!(done);
+                    done.as_mut().enable();
+                    if self.lock().probing {
+                        let _ = tokio::time::timeout(PROBE_PATIENCE, done).await;
+                    }
+                }
             }
+        }
+    }
+
+    /// Takes in what the answer to permit `seq` announced.
+    fn learn(&self, seq: u64, probe: bool, quota: Option<Quota>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let Some(quota) = quota else {
+            if probe {
+                s.quota = QuotaView::Unannounced;
+            }
+            return;
+        };
+        let reset_at = now + quota.reset_after;
+        let fresh = QuotaView::Window {
+            reset_at,
+            remaining: quota.remaining,
+            seq,
+        };
+        match s.quota {
+            QuotaView::Window {
+                reset_at: known,
+                remaining,
+                seq: known_seq,
+            } if reset_at < known + SAME_WINDOW && known < reset_at + SAME_WINDOW => {
+                // The same window: a later request's answer says more.
+                if seq <= known_seq {
+                    return;
+                }
+                if let Some(spent) = remaining.checked_sub(quota.remaining) {
+                    let per_own_request = spent as f64 / (seq - known_seq) as f64;
+                    s.share = (s.share + per_own_request.clamp(1.0, MAX_SHARE)) / 2.0;
+                }
+                s.quota = fresh;
+            }
+            // An answer about a window already over.
+            QuotaView::Window {
+                reset_at: known, ..
+            } if reset_at < known => {}
+            _ => s.quota = fresh,
         }
     }
 
@@ -82,11 +283,32 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// An announcement of `remaining` writes until `reset`.
+    fn quota(remaining: u64, reset: Instant) -> Option<Quota> {
+        Some(Quota {
+            remaining,
+            reset_after: reset - Instant::now(),
+        })
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// A gate past its first probe, on an API that announces nothing.
+    async fn unannounced(per_second: u32) -> Gate {
+        let gate = Gate::new(per_second);
+        gate.admit().await.answered(None);
+        gate
+    }
 
     #[tokio::test(start_paused = true)]
     async fn no_cap_admits_at_once() {
-        let gate = Gate::new(0);
+        let gate = unannounced(0).await;
         let start = Instant::now();
         for _ in 0..100 {
             gate.admit().await;
@@ -98,16 +320,17 @@ mod tests {
     async fn the_cap_spaces_requests() {
         let gate = Gate::new(10);
         let start = Instant::now();
-        for _ in 0..11 {
+        gate.admit().await.answered(None);
+        for _ in 0..10 {
             gate.admit().await;
         }
-        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        assert_eq!(Instant::now() - start, secs(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_caller() {
-        let gate = std::sync::Arc::new(Gate::new(0));
-        gate.pause_for(Duration::from_secs(7));
+        let gate = Arc::new(unannounced(0).await);
+        gate.pause_for(secs(7));
         let start = Instant::now();
         let waiters: Vec<_> = (0..5)
             .map(|_| {
@@ -119,31 +342,133 @@ mod tests {
             })
             .collect();
         for w in waiters {
-            assert_eq!(w.await.expect("join") - start, Duration::from_secs(7));
+            assert_eq!(w.await.expect("join") - start, secs(7));
         }
         assert_eq!(gate.paused_for(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_during_the_wait_extends_it() {
-        let gate = std::sync::Arc::new(Gate::new(0));
-        gate.pause_for(Duration::from_secs(2));
+        let gate = Arc::new(unannounced(0).await);
+        gate.pause_for(secs(2));
         let start = Instant::now();
         let waiter = {
             let gate = gate.clone();
-            tokio::spawn(async move { gate.admit().await })
+            tokio::spawn(async move {
+                gate.admit().await;
+            })
         };
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        gate.pause_for(Duration::from_secs(5));
+        tokio::time::sleep(secs(1)).await;
+        gate.pause_for(secs(5));
         waiter.await.expect("join");
-        assert_eq!(Instant::now() - start, Duration::from_secs(6));
+        assert_eq!(Instant::now() - start, secs(6));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_shorter_pause_never_shortens_a_longer_one() {
         let gate = Gate::new(0);
-        gate.pause_for(Duration::from_secs(9));
-        gate.pause_for(Duration::from_secs(1));
-        assert_eq!(gate.paused_for(), Duration::from_secs(9));
+        gate.pause_for(secs(9));
+        gate.pause_for(secs(1));
+        assert_eq!(gate.paused_for(), secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_request_goes_alone_until_its_answer() {
+        let gate = Arc::new(Gate::new(0));
+        let probe = gate.admit().await;
+        let second = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                gate.admit().await;
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !second.is_finished(),
+            "the second request waits for the probe"
+        );
+        let answered = Instant::now();
+        probe.answered(None);
+        assert_eq!(second.await.expect("join"), answered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_without_an_answer_lets_the_next_request_probe() {
+        let gate = Arc::new(Gate::new(0));
+        let probe = gate.admit().await;
+        let second = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.admit().await.probe })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(probe);
+        assert!(second.await.expect("join"), "the next request is the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_left_is_spread_over_the_window() {
+        let gate = Gate::new(0);
+        let start = Instant::now();
+        let reset = start + secs(2);
+        gate.admit().await.answered(quota(4, reset));
+        let mut at = Vec::new();
+        for left in (0..4).rev() {
+            gate.admit().await.answered(quota(left, reset));
+            at.push(Instant::now() - start);
+        }
+        // 4 left for 2 s: one every 0.4 s, the last a step before the reset.
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(at, [ms(400), ms(800), ms(1200), ms(1600)]);
+        // The window is spent: the next request is the probe of the next one.
+        let next = gate.admit().await;
+        assert!(next.probe);
+        assert_eq!(Instant::now(), reset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_clients_spending_the_quota_slow_the_replica() {
+        let gate = Gate::new(0);
+        let reset = Instant::now() + secs(10);
+        gate.admit().await.answered(quota(40, reset));
+        // Each of our requests sees the remaining fall by 3: two other
+        // clients share the quota.
+        let mut remaining = 40;
+        for _ in 0..8 {
+            remaining -= 3;
+            gate.admit().await.answered(quota(remaining, reset));
+        }
+        let share = gate.lock().share;
+        assert!((2.9..=3.0).contains(&share), "share {share}");
+        // Less than one each is left, and it may be theirs: wait for the reset.
+        gate.admit().await.answered(quota(2, reset));
+        let next = gate.admit().await;
+        assert!(next.probe);
+        assert_eq!(Instant::now(), reset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_quota_waits_for_the_reset() {
+        let gate = Gate::new(0);
+        let reset = Instant::now() + secs(3);
+        gate.admit().await.answered(quota(0, reset));
+        let next = gate.admit().await;
+        assert!(next.probe);
+        assert_eq!(Instant::now(), reset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_older_than_the_known_one_is_ignored() {
+        let gate = Gate::new(0);
+        let reset = Instant::now() + secs(20);
+        gate.admit().await.answered(quota(10, reset));
+        let first = gate.admit().await;
+        let second = gate.admit().await;
+        second.answered(quota(8, reset));
+        first.answered(quota(9, reset));
+        let QuotaView::Window { remaining, .. } = gate.lock().quota else {
+            panic!("a window is known")
+        };
+        assert_eq!(remaining, 8);
     }
 }

@@ -323,33 +323,27 @@ impl Pipeline {
     ) -> Result<(), PublishError> {
         let body = event.to_json();
         let props = event.amqp_properties(Some(traceparent));
-        let to_results = publisher
-            .send(
-                &self.topology.results_exchange,
-                event.routing_key(),
-                &body,
-                props.clone(),
-            )
-            .await?;
         let reply_to = delivery
             .properties
             .reply_to()
             .as_ref()
-            .map(|r| r.as_str().to_owned())
+            .map(|r| r.as_str())
             .filter(|r| !r.is_empty());
-        let to_reply = match &reply_to {
-            Some(queue) => Some(publisher.send("", queue, &body, props).await?),
-            None => None,
+        // The properties (a dozen headers) are copied only when a second
+        // publish needs them.
+        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
+        let (to_results, to_reply) = match reply_to {
+            None => (publisher.send(exchange, key, &body, props).await?, None),
+            Some(queue) => {
+                let sent = publisher.send(exchange, key, &body, props.clone()).await?;
+                (sent, Some(publisher.send("", queue, &body, props).await?))
+            }
         };
-        if publisher
-            .confirm(&self.topology.results_exchange, to_results)
-            .await?
-            == Routed::No
-        {
-            tracing::warn!(exchange = %self.topology.results_exchange, "no queue is bound to receive this event");
+        if publisher.confirm(exchange, to_results).await? == Routed::No {
+            tracing::warn!(%exchange, "no queue is bound to receive this event");
         }
         if let (Some(queue), Some(confirm)) = (reply_to, to_reply)
-            && publisher.confirm(&queue, confirm).await? == Routed::No
+            && publisher.confirm(queue, confirm).await? == Routed::No
         {
             tracing::warn!(reply_to = %queue, "the reply_to queue does not exist; the event is on the results exchange only");
         }

@@ -16,7 +16,7 @@ use super::credentials::Credentials;
 use super::gate::Gate;
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
-use crate::hyperline::{HyperlineClient, PurchaseAnswer, Receipt};
+use crate::hyperline::{HyperlineClient, PurchaseAnswer, Quota, Receipt};
 use crate::operations::Metrics;
 use crate::operations::metrics::ReasonLabel;
 
@@ -169,7 +169,7 @@ pub async fn purchase_with_retry(
         if ctx.credentials.is_faulted() {
             return Ok(Verdict::CredentialFault);
         }
-        ctx.gate.admit().await;
+        let permit = ctx.gate.admit().await;
         if ctx.credentials.is_faulted() {
             return Ok(Verdict::CredentialFault);
         }
@@ -178,6 +178,20 @@ pub async fn purchase_with_retry(
         let response = ctx.client.purchase(command, traceparent).await;
         ctx.metrics
             .hyperline_request(response.status_class(), sent.elapsed());
+        // What the answer announced paces the replica's next requests (never
+        // for longer than a rate-limit wait may last in process). An answer
+        // without rate-limit headers says the API announces none, unless it
+        // may not come from the API itself (a gateway's 5xx, an auth failure).
+        match (response.status, response.quota) {
+            (Some(_), Some(quota)) => permit.answered(Some(Quota {
+                reset_after: quota.reset_after.min(max_rate_wait),
+                ..quota
+            })),
+            (Some(status @ 200..=499), None) if !matches!(status, 401 | 403 | 429) => {
+                permit.answered(None);
+            }
+            _ => drop(permit),
+        }
         if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
             // The window is spent: wait for its reset instead of collecting 429s.
             let wait = quota.reset_after.min(max_rate_wait);

@@ -134,10 +134,15 @@ async fn run_consumer(
     tasks: &mut JoinSet<Outcome>,
 ) -> Result<bool, SessionError> {
     let mut publisher_check = tokio::time::interval(Duration::from_secs(1));
+    // Built once, not on every turn of the loop: each would register a
+    // waiter anew for every delivery and every finished task.
+    let shutdown = ctx.shutdown.cancelled();
+    let faulted = ctx.pipeline.credentials.faulted();
+    tokio::pin!(shutdown, faulted);
     loop {
         tokio::select! {
-            () = ctx.shutdown.cancelled() => return Ok(false),
-            () = ctx.pipeline.credentials.faulted() => return Ok(true),
+            () = &mut shutdown => return Ok(false),
+            () = &mut faulted => return Ok(true),
             Some(done) = tasks.join_next(), if !tasks.is_empty() => record(done),
             _ = publisher_check.tick() => {
                 if !publisher.is_open() {
@@ -148,7 +153,10 @@ async fn run_consumer(
                 Some(Ok(delivery)) => {
                     let pipeline = Arc::clone(ctx.pipeline);
                     let publisher = publisher.clone();
-                    tasks.spawn(async move { pipeline.handle(delivery, publisher).await });
+                    // Boxed: the task then holds a pointer, and the runtime
+                    // moves 16 bytes instead of the whole state machine when it
+                    // creates the task, stores its output and hands it over.
+                    tasks.spawn(Box::pin(async move { pipeline.handle(delivery, publisher).await }));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(SessionError::ConsumerCancelled),

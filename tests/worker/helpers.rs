@@ -450,6 +450,31 @@ impl TestApp {
         out
     }
 
+    /// Another client of the same Hyperline account makes `writes`
+    /// purchases, spending that much of the shared write quota (the worker
+    /// paces itself by the quota it is told about, so a test that needs it to
+    /// meet a 429 must have someone else spend the window).
+    pub async fn spend_quota(&self, writes: usize) {
+        let http = reqwest::Client::new();
+        let key = self.env["CPW__HYPERLINE__API_KEY"].clone();
+        let url = format!(
+            "{}/v1/customers/cus_other/credits/itm_other/purchase",
+            self.sim.base_url()
+        );
+        for _ in 0..writes {
+            let status = http
+                .post(&url)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", command_id())
+                .json(&json!({"credit_count": 1, "amount_excluding_tax": 100}))
+                .send()
+                .await
+                .expect("the simulator answers")
+                .status();
+            assert_eq!(status.as_u16(), 201, "the other client's purchase");
+        }
+    }
+
     pub fn ledger(&self) -> Ledger {
         self.sim.ledger()
     }

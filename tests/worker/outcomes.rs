@@ -156,6 +156,10 @@ async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
         rate_limit_window_ms: Some(1000),
         ..FaultsPatch::default()
     });
+    // The limit is per account: another client spends this window's quota
+    // first, so the worker meets a 429 (it paces itself by the announced
+    // quota and would not hit the limit on its own).
+    app.spend_quota(3).await;
     let ids = app.publish_commands(12).await;
     let events = app
         .events_until(Duration::from_secs(60), |e| e.len() == ids.len())

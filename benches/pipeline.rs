@@ -1,0 +1,1279 @@
+//! End to end: commands through the real worker (the release binary, as a
+//! process) against the local RabbitMQ and the Hyperline simulator (also a
+//! process), next to a baseline, the minimal honest loop written here with
+//! lapin and reqwest (consume → one POST → publish with a confirm → ack),
+//! run as a child process of this bench under the same conditions.
+//!
+//! ```text
+//! cargo bench --bench pipeline                      # every scenario
+//! cargo bench --bench pipeline -- instant-64 rss    # some of them
+//! BENCH_N=50000 BENCH_REPEAT=5 cargo bench --bench pipeline -- instant-64
+//! ```
+//!
+//! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
+//! Environment: `BENCH_N` (commands per instant-API run, default 20000),
+//! `BENCH_REPEAT` (runs of each instant-API scenario, default 3; the median
+//! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
+//! `BENCH_AMQP_URL`.
+//!
+//! What is measured, for the worker and the baseline alike:
+//! - commands/s: N pre-published commands divided by the time from the moment
+//!   the broker reports the consumer on the queue to the arrival of the last
+//!   result event at an observer queue bound to the results exchange;
+//! - CPU-seconds per 1,000 commands: the process's utime + stime
+//!   (`/proc/<pid>/stat`) over that same window;
+//! - peak RSS: `VmHWM` of `/proc/<pid>/status` at the end of the run;
+//! - p50/p99 publish → event: in a second phase on the same processes,
+//!   commands published at a fixed rate, each timed from just before its
+//!   `basic.publish` to its event's arrival at the observer (matched by
+//!   `correlation_id` = `command_id`).
+//!
+//! Figures are printed, never asserted: the process exits non-zero only when
+//! the setup fails (no broker, a process that does not start...). Every queue
+//! and exchange it creates is named `cpw-bench-*` and deleted afterwards.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::configuration::Settings;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const WORKER_BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
+const SIM_KEY: &str = "sim_test_key";
+const PREFIX: &str = "cpw-bench-";
+const BASELINE_CHILD: &str = "--baseline-child";
+const SCENARIOS: [&str; 5] = [
+    "instant-64",
+    "instant-256",
+    "latency-2s",
+    "rate-limit",
+    "rss",
+];
+
+fn amqp_url() -> String {
+    std::env::var("BENCH_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = if args.first().map(String::as_str) == Some(BASELINE_CHILD) {
+        runtime.block_on(baseline::run())
+    } else {
+        runtime.block_on(bench(args))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchmark setup failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(args: Vec<String>) -> Result<()> {
+    // `cargo bench` passes `--bench`; anything else is a scenario name.
+    let wanted: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for w in &wanted {
+        if !SCENARIOS.contains(w) {
+            bail!("unknown scenario `{w}`; known: {}", SCENARIOS.join(", "));
+        }
+    }
+    let selected: Vec<&str> = SCENARIOS
+        .into_iter()
+        .filter(|s| wanted.is_empty() || wanted.contains(s))
+        .collect();
+
+    let broker = Broker::connect().await?;
+    sweep_leftovers(&broker).await;
+    machine::print();
+    let mut summary = Vec::new();
+    for scenario in selected {
+        let lines = match scenario {
+            "instant-64" => scenarios::instant(&broker, 64).await?,
+            "instant-256" => scenarios::instant(&broker, 256).await?,
+            "latency-2s" => scenarios::slow_api(&broker).await?,
+            "rate-limit" => scenarios::rate_limited(&broker).await?,
+            "rss" => scenarios::in_flight_rss(&broker).await?,
+            _ => unreachable!("checked above"),
+        };
+        summary.extend(lines);
+    }
+    println!("\n== Summary (targets of the performance issue) ==");
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The bench's own connection: declarations, publishing, observing, cleanup.
+struct Broker {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    async fn connect() -> Result<Broker> {
+        let connection = Connection::connect(
+            &amqp_url(),
+            ConnectionProperties::default().with_connection_name("cpw-bench-driver".into()),
+        )
+        .await
+        .context("cannot reach RabbitMQ (set BENCH_AMQP_URL)")?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Broker {
+            connection,
+            channel,
+        })
+    }
+}
+
+/// Deletes `cpw-bench-*` queues and exchanges an interrupted run left behind
+/// (best effort: needs `rabbitmqctl`).
+async fn sweep_leftovers(broker: &Broker) {
+    let list = |what: &str| -> Vec<String> {
+        std::process::Command::new("rabbitmqctl")
+            .args(["-q", what, "name"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with(PREFIX))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let Ok(ch) = broker.connection.create_channel().await else {
+        return;
+    };
+    for q in list("list_queues") {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in list("list_exchanges") {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = ch.close(200, "swept".into()).await;
+}
+
+mod machine {
+    pub fn print() {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let rabbit = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "version"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        println!("machine: {cores} cores, {cpu}; RabbitMQ {rabbit}");
+        println!(
+            "worker: {} (separate process); simulator: separate process",
+            super::WORKER_BIN
+        );
+    }
+}
+
+/// `/proc` readings of a child process.
+mod procfs {
+    use std::sync::OnceLock;
+
+    /// Clock ticks per second of `utime`/`stime`.
+    pub fn clk_tck() -> f64 {
+        static TCK: OnceLock<f64> = OnceLock::new();
+        *TCK.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+                .unwrap_or(100.0)
+        })
+    }
+
+    /// utime + stime of the whole process (all threads, dead ones included).
+    pub fn cpu_ticks(pid: u32) -> u64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0;
+        };
+        // The command name may contain spaces: fields count from after `)`.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return 0;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // fields[0] is `state` (field 3): utime is field 14, stime 15.
+        let get = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        get(11).unwrap_or(0) + get(12).unwrap_or(0)
+    }
+
+    /// Peak resident set size, in kB.
+    pub fn vm_hwm_kb(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// The Hyperline simulator, as a process of its own.
+struct Sim {
+    child: Child,
+    base_url: String,
+}
+
+#[derive(Deserialize)]
+struct LedgerCounts {
+    requests: u64,
+    rate_limited: u64,
+}
+
+impl Sim {
+    async fn start(latency_ms: u64, rate_limit: u32) -> Result<Sim> {
+        let mut child = Command::new(WORKER_BIN)
+            .args(["simulator", "--listen", "127.0.0.1:0", "--api-key", SIM_KEY])
+            .args(["--latency-ms", &latency_ms.to_string()])
+            .args(["--rate-limit", &rate_limit.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the simulator")?;
+        let stdout = child.stdout.take().context("simulator stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("the simulator did not say where it listens")??
+            .context("the simulator exited")?;
+        let base_url = line
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .with_context(|| format!("unexpected simulator output: {line}"))?
+            .to_owned();
+        Ok(Sim { child, base_url })
+    }
+
+    async fn ledger(&self) -> Result<LedgerCounts> {
+        Ok(reqwest::get(format!("{}/_sim/ledger", self.base_url))
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// An event as seen by the observer.
+struct Seen {
+    at: Instant,
+    command_id: Option<String>,
+    succeeded: bool,
+}
+
+/// One run's names, topology and observer.
+struct Run {
+    label: String,
+    queue: String,
+    topology: Topology,
+    env: Vec<(String, String)>,
+    events: mpsc::UnboundedReceiver<Seen>,
+    observer: String,
+}
+
+impl Run {
+    /// Declares the worker's topology (through the worker's own code, so the
+    /// queue is exactly what the worker expects) and an observer of events.
+    async fn setup(broker: &Broker, label: &str, sim: &Sim, prefetch: u16) -> Result<Run> {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let queue = format!("{PREFIX}{label}-{}", &tag[..12]);
+        let results = format!("{queue}-results");
+        let env: Vec<(String, String)> = [
+            ("CPW__AMQP__URL", amqp_url()),
+            ("CPW__AMQP__QUEUE", queue.clone()),
+            ("CPW__AMQP__RESULTS_EXCHANGE", results.clone()),
+            ("CPW__AMQP__PREFETCH", prefetch.to_string()),
+            ("CPW__HYPERLINE__BASE_URL", sim.base_url.clone()),
+            ("CPW__HYPERLINE__API_KEY", SIM_KEY.to_owned()),
+            ("CPW__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+            ("CPW__LOG__FORMAT", "json".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let settings =
+            Settings::load_from(None, env.clone()).context("the bench's worker settings")?;
+        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+        topology.declare(&broker.connection).await?;
+
+        let observer = format!("{queue}.observer");
+        let ch = broker.connection.create_channel().await?;
+        ch.queue_declare(
+            observer.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            observer.as_str().into(),
+            results.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let mut consumer = ch
+            .basic_consume(
+                observer.as_str().into(),
+                "observer".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _channel = ch;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let at = Instant::now();
+                let props = &delivery.properties;
+                let seen = Seen {
+                    at,
+                    command_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+                    succeeded: props
+                        .kind()
+                        .as_ref()
+                        .is_none_or(|k| k.as_str() == "credit_purchase.succeeded"),
+                };
+                if tx.send(seen).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Run {
+            label: label.to_owned(),
+            queue,
+            topology,
+            env,
+            events,
+            observer,
+        })
+    }
+
+    /// Publishes `n` commands and waits for every confirm.
+    async fn prepublish(&self, broker: &Broker, n: usize) -> Result<()> {
+        const CHUNK: usize = 5_000;
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(CHUNK);
+            let mut confirms = Vec::with_capacity(chunk);
+            for _ in 0..chunk {
+                let (_, body) = command();
+                confirms.push(publish_command(&broker.channel, &self.queue, &body).await?);
+            }
+            for c in confirms {
+                if !c.await?.is_ack() {
+                    bail!("a command was not confirmed");
+                }
+            }
+            left -= chunk;
+        }
+        Ok(())
+    }
+
+    /// Starts `replicas` workers.
+    fn spawn_workers(&self, replicas: usize) -> Result<Vec<Subject>> {
+        (0..replicas)
+            .map(|i| {
+                let mut cmd = Command::new(WORKER_BIN);
+                cmd.arg("run")
+                    .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .env(
+                        "CPW__AMQP__CONNECTION_NAME",
+                        format!("{}-worker-{i}", self.queue),
+                    )
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                    );
+                Subject::spawn(cmd, &format!("{}-worker-{i}", self.label))
+            })
+            .collect()
+    }
+
+    fn spawn_baseline(&self, sim: &Sim, prefetch: u16) -> Result<Subject> {
+        let exe = std::env::current_exe().context("the bench's own path")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(BASELINE_CHILD)
+            .env("BASELINE_AMQP_URL", amqp_url())
+            .env("BASELINE_QUEUE", &self.queue)
+            .env("BASELINE_RESULTS", &self.topology.results_exchange)
+            .env("BASELINE_SIM", &sim.base_url)
+            .env("BASELINE_PREFETCH", prefetch.to_string());
+        Subject::spawn(cmd, &format!("{}-baseline", self.label))
+    }
+
+    /// The instant the broker reports `n` consumers on the commands queue.
+    async fn consumers_up(&self, broker: &Broker, n: u32) -> Result<Instant> {
+        let ch = broker.connection.create_channel().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let q = ch
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            if q.consumer_count() >= n {
+                let at = Instant::now();
+                let _ = ch.close(200, "ok".into()).await;
+                return Ok(at);
+            }
+            if Instant::now() > deadline {
+                bail!("no consumer on {} after 30 s", self.queue);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits for `n` events (or `limit`), returning the last arrival.
+    async fn collect(&mut self, n: usize, limit: Duration) -> Collected {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut got = Collected::default();
+        while got.events < n {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(seen)) => {
+                    got.events += 1;
+                    got.failed += usize::from(!seen.succeeded);
+                    got.last = Some(seen.at);
+                }
+                _ => break,
+            }
+        }
+        got
+    }
+
+    /// Publishes at `rate`/s for `secs` and times each command to its event.
+    async fn paced_latency(&mut self, broker: &Broker, rate: u32, secs: u32) -> Result<Latency> {
+        let total = (rate * secs) as usize;
+        let sent: Arc<Mutex<HashMap<String, Instant>>> =
+            Arc::new(Mutex::new(HashMap::with_capacity(total)));
+        let publisher = {
+            let sent = Arc::clone(&sent);
+            let channel = broker.channel.clone();
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                let per_tick = (rate / 100).max(1) as usize;
+                let mut tick = tokio::time::interval(Duration::from_millis(
+                    (1000 * per_tick as u64) / u64::from(rate),
+                ));
+                let mut confirms = Vec::with_capacity(total);
+                let mut published = 0;
+                while published < total {
+                    tick.tick().await;
+                    for _ in 0..per_tick.min(total - published) {
+                        let (id, body) = command();
+                        sent.lock().expect("sent").insert(id, Instant::now());
+                        confirms.push(publish_command(&channel, &queue, &body).await?);
+                        published += 1;
+                    }
+                }
+                for c in confirms {
+                    if !c.await?.is_ack() {
+                        bail!("a command was not confirmed");
+                    }
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(secs) + 60);
+        let mut latencies = Vec::with_capacity(total);
+        while latencies.len() < total {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(seen)) => {
+                    let published = seen
+                        .command_id
+                        .and_then(|id| sent.lock().expect("sent").remove(&id));
+                    if let Some(p) = published {
+                        latencies.push(seen.at.duration_since(p));
+                    }
+                }
+                _ => break,
+            }
+        }
+        publisher.await??;
+        latencies.sort_unstable();
+        let pick = |q: usize| {
+            latencies
+                .get((latencies.len() * q / 100).min(latencies.len().saturating_sub(1)))
+                .copied()
+        };
+        Ok(Latency {
+            rate,
+            samples: latencies.len(),
+            expected: total,
+            p50: pick(50),
+            p99: pick(99),
+        })
+    }
+
+    async fn cleanup(self, broker: &Broker) {
+        let Ok(ch) = broker.connection.create_channel().await else {
+            return;
+        };
+        let t = &self.topology;
+        let mut queues = vec![self.observer.clone(), t.queue.clone(), t.dead.clone()];
+        queues.extend(t.retry_queues.iter().map(|(_, q)| q.clone()));
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&t.queue, &t.dlx, &t.results_exchange] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = ch.close(200, "cleaned".into()).await;
+    }
+}
+
+#[derive(Default)]
+struct Collected {
+    events: usize,
+    failed: usize,
+    last: Option<Instant>,
+}
+
+struct Latency {
+    rate: u32,
+    samples: usize,
+    expected: usize,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+}
+
+/// A fresh command: its id and JSON body.
+fn command() -> (String, Vec<u8>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::json!({
+        "command_id": id,
+        "customer_id": "cus_Typ0px2W0aiEtl",
+        "product_id": "itm_3kXODDF42QXtnL",
+        "credit_count": 32,
+        "amount_excluding_tax": 24000,
+        "price_id": null,
+        "expires_at": null
+    });
+    (id, body.to_string().into_bytes())
+}
+
+async fn publish_command(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+) -> Result<lapin::PublisherConfirm> {
+    Ok(channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await?)
+}
+
+/// A measured process: a worker replica or the baseline loop.
+struct Subject {
+    child: Child,
+    pid: u32,
+}
+
+impl Subject {
+    fn spawn(mut cmd: Command, log_name: &str) -> Result<Subject> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cpw-bench");
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join(format!("{log_name}.log")))?;
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CPW__") || k == "CPW_CONFIG")
+        {
+            cmd.env_remove(k);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {log_name}"))?;
+        let pid = child.id().context("no pid")?;
+        Ok(Subject { child, pid })
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// What one run of one subject measured.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    commands: usize,
+    failed: usize,
+    secs: f64,
+    cpu_secs: f64,
+    rss_kb: u64,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    latency_note: String,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.commands as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+    fn cpu_per_1000(&self) -> f64 {
+        if self.commands > 0 {
+            self.cpu_secs * 1000.0 / self.commands as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+fn cpu_of(subjects: &[Subject]) -> u64 {
+    subjects.iter().map(|s| procfs::cpu_ticks(s.pid)).sum()
+}
+
+fn rss_of(subjects: &[Subject]) -> u64 {
+    subjects
+        .iter()
+        .map(|s| procfs::vm_hwm_kb(s.pid))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Who is measured in a run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Who {
+    Worker,
+    Baseline,
+}
+
+/// One complete run: fresh simulator and queues, N commands queued, the
+/// subject started, the batch drained and measured, then (optionally) the
+/// paced latency phase.
+struct Plan {
+    label: &'static str,
+    prefetch: u16,
+    latency_ms: u64,
+    queued: usize,
+    /// Stop measuring after this long even if not drained (RSS scenario).
+    window: Option<Duration>,
+    /// `(rate, secs)` of the latency phase.
+    paced: Option<(u32, u32)>,
+}
+
+async fn run_once(broker: &Broker, plan: &Plan, who: Who) -> Result<Figures> {
+    let sim = Sim::start(plan.latency_ms, 0).await?;
+    let mut run = Run::setup(broker, plan.label, &sim, plan.prefetch).await?;
+    let result = measure(broker, plan, who, &sim, &mut run).await;
+    sim.stop().await;
+    run.cleanup(broker).await;
+    result
+}
+
+async fn measure(
+    broker: &Broker,
+    plan: &Plan,
+    who: Who,
+    sim: &Sim,
+    run: &mut Run,
+) -> Result<Figures> {
+    run.prepublish(broker, plan.queued).await?;
+    let subjects = match who {
+        Who::Worker => run.spawn_workers(1)?,
+        Who::Baseline => vec![run.spawn_baseline(sim, plan.prefetch)?],
+    };
+    let started = run.consumers_up(broker, 1).await;
+    let cpu0 = cpu_of(&subjects);
+    let figures = async {
+        let started = started?;
+        let limit = plan.window.unwrap_or(Duration::from_secs(600));
+        let got = run.collect(plan.queued, limit).await;
+        let cpu1 = cpu_of(&subjects);
+        let end = match plan.window {
+            Some(w) => started + w,
+            None => got.last.unwrap_or(started),
+        };
+        let mut figures = Figures {
+            commands: got.events,
+            failed: got.failed,
+            secs: end.duration_since(started).as_secs_f64(),
+            cpu_secs: cpu1.saturating_sub(cpu0) as f64 / procfs::clk_tck(),
+            rss_kb: rss_of(&subjects),
+            ..Figures::default()
+        };
+        if plan.window.is_none() && got.events < plan.queued {
+            eprintln!(
+                "  warning: only {} of {} events arrived",
+                got.events, plan.queued
+            );
+        }
+        if let Some((rate, secs)) = plan.paced {
+            let lat = run.paced_latency(broker, rate, secs).await?;
+            figures.p50 = lat.p50;
+            figures.p99 = lat.p99;
+            figures.latency_note = format!("at {} commands/s offered", lat.rate);
+            if lat.samples < lat.expected {
+                eprintln!(
+                    "  warning: latency from {} of {} commands",
+                    lat.samples, lat.expected
+                );
+            }
+            figures.rss_kb = rss_of(&subjects);
+        }
+        Ok::<Figures, anyhow::Error>(figures)
+    }
+    .await;
+    let mut subjects = subjects;
+    for s in &mut subjects {
+        if s.exited() {
+            eprintln!("  warning: a measured process exited during the run");
+        }
+    }
+    for s in subjects {
+        s.stop().await;
+    }
+    figures
+}
+
+fn median(mut runs: Vec<Figures>) -> Figures {
+    let pick = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rate: Vec<f64> = runs.iter().map(Figures::rate).collect();
+    let mut cpu: Vec<f64> = runs.iter().map(Figures::cpu_per_1000).collect();
+    let mut rss: Vec<f64> = runs.iter().map(|f| f.rss_kb as f64).collect();
+    let mut p50: Vec<f64> = runs
+        .iter()
+        .filter_map(|f| f.p50.map(|d| d.as_secs_f64()))
+        .collect();
+    let mut p99: Vec<f64> = runs
+        .iter()
+        .filter_map(|f| f.p99.map(|d| d.as_secs_f64()))
+        .collect();
+    let first = runs.swap_remove(0);
+    // Rebuild a Figures whose derived values are the medians.
+    let commands = first.commands.max(1);
+    let rate = pick(&mut rate);
+    let cpu = pick(&mut cpu);
+    Figures {
+        commands,
+        failed: first.failed,
+        secs: commands as f64 / rate,
+        cpu_secs: cpu * commands as f64 / 1000.0,
+        rss_kb: pick(&mut rss) as u64,
+        p50: (!p50.is_empty()).then(|| Duration::from_secs_f64(pick(&mut p50))),
+        p99: (!p99.is_empty()).then(|| Duration::from_secs_f64(pick(&mut p99))),
+        latency_note: first.latency_note,
+    }
+}
+
+/// Tables and ratios.
+mod report {
+    use super::Figures;
+    use std::time::Duration;
+
+    fn ms(d: Option<Duration>) -> String {
+        d.map_or("—".into(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+    }
+
+    fn ratio(a: f64, b: f64) -> String {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "—".into()
+        }
+    }
+
+    pub fn heading(title: &str) {
+        println!("\n== {title} ==");
+    }
+
+    /// Worker next to baseline, with the ratio worker / baseline.
+    pub fn compare(worker: &Figures, baseline: &Figures) {
+        println!(
+            "| {:<30} | {:>10} | {:>10} | {:>8} |",
+            "", "worker", "baseline", "ratio"
+        );
+        println!("|{:-<32}|{:->12}|{:->12}|{:->10}|", "", "", "", "");
+        let row = |name: &str, w: f64, b: f64, fmt: &dyn Fn(f64) -> String| {
+            println!(
+                "| {:<30} | {:>10} | {:>10} | {:>8} |",
+                name,
+                fmt(w),
+                fmt(b),
+                ratio(w, b)
+            );
+        };
+        row("commands/s", worker.rate(), baseline.rate(), &|v| {
+            format!("{v:.0}")
+        });
+        row(
+            "CPU-s per 1,000 commands",
+            worker.cpu_per_1000(),
+            baseline.cpu_per_1000(),
+            &|v| format!("{v:.4}"),
+        );
+        row(
+            "peak RSS (MB)",
+            worker.rss_kb as f64 / 1024.0,
+            baseline.rss_kb as f64 / 1024.0,
+            &|v| format!("{v:.1}"),
+        );
+        let lat = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+        if worker.p50.is_some() || baseline.p50.is_some() {
+            println!(
+                "| {:<30} | {:>10} | {:>10} | {:>8} |",
+                "p50 publish→event (ms)",
+                ms(worker.p50),
+                ms(baseline.p50),
+                ratio(lat(worker.p50), lat(baseline.p50))
+            );
+            println!(
+                "| {:<30} | {:>10} | {:>10} | {:>8} |",
+                "p99 publish→event (ms)",
+                ms(worker.p99),
+                ms(baseline.p99),
+                ratio(lat(worker.p99), lat(baseline.p99))
+            );
+            println!("(latencies {})", worker.latency_note);
+        }
+        if worker.failed + baseline.failed > 0 {
+            println!(
+                "note: failed events: worker {}, baseline {}",
+                worker.failed, baseline.failed
+            );
+        }
+    }
+
+    pub fn runs(label: &str, runs: &[Figures]) {
+        let text: Vec<String> = runs
+            .iter()
+            .map(|f| format!("{:.0}/s {:.4} CPU-s", f.rate(), f.cpu_per_1000()))
+            .collect();
+        println!("  {label} runs: {}", text.join("; "));
+    }
+
+    pub fn verdict(ok: bool) -> &'static str {
+        if ok { "MET" } else { "NOT MET" }
+    }
+}
+
+mod scenarios {
+    use super::*;
+
+    /// Instant API: worker and baseline, interleaved, `BENCH_REPEAT` times.
+    pub async fn instant(broker: &Broker, prefetch: u16) -> Result<Vec<String>> {
+        let n = env_usize("BENCH_N", 20_000);
+        let repeat = env_usize("BENCH_REPEAT", 3);
+        let label = if prefetch == 64 {
+            "instant-64"
+        } else {
+            "instant-256"
+        };
+        let plan = Plan {
+            label,
+            prefetch,
+            latency_ms: 0,
+            queued: n,
+            window: None,
+            paced: Some((2_000, 5)),
+        };
+        report::heading(&format!(
+            "{label}: instant API, prefetch {prefetch}, {n} commands queued, median of {repeat}"
+        ));
+        let (mut workers, mut baselines) = (Vec::new(), Vec::new());
+        for i in 0..repeat {
+            // Alternate who goes first, so a drifting machine favours neither.
+            let order = if i % 2 == 0 {
+                [Who::Baseline, Who::Worker]
+            } else {
+                [Who::Worker, Who::Baseline]
+            };
+            for who in order {
+                let f = run_once(broker, &plan, who).await?;
+                match who {
+                    Who::Worker => workers.push(f),
+                    Who::Baseline => baselines.push(f),
+                }
+            }
+        }
+        report::runs("worker", &workers);
+        report::runs("baseline", &baselines);
+        let (w, b) = (median(workers), median(baselines));
+        report::compare(&w, &b);
+        let mut lines = Vec::new();
+        if prefetch == 64 {
+            let (rate, cpu) = (w.rate() / b.rate(), w.cpu_per_1000() / b.cpu_per_1000());
+            lines.push(format!(
+                "instant-64: {:.2}× the baseline's commands/s (target ≥ 0.90×): {}",
+                rate,
+                report::verdict(rate >= 0.9)
+            ));
+            lines.push(format!(
+                "instant-64: {:.2}× the baseline's CPU-s per 1,000 commands (target ≤ 1.30×): {}",
+                cpu,
+                report::verdict(cpu <= 1.3)
+            ));
+        } else {
+            lines.push(format!(
+                "instant-256: {:.0} commands/s, {:.2}× the baseline",
+                w.rate(),
+                w.rate() / b.rate()
+            ));
+        }
+        Ok(lines)
+    }
+
+    /// Hyperline taking 2 s per purchase, prefetch 256: the ceiling is 128/s.
+    pub async fn slow_api(broker: &Broker) -> Result<Vec<String>> {
+        let plan = Plan {
+            label: "latency-2s",
+            prefetch: 256,
+            latency_ms: 2_000,
+            queued: 256 * 15,
+            window: None,
+            paced: Some((100, 10)),
+        };
+        report::heading("latency-2s: API latency 2 s, prefetch 256, 3,840 commands queued");
+        let w = run_once(broker, &plan, Who::Worker).await?;
+        let b = run_once(broker, &plan, Who::Baseline).await?;
+        report::compare(&w, &b);
+        let share = w.rate() / 128.0;
+        println!(
+            "worker: {:.1} commands/s = {:.1} % of the 128/s ceiling (baseline {:.1} %)",
+            w.rate(),
+            share * 100.0,
+            b.rate() / 128.0 * 100.0
+        );
+        Ok(vec![format!(
+            "latency-2s: {:.1} commands/s = {:.1} % of 128/s (target ≥ 95 %): {}",
+            w.rate(),
+            share * 100.0,
+            report::verdict(share >= 0.95)
+        )])
+    }
+
+    /// Three replicas sharing the simulator's real write limit, 50 per 10 s.
+    pub async fn rate_limited(broker: &Broker) -> Result<Vec<String>> {
+        const WINDOW: Duration = Duration::from_secs(60);
+        const REPLICAS: usize = 3;
+        const QUEUED: usize = 400;
+        report::heading(
+            "rate-limit: 50 writes per 10 s (5/s), 3 replicas, prefetch 64 each, 60 s window",
+        );
+        let sim = Sim::start(0, 50).await?;
+        let mut run = Run::setup(broker, "rate-limit", &sim, 64).await?;
+        let outcome = async {
+            run.prepublish(broker, QUEUED).await?;
+            let subjects = run.spawn_workers(REPLICAS)?;
+            let started = run.consumers_up(broker, 1).await;
+            let cpu0 = cpu_of(&subjects);
+            let measured = async {
+                let started = started?;
+                let got = run.collect(QUEUED, WINDOW).await;
+                let ledger = sim.ledger().await?;
+                let cpu = cpu_of(&subjects).saturating_sub(cpu0) as f64 / procfs::clk_tck();
+                let late = Instant::now().duration_since(started + WINDOW);
+                Ok::<_, anyhow::Error>((got, ledger, cpu, late))
+            }
+            .await;
+            for s in subjects {
+                s.stop().await;
+            }
+            measured
+        }
+        .await;
+        sim.stop().await;
+        run.cleanup(broker).await;
+        let (got, ledger, cpu, late) = outcome?;
+        let rate = got.events as f64 / WINDOW.as_secs_f64();
+        let share = if ledger.requests > 0 {
+            ledger.rate_limited as f64 / ledger.requests as f64
+        } else {
+            0.0
+        };
+        println!("| {:<36} | {:>10} |", "", "3 replicas");
+        println!("|{:-<38}|{:->12}|", "", "");
+        println!(
+            "| {:<36} | {:>10} |",
+            "results in the 60 s window", got.events
+        );
+        println!("| {:<36} | {:>10.2} |", "achieved commands/s", rate);
+        println!(
+            "| {:<36} | {:>9.1}% |",
+            "of the allowed 5/s",
+            rate / 5.0 * 100.0
+        );
+        println!(
+            "| {:<36} | {:>10} |",
+            "requests to the API", ledger.requests
+        );
+        println!("| {:<36} | {:>10} |", "answered 429", ledger.rate_limited);
+        println!("| {:<36} | {:>9.2}% |", "share answered 429", share * 100.0);
+        println!("| {:<36} | {:>10.3} |", "CPU-s of the 3 replicas", cpu);
+        if got.failed > 0 {
+            println!("note: {} failed events", got.failed);
+        }
+        if late > Duration::from_millis(500) {
+            println!("note: ledger read {late:?} after the window closed");
+        }
+        Ok(vec![
+            format!(
+                "rate-limit: {:.2}/s = {:.1} % of the allowed 5/s (target ≥ 95 %): {}",
+                rate,
+                rate / 5.0 * 100.0,
+                report::verdict(rate >= 4.75)
+            ),
+            format!(
+                "rate-limit: {:.2} % of requests answered 429 (target < 2 %): {}",
+                share * 100.0,
+                report::verdict(share < 0.02)
+            ),
+        ])
+    }
+
+    /// 100,000 commands queued, 1,000 in flight (prefetch 1000, 2 s API).
+    pub async fn in_flight_rss(broker: &Broker) -> Result<Vec<String>> {
+        let plan = Plan {
+            label: "rss",
+            prefetch: 1000,
+            latency_ms: 2_000,
+            queued: 100_000,
+            window: Some(Duration::from_secs(20)),
+            paced: None,
+        };
+        report::heading(
+            "rss: 100,000 commands queued, prefetch 1000 (1,000 in flight), API latency 2 s, 20 s",
+        );
+        let w = run_once(broker, &plan, Who::Worker).await?;
+        let b = run_once(broker, &plan, Who::Baseline).await?;
+        report::compare(&w, &b);
+        let mb = w.rss_kb as f64 / 1024.0;
+        Ok(vec![format!(
+            "rss: peak RSS {mb:.1} MB with 1,000 in flight (target < 50 MB): {}",
+            report::verdict(mb < 50.0)
+        )])
+    }
+}
+
+/// The minimal honest loop: consume → one POST → publish the result with a
+/// confirm → ack, one task per delivery. Runs as a child of the bench so its
+/// CPU and memory are measured exactly like the worker's.
+mod baseline {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Cmd<'a> {
+        command_id: &'a str,
+        customer_id: &'a str,
+        product_id: &'a str,
+        credit_count: u64,
+        amount_excluding_tax: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    struct Receipt {
+        invoice_id: String,
+        new_credit_balance: u64,
+    }
+
+    struct Ctx {
+        http: reqwest::Client,
+        publisher: Channel,
+        sim: String,
+        results: String,
+    }
+
+    fn var(name: &str) -> Result<String> {
+        std::env::var(name).with_context(|| format!("{name} is not set"))
+    }
+
+    pub async fn run() -> Result<()> {
+        let prefetch: u16 = var("BASELINE_PREFETCH")?.parse()?;
+        let queue = var("BASELINE_QUEUE")?;
+        let connection =
+            Connection::connect(&var("BASELINE_AMQP_URL")?, ConnectionProperties::default())
+                .await?;
+        let consuming = connection.create_channel().await?;
+        consuming
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let ctx = Arc::new(Ctx {
+            http: reqwest::Client::new(),
+            publisher,
+            sim: var("BASELINE_SIM")?,
+            results: var("BASELINE_RESULTS")?,
+        });
+        let mut consumer = consuming
+            .basic_consume(
+                queue.as_str().into(),
+                "baseline".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                if let Err(e) = handle(&ctx, delivery).await {
+                    eprintln!("baseline: {e:#}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn handle(ctx: &Ctx, delivery: lapin::message::Delivery) -> Result<()> {
+        let cmd: Cmd = serde_json::from_slice(&delivery.data)?;
+        let url = format!(
+            "{}/v1/customers/{}/credits/{}/purchase",
+            ctx.sim, cmd.customer_id, cmd.product_id
+        );
+        let response = ctx
+            .http
+            .post(url)
+            .bearer_auth(SIM_KEY)
+            .header("Idempotency-Key", cmd.command_id)
+            .json(&serde_json::json!({
+                "credit_count": cmd.credit_count,
+                "amount_excluding_tax": cmd.amount_excluding_tax,
+            }))
+            .send()
+            .await?;
+        if response.status().as_u16() != 201 {
+            bail!("HTTP {}", response.status());
+        }
+        let receipt: Receipt = response.json().await?;
+        let event = serde_json::json!({
+            "type": "credit_purchase.succeeded",
+            "command_id": cmd.command_id,
+            "customer_id": cmd.customer_id,
+            "product_id": cmd.product_id,
+            "credit_count": cmd.credit_count,
+            "invoice_id": receipt.invoice_id,
+            "new_credit_balance": receipt.new_credit_balance,
+        });
+        let confirm = ctx
+            .publisher
+            .basic_publish(
+                ctx.results.as_str().into(),
+                "credit_purchase.succeeded".into(),
+                BasicPublishOptions::default(),
+                &serde_json::to_vec(&event)?,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_type("credit_purchase.succeeded".into())
+                    .with_correlation_id(cmd.command_id.into()),
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("event nacked");
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
