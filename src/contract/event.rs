@@ -220,7 +220,14 @@ impl ResultEvent {
         put("cloudEvents:source", SOURCE);
         put("cloudEvents:time", &time);
         put("cloudEvents:datacontenttype", "application/json");
-        if let Some(id) = &self.command_id {
+        // The raw id of an invalid command may hold control characters; a
+        // bridge that turns these into HTTP headers would pass CR/LF on. The
+        // body still carries it; the properties only a safe one.
+        let header_safe_id = self
+            .command_id
+            .as_deref()
+            .filter(|id| !id.chars().any(char::is_control));
+        if let Some(id) = header_safe_id {
             put("cloudEvents:subject", id);
         }
         if let Some(tp) = traceparent {
@@ -234,8 +241,8 @@ impl ResultEvent {
             .with_app_id(SOURCE.into())
             .with_timestamp(self.occurred_at.unix_timestamp().max(0) as u64)
             .with_headers(headers);
-        if let Some(id) = &self.command_id {
-            props = props.with_correlation_id(id.as_str().into());
+        if let Some(id) = header_safe_id {
+            props = props.with_correlation_id(id.into());
         }
         props
     }
@@ -324,6 +331,26 @@ mod tests {
             v["error"]["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("amount_excluding_tax"))
+        );
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_properties() {
+        let invalid = InvalidCommand {
+            reason: InvalidReason::NoPricing,
+            raw: Box::new(RawIds {
+                command_id: Some("id\r\nX-Injected: 1".into()),
+                ..RawIds::default()
+            }),
+        };
+        let event = ResultEvent::invalid(&invalid);
+        let p = event.amqp_properties(None);
+        assert!(p.correlation_id().is_none());
+        assert!(header_str(&p, "cloudEvents:subject").is_none());
+        assert_eq!(
+            event.command_id.as_deref(),
+            Some("id\r\nX-Injected: 1"),
+            "the body keeps the raw id"
         );
     }
 

@@ -231,7 +231,7 @@ impl Pipeline {
                 (event, Outcome::Succeeded, Settle::Ack)
             }
             Verdict::Rejected { status, message } => {
-                tracing::warn!(status, %message, "purchase rejected");
+                tracing::warn!(status, hyperline_message = %message, "purchase rejected");
                 (
                     failed(ErrorCode::Rejected, message, Some(status)),
                     Outcome::Failed(ErrorCode::Rejected),
@@ -239,7 +239,7 @@ impl Pipeline {
                 )
             }
             Verdict::IdempotencyConflict { message } => {
-                tracing::warn!(%message, "command_id reused for another purchase");
+                tracing::warn!(hyperline_message = %message, "command_id reused for another purchase");
                 let code = ErrorCode::IdempotencyConflict;
                 (
                     failed(code, message, Some(417)),
