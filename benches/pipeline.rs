@@ -14,7 +14,8 @@
 //! Environment: `BENCH_N` (commands per instant-API run, default 20000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario, default 3; the median
 //! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
-//! `BENCH_AMQP_URL`.
+//! `BENCH_AMQP_URL`, `BENCH_WRAP` (a command the worker runs under, e.g.
+//! `heaptrack` or `perf record -g --`: for profiling, not for figures).
 //!
 //! What is measured, for the worker and the baseline alike:
 //! - commands/s: N pre-published commands divided by the time from the moment
@@ -454,7 +455,18 @@ impl Run {
     fn spawn_workers(&self, replicas: usize) -> Result<Vec<Subject>> {
         (0..replicas)
             .map(|i| {
-                let mut cmd = Command::new(WORKER_BIN);
+                // `BENCH_WRAP="heaptrack -o /tmp/worker"` (or a profiler)
+                // runs the worker under it; its figures are then the wrapper's.
+                let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+                let mut words = wrap.split_whitespace();
+                let mut cmd = match words.next() {
+                    Some(program) => {
+                        let mut cmd = Command::new(program);
+                        cmd.args(words).arg(WORKER_BIN);
+                        cmd
+                    }
+                    None => Command::new(WORKER_BIN),
+                };
                 cmd.arg("run")
                     .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                     .env(
@@ -509,8 +521,15 @@ impl Run {
         }
     }
 
-    /// Waits for `n` events (or `limit`), returning the last arrival.
-    async fn collect(&mut self, n: usize, limit: Duration) -> Collected {
+    /// Waits for `n` events (or `limit`). When the `warmup`-th event
+    /// arrives, the CPU time of `subjects` is read: the steady state starts.
+    async fn collect(
+        &mut self,
+        n: usize,
+        limit: Duration,
+        warmup: usize,
+        subjects: &[Subject],
+    ) -> Collected {
         let deadline = tokio::time::Instant::now() + limit;
         let mut got = Collected::default();
         while got.events < n {
@@ -518,7 +537,11 @@ impl Run {
                 Ok(Some(seen)) => {
                     got.events += 1;
                     got.failed += usize::from(!seen.succeeded);
+                    got.first.get_or_insert(seen.at);
                     got.last = Some(seen.at);
+                    if got.events == warmup {
+                        got.warm = Some((seen.at, cpu_of(subjects)));
+                    }
                 }
                 _ => break,
             }
@@ -615,6 +638,9 @@ impl Run {
 struct Collected {
     events: usize,
     failed: usize,
+    first: Option<Instant>,
+    /// Arrival of the warm-up's last event, and the CPU ticks then.
+    warm: Option<(Instant, u64)>,
     last: Option<Instant>,
 }
 
@@ -702,6 +728,8 @@ struct Figures {
     secs: f64,
     cpu_secs: f64,
     rss_kb: u64,
+    /// From the consumer's registration to the first result.
+    first: Option<Duration>,
     p50: Option<Duration>,
     p99: Option<Duration>,
     latency_note: String,
@@ -783,18 +811,28 @@ async fn measure(
     let figures = async {
         let started = started?;
         let limit = plan.window.unwrap_or(Duration::from_secs(600));
-        let got = run.collect(plan.queued, limit).await;
+        // Drained runs are measured in the steady state: from the arrival of
+        // the first prefetch-full of results (every slot has turned over once)
+        // to the last result.
+        let warmup = if plan.window.is_none() {
+            usize::from(plan.prefetch)
+        } else {
+            0
+        };
+        let got = run.collect(plan.queued, limit, warmup, &subjects).await;
         let cpu1 = cpu_of(&subjects);
-        let end = match plan.window {
-            Some(w) => started + w,
-            None => got.last.unwrap_or(started),
+        let ((from, cpu_from), commands, to) = match (plan.window, got.warm) {
+            (None, Some(warm)) => (warm, got.events - warmup, got.last.unwrap_or(warm.0)),
+            (Some(w), _) => ((started, cpu0), got.events, started + w),
+            (None, None) => bail!("fewer than {warmup} results arrived"),
         };
         let mut figures = Figures {
-            commands: got.events,
+            commands,
             failed: got.failed,
-            secs: end.duration_since(started).as_secs_f64(),
-            cpu_secs: cpu1.saturating_sub(cpu0) as f64 / procfs::clk_tck(),
+            secs: to.duration_since(from).as_secs_f64(),
+            cpu_secs: cpu1.saturating_sub(cpu_from) as f64 / procfs::clk_tck(),
             rss_kb: rss_of(&subjects),
+            first: got.first.map(|f| f.duration_since(started)),
             ..Figures::default()
         };
         if plan.window.is_none() && got.events < plan.queued {
@@ -831,36 +869,35 @@ async fn measure(
     figures
 }
 
-fn median(mut runs: Vec<Figures>) -> Figures {
-    let pick = |v: &mut Vec<f64>| {
+/// The median of each figure over the runs (each figure on its own).
+fn median(runs: &[Figures]) -> Figures {
+    let med = |f: &dyn Fn(&Figures) -> Option<f64>| -> Option<f64> {
+        let mut v: Vec<f64> = runs.iter().filter_map(f).collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied()
     };
-    let mut rate: Vec<f64> = runs.iter().map(Figures::rate).collect();
-    let mut cpu: Vec<f64> = runs.iter().map(Figures::cpu_per_1000).collect();
-    let mut rss: Vec<f64> = runs.iter().map(|f| f.rss_kb as f64).collect();
-    let mut p50: Vec<f64> = runs
-        .iter()
-        .filter_map(|f| f.p50.map(|d| d.as_secs_f64()))
-        .collect();
-    let mut p99: Vec<f64> = runs
-        .iter()
-        .filter_map(|f| f.p99.map(|d| d.as_secs_f64()))
-        .collect();
-    let first = runs.swap_remove(0);
-    // Rebuild a Figures whose derived values are the medians.
-    let commands = first.commands.max(1);
-    let rate = pick(&mut rate);
-    let cpu = pick(&mut cpu);
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    // Rebuilt so that the derived rate and CPU per 1,000 are the medians.
+    let commands = runs.first().map_or(1, |f| f.commands.max(1));
+    let rate = med(&|f| Some(f.rate())).unwrap_or(0.0);
+    let cpu = med(&|f| Some(f.cpu_per_1000())).unwrap_or(0.0);
     Figures {
         commands,
-        failed: first.failed,
-        secs: commands as f64 / rate,
+        failed: runs.iter().map(|f| f.failed).sum(),
+        secs: if rate > 0.0 {
+            commands as f64 / rate
+        } else {
+            0.0
+        },
         cpu_secs: cpu * commands as f64 / 1000.0,
-        rss_kb: pick(&mut rss) as u64,
-        p50: (!p50.is_empty()).then(|| Duration::from_secs_f64(pick(&mut p50))),
-        p99: (!p99.is_empty()).then(|| Duration::from_secs_f64(pick(&mut p99))),
-        latency_note: first.latency_note,
+        rss_kb: med(&|f| Some(f.rss_kb as f64)).unwrap_or(0.0) as u64,
+        first: med(&|f| secs(f.first)).map(Duration::from_secs_f64),
+        p50: med(&|f| secs(f.p50)).map(Duration::from_secs_f64),
+        p99: med(&|f| secs(f.p99)).map(Duration::from_secs_f64),
+        latency_note: runs
+            .first()
+            .map(|f| f.latency_note.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -917,6 +954,13 @@ mod report {
             &|v| format!("{v:.1}"),
         );
         let lat = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+        println!(
+            "| {:<30} | {:>10} | {:>10} | {:>8} |",
+            "first result after (ms)",
+            ms(worker.first),
+            ms(baseline.first),
+            ratio(lat(worker.first), lat(baseline.first))
+        );
         if worker.p50.is_some() || baseline.p50.is_some() {
             println!(
                 "| {:<30} | {:>10} | {:>10} | {:>8} |",
@@ -996,7 +1040,7 @@ mod scenarios {
         }
         report::runs("worker", &workers);
         report::runs("baseline", &baselines);
-        let (w, b) = (median(workers), median(baselines));
+        let (w, b) = (median(&workers), median(&baselines));
         report::compare(&w, &b);
         let mut lines = Vec::new();
         if prefetch == 64 {
@@ -1067,7 +1111,7 @@ mod scenarios {
             let cpu0 = cpu_of(&subjects);
             let measured = async {
                 let started = started?;
-                let got = run.collect(QUEUED, WINDOW).await;
+                let got = run.collect(QUEUED, WINDOW, 0, &subjects).await;
                 let ledger = sim.ledger().await?;
                 let cpu = cpu_of(&subjects).saturating_sub(cpu0) as f64 / procfs::clk_tck();
                 let late = Instant::now().duration_since(started + WINDOW);
