@@ -14,7 +14,8 @@
 //! Environment: `BENCH_N` (commands per instant-API run, default 20000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario, default 3; the median
 //! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
-//! `BENCH_AMQP_URL`, `BENCH_WRAP` (a command the worker runs under, e.g.
+//! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `BENCH_AMQP_URL`,
+//! `BENCH_WRAP` (a command the worker runs under, e.g.
 //! `heaptrack` or `perf record -g --`: for profiling, not for figures).
 //!
 //! What is measured, for the worker and the baseline alike:
@@ -44,7 +45,7 @@ use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::Settings;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
@@ -260,6 +261,15 @@ mod procfs {
         // fields[0] is `state` (field 3): utime is field 14, stime 15.
         let get = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
         get(11).unwrap_or(0) + get(12).unwrap_or(0)
+    }
+
+    /// The RabbitMQ node on this machine, if there is one to watch.
+    pub fn broker_pid() -> Option<u32> {
+        let out = std::process::Command::new("pgrep")
+            .args(["-o", "-x", "beam.smp"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
     /// Peak resident set size, in kB.
@@ -522,13 +532,13 @@ impl Run {
     }
 
     /// Waits for `n` events (or `limit`). When the `warmup`-th event
-    /// arrives, the CPU time of `subjects` is read: the steady state starts.
+    /// arrives, the CPU times are read: the steady state starts.
     async fn collect(
         &mut self,
         n: usize,
         limit: Duration,
         warmup: usize,
-        subjects: &[Subject],
+        meter: &Meter,
     ) -> Collected {
         let deadline = tokio::time::Instant::now() + limit;
         let mut got = Collected::default();
@@ -540,7 +550,7 @@ impl Run {
                     got.first.get_or_insert(seen.at);
                     got.last = Some(seen.at);
                     if got.events == warmup {
-                        got.warm = Some((seen.at, cpu_of(subjects)));
+                        got.warm = Some((seen.at, meter.read()));
                     }
                 }
                 _ => break,
@@ -640,7 +650,7 @@ struct Collected {
     failed: usize,
     first: Option<Instant>,
     /// Arrival of the warm-up's last event, and the CPU ticks then.
-    warm: Option<(Instant, u64)>,
+    warm: Option<(Instant, Ticks)>,
     last: Option<Instant>,
 }
 
@@ -700,10 +710,13 @@ impl Subject {
         {
             cmd.env_remove(k);
         }
+        // A process group of its own, so that stopping it also stops what a
+        // `BENCH_WRAP` wrapper started.
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {log_name}"))?;
@@ -716,6 +729,9 @@ impl Subject {
     }
 
     async fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.pid)])
+            .status();
         let _ = self.child.kill().await;
     }
 }
@@ -727,6 +743,9 @@ struct Figures {
     failed: usize,
     secs: f64,
     cpu_secs: f64,
+    /// The simulator's and the broker's CPU over the same window.
+    sim_cpu_secs: f64,
+    broker_cpu_secs: f64,
     rss_kb: u64,
     /// From the consumer's registration to the first result.
     first: Option<Duration>,
@@ -744,16 +763,60 @@ impl Figures {
         }
     }
     fn cpu_per_1000(&self) -> f64 {
+        self.per_1000(self.cpu_secs)
+    }
+    fn per_1000(&self, secs: f64) -> f64 {
         if self.commands > 0 {
-            self.cpu_secs * 1000.0 / self.commands as f64
+            secs * 1000.0 / self.commands as f64
         } else {
             0.0
         }
     }
 }
 
-fn cpu_of(subjects: &[Subject]) -> u64 {
-    subjects.iter().map(|s| procfs::cpu_ticks(s.pid)).sum()
+/// CPU ticks so far of the measured processes, the simulator and the broker.
+#[derive(Clone, Copy, Debug, Default)]
+struct Ticks {
+    subjects: u64,
+    sim: u64,
+    broker: u64,
+}
+
+impl Ticks {
+    /// CPU-seconds spent since `earlier`, per source.
+    fn since(self, earlier: Ticks) -> (f64, f64, f64) {
+        let secs = |now: u64, then: u64| now.saturating_sub(then) as f64 / procfs::clk_tck();
+        (
+            secs(self.subjects, earlier.subjects),
+            secs(self.sim, earlier.sim),
+            secs(self.broker, earlier.broker),
+        )
+    }
+}
+
+/// Reads [`Ticks`].
+struct Meter {
+    subjects: Vec<u32>,
+    sim: u32,
+    broker: Option<u32>,
+}
+
+impl Meter {
+    fn new(subjects: &[Subject], sim: &Sim) -> Meter {
+        Meter {
+            subjects: subjects.iter().map(|s| s.pid).collect(),
+            sim: sim.child.id().unwrap_or(0),
+            broker: procfs::broker_pid(),
+        }
+    }
+
+    fn read(&self) -> Ticks {
+        Ticks {
+            subjects: self.subjects.iter().map(|p| procfs::cpu_ticks(*p)).sum(),
+            sim: procfs::cpu_ticks(self.sim),
+            broker: self.broker.map_or(0, procfs::cpu_ticks),
+        }
+    }
 }
 
 fn rss_of(subjects: &[Subject]) -> u64 {
@@ -807,7 +870,8 @@ async fn measure(
         Who::Baseline => vec![run.spawn_baseline(sim, plan.prefetch)?],
     };
     let started = run.consumers_up(broker, 1).await;
-    let cpu0 = cpu_of(&subjects);
+    let meter = Meter::new(&subjects, sim);
+    let cpu0 = meter.read();
     let figures = async {
         let started = started?;
         let limit = plan.window.unwrap_or(Duration::from_secs(600));
@@ -819,18 +883,21 @@ async fn measure(
         } else {
             0
         };
-        let got = run.collect(plan.queued, limit, warmup, &subjects).await;
-        let cpu1 = cpu_of(&subjects);
+        let got = run.collect(plan.queued, limit, warmup, &meter).await;
+        let cpu1 = meter.read();
         let ((from, cpu_from), commands, to) = match (plan.window, got.warm) {
             (None, Some(warm)) => (warm, got.events - warmup, got.last.unwrap_or(warm.0)),
             (Some(w), _) => ((started, cpu0), got.events, started + w),
             (None, None) => bail!("fewer than {warmup} results arrived"),
         };
+        let (cpu_secs, sim_cpu_secs, broker_cpu_secs) = cpu1.since(cpu_from);
         let mut figures = Figures {
             commands,
             failed: got.failed,
             secs: to.duration_since(from).as_secs_f64(),
-            cpu_secs: cpu1.saturating_sub(cpu_from) as f64 / procfs::clk_tck(),
+            cpu_secs,
+            sim_cpu_secs,
+            broker_cpu_secs,
             rss_kb: rss_of(&subjects),
             first: got.first.map(|f| f.duration_since(started)),
             ..Figures::default()
@@ -881,6 +948,8 @@ fn median(runs: &[Figures]) -> Figures {
     let commands = runs.first().map_or(1, |f| f.commands.max(1));
     let rate = med(&|f| Some(f.rate())).unwrap_or(0.0);
     let cpu = med(&|f| Some(f.cpu_per_1000())).unwrap_or(0.0);
+    let sim = med(&|f| Some(f.per_1000(f.sim_cpu_secs))).unwrap_or(0.0);
+    let broker = med(&|f| Some(f.per_1000(f.broker_cpu_secs))).unwrap_or(0.0);
     Figures {
         commands,
         failed: runs.iter().map(|f| f.failed).sum(),
@@ -890,6 +959,8 @@ fn median(runs: &[Figures]) -> Figures {
             0.0
         },
         cpu_secs: cpu * commands as f64 / 1000.0,
+        sim_cpu_secs: sim * commands as f64 / 1000.0,
+        broker_cpu_secs: broker * commands as f64 / 1000.0,
         rss_kb: med(&|f| Some(f.rss_kb as f64)).unwrap_or(0.0) as u64,
         first: med(&|f| secs(f.first)).map(Duration::from_secs_f64),
         p50: med(&|f| secs(f.p50)).map(Duration::from_secs_f64),
@@ -945,6 +1016,18 @@ mod report {
             "CPU-s per 1,000 commands",
             worker.cpu_per_1000(),
             baseline.cpu_per_1000(),
+            &|v| format!("{v:.4}"),
+        );
+        row(
+            "broker CPU-s per 1,000",
+            worker.per_1000(worker.broker_cpu_secs),
+            baseline.per_1000(baseline.broker_cpu_secs),
+            &|v| format!("{v:.4}"),
+        );
+        row(
+            "simulator CPU-s per 1,000",
+            worker.per_1000(worker.sim_cpu_secs),
+            baseline.per_1000(baseline.sim_cpu_secs),
             &|v| format!("{v:.4}"),
         );
         row(
@@ -1108,12 +1191,13 @@ mod scenarios {
             run.prepublish(broker, QUEUED).await?;
             let subjects = run.spawn_workers(REPLICAS)?;
             let started = run.consumers_up(broker, 1).await;
-            let cpu0 = cpu_of(&subjects);
+            let meter = Meter::new(&subjects, &sim);
+            let cpu0 = meter.read();
             let measured = async {
                 let started = started?;
-                let got = run.collect(QUEUED, WINDOW, 0, &subjects).await;
+                let got = run.collect(QUEUED, WINDOW, 0, &meter).await;
                 let ledger = sim.ledger().await?;
-                let cpu = cpu_of(&subjects).saturating_sub(cpu0) as f64 / procfs::clk_tck();
+                let (cpu, _, _) = meter.read().since(cpu0);
                 let late = Instant::now().duration_since(started + WINDOW);
                 Ok::<_, anyhow::Error>((got, ledger, cpu, late))
             }
@@ -1180,12 +1264,13 @@ mod scenarios {
             prefetch: 1000,
             latency_ms: 2_000,
             queued: 100_000,
-            window: Some(Duration::from_secs(20)),
+            window: Some(Duration::from_secs(env_usize("BENCH_RSS_SECS", 20) as u64)),
             paced: None,
         };
-        report::heading(
-            "rss: 100,000 commands queued, prefetch 1000 (1,000 in flight), API latency 2 s, 20 s",
-        );
+        report::heading(&format!(
+            "rss: 100,000 commands queued, prefetch 1000 (1,000 in flight), API latency 2 s, {} s",
+            plan.window.unwrap_or_default().as_secs()
+        ));
         let w = run_once(broker, &plan, Who::Worker).await?;
         let b = run_once(broker, &plan, Who::Baseline).await?;
         report::compare(&w, &b);
@@ -1261,15 +1346,20 @@ mod baseline {
             let delivery = delivery?;
             let ctx = Arc::clone(&ctx);
             tokio::spawn(async move {
-                if let Err(e) = handle(&ctx, delivery).await {
+                if let Err(e) = handle(&ctx, &delivery).await {
                     eprintln!("baseline: {e:#}");
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    let _ = delivery.acker.nack(requeue).await;
                 }
             });
         }
         Ok(())
     }
 
-    async fn handle(ctx: &Ctx, delivery: lapin::message::Delivery) -> Result<()> {
+    async fn handle(ctx: &Ctx, delivery: &lapin::message::Delivery) -> Result<()> {
         let cmd: Cmd = serde_json::from_slice(&delivery.data)?;
         let url = format!(
             "{}/v1/customers/{}/credits/{}/purchase",

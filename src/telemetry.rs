@@ -30,7 +30,7 @@ pub fn init(format: LogFormat, level: &str) {
 /// publisher's (when it sent a valid one), with a new span id for the
 /// worker's hop, so a trace crosses the worker; a fresh trace otherwise.
 pub fn child_traceparent(incoming: Option<&str>) -> String {
-    let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let span_id = random_hex(16);
     let parsed = incoming.and_then(|tp| {
         let parts: Vec<&str> = tp.trim().split('-').collect();
         let hex = |s: &str, len: usize| {
@@ -52,14 +52,42 @@ pub fn child_traceparent(incoming: Option<&str>) -> String {
             _ => None,
         }
     });
-    let (trace, flags) =
-        parsed.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
+    let (trace, flags) = parsed.unwrap_or_else(|| (random_hex(32), "01".to_owned()));
     format!("00-{trace}-{span_id}-{flags}")
+}
+
+/// A random id of `digits` lower-case hex digits (at most 32), never all
+/// zeros (W3C: an all-zero trace or span id is invalid). Drawn from the
+/// thread's CSPRNG: `Uuid::new_v4` asks the kernel, a system call for each
+/// of the two ids of every command.
+fn random_hex(digits: usize) -> String {
+    let shift = 128 - 4 * digits as u32;
+    loop {
+        let id = rand::random::<u128>() >> shift;
+        if id != 0 {
+            return format!("{id:0digits$x}");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::child_traceparent;
+    use super::{child_traceparent, random_hex};
+
+    #[test]
+    fn random_ids_are_lower_case_hex_of_their_length() {
+        for digits in [16, 32] {
+            let ids: Vec<String> = (0..100).map(|_| random_hex(digits)).collect();
+            assert!(ids.iter().all(|id| {
+                id.len() == digits
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    && id.bytes().any(|b| b != b'0')
+            }));
+            assert!(ids.windows(2).any(|w| w[0] != w[1]), "random");
+        }
+    }
 
     #[test]
     fn a_valid_traceparent_keeps_its_trace_with_a_new_span() {

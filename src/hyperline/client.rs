@@ -199,7 +199,10 @@ impl HyperlineClient {
         let status = response.status().as_u16();
         // Taken, not cloned: reading the body does not need them.
         let headers = std::mem::take(response.headers_mut());
-        match response.bytes().await {
+        // Boxed: the body-reading state is the bulk of this future, and it is
+        // needed only once the answer is in; a request still waiting for its
+        // answer (most of them, against a slow API) then holds far less.
+        match Box::pin(response.bytes()).await {
             Ok(body) => {
                 let (answer, quota) = classify(status, &headers, &body, OffsetDateTime::now_utc());
                 PurchaseResponse {

@@ -68,7 +68,10 @@ fn now_ms() -> u64 {
 
 impl Pipeline {
     /// Handles one delivery to the end and reports what became of it.
-    pub async fn handle(&self, delivery: Delivery, publisher: Publisher) -> Outcome {
+    ///
+    /// The delivery is borrowed all the way down: moved through the layers,
+    /// it would be stored once per layer in the task's state.
+    pub async fn handle(&self, delivery: &Delivery, publisher: &Publisher) -> Outcome {
         let started = std::time::Instant::now();
         self.metrics.commands_received.inc();
         self.metrics.in_flight.inc();
@@ -106,7 +109,7 @@ impl Pipeline {
             .inc();
     }
 
-    async fn handle_delivery(&self, delivery: Delivery, publisher: Publisher) -> Outcome {
+    async fn handle_delivery(&self, delivery: &Delivery, publisher: &Publisher) -> Outcome {
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
         let message_id = props.message_id().as_ref().map(|m| m.as_str().to_owned());
@@ -129,29 +132,30 @@ impl Pipeline {
                     tracing::warn!(reason = %invalid.reason, "invalid command: dead-lettering it");
                     let event = ResultEvent::invalid(&invalid);
                     let outcome = Outcome::Failed(ErrorCode::InvalidCommand);
-                    return self
-                        .finish(
-                            &delivery,
-                            &publisher,
-                            &event,
-                            outcome,
-                            Settle::DeadLetter,
-                            &traceparent,
-                        )
-                        .await;
+                    let settle = Settle::DeadLetter;
+                    return Box::pin(self.finish(
+                        delivery,
+                        publisher,
+                        &event,
+                        outcome,
+                        settle,
+                        &traceparent,
+                    ))
+                    .await;
                 }
             };
             let span = tracing::Span::current();
             span.record("command_id", command.id.as_str());
             span.record("customer_id", command.customer_id.as_str());
             span.record("product_id", command.product_id.as_str());
-            if let Some(outcome) = self
-                .refresh_if_worn(&delivery, &publisher, &command, &traceparent)
-                .await
+            if self.worn(delivery)
+                && let Some(outcome) =
+                    Box::pin(self.refresh_if_worn(delivery, publisher, &command, &traceparent))
+                        .await
             {
                 return outcome;
             }
-            self.purchase(&delivery, &publisher, &command, &traceparent)
+            self.purchase(delivery, publisher, &command, &traceparent)
                 .await
         }
         .instrument(span)
@@ -186,16 +190,16 @@ impl Pipeline {
                 http_status: None,
             };
             let event = ResultEvent::failed(command, earlier, error);
-            return self
-                .finish(
-                    delivery,
-                    publisher,
-                    &event,
-                    Outcome::Failed(ErrorCode::RetriesExhausted),
-                    Settle::DeadLetter,
-                    traceparent,
-                )
-                .await;
+            let outcome = Outcome::Failed(ErrorCode::RetriesExhausted);
+            return Box::pin(self.finish(
+                delivery,
+                publisher,
+                &event,
+                outcome,
+                Settle::DeadLetter,
+                traceparent,
+            ))
+            .await;
         }
 
         let ctx = RetryContext {
@@ -205,90 +209,97 @@ impl Pipeline {
             settings: &self.settings,
             metrics: &self.metrics,
         };
+        // Boxed, like the publish below: each phase's state is allocated
+        // while it runs, so a command waiting on the API holds only that.
         let Attempted { verdict, requests } =
-            purchase_with_retry(&ctx, command, Some(traceparent)).await;
+            Box::pin(purchase_with_retry(&ctx, command, Some(traceparent))).await;
         let attempts = earlier.saturating_add(requests);
-        let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
-            ResultEvent::failed(
-                command,
-                attempts,
-                EventError {
-                    code,
-                    message,
-                    http_status,
-                },
-            )
-        };
-        let (event, outcome, settle) = match verdict {
-            Verdict::Succeeded(receipt) => {
-                tracing::info!(invoice_id = %receipt.invoice_id, attempts, "credits purchased");
-                let event = ResultEvent::succeeded(
+        // The conclusion, boxed: while the API is called, its state (the
+        // event, the publish, the settlement) takes no room in the task.
+        Box::pin(async move {
+            let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
+                ResultEvent::failed(
                     command,
-                    receipt.invoice_id,
-                    receipt.new_credit_balance,
                     attempts,
-                );
-                (event, Outcome::Succeeded, Settle::Ack)
-            }
-            Verdict::Rejected { status, message } => {
-                tracing::warn!(status, hyperline_message = %message, "purchase rejected");
-                (
-                    failed(ErrorCode::Rejected, message, Some(status)),
-                    Outcome::Failed(ErrorCode::Rejected),
-                    Settle::Ack,
+                    EventError {
+                        code,
+                        message,
+                        http_status,
+                    },
                 )
-            }
-            Verdict::IdempotencyConflict { message } => {
-                tracing::warn!(hyperline_message = %message, "command_id reused for another purchase");
-                let code = ErrorCode::IdempotencyConflict;
-                (
-                    failed(code, message, Some(417)),
-                    Outcome::Failed(code),
-                    Settle::Ack,
-                )
-            }
-            Verdict::Unexpected { status, detail } => {
-                tracing::error!(status, %detail, "unexpected answer: dead-lettering for an operator");
-                let code = ErrorCode::UnexpectedResponse;
-                (
-                    failed(code, detail, Some(status)),
-                    Outcome::Failed(code),
-                    Settle::DeadLetter,
-                )
-            }
-            Verdict::CredentialFault => {
-                if self.credentials.report_fault() {
-                    tracing::error!(
-                        "Hyperline refuses the API key: pausing consumption until it is accepted"
+            };
+            let (event, outcome, settle) = match verdict {
+                Verdict::Succeeded(receipt) => {
+                    tracing::info!(invoice_id = %receipt.invoice_id, attempts, "credits purchased");
+                    let event = ResultEvent::succeeded(
+                        command,
+                        receipt.invoice_id,
+                        receipt.new_credit_balance,
+                        attempts,
                     );
+                    (event, Outcome::Succeeded, Settle::Ack)
                 }
-                return self
-                    .settle(delivery, Settle::Requeue, Outcome::CredentialFault)
-                    .await;
-            }
-            Verdict::Exhausted {
-                last_status,
-                last_error,
-            } => {
-                if let Some((delay, queue)) = self.topology.retry_queues.get(step) {
-                    tracing::warn!(%last_error, delay_secs = delay, "in-process retries spent: moving to a delay queue");
+                Verdict::Rejected { status, message } => {
+                    tracing::warn!(status, hyperline_message = %message, "purchase rejected");
+                    (
+                        failed(ErrorCode::Rejected, message, Some(status)),
+                        Outcome::Failed(ErrorCode::Rejected),
+                        Settle::Ack,
+                    )
+                }
+                Verdict::IdempotencyConflict { message } => {
+                    tracing::warn!(hyperline_message = %message, "command_id reused for another purchase");
+                    let code = ErrorCode::IdempotencyConflict;
+                    (
+                        failed(code, message, Some(417)),
+                        Outcome::Failed(code),
+                        Settle::Ack,
+                    )
+                }
+                Verdict::Unexpected { status, detail } => {
+                    tracing::error!(status, %detail, "unexpected answer: dead-lettering for an operator");
+                    let code = ErrorCode::UnexpectedResponse;
+                    (
+                        failed(code, detail, Some(status)),
+                        Outcome::Failed(code),
+                        Settle::DeadLetter,
+                    )
+                }
+                Verdict::CredentialFault => {
+                    if self.credentials.report_fault() {
+                        tracing::error!(
+                            "Hyperline refuses the API key: pausing consumption until it is accepted"
+                        );
+                    }
                     return self
-                        .defer(delivery, publisher, queue, step, attempts, first_attempt)
+                        .settle(delivery, Settle::Requeue, Outcome::CredentialFault)
                         .await;
                 }
-                tracing::error!(%last_error, attempts, "retries exhausted: dead-lettering");
-                let message =
-                    format!("gave up after {attempts} attempts; last failure: {last_error}");
-                let code = ErrorCode::RetriesExhausted;
-                (
-                    failed(code, message, last_status),
-                    Outcome::Failed(code),
-                    Settle::DeadLetter,
-                )
-            }
-        };
-        self.finish(delivery, publisher, &event, outcome, settle, traceparent)
-            .await
+                Verdict::Exhausted {
+                    last_status,
+                    last_error,
+                } => {
+                    if let Some((delay, queue)) = self.topology.retry_queues.get(step) {
+                        tracing::warn!(%last_error, delay_secs = delay, "in-process retries spent: moving to a delay queue");
+                        return self
+                            .defer(delivery, publisher, queue, step, attempts, first_attempt)
+                            .await;
+                    }
+                    tracing::error!(%last_error, attempts, "retries exhausted: dead-lettering");
+                    let message =
+                        format!("gave up after {attempts} attempts; last failure: {last_error}");
+                    let code = ErrorCode::RetriesExhausted;
+                    (
+                        failed(code, message, last_status),
+                        Outcome::Failed(code),
+                        Settle::DeadLetter,
+                    )
+                }
+            };
+            self.finish(delivery, publisher, &event, outcome, settle, traceparent)
+                .await
+        })
+        .await
     }
 
     /// Publishes the event (results exchange and `reply_to`), then settles.
@@ -301,10 +312,7 @@ impl Pipeline {
         settle: Settle,
         traceparent: &str,
     ) -> Outcome {
-        match self
-            .publish_event(delivery, publisher, event, traceparent)
-            .await
-        {
+        match Box::pin(self.publish_event(delivery, publisher, event, traceparent)).await {
             Ok(()) => self.settle(delivery, settle, outcome).await,
             Err(e) => {
                 tracing::error!(error = %e, "event not confirmed: requeueing the command");

@@ -67,10 +67,7 @@ impl Pipeline {
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
-        match publisher
-            .publish_routed("", queue, &delivery.data, props)
-            .await
-        {
+        match Box::pin(publisher.publish_routed("", queue, &delivery.data, props)).await {
             Ok(()) => self.settle(delivery, Settle::Ack, outcome).await,
             Err(e) => {
                 tracing::error!(error = %e, queue, "could not copy the command: requeueing it");
@@ -102,6 +99,16 @@ impl Pipeline {
             .await
     }
 
+    /// Whether the delivery has used half the broker's delivery limit (the
+    /// quick test before [`Pipeline::refresh_if_worn`]).
+    pub(super) fn worn(&self, delivery: &Delivery) -> bool {
+        let Some(limit) = self.topology.delivery_limit() else {
+            return false;
+        };
+        let headers = delivery.properties.headers().as_ref();
+        header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0) >= u64::from(limit) / 2
+    }
+
     /// A quorum queue dead-letters a message after `x-delivery-limit`
     /// deliveries without anyone publishing an event, and on brokers before
     /// 4.3 every return counts: a command that keeps landing on replicas that
@@ -116,12 +123,11 @@ impl Pipeline {
         command: &Command,
         traceparent: &str,
     ) -> Option<Outcome> {
-        let limit = u64::from(self.topology.delivery_limit()?);
-        let headers = delivery.properties.headers().as_ref();
-        let deliveries = header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
-        if deliveries < limit / 2 {
+        if !self.worn(delivery) {
             return None;
         }
+        let headers = delivery.properties.headers().as_ref();
+        let deliveries = header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
         let refreshes = header_u64(headers, REFRESH_HEADER).unwrap_or(0);
         if refreshes >= MAX_REFRESHES {
             let attempts = u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0))

@@ -133,9 +133,10 @@ async fn run_consumer(
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
 ) -> Result<bool, SessionError> {
-    let mut publisher_check = tokio::time::interval(Duration::from_secs(1));
+    // Every second: is the publisher still open, and which tasks finished.
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     // Built once, not on every turn of the loop: each would register a
-    // waiter anew for every delivery and every finished task.
+    // waiter anew for every delivery.
     let shutdown = ctx.shutdown.cancelled();
     let faulted = ctx.pipeline.credentials.faulted();
     tokio::pin!(shutdown, faulted);
@@ -143,8 +144,8 @@ async fn run_consumer(
         tokio::select! {
             () = &mut shutdown => return Ok(false),
             () = &mut faulted => return Ok(true),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => record(done),
-            _ = publisher_check.tick() => {
+            _ = housekeeping.tick() => {
+                reap(tasks);
                 if !publisher.is_open() {
                     return Err(SessionError::PublisherClosed);
                 }
@@ -156,12 +157,22 @@ async fn run_consumer(
                     // Boxed: the task then holds a pointer, and the runtime
                     // moves 16 bytes instead of the whole state machine when it
                     // creates the task, stores its output and hands it over.
-                    tasks.spawn(Box::pin(async move { pipeline.handle(delivery, publisher).await }));
+                    tasks.spawn(Box::pin(async move { pipeline.handle(&delivery, &publisher).await }));
+                    reap(tasks);
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(SessionError::ConsumerCancelled),
             },
         }
+    }
+}
+
+/// Collects the tasks that finished, without waiting. Finished tasks are
+/// collected as deliveries come in (and every second), not as each ends:
+/// waiting on the set would wake this loop once more per delivery.
+fn reap(tasks: &mut JoinSet<Outcome>) {
+    while let Some(done) = tasks.try_join_next() {
+        record(done);
     }
 }
 
