@@ -8,6 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tracing::Instrument;
@@ -52,6 +53,31 @@ impl Outcome {
     }
 }
 
+/// A delivery with the channel it came on.
+///
+/// Its settlement is written on the channel directly: lapin's per-delivery
+/// `Acker` would first hand it to lapin's internal RPC task, one more
+/// wake-up per command. The pipeline settles each delivery once, which is
+/// what the `Acker`'s single-use guard was for.
+pub struct Received {
+    delivery: Delivery,
+    channel: Channel,
+}
+
+impl Received {
+    pub fn new(delivery: Delivery, channel: Channel) -> Received {
+        Received { delivery, channel }
+    }
+}
+
+impl std::ops::Deref for Received {
+    type Target = Delivery;
+
+    fn deref(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
 /// How the delivery leaves the queue once its output is confirmed.
 pub(super) enum Settle {
     Ack,
@@ -71,7 +97,7 @@ impl Pipeline {
     ///
     /// The delivery is borrowed all the way down: moved through the layers,
     /// it would be stored once per layer in the task's state.
-    pub async fn handle(&self, delivery: &Delivery, publisher: &Publisher) -> Outcome {
+    pub async fn handle(&self, delivery: &Received, publisher: &Publisher) -> Outcome {
         let started = std::time::Instant::now();
         self.metrics.commands_received.inc();
         self.metrics.in_flight.inc();
@@ -109,7 +135,7 @@ impl Pipeline {
             .inc();
     }
 
-    async fn handle_delivery(&self, delivery: &Delivery, publisher: &Publisher) -> Outcome {
+    async fn handle_delivery(&self, delivery: &Received, publisher: &Publisher) -> Outcome {
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
         let message_id = props.message_id().as_ref().map(|m| m.as_str().to_owned());
@@ -164,7 +190,7 @@ impl Pipeline {
 
     async fn purchase(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         command: &Command,
         traceparent: &str,
@@ -305,7 +331,7 @@ impl Pipeline {
     /// Publishes the event (results exchange and `reply_to`), then settles.
     pub(super) async fn finish(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         event: &ResultEvent,
         outcome: Outcome,
@@ -324,7 +350,7 @@ impl Pipeline {
 
     async fn publish_event(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         event: &ResultEvent,
         traceparent: &str,
@@ -358,47 +384,35 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Acks, dead-letters or requeues. lapin answers `Ok(false)` when the
-    /// channel is gone: the broker will redeliver, which is safe, but it is
-    /// logged so a silent no-op never passes for an ack.
+    /// Acks, dead-letters or requeues. A settlement that fails (the channel
+    /// is gone) has no effect: the broker will redeliver, which is safe, but
+    /// it is counted and logged so a lost ack never passes for one.
     pub(super) async fn settle(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         settle: Settle,
         outcome: Outcome,
     ) -> Outcome {
+        let (channel, tag) = (&delivery.channel, delivery.delivery_tag);
         let result = match settle {
-            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+            Settle::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
             Settle::DeadLetter => {
-                delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
+                let dead_letter = BasicRejectOptions { requeue: false };
+                channel.basic_reject(tag, dead_letter).await
             }
             // nack, not reject: RabbitMQ 4.3 counts rejects, not nacks, toward
             // the quorum delivery limit, and a requeue is never the command's fault.
             Settle::Requeue => {
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                };
+                channel.basic_nack(tag, requeue).await
             }
         };
-        if !matches!(result, Ok(true)) {
+        if let Err(e) = result {
             self.metrics.settlements_lost.inc();
-        }
-        match result {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                outcome = outcome.label(),
-                "the channel is gone: the settlement had no effect and the broker will redeliver"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver")
-            }
+            tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver");
         }
         outcome
     }

@@ -8,11 +8,10 @@
 //! counters instead. The original is acked only once the copy is confirmed
 //! and routed.
 
-use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::Pipeline;
-use super::handler::{Outcome, Settle};
+use super::handler::{Outcome, Received, Settle};
 use crate::broker::{Publisher, REDELIVERY_HEADERS, header_u64};
 use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
 
@@ -33,7 +32,7 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 const MAX_REFRESHES: u64 = 3;
 
 /// The delivery's headers without the broker's, with ours set.
-fn copied_headers(delivery: &Delivery, set: &[(&str, u64)]) -> FieldTable {
+fn copied_headers(delivery: &Received, set: &[(&str, u64)]) -> FieldTable {
     let mut headers = FieldTable::default();
     if let Some(old) = delivery.properties.headers() {
         for (k, v) in old.inner() {
@@ -56,7 +55,7 @@ impl Pipeline {
     /// confirmed; requeues the original otherwise.
     async fn copy_then_ack(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         queue: &str,
         headers: FieldTable,
@@ -80,7 +79,7 @@ impl Pipeline {
     /// Copies the command to the delay queue of `step`, then acks the original.
     pub(super) async fn defer(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         queue: &str,
         step: usize,
@@ -101,7 +100,7 @@ impl Pipeline {
 
     /// Whether the delivery has used half the broker's delivery limit (the
     /// quick test before [`Pipeline::refresh_if_worn`]).
-    pub(super) fn worn(&self, delivery: &Delivery) -> bool {
+    pub(super) fn worn(&self, delivery: &Received) -> bool {
         let Some(limit) = self.topology.delivery_limit() else {
             return false;
         };
@@ -118,7 +117,7 @@ impl Pipeline {
     /// Returns `None` when the delivery should be processed normally.
     pub(super) async fn refresh_if_worn(
         &self,
-        delivery: &Delivery,
+        delivery: &Received,
         publisher: &Publisher,
         command: &Command,
         traceparent: &str,

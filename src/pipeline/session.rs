@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::handler::Outcome;
+use super::handler::{Outcome, Received};
 use crate::broker::{self, Publisher, TopologyError};
 use crate::configuration::Settings;
 use crate::operations::Health;
@@ -112,7 +112,7 @@ async fn consume(
             )
             .await?;
         ctx.health.set_consuming(true);
-        let paused = run_consumer(ctx, &mut consumer, publisher, tasks).await?;
+        let paused = run_consumer(ctx, channel, &mut consumer, publisher, tasks).await?;
         ctx.health.set_consuming(false);
         // Stop the flow, then put back what the broker had already pushed.
         channel
@@ -129,6 +129,7 @@ async fn consume(
 /// `Ok(false)`: shutdown.
 async fn run_consumer(
     ctx: &SessionContext<'_>,
+    channel: &Channel,
     consumer: &mut Consumer,
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
@@ -152,6 +153,7 @@ async fn run_consumer(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    let delivery = Received::new(delivery, channel.clone());
                     let pipeline = Arc::clone(ctx.pipeline);
                     let publisher = publisher.clone();
                     // Boxed: the task then holds a pointer, and the runtime
