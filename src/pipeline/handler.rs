@@ -174,12 +174,8 @@ impl Pipeline {
             span.record("command_id", command.id.as_str());
             span.record("customer_id", command.customer_id.as_str());
             span.record("product_id", command.product_id.as_str());
-            if self.worn(delivery)
-                && let Some(outcome) =
-                    Box::pin(self.refresh_if_worn(delivery, publisher, &command, &traceparent))
-                        .await
-            {
-                return outcome;
+            if self.worn(delivery) {
+                return Box::pin(self.refresh(delivery, publisher, &command, &traceparent)).await;
             }
             self.purchase(delivery, publisher, &command, &traceparent)
                 .await

@@ -98,8 +98,8 @@ impl Pipeline {
             .await
     }
 
-    /// Whether the delivery has used half the broker's delivery limit (the
-    /// quick test before [`Pipeline::refresh_if_worn`]).
+    /// Whether the delivery has used half the broker's delivery limit, and
+    /// must go through [`Pipeline::refresh`] instead of a purchase.
     pub(super) fn worn(&self, delivery: &Received) -> bool {
         let Some(limit) = self.topology.delivery_limit() else {
             return false;
@@ -114,17 +114,14 @@ impl Pipeline {
     /// crash or lose their connection would vanish unanswered. Past half the
     /// limit, the command is copied back as a fresh message instead; after
     /// [`MAX_REFRESHES`] copies it is a poison message and fails with an event.
-    /// Returns `None` when the delivery should be processed normally.
-    pub(super) async fn refresh_if_worn(
+    /// Called only for a [`Pipeline::worn`] delivery.
+    pub(super) async fn refresh(
         &self,
         delivery: &Received,
         publisher: &Publisher,
         command: &Command,
         traceparent: &str,
-    ) -> Option<Outcome> {
-        if !self.worn(delivery) {
-            return None;
-        }
+    ) -> Outcome {
         let headers = delivery.properties.headers().as_ref();
         let deliveries = header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
         let refreshes = header_u64(headers, REFRESH_HEADER).unwrap_or(0);
@@ -151,8 +148,8 @@ impl Pipeline {
                 },
             );
             let outcome = Outcome::Failed(ErrorCode::RetriesExhausted);
-            return Some(
-                self.finish(
+            return self
+                .finish(
                     delivery,
                     publisher,
                     &event,
@@ -160,8 +157,7 @@ impl Pipeline {
                     Settle::DeadLetter,
                     traceparent,
                 )
-                .await,
-            );
+                .await;
         }
         tracing::warn!(
             deliveries,
@@ -169,10 +165,8 @@ impl Pipeline {
             "near the broker's delivery limit: copying the command back as a fresh message"
         );
         let headers = copied_headers(delivery, &[(REFRESH_HEADER, refreshes + 1)]);
-        let queue = self.topology.queue.clone();
-        Some(
-            self.copy_then_ack(delivery, publisher, &queue, headers, Outcome::Refreshed)
-                .await,
-        )
+        let queue = &self.topology.queue;
+        self.copy_then_ack(delivery, publisher, queue, headers, Outcome::Refreshed)
+            .await
     }
 }
