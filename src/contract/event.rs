@@ -219,7 +219,8 @@ impl ResultEvent {
         put("cloudEvents:type", self.kind.as_str());
         put("cloudEvents:source", SOURCE);
         put("cloudEvents:time", &time);
-        put("cloudEvents:datacontenttype", "application/json");
+        // No `cloudEvents:datacontenttype`: the AMQP binding maps that
+        // attribute to the `content_type` property, never to a header.
         // The raw id of an invalid command may hold control characters; a
         // bridge that turns these into HTTP headers would pass CR/LF on. The
         // body still carries it; the properties only a safe one.

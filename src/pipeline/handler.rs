@@ -8,14 +8,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::Channel;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tracing::Instrument;
 
 use super::Pipeline;
 pub use super::redelivery::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, REFRESH_HEADER, STEP_HEADER};
 use super::retry::{Attempted, RetryContext, Verdict, purchase_with_retry};
+pub use super::settlement::{Received, Settle};
 use crate::broker::{PublishError, Publisher, Routed, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
@@ -51,38 +49,6 @@ impl Outcome {
             Outcome::NotConfirmed => "not_confirmed",
         }
     }
-}
-
-/// A delivery with the channel it came on.
-///
-/// Its settlement is written on the channel directly: lapin's per-delivery
-/// `Acker` would first hand it to lapin's internal RPC task, one more
-/// wake-up per command. The pipeline settles each delivery once, which is
-/// what the `Acker`'s single-use guard was for.
-pub struct Received {
-    delivery: Delivery,
-    channel: Channel,
-}
-
-impl Received {
-    pub fn new(delivery: Delivery, channel: Channel) -> Received {
-        Received { delivery, channel }
-    }
-}
-
-impl std::ops::Deref for Received {
-    type Target = Delivery;
-
-    fn deref(&self) -> &Delivery {
-        &self.delivery
-    }
-}
-
-/// How the delivery leaves the queue once its output is confirmed.
-pub(super) enum Settle {
-    Ack,
-    DeadLetter,
-    Requeue,
 }
 
 fn now_ms() -> u64 {
@@ -294,8 +260,7 @@ impl Pipeline {
                         );
                     }
                     return self
-                        .settle(delivery, Settle::Requeue, Outcome::CredentialFault)
-                        .await;
+                        .settle(delivery, Settle::Requeue, Outcome::CredentialFault);
                 }
                 Verdict::Exhausted {
                     last_status,
@@ -335,11 +300,10 @@ impl Pipeline {
         traceparent: &str,
     ) -> Outcome {
         match Box::pin(self.publish_event(delivery, publisher, event, traceparent)).await {
-            Ok(()) => self.settle(delivery, settle, outcome).await,
+            Ok(()) => self.settle(delivery, settle, outcome),
             Err(e) => {
                 tracing::error!(error = %e, "event not confirmed: requeueing the command");
                 self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
-                    .await
             }
         }
     }
@@ -380,32 +344,12 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Acks, dead-letters or requeues. A settlement that fails (the channel
-    /// is gone) has no effect: the broker will redeliver, which is safe, but
-    /// it is counted and logged so a lost ack never passes for one.
-    pub(super) async fn settle(
-        &self,
-        delivery: &Received,
-        settle: Settle,
-        outcome: Outcome,
-    ) -> Outcome {
-        let (channel, tag) = (&delivery.channel, delivery.delivery_tag);
-        let result = match settle {
-            Settle::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
-            Settle::DeadLetter => {
-                let dead_letter = BasicRejectOptions { requeue: false };
-                channel.basic_reject(tag, dead_letter).await
-            }
-            // nack, not reject: RabbitMQ 4.3 counts rejects, not nacks, toward
-            // the quorum delivery limit, and a requeue is never the command's fault.
-            Settle::Requeue => {
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                };
-                channel.basic_nack(tag, requeue).await
-            }
-        };
+    /// Acks, dead-letters or requeues. A settlement that fails at once
+    /// (the channel is gone) has no effect: the broker will redeliver, which
+    /// is safe, but it is counted and logged so a lost ack never passes for
+    /// one.
+    pub(super) fn settle(&self, delivery: &Received, settle: Settle, outcome: Outcome) -> Outcome {
+        let result = delivery.settle(settle);
         if let Err(e) = result {
             self.metrics.settlements_lost.inc();
             tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver");

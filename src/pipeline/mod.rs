@@ -3,6 +3,7 @@
 //! - [`supervisor`] keeps a connection alive and rebuilds everything after a loss;
 //! - [`session`] consumes on one connection and runs one task per delivery;
 //! - [`handler`] takes one delivery from command to ack;
+//! - `settlement` acks on the consuming channel, merging acks where it may;
 //! - `redelivery` copies commands into delay queues, or back when worn;
 //! - [`retry`] and [`gate`] pace and repeat the Hyperline requests;
 //! - [`credentials`] pauses the replica while its key is refused.
@@ -13,6 +14,7 @@ pub mod handler;
 mod redelivery;
 pub mod retry;
 pub mod session;
+mod settlement;
 pub mod supervisor;
 
 use crate::broker::Topology;

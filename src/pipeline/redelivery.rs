@@ -67,11 +67,10 @@ impl Pipeline {
             .with_headers(headers)
             .with_delivery_mode(2);
         match Box::pin(publisher.publish_routed("", queue, &delivery.data, props)).await {
-            Ok(()) => self.settle(delivery, Settle::Ack, outcome).await,
+            Ok(()) => self.settle(delivery, Settle::Ack, outcome),
             Err(e) => {
                 tracing::error!(error = %e, queue, "could not copy the command: requeueing it");
                 self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
-                    .await
             }
         }
     }

@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::handler::{Outcome, Received};
+use super::handler::{Outcome, Settle};
+use super::settlement::Settlements;
 use crate::broker::{self, Publisher, TopologyError};
 use crate::configuration::Settings;
 use crate::operations::Health;
@@ -88,6 +89,7 @@ async fn consume(
     tasks: &mut JoinSet<Outcome>,
 ) -> Result<(), SessionError> {
     let tag = format!("{}-{}", ctx.name, uuid::Uuid::new_v4().simple());
+    let settlements = Settlements::new(channel.clone(), ctx.settings.amqp.prefetch);
     loop {
         if ctx.pipeline.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
@@ -112,13 +114,13 @@ async fn consume(
             )
             .await?;
         ctx.health.set_consuming(true);
-        let paused = run_consumer(ctx, channel, &mut consumer, publisher, tasks).await?;
+        let paused = run_consumer(ctx, &settlements, &mut consumer, publisher, tasks).await?;
         ctx.health.set_consuming(false);
         // Stop the flow, then put back what the broker had already pushed.
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await?;
-        requeue_buffered(&mut consumer).await;
+        requeue_buffered(&settlements, &mut consumer).await;
         if !paused {
             return Ok(());
         }
@@ -129,7 +131,7 @@ async fn consume(
 /// `Ok(false)`: shutdown.
 async fn run_consumer(
     ctx: &SessionContext<'_>,
-    channel: &Channel,
+    settlements: &Arc<Settlements>,
     consumer: &mut Consumer,
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
@@ -153,7 +155,7 @@ async fn run_consumer(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let delivery = Received::new(delivery, channel.clone());
+                    let delivery = settlements.take(delivery);
                     let pipeline = Arc::clone(ctx.pipeline);
                     let publisher = publisher.clone();
                     // Boxed: the task then holds a pointer, and the runtime
@@ -190,16 +192,10 @@ fn record(done: Result<Outcome, tokio::task::JoinError>) {
 
 /// After `basic.cancel`, deliveries already pushed to us still arrive; they
 /// go back to the queue at once rather than waiting for the channel to close.
-async fn requeue_buffered(consumer: &mut Consumer) {
+async fn requeue_buffered(settlements: &Arc<Settlements>, consumer: &mut Consumer) {
     let bounded = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            let _ = settlements.take(delivery).settle(Settle::Requeue);
         }
     });
     let _ = bounded.await;

@@ -1,0 +1,342 @@
+//! Settling deliveries on the consuming channel, with acks merged.
+//!
+//! At instant-API rates the broker is the bottleneck, and every ack is a
+//! frame it parses and applies to the queue on its own. Commands finish out
+//! of order, so an ack that has an older delivery still open before it is
+//! held back (a few at most), and when that older delivery is settled, the
+//! held acks go out with it in one `basic.ack` with `multiple` set.
+//!
+//! The broker acks *every* unacked delivery up to the tag of a multiple ack,
+//! and closes the channel when that tag is not one of them. Three rules keep
+//! that from ever acking a command that must not be acked:
+//! - a multiple ack covers only a run that starts at the oldest open
+//!   delivery and in which every delivery is ready to be acked;
+//! - frames are queued in the order the decisions are made, under one lock,
+//!   so a reject is on the wire before any multiple ack that passes over it;
+//! - a delivery dropped without a settlement (its task panicked, or was
+//!   aborted at shutdown) is requeued at once: otherwise it would hold back
+//!   every later ack, and a later multiple ack must never take it along.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+
+/// How a delivery leaves the queue once its output is confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with: `basic.ack`.
+    Ack,
+    /// To the dead-letter queue: `basic.reject` without requeue.
+    DeadLetter,
+    /// Back on the queue: `basic.nack` with requeue.
+    Requeue,
+}
+
+/// One settlement frame to put on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    Ack { tag: u64, multiple: bool },
+    Reject(u64),
+    Requeue(u64),
+}
+
+impl Frame {
+    fn single(tag: u64, settle: Settle) -> Frame {
+        match settle {
+            Settle::Ack => Frame::Ack {
+                tag,
+                multiple: false,
+            },
+            Settle::DeadLetter => Frame::Reject(tag),
+            Settle::Requeue => Frame::Requeue(tag),
+        }
+    }
+}
+
+/// The open deliveries of a channel, in tag order, and the acks held back.
+#[derive(Debug)]
+struct Runs {
+    /// Taken and not yet settled towards the broker: (tag, ack held back).
+    open: VecDeque<(u64, bool)>,
+    /// How many of `open` are acks held back.
+    held: usize,
+    /// The most acks held back at once. Each keeps a prefetch slot busy
+    /// while an older command runs, so the bound keeps a slow command from
+    /// starving the consumer.
+    max_held: usize,
+}
+
+impl Runs {
+    fn new(max_held: usize) -> Runs {
+        Runs {
+            open: VecDeque::new(),
+            held: 0,
+            max_held,
+        }
+    }
+
+    /// Delivery tags only grow on a channel, so `open` stays sorted.
+    fn take(&mut self, tag: u64) {
+        self.open.push_back((tag, false));
+    }
+
+    /// The frames that settle `tag` (none while its ack is held back).
+    fn settle(&mut self, tag: u64, settle: Settle) -> [Option<Frame>; 2] {
+        let Ok(at) = self.open.binary_search_by_key(&tag, |&(t, _)| t) else {
+            // Never taken (or settled twice): only what was asked, alone.
+            return [Some(Frame::single(tag, settle)), None];
+        };
+        match settle {
+            Settle::Ack if at > 0 && self.held < self.max_held => {
+                self.open[at].1 = true;
+                self.held += 1;
+                [None, None]
+            }
+            Settle::Ack if at > 0 => {
+                self.open.remove(at);
+                [Some(Frame::single(tag, settle)), None]
+            }
+            Settle::Ack => {
+                self.open.pop_front();
+                let last = self.pop_held_run().unwrap_or(tag);
+                let multiple = last != tag;
+                [
+                    Some(Frame::Ack {
+                        tag: last,
+                        multiple,
+                    }),
+                    None,
+                ]
+            }
+            Settle::DeadLetter | Settle::Requeue => {
+                self.open.remove(at);
+                let released = if at == 0 {
+                    self.pop_held_run().map(|last| Frame::Ack {
+                        tag: last,
+                        multiple: true,
+                    })
+                } else {
+                    None
+                };
+                [Some(Frame::single(tag, settle)), released]
+            }
+        }
+    }
+
+    /// Removes the held acks now at the front; the tag of the last one.
+    fn pop_held_run(&mut self) -> Option<u64> {
+        let mut last = None;
+        while let Some(&(tag, true)) = self.open.front() {
+            self.open.pop_front();
+            self.held -= 1;
+            last = Some(tag);
+        }
+        last
+    }
+}
+
+/// The settlements of one consuming channel. One per channel: delivery tags
+/// are the channel's own.
+pub struct Settlements {
+    channel: Channel,
+    runs: Mutex<Runs>,
+}
+
+impl Settlements {
+    /// At most a quarter of the prefetch is held back, so a command that
+    /// retries for minutes keeps three quarters of the replica working.
+    pub fn new(channel: Channel, prefetch: u16) -> Arc<Settlements> {
+        Arc::new(Settlements {
+            channel,
+            runs: Mutex::new(Runs::new(usize::from(prefetch / 4))),
+        })
+    }
+
+    /// Registers a delivery as open; every delivery of the channel must come
+    /// through here, in the order they arrive.
+    pub fn take(self: &Arc<Self>, delivery: Delivery) -> Received {
+        self.lock().take(delivery.delivery_tag);
+        Received {
+            delivery,
+            settlements: Arc::clone(self),
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Runs> {
+        // Each update is complete under the lock, so a panic elsewhere
+        // cannot leave the runs inconsistent.
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides and queues the frames under the lock, so they reach the wire
+    /// in the order they were decided.
+    fn settle(&self, tag: u64, settle: Settle) -> Result<(), lapin::Error> {
+        let mut runs = self.lock();
+        let mut result = Ok(());
+        for frame in runs.settle(tag, settle).into_iter().flatten() {
+            let sent = match frame {
+                Frame::Ack { tag, multiple } => {
+                    hand_over(self.channel.basic_ack(tag, BasicAckOptions { multiple }))
+                }
+                Frame::Reject(tag) => hand_over(
+                    self.channel
+                        .basic_reject(tag, BasicRejectOptions { requeue: false }),
+                ),
+                Frame::Requeue(tag) => {
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    };
+                    hand_over(self.channel.basic_nack(tag, requeue))
+                }
+            };
+            result = result.and(sent);
+        }
+        result
+    }
+}
+
+/// Queues a settlement frame without waiting for lapin to write it. AMQP
+/// gives a settlement no answer, so the write proves nothing more (a written
+/// ack can still die with the connection, and the broker then redelivers,
+/// which is safe), and waiting for it cost a cross-thread wake-up per
+/// command. lapin checks the channel and queues the frame on the first poll;
+/// only the wait for the write is dropped.
+fn hand_over(settlement: impl Future<Output = lapin::Result<()>>) -> lapin::Result<()> {
+    settlement.now_or_never().unwrap_or(Ok(()))
+}
+
+/// A delivery taken from the consuming channel, settled exactly once.
+pub struct Received {
+    delivery: Delivery,
+    settlements: Arc<Settlements>,
+    settled: AtomicBool,
+}
+
+impl Received {
+    /// Settles the delivery. An `Err` means the channel is gone: the broker
+    /// will redeliver. An ack may be held back for a moment (see the module).
+    pub fn settle(&self, settle: Settle) -> Result<(), lapin::Error> {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.settlements.settle(self.delivery.delivery_tag, settle)
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        if !*self.settled.get_mut() {
+            let tag = self.delivery.delivery_tag;
+            let _ = self.settlements.settle(tag, Settle::Requeue);
+        }
+    }
+}
+
+impl std::ops::Deref for Received {
+    type Target = Delivery;
+
+    fn deref(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(tag: u64, multiple: bool) -> Option<Frame> {
+        Some(Frame::Ack { tag, multiple })
+    }
+
+    fn runs(max_held: usize, tags: std::ops::RangeInclusive<u64>) -> Runs {
+        let mut runs = Runs::new(max_held);
+        tags.for_each(|t| runs.take(t));
+        runs
+    }
+
+    #[test]
+    fn in_order_acks_go_out_one_by_one() {
+        let mut r = runs(4, 1..=3);
+        for tag in 1..=3 {
+            assert_eq!(r.settle(tag, Settle::Ack), [ack(tag, false), None]);
+        }
+        assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn acks_behind_an_open_delivery_go_out_with_it() {
+        let mut r = runs(4, 1..=4);
+        assert_eq!(r.settle(3, Settle::Ack), [None, None]);
+        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
+        assert_eq!(r.settle(1, Settle::Ack), [ack(3, true), None]);
+        // 4 is still open: nothing past it was taken along.
+        assert_eq!(r.open, VecDeque::from([(4, false)]));
+        assert_eq!(r.held, 0);
+    }
+
+    #[test]
+    fn a_multiple_ack_never_passes_an_open_delivery() {
+        let mut r = runs(4, 1..=5);
+        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
+        assert_eq!(r.settle(4, Settle::Ack), [None, None]);
+        assert_eq!(r.settle(1, Settle::Ack), [ack(2, true), None]);
+        assert_eq!(r.settle(3, Settle::Ack), [ack(4, true), None]);
+        assert_eq!(r.settle(5, Settle::Ack), [ack(5, false), None]);
+    }
+
+    #[test]
+    fn a_dead_letter_goes_out_at_once_and_before_the_acks_it_releases() {
+        let mut r = runs(4, 1..=3);
+        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
+        assert_eq!(
+            r.settle(3, Settle::DeadLetter),
+            [Some(Frame::Reject(3)), None]
+        );
+        assert_eq!(
+            r.settle(1, Settle::DeadLetter),
+            [Some(Frame::Reject(1)), ack(2, true)]
+        );
+        assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn a_requeue_at_the_front_releases_the_held_acks() {
+        let mut r = runs(4, 1..=3);
+        assert_eq!(r.settle(3, Settle::Ack), [None, None]);
+        assert_eq!(
+            r.settle(1, Settle::Requeue),
+            [Some(Frame::Requeue(1)), None]
+        );
+        assert_eq!(r.settle(2, Settle::Ack), [ack(3, true), None]);
+    }
+
+    #[test]
+    fn past_the_bound_acks_go_out_alone() {
+        let mut r = runs(1, 1..=3);
+        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
+        assert_eq!(r.settle(3, Settle::Ack), [ack(3, false), None]);
+        assert_eq!(r.settle(1, Settle::Ack), [ack(2, true), None]);
+        assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn no_bound_means_no_holding_back() {
+        let mut r = runs(0, 1..=2);
+        assert_eq!(r.settle(2, Settle::Ack), [ack(2, false), None]);
+        assert_eq!(r.settle(1, Settle::Ack), [ack(1, false), None]);
+    }
+
+    #[test]
+    fn a_tag_never_taken_is_settled_alone() {
+        let mut r = runs(4, 1..=2);
+        assert_eq!(r.settle(9, Settle::Ack), [ack(9, false), None]);
+        assert_eq!(r.open.len(), 2);
+    }
+}
