@@ -7,21 +7,22 @@
 //! ```text
 //! cargo bench --bench pipeline                      # every scenario
 //! cargo bench --bench pipeline -- instant-64 rss    # some of them
-//! BENCH_N=50000 BENCH_REPEAT=5 cargo bench --bench pipeline -- instant-64
+//! BENCH_N=20000 BENCH_REPEAT=3 cargo bench --bench pipeline -- instant-64
 //! ```
 //!
 //! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
-//! Environment: `BENCH_N` (commands per instant-API run, default 20000),
-//! `BENCH_REPEAT` (runs of each instant-API scenario, default 3; the median
+//! Environment: `BENCH_N` (commands per instant-API run, default 100000),
+//! `BENCH_REPEAT` (runs of each instant-API scenario, default 5; the median
 //! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
 //! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `BENCH_AMQP_URL`,
 //! `BENCH_WRAP` (a command the worker runs under, e.g.
 //! `heaptrack` or `perf record -g --`: for profiling, not for figures).
 //!
 //! What is measured, for the worker and the baseline alike:
-//! - commands/s: N pre-published commands divided by the time from the moment
-//!   the broker reports the consumer on the queue to the arrival of the last
-//!   result event at an observer queue bound to the results exchange;
+//! - commands/s: N pre-published commands, timed in the steady state, from
+//!   the arrival of the first prefetch-full of result events at an observer
+//!   queue bound to the results exchange to the arrival of the last one
+//!   (windowed scenarios count the events in the window instead);
 //! - CPU-seconds per 1,000 commands: the process's utime + stime
 //!   (`/proc/<pid>/stat`) over that same window;
 //! - peak RSS: `VmHWM` of `/proc/<pid>/status` at the end of the run;
@@ -1087,8 +1088,8 @@ mod scenarios {
 
     /// Instant API: worker and baseline, interleaved, `BENCH_REPEAT` times.
     pub async fn instant(broker: &Broker, prefetch: u16) -> Result<Vec<String>> {
-        let n = env_usize("BENCH_N", 20_000);
-        let repeat = env_usize("BENCH_REPEAT", 3);
+        let n = env_usize("BENCH_N", 100_000);
+        let repeat = env_usize("BENCH_REPEAT", 5);
         let label = if prefetch == 64 {
             "instant-64"
         } else {
