@@ -849,7 +849,21 @@ struct Plan {
     paced: Option<(u32, u32)>,
 }
 
+/// Starts the broker's quorum write-ahead log afresh (best effort: needs
+/// `rabbitmqctl`). The WAL is shared by every quorum queue and rolls over at
+/// 512 MB, and a run writes about 70 MB to it: the roll-over, with the
+/// segment writes it starts for the live queue, would otherwise land inside
+/// every seventh run or so, on the worker or the baseline by chance.
+fn roll_over_quorum_wal() {
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", "ra_log_wal:force_roll_over(ra_log_wal)."])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 async fn run_once(broker: &Broker, plan: &Plan, who: Who) -> Result<Figures> {
+    roll_over_quorum_wal();
     let sim = Sim::start(plan.latency_ms, 0).await?;
     let mut run = Run::setup(broker, plan.label, &sim, plan.prefetch).await?;
     let result = measure(broker, plan, who, &sim, &mut run).await;

@@ -29,50 +29,78 @@ pub fn init(format: LogFormat, level: &str) {
 /// The W3C `traceparent` to send on for a command: the same trace as the
 /// publisher's (when it sent a valid one), with a new span id for the
 /// worker's hop, so a trace crosses the worker; a fresh trace otherwise.
+/// Built in one allocation: it runs for every command.
 pub fn child_traceparent(incoming: Option<&str>) -> String {
-    let span_id = random_hex(16);
-    let parsed = incoming.and_then(|tp| {
-        let parts: Vec<&str> = tp.trim().split('-').collect();
-        let hex = |s: &str, len: usize| {
-            s.len() == len
-                && s.bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        };
-        match parts.as_slice() {
-            [version, trace, parent, flags]
-                if hex(version, 2)
-                    && *version != "ff"
-                    && hex(trace, 32)
-                    && hex(parent, 16)
-                    && hex(flags, 2)
-                    && trace.bytes().any(|b| b != b'0') =>
-            {
-                Some((trace.to_string(), flags.to_string()))
-            }
-            _ => None,
+    let mut out = String::with_capacity(TRACEPARENT_LEN);
+    out.push_str("00-");
+    match incoming.and_then(trace_of) {
+        Some((trace, flags)) => {
+            out.push_str(trace);
+            out.push('-');
+            push_random_hex(&mut out, 16);
+            out.push('-');
+            out.push_str(flags);
         }
-    });
-    let (trace, flags) = parsed.unwrap_or_else(|| (random_hex(32), "01".to_owned()));
-    format!("00-{trace}-{span_id}-{flags}")
+        None => {
+            push_random_hex(&mut out, 32);
+            out.push('-');
+            push_random_hex(&mut out, 16);
+            out.push_str("-01");
+        }
+    }
+    out
 }
 
-/// A random id of `digits` lower-case hex digits (at most 32), never all
-/// zeros (W3C: an all-zero trace or span id is invalid). Drawn from the
-/// thread's CSPRNG: `Uuid::new_v4` asks the kernel, a system call for each
-/// of the two ids of every command.
-fn random_hex(digits: usize) -> String {
+/// `00-` + 32 + `-` + 16 + `-` + 2.
+const TRACEPARENT_LEN: usize = 55;
+
+/// The trace id and flags of a valid version-00-compatible `traceparent`.
+fn trace_of(traceparent: &str) -> Option<(&str, &str)> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    let valid = parts.next().is_none()
+        && hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0');
+    valid.then_some((trace, flags))
+}
+
+/// Appends a random id of `digits` lower-case hex digits (at most 32),
+/// never all zeros (W3C: an all-zero trace or span id is invalid). Drawn
+/// from the thread's CSPRNG: `Uuid::new_v4` asks the kernel, a system call
+/// for each of the two ids of every command.
+fn push_random_hex(out: &mut String, digits: usize) {
     let shift = 128 - 4 * digits as u32;
-    loop {
+    let id = loop {
         let id = rand::random::<u128>() >> shift;
         if id != 0 {
-            return format!("{id:0digits$x}");
+            break id;
         }
+    };
+    for i in (0..digits).rev() {
+        let nibble = (id >> (4 * i)) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{child_traceparent, random_hex};
+    use super::{child_traceparent, push_random_hex};
+
+    fn random_hex(digits: usize) -> String {
+        let mut id = String::new();
+        push_random_hex(&mut id, digits);
+        id
+    }
 
     #[test]
     fn random_ids_are_lower_case_hex_of_their_length() {

@@ -206,7 +206,8 @@ impl ResultEvent {
     /// continues the command's trace.
     pub fn amqp_properties(&self, traceparent: Option<&str>) -> BasicProperties {
         let time = self.occurred_at.format(&Rfc3339).unwrap_or_default();
-        let event_id = self.event_id.to_string();
+        let mut buffer = Uuid::encode_buffer();
+        let event_id: &str = self.event_id.hyphenated().encode_lower(&mut buffer);
         let mut headers = FieldTable::default();
         let mut put = |key: &str, value: &str| {
             headers.insert(
@@ -215,7 +216,7 @@ impl ResultEvent {
             );
         };
         put("cloudEvents:specversion", "1.0");
-        put("cloudEvents:id", &event_id);
+        put("cloudEvents:id", event_id);
         put("cloudEvents:type", self.kind.as_str());
         put("cloudEvents:source", SOURCE);
         put("cloudEvents:time", &time);
@@ -237,7 +238,7 @@ impl ResultEvent {
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(event_id.as_str().into())
+            .with_message_id(event_id.into())
             .with_type(self.kind.as_str().into())
             .with_app_id(SOURCE.into())
             .with_timestamp(self.occurred_at.unix_timestamp().max(0) as u64)

@@ -112,8 +112,11 @@ fn push_purchase_path(out: &mut String, customer: &CustomerId, product: &Product
 #[derive(Clone)]
 pub struct HyperlineClient {
     http: reqwest::Client,
-    /// `base_url` without a trailing slash.
-    base: String,
+    /// `base_url`, parsed once: a URL parsed from text for every request
+    /// would run the host through IDNA processing each time.
+    base: reqwest::Url,
+    /// Its path without a trailing slash.
+    base_path: String,
     /// `Bearer <key>`, marked sensitive so no debug output shows it.
     authorization: HeaderValue,
     /// The key, to scrub it from any text that came back from the network.
@@ -123,7 +126,7 @@ pub struct HyperlineClient {
 impl std::fmt::Debug for HyperlineClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HyperlineClient")
-            .field("base", &self.base)
+            .field("base", &self.base.as_str())
             .field("key", &self.key)
             .finish_non_exhaustive()
     }
@@ -157,7 +160,8 @@ impl HyperlineClient {
             .map_err(ClientError::Build)?;
         Ok(Self {
             http,
-            base: settings.base_url.as_str().trim_end_matches('/').to_owned(),
+            base: settings.base_url.clone(),
+            base_path: settings.base_url.path().trim_end_matches('/').to_owned(),
             authorization,
             key,
         })
@@ -243,13 +247,18 @@ impl HyperlineClient {
         }
     }
 
-    /// `base_url` + [`purchase_path`], in one allocation.
-    fn purchase_url(&self, customer: &CustomerId, product: &ProductId) -> String {
-        let mut url = String::with_capacity(
-            self.base.len() + PATH_TEMPLATE_LEN + customer.as_str().len() + product.as_str().len(),
+    /// `base_url` + [`purchase_path`]: the parsed base with the path set.
+    fn purchase_url(&self, customer: &CustomerId, product: &ProductId) -> reqwest::Url {
+        let mut path = String::with_capacity(
+            self.base_path.len()
+                + PATH_TEMPLATE_LEN
+                + customer.as_str().len()
+                + product.as_str().len(),
         );
-        url.push_str(&self.base);
-        push_purchase_path(&mut url, customer, product);
+        path.push_str(&self.base_path);
+        push_purchase_path(&mut path, customer, product);
+        let mut url = self.base.clone();
+        url.set_path(&path);
         url
     }
 
