@@ -23,6 +23,10 @@ const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
 /// could charge again.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// RabbitMQ closes the channel of a delivery left unacked this long (its
+/// default `consumer_timeout`); every delivery must be settled well before.
+const CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Why the settings could not be loaded. `Display` is the one line printed
 /// before the binary exits non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +165,9 @@ pub struct HyperlineSettings {
     pub max_requests_per_second: u32,
     /// Accept a non-loopback `http://` base URL.
     pub allow_insecure_http: bool,
+    /// Hyperline's idempotency window, in seconds: 24 h as documented. Only
+    /// lowered, to watch in a test what happens when it passes.
+    pub idempotency_window_secs: u64,
 }
 
 /// `[retry]`.
@@ -186,6 +193,8 @@ pub struct RetrySettings {
 pub struct WorkerSettings {
     /// Drain period on SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Longest time a delivery stays unacked, whatever Hyperline does.
+    pub delivery_deadline_secs: u64,
 }
 
 /// `[server]`.
@@ -277,6 +286,7 @@ impl Settings {
         self.amqp.validate()?;
         self.hyperline.validate()?;
         self.retry.validate()?;
+        self.validate_time_budget()?;
         if self.worker.shutdown_grace_secs == 0 {
             return Err(invalid("worker.shutdown_grace_secs", "must be positive"));
         }
@@ -304,6 +314,59 @@ impl Settings {
             return Err(invalid("hyperline.api_key", "is empty"));
         }
         Ok(self)
+    }
+
+    /// The deadline of a delivery and the life of a command against the
+    /// two limits they must respect: RabbitMQ's consumer timeout, and
+    /// Hyperline's idempotency window.
+    fn validate_time_budget(&self) -> Result<(), ConfigError> {
+        let deadline = self.worker.delivery_deadline_secs;
+        if deadline <= self.hyperline.timeout_secs {
+            return Err(invalid(
+                "worker.delivery_deadline_secs",
+                format!(
+                    "must exceed hyperline.timeout_secs ({} s): no request could start",
+                    self.hyperline.timeout_secs
+                ),
+            ));
+        }
+        // Room for the event and the copy after the deadline, each bounded
+        // by the confirm timeout.
+        let settle = deadline.saturating_add(self.amqp.confirm_timeout_secs.saturating_mul(2));
+        if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
+            return Err(invalid(
+                "worker.delivery_deadline_secs",
+                "with two confirm timeouts must stay well below RabbitMQ's 30 min consumer timeout",
+            ));
+        }
+        let window = self.hyperline.idempotency_window_secs;
+        if window == 0 || window > IDEMPOTENCY_WINDOW.as_secs() {
+            return Err(invalid(
+                "hyperline.idempotency_window_secs",
+                "must be between 1 and 86400 (Hyperline's documented 24 h)",
+            ));
+        }
+        // The whole life of a command must fit in the idempotency window, or
+        // a late retry could charge a second time: the broker-side delays
+        // plus one deadline per delivery.
+        let broker: u64 = self.retry.redelivery_delays_secs.iter().sum();
+        let deliveries = self.retry.redelivery_delays_secs.len() as u64 + 1;
+        if broker.saturating_add(deadline.saturating_mul(deliveries)) >= window {
+            return Err(invalid(
+                "retry.redelivery_delays_secs",
+                format!(
+                    "sum to {broker} s, which with {deliveries} deliveries of up to \
+                     worker.delivery_deadline_secs ({deadline} s) reaches Hyperline's {window} s \
+                     idempotency window: a late retry could charge twice"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hyperline's idempotency window.
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.hyperline.idempotency_window_secs)
     }
 
     /// The key, or the error `run` stops with when there is none.
@@ -487,22 +550,6 @@ impl RetrySettings {
                 "repeats a delay: each step has its own queue, named by its delay",
             ));
         }
-        // The whole life of a command must fit in Hyperline's idempotency
-        // window, or a late retry could charge a second time. Count the
-        // broker-side delays plus a bound on the time spent in process.
-        let broker: u64 = self.redelivery_delays_secs.iter().sum();
-        let in_process = self.in_process_budget().as_secs();
-        let steps = self.redelivery_delays_secs.len() as u64 + 1;
-        if broker.saturating_add(in_process.saturating_mul(steps)) >= IDEMPOTENCY_WINDOW.as_secs() {
-            return Err(invalid(
-                "retry.redelivery_delays_secs",
-                format!(
-                    "sum to {broker} s, which with the in-process retries ({in_process} s per \
-                     delivery) reaches Hyperline's 24 h idempotency window: a late retry could \
-                     charge twice"
-                ),
-            ));
-        }
         if self.max_rate_limit_wait_secs >= 25 * 60 {
             return Err(invalid(
                 "retry.max_rate_limit_wait_secs",
@@ -511,21 +558,17 @@ impl RetrySettings {
         }
         Ok(())
     }
-
-    /// Upper bound of the time one delivery spends retrying in process
-    /// (backoffs plus rate-limit waits), without the requests themselves.
-    pub fn in_process_budget(&self) -> Duration {
-        let waits = u64::from(self.attempts)
-            .saturating_mul(self.max_backoff_ms.max(self.conflict_delay_ms))
-            .saturating_add(self.max_rate_limit_wait_secs.saturating_mul(1000));
-        Duration::from_millis(waits)
-    }
 }
 
 impl WorkerSettings {
     /// Drain period on SIGTERM.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Longest time a delivery stays unacked.
+    pub fn delivery_deadline(&self) -> Duration {
+        Duration::from_secs(self.delivery_deadline_secs)
     }
 }
 
@@ -663,6 +706,18 @@ mod tests {
         refused(
             &[("CPW__WORKER__SHUTDOWN_GRACE_SECS", "0")],
             "worker.shutdown_grace_secs",
+        );
+        refused(
+            &[("CPW__WORKER__DELIVERY_DEADLINE_SECS", "30")],
+            "worker.delivery_deadline_secs",
+        );
+        refused(
+            &[("CPW__WORKER__DELIVERY_DEADLINE_SECS", "1500")],
+            "worker.delivery_deadline_secs",
+        );
+        refused(
+            &[("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", "86401")],
+            "hyperline.idempotency_window_secs",
         );
         refused(&[("CPW__SERVER__LISTEN", "nowhere")], "listen");
         refused(&[("CPW__LOG__FORMAT", "xml")], "format");

@@ -6,17 +6,26 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Topology;
 use crate::configuration::{ConfigError, Settings};
+use crate::hyperline::credentials::Credentials;
+use crate::hyperline::gate::Gate;
 use crate::hyperline::{ClientError, HyperlineClient};
 use crate::operations::{self, Health, Metrics};
-use crate::pipeline::credentials::Credentials;
-use crate::pipeline::gate::Gate;
-use crate::pipeline::{Pipeline, supervisor};
+use crate::pipeline::{Limits, Pipeline, supervisor};
+
+/// How long requests wait for the answer of the one request that learns a
+/// new rate-limit window: a quarter of the request timeout, so that a probe
+/// that hangs delays the others by a fraction of it, and an API that answers
+/// in seconds still answers first.
+fn probe_patience(request_timeout: Duration) -> Duration {
+    (request_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
+}
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,13 +67,24 @@ impl Application {
         let ops_addr = listener
             .local_addr()
             .map_err(|source| StartupError::Listen { addr, source })?;
+        let request_timeout = settings.hyperline.timeout();
         let pipeline = Arc::new(Pipeline {
             client,
-            gate: Gate::new(settings.hyperline.max_requests_per_second),
+            gate: Gate::new(
+                settings.hyperline.max_requests_per_second,
+                probe_patience(request_timeout),
+            ),
             credentials: Credentials::default(),
             settings: settings.retry.clone(),
             topology: Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs),
             metrics: Arc::new(Metrics::new()),
+            limits: Limits {
+                deadline: settings.worker.delivery_deadline(),
+                request_timeout,
+                window: settings.idempotency_window(),
+            },
+            replica: settings.amqp.connection_name(),
+            stop_requests: CancellationToken::new(),
         });
         Ok(Application {
             settings,

@@ -23,12 +23,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::broker::history::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER};
 use credit_purchase_worker::configuration::{QueueType, Settings};
 use credit_purchase_worker::contract::{
     Command, ErrorCode, EventError, EventKind, InvalidCommand, MAX_JSON_INTEGER, ResultEvent,
-};
-use credit_purchase_worker::pipeline::handler::{
-    ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};

@@ -11,13 +11,13 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
-use crate::broker::{REDELIVERY_HEADERS, header_str, header_u64};
+use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER};
+use crate::broker::{DeliveryHistory, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode};
-use crate::pipeline::handler::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER};
 
 /// Besides the worker's in-process budget, how much younger than 24 hours a
 /// command must be to be replayed without `--force`: the copy may wait in a
@@ -54,6 +54,10 @@ pub struct DeadLetterInfo {
     /// Unix milliseconds of [`DeadLetterInfo::first_attempt`].
     #[serde(skip)]
     pub first_attempt_ms: Option<u64>,
+    /// Dead-lettered by the worker with its history stamped on: without a
+    /// first attempt, no request that may have charged was ever made.
+    #[serde(skip)]
+    pub stamped: bool,
 }
 
 /// Reads a dead letter. `delay_steps` is the number of configured
@@ -68,34 +72,50 @@ pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) ->
     };
     let deaths = deaths(headers);
     let latest = deaths.first();
-    let step = header_u64(headers, STEP_HEADER);
-    let error_code = match (&parsed, step) {
-        (Err(_), _) => Some(ErrorCode::InvalidCommand.as_str()),
-        (Ok(_), Some(step)) if delay_steps > 0 && step >= delay_steps as u64 => {
-            Some(ErrorCode::RetriesExhausted.as_str())
+    let history = DeliveryHistory::read(headers);
+    let stamped_code = header_str(headers, ERROR_CODE_HEADER);
+    let dead_lettered_ms = header_u64(headers, DEAD_LETTERED_HEADER);
+    let guessed_code = match &parsed {
+        Err(_) => Some(ErrorCode::InvalidCommand),
+        Ok(_) if delay_steps > 0 && history.step as usize >= delay_steps => {
+            Some(ErrorCode::RetriesExhausted)
         }
-        _ => None,
+        Ok(_) => None,
     };
+    let error_code = stamped_code
+        .as_deref()
+        .and_then(ErrorCode::parse)
+        .or(guessed_code)
+        .map(ErrorCode::as_str);
     let earliest_death = deaths.iter().filter_map(|d| d.time_secs).min();
-    let first_attempt_ms = header_u64(headers, FIRST_ATTEMPT_HEADER)
-        .or_else(|| earliest_death.map(|s| s.saturating_mul(1000)));
+    let stamped = dead_lettered_ms.is_some();
+    let first_attempt_ms = history.first_attempt_ms.or_else(|| {
+        // Only the broker's death time can stand in for an unstamped letter.
+        (!stamped)
+            .then(|| earliest_death.map(|s| s.saturating_mul(1000)))
+            .flatten()
+    });
     DeadLetterInfo {
         command_id,
         reason: latest
             .and_then(|d| d.reason.clone())
-            .or_else(|| header_str(headers, "x-first-death-reason")),
+            .or_else(|| header_str(headers, "x-first-death-reason"))
+            .or_else(|| stamped.then(|| "rejected".to_owned())),
         queue: latest
             .and_then(|d| d.queue.clone())
             .or_else(|| header_str(headers, "x-first-death-queue")),
         died_at: latest
             .and_then(|d| d.time_secs)
-            .and_then(|s| super::rfc3339_ms(s.saturating_mul(1000))),
+            .map(|s| s.saturating_mul(1000))
+            .or(dead_lettered_ms)
+            .and_then(super::rfc3339_ms),
         count: latest.and_then(|d| d.count),
         error_code,
         invalid_reason,
-        attempts: header_u64(headers, ATTEMPTS_HEADER),
+        attempts: (history.attempts > 0 || stamped).then_some(u64::from(history.attempts)),
         first_attempt: first_attempt_ms.and_then(super::rfc3339_ms),
         first_attempt_ms,
+        stamped,
     }
 }
 
@@ -145,7 +165,10 @@ pub enum Window {
 /// reaches 24 hours, so a replay it would refuse is refused here first.
 pub fn window(info: &DeadLetterInfo, now_ms: u64, in_process_budget: Duration) -> Window {
     let Some(first) = info.first_attempt_ms else {
-        return Window::Unknown;
+        return match info.stamped {
+            true => Window::Open,
+            false => Window::Unknown,
+        };
     };
     let age = Duration::from_millis(now_ms.saturating_sub(first));
     let limit = IDEMPOTENCY_WINDOW.saturating_sub(REPLAY_MARGIN + in_process_budget);
@@ -167,24 +190,8 @@ pub fn replay_properties(
     first_attempt_ms: Option<u64>,
     forced: bool,
 ) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(old) = properties.headers() {
-        for (key, value) in old.inner() {
-            let k = key.as_str();
-            let history = REDELIVERY_HEADERS.contains(&k)
-                || k.starts_with("x-first-death-")
-                || k.starts_with("x-last-death-");
-            if !history && !k.starts_with("cpw-") {
-                headers.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    if let (false, Some(ms)) = (forced, first_attempt_ms) {
-        headers.insert(
-            ShortString::from(FIRST_ATTEMPT_HEADER),
-            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
-        );
-    }
+    let kept = first_attempt_ms.filter(|_| !forced);
+    let headers = DeliveryHistory::fresh_start(properties.headers().as_ref(), kept);
     properties
         .clone()
         .with_headers(headers)
@@ -194,6 +201,7 @@ pub fn replay_properties(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::history::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER};
     use lapin::types::{FieldArray, LongString};
 
     fn text(s: &str) -> AMQPValue {

@@ -144,7 +144,7 @@ async fn replay_on(
     let mut keep = Vec::new();
     let mut failure = None;
     let now = super::now_ms();
-    let budget = settings.retry.in_process_budget();
+    let budget = settings.worker.delivery_deadline();
     for delivery in held {
         let info = inspect(
             &delivery.data,

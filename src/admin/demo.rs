@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::ConnectError;
 use super::demo_batch::{self, Scorecard};
 use super::demo_queues::{observe, remove};
-use crate::broker::{self, Publisher, Routed, Topology, TopologyError, redacted_url};
+use crate::broker::{self, Publisher, Topology, TopologyError, redacted_url};
 use crate::cli::DemoArgs;
 use crate::configuration::{ApiKey, ConfigError, LogFormat, Settings};
 use crate::simulator::{Faults, Simulator, SimulatorSettings};
@@ -208,22 +208,14 @@ async fn drive(
     let batch = demo_batch::batch(args.commands);
     let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
     let mut card = Scorecard::new(batch.len());
-    let mut confirms = Vec::with_capacity(batch.len());
     for sample in &batch {
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
         card.sent(&sample.id, Instant::now());
-        confirms.push(
-            publisher
-                .send("", &topology.queue, &sample.body, properties)
-                .await?,
-        );
-    }
-    for confirm in confirms {
-        if publisher.confirm(&topology.queue, confirm).await? == Routed::No {
-            return Err(broker::PublishError::Unroutable(topology.queue.clone()).into());
-        }
+        publisher
+            .publish_routed("", &topology.queue, &sample.body, properties)
+            .await?;
     }
 
     let bar = ProgressBar::new(batch.len() as u64).with_style(

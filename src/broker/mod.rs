@@ -1,14 +1,19 @@
-//! The RabbitMQ side: connecting, the topology of CONTRACT section 5, and
-//! publishing with confirms.
+//! The RabbitMQ side: connecting, the topology of CONTRACT section 5,
+//! publishing with confirms, settling deliveries, and the history a command
+//! carries from one delivery to the next.
 //!
 //! Everything that talks AMQP lives here so the pipeline can read as
 //! delivery → command → purchase → outcome → event → ack without protocol
 //! noise.
 
+pub mod history;
 mod publish;
+mod settlement;
 mod topology;
 
-pub use publish::{PublishError, Publisher, REDELIVERY_HEADERS, Routed, header_str, header_u64};
+pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory};
+pub use publish::{PublishError, Publisher, header_str, header_u64};
+pub use settlement::{Received, Settle, Settlements};
 pub use topology::{Topology, TopologyError};
 
 use std::path::Path;

@@ -1,9 +1,18 @@
-//! Publishing with publisher confirms, and reading our headers back.
+//! Publishing with publisher confirms, and reading headers back.
 //!
 //! A command is acked only after what it produced (its event, or its copy in
-//! a delay queue) is confirmed by the broker. lapin's confirm has no timeout
-//! and reports an unroutable mandatory message as an `Ack` carrying the
-//! returned message; both traps are handled here, once.
+//! a delay queue, the commands queue or the dead-letter exchange) is
+//! confirmed by the broker. lapin's confirm has no timeout and reports an
+//! unroutable mandatory message as an `Ack` carrying the returned message;
+//! both traps are handled here, once.
+//!
+//! lapin attaches a `basic.return` to the next confirm it resolves, and
+//! resolves a multiple ack in map order, so on a channel with several
+//! publishes in flight a return can be read against the wrong message. For
+//! an event that costs a wrong log line; for a copy it costs a command (an
+//! unroutable copy taken for a routed one gets its original acked). So events
+//! and copies have a channel each, and copies go one at a time: the only
+//! publish in flight on the copies channel is the one a return belongs to.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,21 +20,6 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-
-/// Headers the broker adds when it dead-letters a message. A copy we
-/// republish must not carry them: brokers before 4.0.1 silently drop a
-/// message that comes back to a queue it was dead-lettered from, with no
-/// rejection in between (the cycle detection that lost Celery's retries).
-pub const REDELIVERY_HEADERS: [&str; 8] = [
-    "x-death",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-first-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-last-death-exchange",
-    "x-delivery-count",
-];
 
 /// Why a message is not known to be safely with the broker.
 #[derive(Debug, thiserror::Error)]
@@ -44,52 +38,74 @@ pub enum PublishError {
     Timeout(String, Duration),
 }
 
-/// A confirm-mode channel for events and delay-queue copies. Clone it freely:
-/// publishes from concurrent commands share the channel, and a clone is one
-/// reference count (a lapin `Channel` clone is more than a dozen).
+/// Confirm-mode channels for events and copies. Clone it freely: publishes
+/// from concurrent commands share the channels, and a clone is one reference
+/// count (a lapin `Channel` clone is more than a dozen).
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    channel: Channel,
+    events: Channel,
+    copies: Channel,
+    /// Held from a copy's publish to its confirm.
+    one_copy: tokio::sync::Mutex<()>,
     confirm_timeout: Duration,
 }
 
-/// Whether a confirmed message reached at least one queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Routed {
-    /// At least one queue has it.
-    Yes,
-    /// The broker confirmed it but no queue was bound to take it.
-    No,
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, PublishError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
+        .await?)
 }
 
 impl Publisher {
-    /// Opens a channel of its own in confirm mode.
+    /// Opens the two channels in confirm mode.
     pub async fn open(
         connection: &Connection,
         confirm_timeout: Duration,
     ) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         Ok(Publisher {
             inner: Arc::new(Inner {
-                channel,
+                events: confirm_channel(connection).await?,
+                copies: confirm_channel(connection).await?,
+                one_copy: tokio::sync::Mutex::new(()),
                 confirm_timeout,
             }),
         })
     }
 
-    /// Whether the channel can still publish.
+    /// Whether both channels can still publish.
     pub fn is_open(&self) -> bool {
-        self.inner.channel.status().connected()
+        self.inner.events.status().connected() && self.inner.copies.status().connected()
     }
 
-    /// Sends a persistent, mandatory message; confirm it with [`Publisher::confirm`].
+    /// Sends a persistent, mandatory event; confirm it with [`Publisher::confirm`].
     pub async fn send(
         &self,
         exchange: &str,
@@ -97,42 +113,46 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, PublishError> {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        Ok(self
-            .inner
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                options,
-                body,
-                properties,
-            )
-            .await?)
+        send(&self.inner.events, exchange, routing_key, body, properties).await
     }
 
-    /// Waits, bounded, for the broker's confirm of one sent message.
+    /// Waits, bounded, for the broker's confirm of one sent event. A return
+    /// that comes with it is logged by what it says of itself (its own
+    /// exchange and routing key), since it may belong to another event.
     pub async fn confirm(
         &self,
         target: &str,
         confirm: PublisherConfirm,
-    ) -> Result<Routed, PublishError> {
+    ) -> Result<(), PublishError> {
+        if let Some(returned) = self.wait(target, confirm).await? {
+            let d = &returned.delivery;
+            tracing::warn!(
+                exchange = %d.exchange,
+                routing_key = %d.routing_key,
+                "an event reached no queue (nothing bound to that routing key, or the reply_to queue is gone)"
+            );
+        }
+        Ok(())
+    }
+
+    async fn wait(
+        &self,
+        target: &str,
+        confirm: PublisherConfirm,
+    ) -> Result<Option<lapin::message::BasicReturnMessage>, PublishError> {
         let limit = self.inner.confirm_timeout;
         match tokio::time::timeout(limit, confirm).await {
             Err(_) => Err(PublishError::Timeout(target.to_owned(), limit)),
             Ok(Err(e)) => Err(PublishError::Channel(e)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(Routed::Yes),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Ok(Routed::No),
+            Ok(Ok(Confirmation::Ack(returned))) => Ok(returned),
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked(target.to_owned())),
             // Only without confirm_select, which `open` always does.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked(target.to_owned())),
         }
     }
 
-    /// Publishes one message that must land in a queue (a delay-queue copy).
+    /// Publishes one message that must land in a queue (a copy of a
+    /// command), and waits for its confirm before the next one may go.
     pub async fn publish_routed(
         &self,
         exchange: &str,
@@ -140,10 +160,16 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let confirm = self.send(exchange, routing_key, body, properties).await?;
-        match self.confirm(routing_key, confirm).await? {
-            Routed::Yes => Ok(()),
-            Routed::No => Err(PublishError::Unroutable(routing_key.to_owned())),
+        let target = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
+        let _alone = self.inner.one_copy.lock().await;
+        let confirm = send(&self.inner.copies, exchange, routing_key, body, properties).await?;
+        match self.wait(target, confirm).await? {
+            None => Ok(()),
+            Some(_) => Err(PublishError::Unroutable(target.to_owned())),
         }
     }
 }

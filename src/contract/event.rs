@@ -70,6 +70,29 @@ impl ErrorCode {
             ErrorCode::UnexpectedResponse => "unexpected_response",
         }
     }
+
+    /// The code written as [`ErrorCode::as_str`] does, back (a dead letter's
+    /// stamp); `None` for anything else.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        [
+            ErrorCode::InvalidCommand,
+            ErrorCode::Rejected,
+            ErrorCode::IdempotencyConflict,
+            ErrorCode::RetriesExhausted,
+            ErrorCode::UnexpectedResponse,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == code)
+    }
+
+    /// Whether the command of an event with this code goes to the
+    /// dead-letter queue (an operator must look) rather than being acked.
+    pub fn dead_letters(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::InvalidCommand | ErrorCode::RetriesExhausted | ErrorCode::UnexpectedResponse
+        )
+    }
 }
 
 /// `error` of a failed event.

@@ -1,12 +1,20 @@
-//! The Hyperline purchase call and the meaning of its answers.
+//! The Hyperline side: the purchase call, the meaning of its answers, and the
+//! policy that paces and repeats it.
 //!
-//! [`client`] makes the request; [`answer`] turns whatever came back (a status
-//! and body, or a network error) into a [`PurchaseAnswer`] that names one row
-//! of the contract's outcome table. The retry loop never looks at a status
-//! code: it only matches on the answer.
+//! - [`client`] makes one request; [`answer`] turns whatever came back (a
+//!   status and body, or a network error) into a [`PurchaseAnswer`] that names
+//!   one row of the contract's outcome table;
+//! - [`retry`] repeats a purchase within a delivery's bounds, [`gate`] paces
+//!   every request of the replica by the quota the API announces, and
+//!   [`credentials`] pauses the replica while its key is refused.
+//!
+//! The retry loop never looks at a status code: it only matches on the answer.
 
 mod answer;
 mod client;
+pub mod credentials;
+pub mod gate;
+pub mod retry;
 
 pub use answer::{PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait};
 pub use client::{ClientError, HyperlineClient, ProbeResult, PurchaseResponse, purchase_path};

@@ -1,61 +1,54 @@
-//! One delivery, top to bottom: delivery → command → purchase → outcome →
-//! event → ack.
+//! One delivery, top to bottom: delivery → command → purchase → outcome, then
+//! the plan is carried out: event → copy → ack.
 //!
-//! The order of the last two steps is the promise: a command is settled (acked,
-//! rejected to the dead-letter queue, or moved to a delay queue) only after
-//! what it produced is confirmed by the broker. If that fails, the command is
-//! put back and its next delivery replays the same charge.
-
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! The delivery's history is read once, here; what to do is decided once, in
+//! [`decision`](super::decision); the [`executor`](super::executor) carries it
+//! out. Nothing in between reads a header or settles a delivery.
 
 use tracing::Instrument;
 
 use super::Pipeline;
-pub use super::redelivery::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, REFRESH_HEADER, STEP_HEADER};
-use super::retry::{Attempted, RetryContext, Verdict, purchase_with_retry};
-pub use super::settlement::{Received, Settle};
-use crate::broker::{PublishError, Publisher, Routed, header_str, header_u64};
-use crate::configuration::IDEMPOTENCY_WINDOW;
-use crate::contract::{Command, ErrorCode, EventError, ResultEvent};
-use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
+use super::decision::{Input, Outcome, Policy, decide};
+use super::executor::Subject;
+use crate::broker::{DeliveryHistory, Publisher, Received, header_str};
+use crate::contract::{Command, InvalidCommand, ResultEvent};
+use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
+use crate::operations::Metrics;
 
-/// What became of one delivery.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// `succeeded` event published, command acked.
-    Succeeded,
-    /// `failed` event published, command acked or dead-lettered.
-    Failed(ErrorCode),
-    /// Copied to the delay queue of this step (0-based), original acked.
-    Deferred(usize),
-    /// Near the broker's delivery limit: copied back to the commands queue
-    /// as a fresh message, original acked.
-    Refreshed,
-    /// Put back on the queue: a credential fault.
-    CredentialFault,
-    /// Put back on the queue: its event or copy could not be confirmed.
-    NotConfirmed,
-}
+/// Counts a delivery in flight for as long as its task lives, also when the
+/// task is aborted or panics (a gauge decremented after an `.await` would
+/// stay up for those).
+struct InFlight<'a>(&'a Metrics);
 
-impl Outcome {
-    /// A label for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed(code) => code.as_str(),
-            Outcome::Deferred(_) => "deferred",
-            Outcome::Refreshed => "refreshed",
-            Outcome::CredentialFault => "credential_fault",
-            Outcome::NotConfirmed => "not_confirmed",
-        }
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.inc();
+        InFlight(metrics)
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// An outcome decided on an earlier delivery, if it belongs to this one: the
+/// event of the same command, or an `invalid_command` event for a body that
+/// still does not parse.
+fn stored(
+    history: &DeliveryHistory,
+    parsed: &Result<Command, InvalidCommand>,
+) -> Option<ResultEvent> {
+    let event: ResultEvent = serde_json::from_str(history.outcome.as_deref()?).ok()?;
+    let belongs = match parsed {
+        Ok(command) => event.command_id.as_deref() == Some(command.id.as_str()),
+        Err(_) => event
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == crate::contract::ErrorCode::InvalidCommand),
+    };
+    belongs.then_some(event)
 }
 
 impl Pipeline {
@@ -65,46 +58,12 @@ impl Pipeline {
     /// it would be stored once per layer in the task's state.
     pub async fn handle(&self, delivery: &Received, publisher: &Publisher) -> Outcome {
         let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + self.limits.deadline;
         self.metrics.commands_received.inc();
-        self.metrics.in_flight.inc();
-        let outcome = self.handle_delivery(delivery, publisher).await;
-        self.metrics.in_flight.dec();
-        self.metrics
-            .processing
-            .observe(started.elapsed().as_secs_f64());
-        match &outcome {
-            Outcome::Succeeded => self.count_outcome("succeeded", ""),
-            Outcome::Failed(code) => self.count_outcome("failed", code.as_str()),
-            Outcome::Deferred(step) => {
-                let step = u32::try_from(step + 1).unwrap_or(u32::MAX);
-                self.metrics
-                    .redeliveries
-                    .get_or_create(&StepLabel { step })
-                    .inc();
-            }
-            Outcome::CredentialFault | Outcome::NotConfirmed | Outcome::Refreshed => {
-                self.metrics
-                    .requeued
-                    .get_or_create(&ReasonLabel {
-                        reason: outcome.label(),
-                    })
-                    .inc();
-            }
-        }
-        outcome
-    }
-
-    fn count_outcome(&self, r#type: &'static str, code: &'static str) {
-        self.metrics
-            .outcomes
-            .get_or_create(&OutcomeLabels { r#type, code })
-            .inc();
-    }
-
-    async fn handle_delivery(&self, delivery: &Received, publisher: &Publisher) -> Outcome {
+        let _in_flight = InFlight::new(&self.metrics);
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
-        let message_id = props.message_id().as_ref().map(|m| m.as_str().to_owned());
+        let history = DeliveryHistory::read(headers);
         // One hop of the publisher's trace, shared by the request and the event.
         let traceparent =
             crate::telemetry::child_traceparent(header_str(headers, "traceparent").as_deref());
@@ -113,247 +72,88 @@ impl Pipeline {
             command_id = tracing::field::Empty,
             customer_id = tracing::field::Empty,
             product_id = tracing::field::Empty,
-            attempt = header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0),
+            attempt = history.attempts,
             trace_id = traceparent.get(3..35).unwrap_or_default(),
             redelivered = delivery.redelivered,
         );
-        async move {
-            let command = match Command::parse(&delivery.data, message_id.as_deref()) {
-                Ok(command) => command,
-                Err(invalid) => {
-                    tracing::warn!(reason = %invalid.reason, "invalid command: dead-lettering it");
-                    let event = ResultEvent::invalid(&invalid);
-                    let outcome = Outcome::Failed(ErrorCode::InvalidCommand);
-                    let settle = Settle::DeadLetter;
-                    return Box::pin(self.finish(
-                        delivery,
-                        publisher,
-                        &event,
-                        outcome,
-                        settle,
-                        &traceparent,
-                    ))
-                    .await;
-                }
-            };
-            let span = tracing::Span::current();
-            span.record("command_id", command.id.as_str());
-            span.record("customer_id", command.customer_id.as_str());
-            span.record("product_id", command.product_id.as_str());
-            if self.worn(delivery) {
-                return Box::pin(self.refresh(delivery, publisher, &command, &traceparent)).await;
+        let outcome = async {
+            let message_id = props.message_id().as_ref().map(|m| m.as_str());
+            let parsed = Command::parse(&delivery.data, message_id);
+            if let Ok(command) = &parsed {
+                let span = tracing::Span::current();
+                span.record("command_id", command.id.as_str());
+                span.record("customer_id", command.customer_id.as_str());
+                span.record("product_id", command.product_id.as_str());
             }
-            self.purchase(delivery, publisher, &command, &traceparent)
-                .await
+            let input = match (&parsed, stored(&history, &parsed)) {
+                (_, Some(event)) => Input::Stored(event),
+                (Err(_), None) => Input::Invalid,
+                (Ok(_), None) if self.worn(&history) => Input::Worn,
+                (Ok(command), None) => Input::Attempted(
+                    Box::pin(self.purchase(command, &history, deadline, &traceparent)).await,
+                ),
+            };
+            let plan = decide(input, &history, self.policy());
+            let subject = match &parsed {
+                Ok(command) => Subject::Command(command),
+                Err(invalid) => Subject::Invalid(invalid),
+            };
+            // The conclusion, boxed: while the API is called, its state (the
+            // event, the publish, the settlement) takes no room in the task.
+            Box::pin(self.execute(delivery, publisher, subject, plan, &traceparent)).await
         }
         .instrument(span)
-        .await
+        .await;
+        self.metrics
+            .processing
+            .observe(started.elapsed().as_secs_f64());
+        outcome
     }
 
+    /// The settings and the moment a plan is made for.
+    pub(super) fn policy(&self) -> Policy<'_> {
+        Policy {
+            delays: &self.settings.redelivery_delays_secs,
+            window: self.limits.window,
+            request_timeout: self.limits.request_timeout,
+            now_ms: now_ms(),
+        }
+    }
+
+    /// Whether the delivery has used half the broker's delivery limit: a
+    /// quorum queue dead-letters a message at the limit without anyone
+    /// publishing an event, and on brokers before 4.3 every return counts, so
+    /// a command that keeps landing on replicas that crash would vanish
+    /// unanswered. Past half the limit it is copied back as a fresh message.
+    fn worn(&self, history: &DeliveryHistory) -> bool {
+        self.topology
+            .delivery_limit()
+            .is_some_and(|limit| history.deliveries >= u64::from(limit) / 2)
+    }
+
+    /// The purchase attempts of this delivery, within its deadline and the
+    /// command's idempotency window.
     async fn purchase(
         &self,
-        delivery: &Received,
-        publisher: &Publisher,
         command: &Command,
+        history: &DeliveryHistory,
+        deadline: tokio::time::Instant,
         traceparent: &str,
-    ) -> Outcome {
-        let headers = delivery.properties.headers().as_ref();
-        let earlier =
-            u32::try_from(header_u64(headers, ATTEMPTS_HEADER).unwrap_or(0)).unwrap_or(u32::MAX);
-        let step =
-            usize::try_from(header_u64(headers, STEP_HEADER).unwrap_or(0)).unwrap_or(usize::MAX);
-        let first_attempt = header_u64(headers, FIRST_ATTEMPT_HEADER).unwrap_or_else(now_ms);
-
-        // Hyperline forgets a key 24 h after its first use; a request after
-        // that could charge a second time. Configuration keeps normal retries
-        // far inside the window; this guards a replay of an old dead letter.
-        let age = Duration::from_millis(now_ms().saturating_sub(first_attempt));
-        if age + self.settings.in_process_budget() >= IDEMPOTENCY_WINDOW {
-            let error = EventError {
-                code: ErrorCode::RetriesExhausted,
-                message: format!(
-                    "first attempted {}h ago: another request could fall outside Hyperline's 24 h idempotency window and charge twice",
-                    age.as_secs() / 3600
-                ),
-                http_status: None,
-            };
-            let event = ResultEvent::failed(command, earlier, error);
-            let outcome = Outcome::Failed(ErrorCode::RetriesExhausted);
-            return Box::pin(self.finish(
-                delivery,
-                publisher,
-                &event,
-                outcome,
-                Settle::DeadLetter,
-                traceparent,
-            ))
-            .await;
-        }
-
+    ) -> Attempted {
         let ctx = RetryContext {
             client: &self.client,
             gate: &self.gate,
             credentials: &self.credentials,
             settings: &self.settings,
+            request_timeout: self.limits.request_timeout,
             metrics: &self.metrics,
+            cancel: &self.stop_requests,
         };
-        // Boxed, like the publish below: each phase's state is allocated
-        // while it runs, so a command waiting on the API holds only that.
-        let Attempted { verdict, requests } =
-            Box::pin(purchase_with_retry(&ctx, command, Some(traceparent))).await;
-        let attempts = earlier.saturating_add(requests);
-        // The conclusion, boxed: while the API is called, its state (the
-        // event, the publish, the settlement) takes no room in the task.
-        Box::pin(async move {
-            let failed = |code: ErrorCode, message: String, http_status: Option<u16>| {
-                ResultEvent::failed(
-                    command,
-                    attempts,
-                    EventError {
-                        code,
-                        message,
-                        http_status,
-                    },
-                )
-            };
-            let (event, outcome, settle) = match verdict {
-                Verdict::Succeeded(receipt) => {
-                    tracing::info!(invoice_id = %receipt.invoice_id, attempts, "credits purchased");
-                    let event = ResultEvent::succeeded(
-                        command,
-                        receipt.invoice_id,
-                        receipt.new_credit_balance,
-                        attempts,
-                    );
-                    (event, Outcome::Succeeded, Settle::Ack)
-                }
-                Verdict::Rejected { status, message } => {
-                    tracing::warn!(status, hyperline_message = %message, "purchase rejected");
-                    (
-                        failed(ErrorCode::Rejected, message, Some(status)),
-                        Outcome::Failed(ErrorCode::Rejected),
-                        Settle::Ack,
-                    )
-                }
-                Verdict::IdempotencyConflict { message } => {
-                    tracing::warn!(hyperline_message = %message, "command_id reused for another purchase");
-                    let code = ErrorCode::IdempotencyConflict;
-                    (
-                        failed(code, message, Some(417)),
-                        Outcome::Failed(code),
-                        Settle::Ack,
-                    )
-                }
-                Verdict::Unexpected { status, detail } => {
-                    tracing::error!(status, %detail, "unexpected answer: dead-lettering for an operator");
-                    let code = ErrorCode::UnexpectedResponse;
-                    (
-                        failed(code, detail, Some(status)),
-                        Outcome::Failed(code),
-                        Settle::DeadLetter,
-                    )
-                }
-                Verdict::CredentialFault => {
-                    if self.credentials.report_fault() {
-                        tracing::error!(
-                            "Hyperline refuses the API key: pausing consumption until it is accepted"
-                        );
-                    }
-                    return self
-                        .settle(delivery, Settle::Requeue, Outcome::CredentialFault);
-                }
-                Verdict::Exhausted {
-                    last_status,
-                    last_error,
-                } => {
-                    if let Some((delay, queue)) = self.topology.retry_queues.get(step) {
-                        tracing::warn!(%last_error, delay_secs = delay, "in-process retries spent: moving to a delay queue");
-                        return self
-                            .defer(delivery, publisher, queue, step, attempts, first_attempt)
-                            .await;
-                    }
-                    tracing::error!(%last_error, attempts, "retries exhausted: dead-lettering");
-                    let message =
-                        format!("gave up after {attempts} attempts; last failure: {last_error}");
-                    let code = ErrorCode::RetriesExhausted;
-                    (
-                        failed(code, message, last_status),
-                        Outcome::Failed(code),
-                        Settle::DeadLetter,
-                    )
-                }
-            };
-            self.finish(delivery, publisher, &event, outcome, settle, traceparent)
-                .await
-        })
-        .await
-    }
-
-    /// Publishes the event (results exchange and `reply_to`), then settles.
-    pub(super) async fn finish(
-        &self,
-        delivery: &Received,
-        publisher: &Publisher,
-        event: &ResultEvent,
-        outcome: Outcome,
-        settle: Settle,
-        traceparent: &str,
-    ) -> Outcome {
-        match Box::pin(self.publish_event(delivery, publisher, event, traceparent)).await {
-            Ok(()) => self.settle(delivery, settle, outcome),
-            Err(e) => {
-                tracing::error!(error = %e, "event not confirmed: requeueing the command");
-                self.settle(delivery, Settle::Requeue, Outcome::NotConfirmed)
-            }
-        }
-    }
-
-    async fn publish_event(
-        &self,
-        delivery: &Received,
-        publisher: &Publisher,
-        event: &ResultEvent,
-        traceparent: &str,
-    ) -> Result<(), PublishError> {
-        let body = event.to_json();
-        let props = event.amqp_properties(Some(traceparent));
-        let reply_to = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|r| r.as_str())
-            .filter(|r| !r.is_empty());
-        // The properties (a dozen headers) are copied only when a second
-        // publish needs them.
-        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
-        let (to_results, to_reply) = match reply_to {
-            None => (publisher.send(exchange, key, &body, props).await?, None),
-            Some(queue) => {
-                let sent = publisher.send(exchange, key, &body, props.clone()).await?;
-                (sent, Some(publisher.send("", queue, &body, props).await?))
-            }
+        let bounds = Bounds {
+            deadline,
+            first_attempt_ms: history.first_attempt_ms,
+            window: self.limits.window,
         };
-        if publisher.confirm(exchange, to_results).await? == Routed::No {
-            tracing::warn!(%exchange, "no queue is bound to receive this event");
-        }
-        if let (Some(queue), Some(confirm)) = (reply_to, to_reply)
-            && publisher.confirm(queue, confirm).await? == Routed::No
-        {
-            tracing::warn!(reply_to = %queue, "the reply_to queue does not exist; the event is on the results exchange only");
-        }
-        Ok(())
-    }
-
-    /// Acks, dead-letters or requeues. A settlement that fails at once
-    /// (the channel is gone) has no effect: the broker will redeliver, which
-    /// is safe, but it is counted and logged so a lost ack never passes for
-    /// one.
-    pub(super) fn settle(&self, delivery: &Received, settle: Settle, outcome: Outcome) -> Outcome {
-        let result = delivery.settle(settle);
-        if let Err(e) = result {
-            self.metrics.settlements_lost.inc();
-            tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver");
-        }
-        outcome
+        purchase_with_retry(&ctx, command, Some(traceparent), bounds).await
     }
 }

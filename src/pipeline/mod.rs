@@ -2,24 +2,26 @@
 //!
 //! - [`supervisor`] keeps a connection alive and rebuilds everything after a loss;
 //! - [`session`] consumes on one connection and runs one task per delivery;
-//! - [`handler`] takes one delivery from command to ack;
-//! - `settlement` acks on the consuming channel, merging acks where it may;
-//! - `redelivery` copies commands into delay queues, or back when worn;
-//! - [`retry`] and [`gate`] pace and repeat the Hyperline requests;
-//! - [`credentials`] pauses the replica while its key is refused.
+//! - [`handler`] takes one delivery from command to plan: delivery → command
+//!   → purchase → outcome;
+//! - [`decision`] is the one place that decides what becomes of a delivery;
+//! - [`executor`] carries the plan out: event → copy → ack.
 
-pub mod credentials;
-pub mod gate;
+pub mod decision;
+pub mod executor;
 pub mod handler;
-mod redelivery;
-pub mod retry;
 pub mod session;
-mod settlement;
 pub mod supervisor;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::Topology;
 use crate::configuration::RetrySettings;
 use crate::hyperline::HyperlineClient;
+use crate::hyperline::credentials::Credentials;
+use crate::hyperline::gate::Gate;
 use crate::operations::Metrics;
 
 /// Everything a delivery's task needs, shared by all tasks of a replica.
@@ -27,13 +29,31 @@ pub struct Pipeline {
     /// The API.
     pub client: HyperlineClient,
     /// Replica-wide request pacing (429 pauses, client-side cap).
-    pub gate: gate::Gate,
+    pub gate: Gate,
     /// Replica-wide credential state.
-    pub credentials: credentials::Credentials,
+    pub credentials: Credentials,
     /// The retry budget.
     pub settings: RetrySettings,
     /// Queue and exchange names.
     pub topology: Topology,
     /// Counters and histograms.
     pub metrics: std::sync::Arc<Metrics>,
+    /// Time limits of a delivery.
+    pub limits: Limits,
+    /// This replica's name, stamped on its dead letters.
+    pub replica: String,
+    /// Cancelled when the drain period is over: requests still out are
+    /// abandoned and their commands put back with what was learned.
+    pub stop_requests: CancellationToken,
+}
+
+/// The time limits every delivery respects.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest time a delivery stays unacked, before its event and copy.
+    pub deadline: Duration,
+    /// The total deadline of one request.
+    pub request_timeout: Duration,
+    /// Hyperline's idempotency window.
+    pub window: Duration,
 }

@@ -5,6 +5,7 @@
 //! with it: their deliveries belong to a dead channel, so the broker has
 //! already requeued them, and their acks could not land anyway.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +17,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::handler::{Outcome, Settle};
-use super::settlement::Settlements;
-use crate::broker::{self, Publisher, TopologyError};
+use super::decision::Outcome;
+use crate::broker::{self, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
-use crate::operations::Health;
+use crate::operations::{HEARTBEAT, Health};
+
+/// The longest a broker call of the session's setup may take. lapin's calls
+/// have no timeout of their own: a call that never returns would leave the
+/// replica alive in name only.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the drain period, how long abandoned commands get to be put back
+/// with what was learned about them before their tasks are aborted.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a session ended other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +49,38 @@ pub enum SessionError {
     /// The publishing channel closed (e.g. the results exchange is missing).
     #[error("the publishing channel closed")]
     PublisherClosed,
+    /// A broker call did not return in time.
+    #[error("the broker did not answer `{0}` within {BROKER_CALL_TIMEOUT:?}")]
+    Unresponsive(&'static str),
+}
+
+/// A broker call of the session, bounded, with a heartbeat once it returns.
+async fn call<T, E>(
+    health: &Health,
+    what: &'static str,
+    future: impl Future<Output = Result<T, E>>,
+) -> Result<T, SessionError>
+where
+    SessionError: From<E>,
+{
+    let result = tokio::time::timeout(BROKER_CALL_TIMEOUT, future)
+        .await
+        .map_err(|_| SessionError::Unresponsive(what))?;
+    health.beat();
+    Ok(result?)
+}
+
+/// Runs a bounded wait (a backoff, a drain, a credential probe) while
+/// telling `/healthz` that the loop is alive: the wait is part of the loop.
+pub async fn beating<T>(health: &Health, future: impl Future<Output = T>) -> T {
+    tokio::pin!(future);
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            out = &mut future => return out,
+            _ = tick.tick() => health.beat(),
+        }
+    }
 }
 
 /// What a session needs from the replica.
@@ -59,15 +100,30 @@ pub struct SessionContext<'a> {
 /// Runs one session until shutdown (`Ok`) or a failure (`Err`).
 pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
-    let connection = broker::connect(&amqp.url, ctx.name, amqp.ca_file.as_deref()).await?;
+    let health = ctx.health;
+    let connection = call(
+        health,
+        "connect",
+        broker::connect(&amqp.url, ctx.name, amqp.ca_file.as_deref()),
+    )
+    .await?;
     if amqp.declare_topology {
-        ctx.pipeline.topology.declare(&connection).await?;
-    }
-    let publisher = Publisher::open(&connection, amqp.confirm_timeout()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(amqp.prefetch, BasicQosOptions { global: false })
+        call(
+            health,
+            "declare",
+            ctx.pipeline.topology.declare(&connection),
+        )
         .await?;
+    }
+    let publisher = call(
+        health,
+        "open the publisher",
+        Publisher::open(&connection, amqp.confirm_timeout()),
+    )
+    .await?;
+    let channel = call(health, "open a channel", connection.create_channel()).await?;
+    let qos = BasicQosOptions { global: false };
+    call(health, "basic.qos", channel.basic_qos(amqp.prefetch, qos)).await?;
     ctx.health.set_connected(true);
     tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "connected to the broker");
 
@@ -94,32 +150,27 @@ async fn consume(
         if ctx.pipeline.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
             ctx.pipeline.metrics.credentials_refused.set(1);
-            if !ctx
-                .pipeline
-                .credentials
-                .recover(&ctx.pipeline.client, ctx.shutdown)
-                .await
-            {
+            let credentials = &ctx.pipeline.credentials;
+            let recovery = credentials.recover(&ctx.pipeline.client, ctx.shutdown);
+            if !beating(ctx.health, recovery).await {
                 return Ok(());
             }
             ctx.health.set_credentials_refused(false);
             ctx.pipeline.metrics.credentials_refused.set(0);
         }
-        let mut consumer = channel
-            .basic_consume(
-                ctx.settings.amqp.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let consume = channel.basic_consume(
+            ctx.settings.amqp.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let mut consumer = call(ctx.health, "basic.consume", consume).await?;
         ctx.health.set_consuming(true);
         let paused = run_consumer(ctx, &settlements, &mut consumer, publisher, tasks).await?;
         ctx.health.set_consuming(false);
         // Stop the flow, then put back what the broker had already pushed.
-        channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await?;
+        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        call(ctx.health, "basic.cancel", cancel).await?;
         requeue_buffered(&settlements, &mut consumer).await;
         if !paused {
             return Ok(());
@@ -148,6 +199,7 @@ async fn run_consumer(
             () = &mut shutdown => return Ok(false),
             () = &mut faulted => return Ok(true),
             _ = housekeeping.tick() => {
+                ctx.health.beat();
                 reap(tasks);
                 if !publisher.is_open() {
                     return Err(SessionError::PublisherClosed);
@@ -201,8 +253,10 @@ async fn requeue_buffered(settlements: &Arc<Settlements>, consumer: &mut Consume
     let _ = bounded.await;
 }
 
-/// Lets in-flight commands finish within the grace period, then aborts the
-/// rest; closing the connection requeues their deliveries.
+/// Lets in-flight commands finish within the grace period; then abandons
+/// their requests, so each puts its command back with what was learned (the
+/// start of its idempotency window above all), and aborts what is left after
+/// that; closing the connection requeues their deliveries.
 async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     let grace = ctx.settings.worker.shutdown_grace();
     tracing::info!(
@@ -210,17 +264,25 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
         ?grace,
         "draining in-flight commands"
     );
-    let finished = tokio::time::timeout(grace, async {
-        while let Some(done) = tasks.join_next().await {
-            record(done);
-        }
-    })
-    .await;
-    if finished.is_err() {
-        tracing::warn!(
-            left = tasks.len(),
-            "grace period over: requeueing the commands still in flight"
-        );
+    let join_all = async |tasks: &mut JoinSet<Outcome>, within: Duration| {
+        let all = async {
+            while let Some(done) = tasks.join_next().await {
+                record(done);
+            }
+        };
+        beating(ctx.health, tokio::time::timeout(within, all))
+            .await
+            .is_ok()
+    };
+    if join_all(tasks, grace).await {
+        return;
+    }
+    tracing::warn!(
+        left = tasks.len(),
+        "grace period over: putting the commands still in flight back on the queue"
+    );
+    ctx.pipeline.stop_requests.cancel();
+    if !join_all(tasks, ABANDON_GRACE).await {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

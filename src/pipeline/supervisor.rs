@@ -1,6 +1,9 @@
 //! Keeps the replica consuming: a lost connection or channel is rebuilt with
 //! backoff, topology redeclared and consumption resumed, without a restart.
 //!
+//! `/healthz` beats from this loop and the session it runs, never from a
+//! task of its own: a beat must mean that the loop that consumes is moving.
+//!
 //! This is our own loop rather than lapin's young auto-recovery: a fresh
 //! connection, fresh channels and a fresh consumer are easy to reason about,
 //! and a delivery can never be acked on a channel it did not come from.
@@ -11,10 +14,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::session::{self, SessionContext};
+use super::session::{self, SessionContext, beating};
 use crate::broker::redacted_url;
 use crate::configuration::Settings;
-use crate::operations::{HEARTBEAT, Health};
+use crate::operations::Health;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -27,17 +30,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let name = settings.amqp.connection_name();
-    let beat = {
-        let health = Arc::clone(&health);
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            while !stop.is_cancelled() {
-                health.beat();
-                tick.tick().await;
-            }
-        })
-    };
     let ctx = SessionContext {
         settings,
         pipeline: &pipeline,
@@ -47,6 +39,7 @@ pub async fn run(
     };
     let mut wait = RECONNECT_FIRST;
     loop {
+        health.beat();
         let started = tokio::time::Instant::now();
         match session::run(&ctx).await {
             Ok(()) => break,
@@ -61,14 +54,18 @@ pub async fn run(
                     wait = RECONNECT_FIRST;
                 }
                 tracing::error!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(wait) => {}
+                let backoff = async {
+                    tokio::select! {
+                        () = shutdown.cancelled() => false,
+                        () = tokio::time::sleep(wait) => true,
+                    }
+                };
+                if !beating(&health, backoff).await {
+                    break;
                 }
                 wait = (wait * 2).min(RECONNECT_MAX);
             }
         }
     }
-    beat.abort();
     tracing::info!("worker stopped");
 }

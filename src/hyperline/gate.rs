@@ -12,7 +12,11 @@
 //! its end by collecting 429s:
 //! - while the current window's quota is unknown (at start, and once the
 //!   announced window has reset) one request goes alone, a probe, and the
-//!   others wait for its answer instead of rushing the new window together;
+//!   others wait for its answer instead of rushing the new window together,
+//!   but not for longer than the gate's patience: a probe that hangs (an API
+//!   that answers nothing, a timeout) would otherwise let one request through
+//!   per request timeout, and a replica's whole prefetch would outlast
+//!   RabbitMQ's consumer timeout waiting in line;
 //! - then each replica spreads its share of what is left over the time left,
 //!   counting the requests it sent since the announcement and assuming every
 //!   other client sharing the quota sent as many;
@@ -34,9 +38,6 @@ use crate::hyperline::Quota;
 
 /// Two announced resets this close describe the same window.
 const SAME_WINDOW: Duration = Duration::from_millis(250);
-/// How long a request waits for a probe's answer before it looks again (a
-/// safety net: the end of a probe always wakes the waiters).
-const PROBE_PATIENCE: Duration = Duration::from_secs(1);
 /// Upper bound of the estimated number of clients sharing the quota.
 const MAX_SHARE: f64 = 64.0;
 
@@ -45,6 +46,8 @@ const MAX_SHARE: f64 = 64.0;
 pub struct Gate {
     /// Minimum spacing between requests (`1 / max_requests_per_second`).
     interval: Option<Duration>,
+    /// How long the others wait for a probe's answer.
+    patience: Duration,
     state: Mutex<GateState>,
     /// Woken when a probe ends.
     probe_done: Notify,
@@ -64,8 +67,8 @@ struct GateState {
     quota: QuotaView,
     /// Estimated number of clients sharing the quota, this one included.
     share: f64,
-    /// A probe is out: the others wait for its answer.
-    probing: bool,
+    /// Since when a probe is out: the others wait for its answer.
+    probing: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,7 +91,8 @@ enum QuotaView {
 /// Why a request may not go yet.
 enum Wait {
     Until(Instant),
-    ForProbe,
+    /// For the probe's answer, at most until then.
+    ForProbe(Instant),
 }
 
 /// One admitted request. Report its answer with [`Permit::answered`]; a
@@ -111,7 +115,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe {
-            self.gate.lock().probing = false;
+            self.gate.lock().probing = None;
             self.gate.probe_done.notify_waiters();
         }
     }
@@ -119,7 +123,7 @@ impl Drop for Permit<'_> {
 
 impl GateState {
     /// Admits now (`Ok(is a probe)`) or says how long to wait.
-    fn decide(&self, now: Instant, capped: bool) -> Result<bool, Wait> {
+    fn decide(&self, now: Instant, capped: bool, patience: Duration) -> Result<bool, Wait> {
         let mut at = now.max(self.not_before);
         if capped {
             at = at.max(self.next_slot);
@@ -146,12 +150,15 @@ impl GateState {
             }
             // Unknown, or the announced window is over: one request learns
             // the new one.
-            QuotaView::Unknown | QuotaView::Window { .. } => {
-                if self.probing {
-                    return Err(Wait::ForProbe);
+            QuotaView::Unknown | QuotaView::Window { .. } => match self.probing {
+                Some(since) if now < since + patience => {
+                    return Err(Wait::ForProbe(since + patience));
                 }
-                probe = true;
-            }
+                // The probe is overdue: its answer may never come, and
+                // waiting longer would serialise the replica behind it.
+                Some(_) => {}
+                None => probe = true,
+            },
         }
         if at > now {
             Err(Wait::Until(at))
@@ -162,11 +169,13 @@ impl GateState {
 }
 
 impl Gate {
-    /// A gate with a client-side cap of `per_second` requests (0 = no cap).
-    pub fn new(per_second: u32) -> Self {
+    /// A gate with a client-side cap of `per_second` requests (0 = no cap),
+    /// whose requests wait at most `patience` for a probe's answer.
+    pub fn new(per_second: u32, patience: Duration) -> Self {
         let now = Instant::now();
         Gate {
             interval: (per_second > 0).then(|| Duration::from_secs(1) / per_second),
+            patience,
             state: Mutex::new(GateState {
                 next_slot: now,
                 not_before: now,
@@ -174,7 +183,7 @@ impl Gate {
                 last_admitted: None,
                 quota: QuotaView::Unknown,
                 share: 1.0,
-                probing: false,
+                probing: None,
             }),
             probe_done: Notify::new(),
         }
@@ -193,14 +202,16 @@ impl Gate {
             let wait = {
                 let now = Instant::now();
                 let mut s = self.lock();
-                match s.decide(now, self.interval.is_some()) {
+                match s.decide(now, self.interval.is_some(), self.patience) {
                     Ok(probe) => {
                         s.admitted += 1;
                         s.last_admitted = Some(now);
                         if let Some(interval) = self.interval {
                             s.next_slot = now + interval;
                         }
-                        s.probing |= probe;
+                        if probe {
+                            s.probing = Some(now);
+                        }
                         return Permit {
                             gate: self,
                             seq: s.admitted,
@@ -214,12 +225,12 @@ impl Gate {
             // into account when the loop decides again.
             match wait {
                 Wait::Until(at) => tokio::time::sleep_until(at).await,
-                Wait::ForProbe => {
+                Wait::ForProbe(until) => {
                     let done = self.probe_done.notified();
                     tokio::pin!(done);
                     done.as_mut().enable();
-                    if self.lock().probing {
-                        let _ = tokio::time::timeout(PROBE_PATIENCE, done).await;
+                    if self.lock().probing.is_some() {
+                        let _ = tokio::time::timeout_at(until, done).await;
                     }
                 }
             }
@@ -295,13 +306,15 @@ mod tests {
         })
     }
 
+    const PATIENCE: Duration = Duration::from_secs(5);
+
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
     }
 
     /// A gate past its first probe, on an API that announces nothing.
     async fn unannounced(per_second: u32) -> Gate {
-        let gate = Gate::new(per_second);
+        let gate = Gate::new(per_second, PATIENCE);
         gate.admit().await.answered(None);
         gate
     }
@@ -318,7 +331,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_cap_spaces_requests() {
-        let gate = Gate::new(10);
+        let gate = Gate::new(10, PATIENCE);
         let start = Instant::now();
         gate.admit().await.answered(None);
         for _ in 0..10 {
@@ -366,7 +379,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shorter_pause_never_shortens_a_longer_one() {
-        let gate = Gate::new(0);
+        let gate = Gate::new(0, PATIENCE);
         gate.pause_for(secs(9));
         gate.pause_for(secs(1));
         assert_eq!(gate.paused_for(), secs(9));
@@ -374,7 +387,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_request_goes_alone_until_its_answer() {
-        let gate = Arc::new(Gate::new(0));
+        let gate = Arc::new(Gate::new(0, PATIENCE));
         let probe = gate.admit().await;
         let second = {
             let gate = gate.clone();
@@ -395,7 +408,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_without_an_answer_lets_the_next_request_probe() {
-        let gate = Arc::new(Gate::new(0));
+        let gate = Arc::new(Gate::new(0, PATIENCE));
         let probe = gate.admit().await;
         let second = {
             let gate = gate.clone();
@@ -407,8 +420,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_probe_without_an_answer_holds_the_others_only_for_the_patience() {
+        let gate = Arc::new(Gate::new(0, PATIENCE));
+        let start = Instant::now();
+        let _hanging = gate.admit().await;
+        let others: Vec<_> = (0..7)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let permit = gate.admit().await;
+                    (Instant::now(), permit.probe)
+                })
+            })
+            .collect();
+        for other in others {
+            let (at, probe) = other.await.expect("join");
+            assert_eq!(at - start, PATIENCE);
+            assert!(!probe, "the overdue probe's place is not taken");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn what_is_left_is_spread_over_the_window() {
-        let gate = Gate::new(0);
+        let gate = Gate::new(0, PATIENCE);
         let start = Instant::now();
         let reset = start + secs(2);
         gate.admit().await.answered(quota(4, reset));
@@ -428,7 +462,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn other_clients_spending_the_quota_slow_the_replica() {
-        let gate = Gate::new(0);
+        let gate = Gate::new(0, PATIENCE);
         let reset = Instant::now() + secs(10);
         gate.admit().await.answered(quota(40, reset));
         // Each of our requests sees the remaining fall by 3: two other
@@ -449,7 +483,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_exhausted_quota_waits_for_the_reset() {
-        let gate = Gate::new(0);
+        let gate = Gate::new(0, PATIENCE);
         let reset = Instant::now() + secs(3);
         gate.admit().await.answered(quota(0, reset));
         let next = gate.admit().await;
@@ -459,7 +493,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_older_than_the_known_one_is_ignored() {
-        let gate = Gate::new(0);
+        let gate = Gate::new(0, PATIENCE);
         let reset = Instant::now() + secs(20);
         gate.admit().await.answered(quota(10, reset));
         let first = gate.admit().await;

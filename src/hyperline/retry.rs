@@ -5,18 +5,29 @@
 //! loop that sleeps. Every attempt sends the same Idempotency-Key and body,
 //! so a retry after a lost answer replays the first charge instead of making
 //! a second one.
+//!
+//! Three bounds hold whatever Hyperline does:
+//! - the delivery's deadline: no request starts that could end after it, and
+//!   no wait at the gate outlasts it, so every delivery is settled well inside
+//!   RabbitMQ's consumer timeout;
+//! - the idempotency window: no request starts that could reach Hyperline
+//!   after it has forgotten the key of the command's first request;
+//! - shutdown: a cancelled delivery stops at once and reports what it did.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::credentials::Credentials;
 use super::gate::Gate;
+use super::{HyperlineClient, PurchaseAnswer, PurchaseResponse, Quota, Receipt, TransientCause};
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
-use crate::hyperline::{HyperlineClient, PurchaseAnswer, Quota, Receipt};
 use crate::operations::Metrics;
 use crate::operations::metrics::ReasonLabel;
 
@@ -46,13 +57,33 @@ pub enum Verdict {
     },
     /// 401/403, or the replica already knows its key is refused.
     CredentialFault,
-    /// Transient failures outlasted this delivery's budget.
+    /// Transient failures outlasted this delivery's attempts or deadline.
     Exhausted {
         /// The status of the last answer, if one arrived.
         last_status: Option<u16>,
         /// What the last failure was.
         last_error: String,
     },
+    /// A 429 asked for a wait longer than a delivery may be held: the whole
+    /// replica pauses that long, and the command waits in the broker.
+    RateLimited {
+        /// What the answer asked for.
+        wait: Duration,
+    },
+    /// The replica's gate would not let a request go before the deadline
+    /// (a long pause, a slow probe): the command waits in the broker.
+    Held {
+        /// How much of the replica's pause is left.
+        paused_for: Duration,
+    },
+    /// Another request could reach Hyperline after it forgot the key of
+    /// the command's first request, and charge a second time.
+    WindowClosed {
+        /// Unix milliseconds of that first request.
+        first_attempt_ms: u64,
+    },
+    /// The replica is shutting down.
+    Interrupted,
 }
 
 /// Why an attempt is retried; the metrics label.
@@ -108,7 +139,7 @@ pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
             status,
             detail: match (&status, &cause) {
                 (Some(s), _) => format!("HTTP {s}"),
-                (None, crate::hyperline::TransientCause::Network(text)) => text.clone(),
+                (None, TransientCause::Network(text)) => text.clone(),
                 (None, c) => c.label().replace('_', " "),
             },
             wait: None,
@@ -116,13 +147,49 @@ pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
     }
 }
 
-/// What [`purchase_with_retry`] reports: the verdict and the requests made.
+/// Whether a request may have charged: anything but an answer given before
+/// the purchase is processed (authentication, the rate limit) or a request
+/// that never left (a connect failure). Such a request starts the command's
+/// idempotency window.
+fn may_have_charged(response: &PurchaseResponse) -> bool {
+    !matches!(
+        (response.status, &response.answer),
+        (Some(401 | 403 | 429), _)
+            | (
+                None,
+                PurchaseAnswer::Transient {
+                    cause: TransientCause::Connect,
+                    ..
+                },
+            )
+    )
+}
+
+/// What [`purchase_with_retry`] reports: the verdict and what was learned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempted {
     /// How it ended.
     pub verdict: Verdict,
     /// HTTP requests made during this delivery.
     pub requests: u32,
+    /// Unix ms of this delivery's first request that may have charged.
+    pub first_sent_ms: Option<u64>,
+    /// Unix ms of this delivery's last request.
+    pub last_sent_ms: Option<u64>,
+    /// The status of this delivery's last answer.
+    pub last_status: Option<u16>,
+}
+
+/// The bounds of one delivery's attempts.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// No request may end after this.
+    pub deadline: Instant,
+    /// Unix ms of the command's first request that may have charged, from
+    /// an earlier delivery.
+    pub first_attempt_ms: Option<u64>,
+    /// Hyperline's idempotency window.
+    pub window: Duration,
 }
 
 /// Shared by the retry loop of every command of a replica.
@@ -135,8 +202,12 @@ pub struct RetryContext<'a> {
     pub credentials: &'a Credentials,
     /// The budget.
     pub settings: &'a RetrySettings,
+    /// The total deadline of one request.
+    pub request_timeout: Duration,
     /// Requests, retries and rate-limit waits are counted here.
     pub metrics: &'a Metrics,
+    /// Cancelled when the replica stops.
+    pub cancel: &'a CancellationToken,
 }
 
 /// Full jitter: a uniform delay between the configured floor and the
@@ -149,16 +220,73 @@ fn full_jitter(floor: Duration, ceiling: Duration) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
-/// Attempts the purchase up to `retry.attempts` times.
+/// Unix milliseconds now, by the wall clock every replica shares.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether a request sent at `at_ms`, lasting at most `request_timeout`,
+/// would still be inside the window opened at `first_ms`. A margin of 1/96
+/// of the window (15 minutes of 24 hours) covers clocks that disagree
+/// between replicas.
+pub fn window_open(first_ms: u64, at_ms: u64, window: Duration, request_timeout: Duration) -> bool {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ends = first_ms.saturating_add(ms(window));
+    at_ms.saturating_add(ms(request_timeout + window / 96)) < ends
+}
+
+/// What the attempts learned, kept outside the retried future so that an
+/// interrupted delivery still reports it.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU32,
+    first_sent_ms: Mutex<Option<u64>>,
+    last: Mutex<(Option<u64>, Option<u16>)>,
+    last_failure: Mutex<Option<(Option<u16>, String)>>,
+}
+
+impl Tally {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        // Plain values, each written whole: a poisoned lock is still usable.
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn first_sent(&self) -> Option<u64> {
+        *Self::lock(&self.first_sent_ms)
+    }
+
+    /// The verdict of a delivery whose deadline came before its next request.
+    fn out_of_time(&self, gate: &Gate) -> Verdict {
+        match Self::lock(&self.last_failure).clone() {
+            Some((last_status, last_error)) => Verdict::Exhausted {
+                last_status,
+                last_error: format!("{last_error} (the delivery's deadline came)"),
+            },
+            None => Verdict::Held {
+                paused_for: gate.paused_for(),
+            },
+        }
+    }
+}
+
+/// Attempts the purchase up to `retry.attempts` times, within `bounds`.
 pub async fn purchase_with_retry(
     ctx: &RetryContext<'_>,
     command: &Command,
     traceparent: Option<&str>,
+    bounds: Bounds,
 ) -> Attempted {
-    let requests = AtomicU32::new(0);
+    let tally = Tally::default();
     let floor = Duration::from_millis(ctx.settings.initial_backoff_ms);
     let max_rate_wait = Duration::from_secs(ctx.settings.max_rate_limit_wait_secs);
     let conflict_delay = Duration::from_millis(ctx.settings.conflict_delay_ms);
+    let latest_start = bounds
+        .deadline
+        .checked_sub(ctx.request_timeout)
+        .unwrap_or(bounds.deadline);
     let backoff = ExponentialBuilder::default()
         .with_min_delay(floor)
         .with_max_delay(Duration::from_millis(ctx.settings.max_backoff_ms))
@@ -169,15 +297,47 @@ pub async fn purchase_with_retry(
         if ctx.credentials.is_faulted() {
             return Ok(Verdict::CredentialFault);
         }
-        let permit = ctx.gate.admit().await;
+        if let Some(first) = bounds.first_attempt_ms.or_else(|| tally.first_sent())
+            && !window_open(first, now_ms(), bounds.window, ctx.request_timeout)
+        {
+            return Ok(Verdict::WindowClosed {
+                first_attempt_ms: first,
+            });
+        }
+        if Instant::now() >= latest_start {
+            return Ok(tally.out_of_time(ctx.gate));
+        }
+        // After a refused key came back, one request proves it first.
+        let _trial = ctx.credentials.trial().await;
+        let Ok(permit) = tokio::time::timeout_at(latest_start, ctx.gate.admit()).await else {
+            return Ok(tally.out_of_time(ctx.gate));
+        };
         if ctx.credentials.is_faulted() {
             return Ok(Verdict::CredentialFault);
         }
-        requests.fetch_add(1, Ordering::Relaxed);
+        tally.requests.fetch_add(1, Ordering::Relaxed);
+        let sent_ms = now_ms();
         let sent = std::time::Instant::now();
+        // Counted as the window's start before the request leaves: if the
+        // replica stops while it is out, it may have charged.
+        let opens_window = {
+            let mut first = Tally::lock(&tally.first_sent_ms);
+            let opens = first.is_none();
+            if opens {
+                *first = Some(sent_ms);
+            }
+            opens
+        };
         let response = ctx.client.purchase(command, traceparent).await;
         ctx.metrics
             .hyperline_request(response.status_class(), sent.elapsed());
+        *Tally::lock(&tally.last) = (Some(sent_ms), response.status);
+        if opens_window && !may_have_charged(&response) {
+            *Tally::lock(&tally.first_sent_ms) = None;
+        }
+        if let Some(status) = response.status {
+            ctx.credentials.heard(status);
+        }
         // What the answer announced paces the replica's next requests (never
         // for longer than a rate-limit wait may last in process). An answer
         // without rate-limit headers says the API announces none, unless it
@@ -202,33 +362,37 @@ pub async fn purchase_with_retry(
             Step::Done(verdict) => Ok(verdict),
             Step::Retry(retry) => {
                 if retry.reason == "rate_limited" {
+                    // The quota is the account's: every request of the
+                    // replica holds back for as long as the answer asks.
                     let wait = retry.wait.unwrap_or(floor);
-                    if wait > max_rate_wait {
-                        // Too long to hold the delivery: RabbitMQ's consumer
-                        // timeout would close the channel. Let a delay queue wait.
-                        return Ok(Verdict::Exhausted {
-                            last_status: Some(429),
-                            last_error: retry.detail,
-                        });
-                    }
                     ctx.gate.pause_for(wait);
                     ctx.metrics.rate_limit_wait(wait);
+                    if wait > max_rate_wait {
+                        // Too long to hold the delivery: RabbitMQ's consumer
+                        // timeout would close the channel. A delay queue waits.
+                        return Ok(Verdict::RateLimited { wait });
+                    }
                 }
+                *Tally::lock(&tally.last_failure) = Some((retry.status, retry.detail.clone()));
                 Err(retry)
             }
         }
     };
 
-    let result = attempt
+    let retried = attempt
         .retry(backoff)
         .when(|_| true)
         .adjust(|retry: &Retry, next| {
-            next.map(|ceiling| match retry.reason {
-                // The gate already holds every request until the window
-                // resets; the command only needs to queue behind it.
-                "rate_limited" => Duration::ZERO,
-                "in_progress" => retry.wait.unwrap_or(ceiling),
-                _ => full_jitter(floor, ceiling),
+            let left = bounds.deadline.saturating_duration_since(Instant::now());
+            next.map(|ceiling| {
+                let wait = match retry.reason {
+                    // The gate already holds every request until the window
+                    // resets; the command only needs to queue behind it.
+                    "rate_limited" => Duration::ZERO,
+                    "in_progress" => retry.wait.unwrap_or(ceiling),
+                    _ => full_jitter(floor, ceiling),
+                };
+                wait.min(left)
             })
         })
         .notify(|retry: &Retry, _| {
@@ -239,22 +403,27 @@ pub async fn purchase_with_retry(
                     reason: retry.reason,
                 })
                 .inc();
-        })
-        .await;
-    let verdict = result.unwrap_or_else(|last| Verdict::Exhausted {
-        last_status: last.status,
-        last_error: last.detail,
-    });
+        });
+    let verdict = tokio::select! {
+        result = retried => result.unwrap_or_else(|last| Verdict::Exhausted {
+            last_status: last.status,
+            last_error: last.detail,
+        }),
+        () = ctx.cancel.cancelled() => Verdict::Interrupted,
+    };
+    let (last_sent_ms, last_status) = *Tally::lock(&tally.last);
     Attempted {
         verdict,
-        requests: requests.into_inner(),
+        requests: tally.requests.load(Ordering::Relaxed),
+        first_sent_ms: tally.first_sent(),
+        last_sent_ms,
+        last_status,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hyperline::TransientCause;
 
     const DELAY: Duration = Duration::from_millis(500);
 

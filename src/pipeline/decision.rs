@@ -1,0 +1,429 @@
+//! What becomes of a delivery: one pure function from what the worker
+//! learned to a plan, read as the table of CONTRACT section 4.
+//!
+//! Every way a command leaves the worker is decided here and nowhere else:
+//! which event is published, where the command goes (acked, copied to a delay
+//! queue, copied back to the commands queue, copied to the dead-letter
+//! exchange), what its copy remembers, and how the replica's gate changes.
+//! The executor only carries a plan out; when the broker refuses part of it
+//! (the event, a copy), the refusal comes back here as an input, so that a
+//! path that returns a command to the broker can never forget its history nor
+//! come back at once.
+
+use std::time::Duration;
+
+use crate::broker::DeliveryHistory;
+use crate::contract::{ErrorCode, ResultEvent};
+use crate::hyperline::retry::{Attempted, Verdict, window_open};
+
+/// Copies made near the broker's delivery limit before a command is
+/// declared a poison message (workers crash or lose their connection every
+/// time they hold it).
+pub const MAX_REFRESHES: u32 = 3;
+
+/// The longest wait in process before a command refused by the broker is
+/// put back (the wait doubles with each setback).
+const MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// What the worker learned about a delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The body is not a valid command.
+    Invalid,
+    /// An event decided on an earlier delivery that the broker did not
+    /// confirm then.
+    Stored(ResultEvent),
+    /// The delivery used half the broker's delivery limit.
+    Worn,
+    /// The purchase attempts of this delivery.
+    Attempted(Attempted),
+    /// The broker did not confirm the plan's event.
+    EventRefused(ResultEvent),
+    /// The broker did not confirm the plan's copy; the event it already
+    /// confirmed for this delivery, if any.
+    CopyRefused(Option<ResultEvent>),
+}
+
+/// The event a plan publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventPlan {
+    /// `failed` / `invalid_command`, from what could be read of the body.
+    Invalid,
+    /// `succeeded`.
+    Succeeded {
+        /// The invoice.
+        invoice_id: String,
+        /// The balance after the purchase.
+        new_credit_balance: u64,
+    },
+    /// `failed` with this error.
+    Failed {
+        /// The code.
+        code: ErrorCode,
+        /// Human readable.
+        message: String,
+        /// The deciding HTTP status.
+        http_status: Option<u16>,
+    },
+    /// The event decided earlier, byte for byte.
+    Stored(ResultEvent),
+}
+
+/// Where the command goes once the event (if any) is confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Done with.
+    Ack,
+    /// A copy to the dead-letter exchange, then ack: an operator must look.
+    DeadLetter(ErrorCode),
+    /// A copy to the delay queue of this step index, then ack.
+    Delay(usize),
+    /// A copy back to the commands queue, then ack.
+    Return,
+}
+
+/// A change of the replica's gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateChange {
+    /// No request of the replica before this wait is over.
+    Pause(Duration),
+    /// The key is refused: stop consuming until it is accepted.
+    CredentialFault,
+}
+
+/// What became of a delivery: the label of metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `succeeded` event published, command acked.
+    Succeeded,
+    /// `failed` event published, command acked or dead-lettered.
+    Failed(ErrorCode),
+    /// Copied to the delay queue of this step (1-based), a step used.
+    Deferred(u32),
+    /// Put back through the broker without using a step, for this reason.
+    Returned(&'static str),
+}
+
+impl Outcome {
+    /// A label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed(code) => code.as_str(),
+            Outcome::Deferred(_) => "deferred",
+            Outcome::Returned(reason) => reason,
+        }
+    }
+}
+
+/// What to do with a delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Published and confirmed first.
+    pub event: Option<EventPlan>,
+    /// Then the command goes here.
+    pub route: Route,
+    /// What the command's copy carries (and the event's `attempts`).
+    pub history: DeliveryHistory,
+    /// A wait in process before any of it: the broker refused something,
+    /// and coming back at once would spin.
+    pub hold: Duration,
+    /// The replica's gate.
+    pub gate: Option<GateChange>,
+    /// The label.
+    pub outcome: Outcome,
+}
+
+impl Plan {
+    fn new(event: Option<EventPlan>, route: Route, history: DeliveryHistory) -> Plan {
+        let outcome = match (&event, route) {
+            (Some(EventPlan::Succeeded { .. }), _) => Outcome::Succeeded,
+            (Some(EventPlan::Invalid), _) => Outcome::Failed(ErrorCode::InvalidCommand),
+            (Some(EventPlan::Failed { code, .. }), _) => Outcome::Failed(*code),
+            (Some(EventPlan::Stored(event)), _) => match &event.error {
+                Some(error) => Outcome::Failed(error.code),
+                None => Outcome::Succeeded,
+            },
+            (None, Route::Delay(_)) => Outcome::Deferred(history.step),
+            (None, _) => Outcome::Returned("returned"),
+        };
+        Plan {
+            event,
+            route,
+            history,
+            hold: Duration::ZERO,
+            gate: None,
+            outcome,
+        }
+    }
+
+    fn returned(mut self, reason: &'static str) -> Plan {
+        self.outcome = Outcome::Returned(reason);
+        self
+    }
+
+    fn failed(
+        code: ErrorCode,
+        message: String,
+        http_status: Option<u16>,
+        h: DeliveryHistory,
+    ) -> Plan {
+        let route = match code.dead_letters() {
+            true => Route::DeadLetter(code),
+            false => Route::Ack,
+        };
+        let event = EventPlan::Failed {
+            code,
+            message,
+            http_status,
+        };
+        Plan::new(Some(event), route, h)
+    }
+}
+
+/// The settings and the moment a plan is made for.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy<'a> {
+    /// `retry.redelivery_delays_secs`, one per step (a delay may repeat).
+    pub delays: &'a [u64],
+    /// Hyperline's idempotency window.
+    pub window: Duration,
+    /// The total deadline of one request.
+    pub request_timeout: Duration,
+    /// Now, in Unix milliseconds.
+    pub now_ms: u64,
+}
+
+impl Policy<'_> {
+    /// Whether a command with this history, coming back after `delay` for
+    /// another purchase, could still send one inside its window.
+    fn window_open_after(&self, h: &DeliveryHistory, delay: Duration) -> bool {
+        let at = self
+            .now_ms
+            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        h.first_attempt_ms
+            .is_none_or(|first| window_open(first, at, self.window, self.request_timeout))
+    }
+
+    fn delay_of(&self, route: Route) -> Duration {
+        match route {
+            Route::Delay(step) => Duration::from_secs(self.delays.get(step).copied().unwrap_or(0)),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// The step whose queue waits at least `wait`, else the longest.
+    fn park_for(&self, wait: Duration) -> Option<usize> {
+        let fits = self
+            .delays
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| Duration::from_secs(**d) >= wait)
+            .min_by_key(|(_, d)| **d);
+        let longest = self.delays.iter().enumerate().max_by_key(|(_, d)| **d);
+        fits.or(longest).map(|(i, _)| i)
+    }
+
+    /// The queue a command waits in after its `setbacks`th setback: the
+    /// steps' delays in turn, then the last one.
+    fn after_setbacks(&self, setbacks: u32) -> Option<usize> {
+        let last = self.delays.len().checked_sub(1)?;
+        Some((setbacks as usize).min(last))
+    }
+}
+
+/// The in-process wait after `setbacks` setbacks: 1 s doubling to 30 s.
+fn hold_after(setbacks: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1 << setbacks.min(5))
+        .min(MAX_HOLD)
+}
+
+/// The history after a delivery's attempts.
+fn learn(history: &DeliveryHistory, attempted: &Attempted) -> DeliveryHistory {
+    DeliveryHistory {
+        attempts: history.attempts.saturating_add(attempted.requests),
+        first_attempt_ms: history.first_attempt_ms.or(attempted.first_sent_ms),
+        last_attempt_ms: attempted.last_sent_ms.or(history.last_attempt_ms),
+        last_status: attempted.last_status.or(history.last_status),
+        ..history.clone()
+    }
+}
+
+fn stored_json(event: &ResultEvent) -> Option<String> {
+    serde_json::to_string(event).ok()
+}
+
+/// The plan for a delivery.
+pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Plan {
+    match input {
+        Input::Invalid => Plan::new(
+            Some(EventPlan::Invalid),
+            Route::DeadLetter(ErrorCode::InvalidCommand),
+            history.clone(),
+        ),
+        Input::Stored(event) => {
+            let route = match event.error.as_ref().map(|e| e.code) {
+                Some(code) if code.dead_letters() => Route::DeadLetter(code),
+                _ => Route::Ack,
+            };
+            Plan::new(Some(EventPlan::Stored(event)), route, history.clone())
+        }
+        Input::Worn if history.refreshes >= MAX_REFRESHES => {
+            let deliveries = history
+                .deliveries
+                .saturating_mul(u64::from(history.refreshes) + 1);
+            let message = format!(
+                "delivered about {deliveries} times without an outcome (workers crashed or lost \
+                 their connection while handling it): dead-lettered as a possible poison message"
+            );
+            Plan::failed(ErrorCode::RetriesExhausted, message, None, history.clone())
+        }
+        Input::Worn => {
+            let h = DeliveryHistory {
+                refreshes: history.refreshes + 1,
+                ..history.clone()
+            };
+            Plan::new(None, Route::Return, h).returned("refreshed")
+        }
+        Input::Attempted(attempted) => {
+            let h = learn(history, &attempted);
+            let plan = after_attempts(&attempted, h.clone(), policy);
+            // A command sent back for another purchase that could only
+            // come back past its window is answered now instead.
+            match (plan.event.is_none(), h.first_attempt_ms) {
+                (true, Some(first))
+                    if !policy.window_open_after(&h, policy.delay_of(plan.route)) =>
+                {
+                    window_closed(first, h)
+                }
+                _ => plan,
+            }
+        }
+        Input::EventRefused(event) => {
+            let h = DeliveryHistory {
+                setbacks: history.setbacks.saturating_add(1),
+                outcome: stored_json(&event),
+                ..history.clone()
+            };
+            set_back(h, history.setbacks, policy).returned("event_refused")
+        }
+        Input::CopyRefused(published) => {
+            let h = DeliveryHistory {
+                setbacks: history.setbacks.saturating_add(1),
+                outcome: published
+                    .as_ref()
+                    .and_then(stored_json)
+                    .or(history.outcome.clone()),
+                ..history.clone()
+            };
+            let mut plan = Plan::new(None, Route::Return, h).returned("copy_refused");
+            plan.hold = hold_after(history.setbacks);
+            plan
+        }
+    }
+}
+
+/// Back through a delay queue, or, with none configured, back to the
+/// commands queue after a wait in process; never a step, never dead-lettered.
+fn set_back(h: DeliveryHistory, setbacks: u32, policy: Policy<'_>) -> Plan {
+    match policy.after_setbacks(setbacks) {
+        Some(queue) => Plan::new(None, Route::Delay(queue), h),
+        None => {
+            let mut plan = Plan::new(None, Route::Return, h);
+            plan.hold = hold_after(setbacks);
+            plan
+        }
+    }
+}
+
+fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>) -> Plan {
+    match &attempted.verdict {
+        Verdict::Succeeded(receipt) => Plan::new(
+            Some(EventPlan::Succeeded {
+                invoice_id: receipt.invoice_id.clone(),
+                new_credit_balance: receipt.new_credit_balance,
+            }),
+            Route::Ack,
+            h,
+        ),
+        Verdict::Rejected { status, message } => {
+            Plan::failed(ErrorCode::Rejected, message.clone(), Some(*status), h)
+        }
+        Verdict::IdempotencyConflict { message } => Plan::failed(
+            ErrorCode::IdempotencyConflict,
+            message.clone(),
+            Some(417),
+            h,
+        ),
+        Verdict::Unexpected { status, detail } => Plan::failed(
+            ErrorCode::UnexpectedResponse,
+            detail.clone(),
+            Some(*status),
+            h,
+        ),
+        Verdict::CredentialFault => {
+            let mut plan = Plan::new(None, Route::Return, h).returned("credential_fault");
+            plan.gate = Some(GateChange::CredentialFault);
+            plan
+        }
+        Verdict::Exhausted {
+            last_status,
+            last_error,
+        } => match policy.delays.get(h.step as usize) {
+            Some(_) => {
+                let queue = h.step as usize;
+                let h = DeliveryHistory {
+                    step: h.step + 1,
+                    ..h
+                };
+                Plan::new(None, Route::Delay(queue), h)
+            }
+            None => {
+                let message = format!(
+                    "gave up after {} attempts; last failure: {last_error}",
+                    h.attempts
+                );
+                Plan::failed(ErrorCode::RetriesExhausted, message, *last_status, h)
+            }
+        },
+        Verdict::RateLimited { wait } => {
+            let mut plan = park(h, *wait, policy).returned("rate_limited");
+            plan.gate = Some(GateChange::Pause(*wait));
+            plan
+        }
+        Verdict::Held { paused_for } => park(h, *paused_for, policy).returned("held"),
+        Verdict::WindowClosed { first_attempt_ms } => window_closed(*first_attempt_ms, h),
+        Verdict::Interrupted => Plan::new(None, Route::Return, h).returned("interrupted"),
+    }
+}
+
+/// `retries_exhausted`: another request could charge a second time.
+fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
+    let at = i128::from(first_attempt_ms) * 1_000_000;
+    let first = time::OffsetDateTime::from_unix_timestamp_nanos(at)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
+    let message = format!(
+        "its first request left at {first}: another request could reach Hyperline after it \
+         forgot the Idempotency-Key (24 h) and charge twice; look the command up in Hyperline \
+         before replaying it"
+    );
+    let status = h.last_status;
+    Plan::failed(ErrorCode::RetriesExhausted, message, status, h)
+}
+
+/// Waits `wait` in a delay queue without using a step.
+fn park(h: DeliveryHistory, wait: Duration, policy: Policy<'_>) -> Plan {
+    match policy.park_for(wait) {
+        Some(queue) => Plan::new(None, Route::Delay(queue), h),
+        None => Plan::new(None, Route::Return, h),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,318 @@
+//! Carries a [`Plan`] out: the gate, the event, the copy, the settlement.
+//!
+//! The order is the promise: a command is acked only after what it produced
+//! (its event, its copy in a delay queue, the commands queue or the
+//! dead-letter exchange) is confirmed by the broker. When the broker refuses
+//! a part, the refusal goes back to [`decide`] for a new plan that keeps the
+//! history and waits before the command comes back; only when even the copy
+//! back to the commands queue is refused is the delivery requeued as it came
+//! (the broker is then in trouble, and that copy was itself held back first).
+
+use std::time::Duration;
+
+use super::Pipeline;
+use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
+use crate::broker::history::DeathMark;
+use crate::broker::{PublishError, Publisher, Received, Settle};
+use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
+use crate::hyperline::retry::now_ms;
+use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
+
+/// What an event can be built from.
+#[derive(Clone, Copy, Debug)]
+pub enum Subject<'a> {
+    /// A valid command.
+    Command(&'a Command),
+    /// A message that is not one.
+    Invalid(&'a InvalidCommand),
+}
+
+/// Where a copy goes.
+enum Copy<'a> {
+    /// To an exchange, with the original's routing key.
+    Exchange(&'a str),
+    /// To a queue, through the default exchange.
+    Queue(&'a str),
+}
+
+impl Pipeline {
+    /// Carries out `plan`, and whatever the broker's refusals make of it.
+    pub(super) async fn execute(
+        &self,
+        delivery: &Received,
+        publisher: &Publisher,
+        subject: Subject<'_>,
+        plan: Plan,
+        traceparent: &str,
+    ) -> Outcome {
+        let mut plan = plan;
+        let mut published: Option<ResultEvent> = None;
+        loop {
+            log_plan(&plan, subject);
+            if !plan.hold.is_zero() {
+                tokio::time::sleep(plan.hold).await;
+            }
+            match plan.gate {
+                Some(GateChange::Pause(wait)) => self.gate.pause_for(wait),
+                Some(GateChange::CredentialFault) if self.credentials.report_fault() => {
+                    tracing::error!(
+                        "Hyperline refuses the API key: pausing consumption until it is accepted"
+                    );
+                }
+                Some(GateChange::CredentialFault) => {}
+                None => {}
+            }
+            if let Some(event_plan) = plan.event.take() {
+                let event = build_event(event_plan, subject, plan.history.attempts);
+                if let Err(e) =
+                    Box::pin(self.publish_event(delivery, publisher, &event, traceparent)).await
+                {
+                    tracing::error!(error = %e, "event not confirmed: the command waits with its outcome");
+                    plan = decide(Input::EventRefused(event), &plan.history, self.policy());
+                    continue;
+                }
+                published = Some(event);
+            }
+            let copied = match plan.route {
+                Route::Ack => Ok(()),
+                Route::DeadLetter(code) => {
+                    let mark = DeathMark {
+                        code: code.as_str(),
+                        at_ms: now_ms(),
+                        replica: &self.replica,
+                    };
+                    let headers = plan
+                        .history
+                        .stamp_dead(delivery.properties.headers().as_ref(), &mark);
+                    self.copy(
+                        delivery,
+                        publisher,
+                        Copy::Exchange(&self.topology.dlx),
+                        headers,
+                    )
+                    .await
+                }
+                Route::Delay(step) => {
+                    let headers = plan.history.stamp(delivery.properties.headers().as_ref());
+                    match self.topology.retry_queues.get(step) {
+                        Some((_, queue)) => {
+                            self.copy(delivery, publisher, Copy::Queue(queue), headers)
+                                .await
+                        }
+                        None => Err(PublishError::Unroutable(format!("delay step {step}"))),
+                    }
+                }
+                Route::Return => {
+                    let headers = plan.history.stamp(delivery.properties.headers().as_ref());
+                    let queue = &self.topology.queue;
+                    match self
+                        .copy(delivery, publisher, Copy::Queue(queue), headers)
+                        .await
+                    {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the broker refuses the command's copy: requeueing it as it came");
+                            return self.settle(
+                                delivery,
+                                Settle::Requeue,
+                                Outcome::Returned("requeued"),
+                            );
+                        }
+                    }
+                }
+            };
+            match copied {
+                Ok(()) => return self.settle(delivery, Settle::Ack, plan.outcome),
+                Err(e) => {
+                    tracing::error!(error = %e, "copy not confirmed: the command goes back to its queue after a wait");
+                    plan = decide(
+                        Input::CopyRefused(published.take()),
+                        &plan.history,
+                        self.policy(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Publishes a copy of the command with `headers`; the original is acked
+    /// only once it is confirmed.
+    async fn copy(
+        &self,
+        delivery: &Received,
+        publisher: &Publisher,
+        to: Copy<'_>,
+        headers: lapin::types::FieldTable,
+    ) -> Result<(), PublishError> {
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let (exchange, key) = match to {
+            Copy::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
+            Copy::Queue(queue) => ("", queue),
+        };
+        Box::pin(publisher.publish_routed(exchange, key, &delivery.data, props)).await
+    }
+
+    /// Publishes the event (results exchange and `reply_to`), confirmed.
+    async fn publish_event(
+        &self,
+        delivery: &Received,
+        publisher: &Publisher,
+        event: &ResultEvent,
+        traceparent: &str,
+    ) -> Result<(), PublishError> {
+        let body = event.to_json();
+        let props = event.amqp_properties(Some(traceparent));
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str())
+            .filter(|r| !r.is_empty());
+        // The properties (a dozen headers) are copied only when a second
+        // publish needs them.
+        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
+        match reply_to {
+            None => {
+                let sent = publisher.send(exchange, key, &body, props).await?;
+                publisher.confirm(exchange, sent).await
+            }
+            Some(queue) => {
+                let sent = publisher.send(exchange, key, &body, props.clone()).await?;
+                let replied = publisher.send("", queue, &body, props).await?;
+                publisher.confirm(exchange, sent).await?;
+                publisher.confirm(queue, replied).await
+            }
+        }
+    }
+
+    /// Acks or requeues, and counts the outcome. A settlement that fails at
+    /// once (the channel is gone) has no effect: the broker will redeliver,
+    /// which is safe, but it is counted and logged so a lost ack never
+    /// passes for one.
+    fn settle(&self, delivery: &Received, settle: Settle, outcome: Outcome) -> Outcome {
+        if let Err(e) = delivery.settle(settle) {
+            self.metrics.settlements_lost.inc();
+            tracing::warn!(error = %e, outcome = outcome.label(), "settlement failed: the broker will redeliver");
+        }
+        let m = &self.metrics;
+        match outcome {
+            Outcome::Succeeded => m
+                .outcomes
+                .get_or_create(&OutcomeLabels {
+                    r#type: "succeeded",
+                    code: "",
+                })
+                .inc(),
+            Outcome::Failed(code) => m
+                .outcomes
+                .get_or_create(&OutcomeLabels {
+                    r#type: "failed",
+                    code: code.as_str(),
+                })
+                .inc(),
+            Outcome::Deferred(step) => m.redeliveries.get_or_create(&StepLabel { step }).inc(),
+            Outcome::Returned(reason) => m.requeued.get_or_create(&ReasonLabel { reason }).inc(),
+        };
+        outcome
+    }
+}
+
+/// The event of a plan, for its subject.
+fn build_event(plan: EventPlan, subject: Subject<'_>, attempts: u32) -> ResultEvent {
+    match (plan, subject) {
+        (EventPlan::Stored(event), _) => event,
+        (_, Subject::Invalid(invalid)) => ResultEvent::invalid(invalid),
+        (
+            EventPlan::Succeeded {
+                invoice_id,
+                new_credit_balance,
+            },
+            Subject::Command(c),
+        ) => ResultEvent::succeeded(c, invoice_id, new_credit_balance, attempts),
+        (
+            EventPlan::Failed {
+                code,
+                message,
+                http_status,
+            },
+            Subject::Command(c),
+        ) => ResultEvent::failed(
+            c,
+            attempts,
+            EventError {
+                code,
+                message,
+                http_status,
+            },
+        ),
+        // `decide` plans an invalid-command event only for a body that did
+        // not parse; should that ever change, the event still says so.
+        (EventPlan::Invalid, Subject::Command(c)) => {
+            let error = EventError {
+                code: ErrorCode::InvalidCommand,
+                message: "not a valid command".into(),
+                http_status: None,
+            };
+            ResultEvent::failed(c, attempts, error)
+        }
+    }
+}
+
+/// One line per decision, at the level an operator needs: a charge is
+/// traceable from `command_id` (the span) to `invoice_id` in one line.
+fn log_plan(plan: &Plan, subject: Subject<'_>) {
+    let attempts = plan.history.attempts;
+    match (&plan.event, plan.route) {
+        (Some(EventPlan::Succeeded { invoice_id, .. }), _) => {
+            tracing::info!(%invoice_id, attempts, "credits purchased");
+        }
+        (Some(EventPlan::Invalid), _) => {
+            if let Subject::Invalid(invalid) = subject {
+                tracing::warn!(reason = %invalid.reason, "invalid command: dead-lettering it");
+            }
+        }
+        (
+            Some(EventPlan::Failed {
+                code,
+                message,
+                http_status,
+            }),
+            route,
+        ) => {
+            let code = code.as_str();
+            match route {
+                Route::DeadLetter(_) => {
+                    tracing::error!(code, ?http_status, detail = %message, attempts, "failed: dead-lettering for an operator")
+                }
+                _ => tracing::warn!(code, ?http_status, detail = %message, attempts, "failed"),
+            }
+        }
+        (Some(EventPlan::Stored(event)), _) => {
+            tracing::info!(event_id = %event.event_id, "publishing the outcome decided on an earlier delivery");
+        }
+        (None, Route::Delay(_)) => {
+            let outcome = plan.outcome.label();
+            let (step, setbacks) = (plan.history.step, plan.history.setbacks);
+            tracing::warn!(
+                outcome,
+                step,
+                setbacks,
+                attempts,
+                "moving the command to a delay queue"
+            );
+        }
+        (None, _) => {
+            let hold: Duration = plan.hold;
+            tracing::warn!(
+                outcome = plan.outcome.label(),
+                ?hold,
+                attempts,
+                "putting the command back on its queue"
+            );
+        }
+    }
+}
