@@ -8,4 +8,5 @@ mod leak;
 mod operations;
 mod outcomes;
 mod redelivery;
+mod redirects;
 mod resilience;
