@@ -9,4 +9,5 @@ mod operations;
 mod outcomes;
 mod redelivery;
 mod redirects;
+mod repeated_delays;
 mod resilience;
