@@ -183,7 +183,8 @@ pub struct RetrySettings {
     pub conflict_delay_ms: u64,
     /// Longest 429 wait spent in process.
     pub max_rate_limit_wait_secs: u64,
-    /// Broker-side delay steps.
+    /// Broker-side delay steps, in order. A delay may repeat: steps with the
+    /// same delay share its queue (CONTRACT section 5).
     #[serde(deserialize_with = "delay_list")]
     pub redelivery_delays_secs: Vec<u64>,
 }
@@ -541,15 +542,6 @@ impl RetrySettings {
                 "has a step of 0 s: every step needs a delay",
             ));
         }
-        let mut seen = self.redelivery_delays_secs.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        if seen.len() != self.redelivery_delays_secs.len() {
-            return Err(invalid(
-                "retry.redelivery_delays_secs",
-                "repeats a delay: each step has its own queue, named by its delay",
-            ));
-        }
         if self.max_rate_limit_wait_secs >= 25 * 60 {
             return Err(invalid(
                 "retry.max_rate_limit_wait_secs",
@@ -696,10 +688,6 @@ mod tests {
             "retry.redelivery_delays_secs",
         );
         refused(
-            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "30,30")],
-            "retry.redelivery_delays_secs",
-        );
-        refused(
             &[("CPW__RETRY__MAX_RATE_LIMIT_WAIT_SECS", "1500")],
             "retry.max_rate_limit_wait_secs",
         );
@@ -721,6 +709,16 @@ mod tests {
         );
         refused(&[("CPW__SERVER__LISTEN", "nowhere")], "listen");
         refused(&[("CPW__LOG__FORMAT", "xml")], "format");
+    }
+
+    #[test]
+    fn repeated_delays_are_separate_steps() {
+        for (text, steps) in [("30,30,30", vec![30, 30, 30]), ("1,1", vec![1, 1])] {
+            let s = load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", text)]).expect(text);
+            assert_eq!(s.retry.redelivery_delays_secs, steps);
+        }
+        let s = load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "30,300,30")]).expect("valid");
+        assert_eq!(s.retry.redelivery_delays_secs, vec![30, 300, 30]);
     }
 
     #[test]

@@ -988,7 +988,7 @@ fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, Value> {
     let mut queues = BTreeMap::new();
     queues.insert(topology.queue.clone(), typed(commands));
     queues.insert(topology.dead.clone(), typed(json!({})));
-    for (secs, name) in &topology.retry_queues {
+    for (secs, name) in topology.delay_queues() {
         queues.insert(
             name.clone(),
             typed(json!({
@@ -1191,7 +1191,7 @@ async fn the_worker_redeclares_the_definitions_topology_without_conflict() {
     let cleanup = connection.create_channel().await.expect("channel");
     let mut leftovers: BTreeSet<String> = queues.iter().cloned().collect();
     leftovers.extend([topology.queue.clone(), topology.dead.clone()]);
-    leftovers.extend(topology.retry_queues.iter().map(|(_, name)| name.clone()));
+    leftovers.extend(topology.delay_queues().map(|(_, name)| name.clone()));
     let mut exchanges: BTreeSet<String> = exchanges.into_iter().collect();
     exchanges.extend([
         topology.queue.clone(),
@@ -1211,10 +1211,7 @@ async fn the_worker_redeclares_the_definitions_topology_without_conflict() {
     let _ = connection.close(200, "done".into()).await;
 
     redeclared.expect("the worker's declaration agrees with deploy/rabbitmq-definitions.json");
-    assert_eq!(
-        queues.len(),
-        2 + settings.retry.redelivery_delays_secs.len()
-    );
+    assert_eq!(queues.len(), 2 + topology.delay_queues().count());
 }
 
 // ---------------------------------------------------------------------------

@@ -179,6 +179,48 @@ async fn a_repeated_key_replays_the_same_answer_and_charges_once() {
     assert_eq!(ledger.charges.len(), 2);
 }
 
+/// Hyperline replays a success for 24 hours and then forgets the key; a
+/// short `replay_ttl_secs` lets a test see what comes after: the same key
+/// and request are charged anew.
+#[tokio::test]
+async fn a_key_is_replayed_within_the_replay_ttl_and_charged_anew_after_it() {
+    let sim = start(Faults::default()).await;
+    let http = client();
+    let target = ("cus_a", "prod_x");
+    let changed = bounded(
+        http.post(format!("{}/_sim/faults", sim.base_url()))
+            .json(&json!({ "replay_ttl_secs": 1 }))
+            .send(),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(changed.status(), StatusCode::OK);
+    assert_eq!(body_of(changed).await["replay_ttl_secs"], 1);
+
+    let first = buy(&http, &sim, target, Some(KEY_A), amount(32))
+        .await
+        .expect("answer");
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first = body_of(first).await;
+    let replayed = buy(&http, &sim, target, Some(KEY_A), amount(32))
+        .await
+        .expect("answer");
+    assert_eq!(body_of(replayed).await, first, "replayed within the TTL");
+    assert_eq!(sim.ledger().charges_for(KEY_A), 1);
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let again = buy(&http, &sim, target, Some(KEY_A), amount(32))
+        .await
+        .expect("answer");
+    assert_eq!(again.status(), StatusCode::CREATED);
+    let again = body_of(again).await;
+    assert_ne!(again["invoice_id"], first["invoice_id"], "a new invoice");
+    assert_eq!(again["new_credit_balance"], 64, "charged a second time");
+    let ledger = sim.ledger();
+    assert_eq!(ledger.charges_for(KEY_A), 2);
+    assert_eq!(ledger.replayed, 1);
+}
+
 #[tokio::test]
 async fn the_same_key_in_progress_gets_409() {
     let sim = start(Faults {

@@ -85,8 +85,7 @@ async fn topology(report: &mut Report, connection: &Connection, settings: &Setti
     ];
     queues.extend(
         names
-            .retry_queues
-            .iter()
+            .delay_queues()
             .map(|(_, name)| ("delay queue", name.clone())),
     );
     for (what, name) in queues {

@@ -53,7 +53,7 @@ pub async fn observe(
 /// failure does not stop the rest; what cannot be removed is named.
 pub async fn remove(connection: &Connection, topology: &Topology) {
     let mut queues = vec![topology.queue.clone(), topology.dead.clone()];
-    queues.extend(topology.retry_queues.iter().map(|(_, q)| q.clone()));
+    queues.extend(topology.delay_queues().map(|(_, q)| q.clone()));
     let exchanges = [
         topology.queue.clone(),
         topology.dlx.clone(),

@@ -27,7 +27,9 @@ pub struct Topology {
     pub queue: String,
     /// Topic exchange of the result events.
     pub results_exchange: String,
-    /// `(delay in seconds, queue name)` per broker-side redelivery step.
+    /// `(delay in seconds, queue name)` per broker-side redelivery step,
+    /// indexed by step. Steps with the same delay name the same queue; see
+    /// [`Topology::delay_queues`] for each queue once.
     pub retry_queues: Vec<(u64, String)>,
     /// Dead-letter exchange of the commands queue.
     pub dlx: String,
@@ -65,6 +67,21 @@ impl Topology {
             delivery_limit: amqp.delivery_limit,
             queue,
         }
+    }
+
+    /// Each delay queue once, in the order of its first step: what exists on
+    /// the broker, as opposed to [`Topology::retry_queues`], which is what
+    /// each step uses (`[30, 30, 30]` is three steps through one queue).
+    pub fn delay_queues(&self) -> impl Iterator<Item = &(u64, String)> {
+        self.retry_queues
+            .iter()
+            .enumerate()
+            .filter(|(step, (_, name))| {
+                !self.retry_queues[..*step]
+                    .iter()
+                    .any(|(_, earlier)| earlier == name)
+            })
+            .map(|(_, queue)| queue)
     }
 
     /// The broker's `x-delivery-limit` on the commands queue, if it has one.
@@ -177,10 +194,11 @@ impl Topology {
         bind(self.dead.clone(), self.dlx.clone(), String::new()).await?;
         declare_queue(self.queue.clone(), self.commands_arguments()).await?;
         bind(self.queue.clone(), self.queue.clone(), self.queue.clone()).await?;
-        for (secs, name) in &self.retry_queues {
+        for (secs, name) in self.delay_queues() {
             // Expired messages go back to the commands queue through the
             // default exchange; the TTL is per queue, so one queue per delay
-            // keeps a long delay from blocking a short one behind it.
+            // keeps a long delay from blocking a short one behind it. Steps
+            // with the same delay share the queue: it is declared once.
             let args = self.typed(&[
                 (
                     "x-message-ttl",
@@ -196,5 +214,54 @@ impl Topology {
         // Best effort: the channel is ours alone and the connection stays.
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::configuration::Settings;
+
+    fn topology(delays: &str) -> Topology {
+        let env = [(
+            "CPW__RETRY__REDELIVERY_DELAYS_SECS".to_owned(),
+            delays.to_owned(),
+        )];
+        let settings = Settings::load_from(None, env).expect("valid settings");
+        Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
+    }
+
+    fn names(queues: &[&(u64, String)]) -> Vec<String> {
+        queues.iter().map(|(_, name)| name.clone()).collect()
+    }
+
+    #[test]
+    fn steps_with_the_same_delay_share_one_queue() {
+        let t = topology("30,300,30,30");
+        let steps: Vec<&(u64, String)> = t.retry_queues.iter().collect();
+        assert_eq!(
+            names(&steps),
+            [
+                "credit-purchases.retry.30s",
+                "credit-purchases.retry.300s",
+                "credit-purchases.retry.30s",
+                "credit-purchases.retry.30s",
+            ],
+            "one entry per step"
+        );
+        let queues: Vec<&(u64, String)> = t.delay_queues().collect();
+        assert_eq!(
+            names(&queues),
+            ["credit-purchases.retry.30s", "credit-purchases.retry.300s"],
+            "each queue once"
+        );
+        assert_eq!(queues[1].0, 300);
+    }
+
+    #[test]
+    fn distinct_delays_have_a_queue_each() {
+        let t = topology("30,300,1800,7200");
+        assert_eq!(t.delay_queues().count(), 4);
+        assert!(t.delay_queues().eq(t.retry_queues.iter()));
     }
 }

@@ -245,14 +245,15 @@ impl ResultEvent {
         put("cloudEvents:time", &time);
         // No `cloudEvents:datacontenttype`: the AMQP binding maps that
         // attribute to the `content_type` property, never to a header.
-        // The raw id of an invalid command may hold control characters; a
-        // bridge that turns these into HTTP headers would pass CR/LF on. The
-        // body still carries it; the properties only a safe one.
-        let header_safe_id = self
+        // The raw id of an invalid command may hold control characters. A
+        // bridge to the CloudEvents HTTP binding copies the subject into an
+        // HTTP header (`ce-subject`), where CR/LF would inject another one,
+        // so the subject is left out for such an id (CONTRACT section 3).
+        if let Some(id) = self
             .command_id
             .as_deref()
-            .filter(|id| !id.chars().any(char::is_control));
-        if let Some(id) = header_safe_id {
+            .filter(|id| !id.chars().any(char::is_control))
+        {
             put("cloudEvents:subject", id);
         }
         if let Some(tp) = traceparent {
@@ -266,8 +267,17 @@ impl ResultEvent {
             .with_app_id(SOURCE.into())
             .with_timestamp(self.occurred_at.unix_timestamp().max(0) as u64)
             .with_headers(headers);
-        if let Some(id) = header_safe_id {
-            props = props.with_correlation_id(id.into());
+        // `correlation_id` is the id byte for byte, control characters
+        // included: an AMQP short string is length-prefixed, so nothing in it
+        // is interpreted, and consumers match events to commands on it. The
+        // event never holds an id over 255 bytes (the contract echoes only
+        // shorter ones); `try_new` keeps a longer one from being a panic.
+        if let Some(id) = self
+            .command_id
+            .as_deref()
+            .and_then(|id| ShortString::try_new(id).ok())
+        {
+            props = props.with_correlation_id(id);
         }
         props
     }
@@ -359,24 +369,61 @@ mod tests {
         );
     }
 
-    #[test]
-    fn control_characters_never_reach_the_properties() {
-        let invalid = InvalidCommand {
+    fn invalid_with_id(id: &str) -> ResultEvent {
+        ResultEvent::invalid(&InvalidCommand {
             reason: InvalidReason::NoPricing,
             raw: Box::new(RawIds {
-                command_id: Some("id\r\nX-Injected: 1".into()),
+                command_id: Some(id.into()),
                 ..RawIds::default()
             }),
-        };
-        let event = ResultEvent::invalid(&invalid);
+        })
+    }
+
+    #[test]
+    fn control_characters_reach_the_correlation_id_but_not_the_subject() {
+        // The longest id an event echoes: 255 bytes, a control character last.
+        let longest = format!("{}\u{1}", "é".repeat(127));
+        for id in ["id\r\nX-Injected: 1", "bad\u{1}id\nx", "\u{0}", &longest] {
+            let event = invalid_with_id(id);
+            let p = event.amqp_properties(None);
+            assert_eq!(
+                p.correlation_id().as_ref().map(|s| s.as_str().as_bytes()),
+                Some(id.as_bytes()),
+                "byte for byte: {id:?}"
+            );
+            assert!(header_str(&p, "cloudEvents:subject").is_none(), "{id:?}");
+            assert_eq!(event.command_id.as_deref(), Some(id), "the body keeps it");
+        }
+    }
+
+    #[test]
+    fn an_id_without_control_characters_is_also_the_subject() {
+        let id = "abc é\u{202E}";
+        let p = invalid_with_id(id).amqp_properties(None);
+        assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some(id));
+        assert_eq!(header_str(&p, "cloudEvents:subject").as_deref(), Some(id));
+    }
+
+    #[test]
+    fn an_id_too_long_for_a_short_string_is_left_out_not_a_panic() {
+        let mut event = invalid_with_id("x");
+        event.command_id = Some("x".repeat(256));
+        let p = event.amqp_properties(None);
+        assert!(p.correlation_id().is_none());
+        assert_eq!(
+            header_str(&p, "cloudEvents:subject").map(|s| s.len()),
+            Some(256),
+            "a header is a long string"
+        );
+    }
+
+    #[test]
+    fn no_id_no_identity_properties() {
+        let mut event = invalid_with_id("x");
+        event.command_id = None;
         let p = event.amqp_properties(None);
         assert!(p.correlation_id().is_none());
         assert!(header_str(&p, "cloudEvents:subject").is_none());
-        assert_eq!(
-            event.command_id.as_deref(),
-            Some("id\r\nX-Injected: 1"),
-            "the body keeps the raw id"
-        );
     }
 
     #[test]

@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn undocumented_statuses_are_unexpected() {
-        for status in [301, 405, 413, 418] {
+        for status in [301, 302, 307, 308, 405, 413, 418] {
             assert!(
                 matches!(
                     answer(status, ""),

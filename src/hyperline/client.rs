@@ -150,6 +150,11 @@ impl HyperlineClient {
         let http = builder
             .connect_timeout(settings.connect_timeout())
             .timeout(settings.timeout())
+            // reqwest follows up to 10 redirects by default: a 307/308 would
+            // re-send the purchase, key and body to wherever `Location`
+            // points, a 301/302/303 would turn it into a GET. A redirect is
+            // an undocumented answer (`unexpected_response`), never a hop.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .user_agent(concat!(
                 "credit-purchase-worker/",

@@ -40,6 +40,11 @@ pub struct Faults {
     /// Canned answers for statuses the simulator never produces by itself
     /// (403, 422, a malformed 2xx, an HTML error page...).
     pub scripted: Vec<ScriptedResponse>,
+    /// How long a success is replayed for its key (Hyperline: 24 hours),
+    /// fixed when the success is cached. A short one lets a test show what
+    /// happens once Hyperline has forgotten a key: the same request is a new
+    /// purchase.
+    pub replay_ttl_secs: u64,
 }
 
 impl Default for Faults {
@@ -55,6 +60,7 @@ impl Default for Faults {
             rate_limit_window_ms: 10_000,
             reject_auth: false,
             scripted: Vec::new(),
+            replay_ttl_secs: 24 * 60 * 60,
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct FaultsPatch {
     pub rate_limit_window_ms: Option<u64>,
     pub reject_auth: Option<bool>,
     pub scripted: Option<Vec<ScriptedResponse>>,
+    pub replay_ttl_secs: Option<u64>,
 }
 
 impl Faults {
@@ -110,6 +117,7 @@ impl Faults {
             rate_limit_window_ms,
             reject_auth,
             scripted,
+            replay_ttl_secs,
         } = patch;
         set(&mut self.latency_ms, latency_ms);
         set(&mut self.latency_jitter_ms, latency_jitter_ms);
@@ -121,6 +129,7 @@ impl Faults {
         set(&mut self.rate_limit_window_ms, rate_limit_window_ms);
         set(&mut self.reject_auth, reject_auth);
         set(&mut self.scripted, scripted);
+        set(&mut self.replay_ttl_secs, replay_ttl_secs);
     }
 
     /// Checks that every rate is a probability, so a typo in a `POST

@@ -1,6 +1,6 @@
 //! Hyperline's `Idempotency-Key` rules, which are what make the worker's
-//! retries safe: a successful answer is cached for 24 hours and replayed for
-//! the same key and request; a second request with the key while the first is
+//! retries safe: a successful answer is cached for 24 hours (the fault
+//! setting `replay_ttl_secs`) and replayed for the same key and request; a second request with the key while the first is
 //! still running gets `409`; reusing a key for a different method, URL or body
 //! gets `417`; failures are not cached, so the key is free again.
 
@@ -12,9 +12,6 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 
 use super::state::Shared;
-
-/// How long a successful answer is replayed (Hyperline: 24 hours).
-const REPLAY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// What identifies "the same request" for a key: method, URL and the exact
 /// body bytes, as the real API compares them.
@@ -103,8 +100,16 @@ impl IdempotencyStore {
         }
     }
 
-    /// Replaces this request's in-progress mark with its cached success.
-    fn complete(&mut self, key: &str, token: u64, response: CachedResponse, now: Instant) {
+    /// Replaces this request's in-progress mark with its cached success,
+    /// replayed for `ttl` from `now`.
+    fn complete(
+        &mut self,
+        key: &str,
+        token: u64,
+        response: CachedResponse,
+        now: Instant,
+        ttl: Duration,
+    ) {
         if let Some(slot) = self.slots.get_mut(key)
             && let Slot::InProgress {
                 fingerprint,
@@ -115,7 +120,7 @@ impl IdempotencyStore {
             *slot = Slot::Done {
                 fingerprint: fingerprint.clone(),
                 response,
-                expires: now + REPLAY_TTL,
+                expires: now + ttl,
             };
         }
     }
@@ -150,12 +155,15 @@ impl InProgressGuard {
         }
     }
 
-    /// Stores the success for replay; the key stays taken for 24 hours.
+    /// Stores the success for replay; the key stays taken for the
+    /// `replay_ttl_secs` in force now (24 hours unless a test shortened it).
     pub(crate) fn complete(mut self, response: CachedResponse) {
-        self.shared
-            .lock()
+        let mut inner = self.shared.lock();
+        let ttl = Duration::from_secs(inner.faults.replay_ttl_secs);
+        inner
             .idempotency
-            .complete(&self.key, self.token, response, Instant::now());
+            .complete(&self.key, self.token, response, Instant::now(), ttl);
+        drop(inner);
         self.completed = true;
     }
 }
@@ -202,6 +210,8 @@ mod tests {
 
     #[test]
     fn a_dropped_guard_frees_the_key_and_a_completed_one_replays_for_24_hours() {
+        let ttl = Duration::from_secs(Faults::default().replay_ttl_secs);
+        assert_eq!(ttl, Duration::from_secs(24 * 60 * 60), "Hyperline's window");
         let shared = Arc::new(Shared::new("k".to_owned(), Faults::default(), Some(1)));
         let now = Instant::now();
 
@@ -217,7 +227,7 @@ mod tests {
         });
         assert!(matches!(claim(&shared, "a", now), Claim::Replay(r) if r.body == answer));
         assert!(matches!(claim(&shared, "b", now), Claim::Mismatch));
-        let later = Instant::now() + REPLAY_TTL + Duration::from_secs(1);
+        let later = Instant::now() + ttl + Duration::from_secs(1);
         assert!(matches!(claim(&shared, "b", later), Claim::Fresh(_)));
     }
 }

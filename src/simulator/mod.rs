@@ -1,12 +1,12 @@
 //! A faithful stand-in for Hyperline's credit-purchase endpoint (contract,
 //! section 8), used by the tests, the demo and the benchmarks. It answers the
 //! documented request and response shapes with Bearer auth, validation
-//! errors, the idempotency rules (24-hour replay, `409` while in progress,
-//! `417` on mismatch) and the write rate limit with its headers, and it can
-//! inject what the worker must survive: latency, 5xx, hangs past the client
-//! timeout and dropped connections after the charge. Its ledger of charges,
-//! readable at `GET /_sim/ledger` or through [`Simulator::ledger`], is how a
-//! test proves that no command was charged twice.
+//! errors, the idempotency rules (24-hour replay by default, `409` while in
+//! progress, `417` on mismatch) and the write rate limit with its headers,
+//! and it can inject what the worker must survive: latency, 5xx, hangs past
+//! the client timeout and dropped connections after the charge. Its ledger of
+//! charges, readable at `GET /_sim/ledger` or through [`Simulator::ledger`],
+//! is how a test proves that no command was charged twice.
 
 mod faults;
 mod idempotency;

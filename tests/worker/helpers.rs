@@ -525,14 +525,14 @@ impl TestApp {
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
         let ch = &self.channel;
-        let mut queues = vec![self.queue.clone(), self.dead_queue()];
-        queues.extend(
-            self.settings()
-                .retry
-                .redelivery_delays_secs
-                .iter()
-                .map(|s| format!("{}.retry.{s}s", self.queue)),
+        let settings = self.settings();
+        let topology = credit_purchase_worker::broker::Topology::new(
+            &settings.amqp,
+            &settings.retry.redelivery_delays_secs,
         );
+        let mut queues = vec![self.queue.clone(), self.dead_queue()];
+        // Each delay queue once, though steps with the same delay share one.
+        queues.extend(topology.delay_queues().map(|(_, name)| name.clone()));
         for q in queues {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

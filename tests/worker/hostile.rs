@@ -7,7 +7,9 @@
 //! The worker must keep going (ready at the end), charge every valid command
 //! once, answer every bad message with exactly one `invalid_command` event and
 //! dead-letter it, and never send Hyperline a path or a key that did not come
-//! from a valid command.
+//! from a valid command. Each event's `correlation_id` is the id it echoes,
+//! byte for byte; `cloudEvents:subject` too, unless the id has control
+//! characters.
 //!
 //! The messages come from a seeded generator; the seed is printed, and
 //! `HOSTILE_SEED=<seed>` replays a run.
@@ -755,6 +757,27 @@ async fn thousands_of_hostile_messages_do_not_stop_the_worker() {
             ("credit_purchase.failed", "invalid_command") => {
                 assert_eq!(e.body["attempts"], 0, "{}", e.body);
                 let echo = e.body["command_id"].as_str().map(str::to_owned);
+                // CONTRACT section 3: correlation_id is the echoed id byte for
+                // byte, control characters included; only the subject may go.
+                let correlation = e.properties.correlation_id().as_ref();
+                assert_eq!(
+                    correlation.map(|c| c.as_str()),
+                    echo.as_deref(),
+                    "{}",
+                    e.body
+                );
+                let subject = e.properties.headers().as_ref().and_then(|h| {
+                    match h.inner().get("cloudEvents:subject") {
+                        Some(AMQPValue::LongString(s)) => {
+                            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                        }
+                        _ => None,
+                    }
+                });
+                let safe = echo
+                    .as_deref()
+                    .filter(|id| !id.chars().any(char::is_control));
+                assert_eq!(subject.as_deref(), safe, "cloudEvents:subject: {}", e.body);
                 *echoes.entry(echo).or_default() += 1;
             }
             other => panic!("unexpected event {other:?}: {}", e.body),

@@ -156,3 +156,54 @@ async fn message_id_stands_in_for_a_missing_command_id() {
     assert_eq!(app.ledger().charges_for(&id), 1);
     app.cleanup().await;
 }
+
+/// The identity properties carry an invalid command's raw id byte for byte,
+/// control characters included (CONTRACT section 3): AMQP short strings are
+/// length-prefixed, so the broker and lapin pass them through intact. Only
+/// `cloudEvents:subject` is left out for such an id; an id over 255 bytes is
+/// not echoed at all.
+#[tokio::test]
+async fn the_correlation_id_carries_a_raw_id_with_control_characters() {
+    let mut app = spawn_app().await;
+    let control = "bad\u{1}id\nx".to_owned();
+    // 254 bytes of `é` and a control character: the longest id echoed.
+    let longest = format!("{}\u{1}", "é".repeat(127));
+    assert_eq!(longest.len(), 255);
+    let too_long = format!("{}\r\n", "x".repeat(300));
+    for id in [&control, &longest, &too_long] {
+        let mut c = command(&command_id());
+        c["command_id"] = json!(id);
+        app.publish(&c).await;
+    }
+    let mut events = app
+        .events_until(Duration::from_secs(60), |e| e.len() == 3)
+        .await;
+    events.sort_by_key(|e| e.body["command_id"].as_str().map(str::len));
+    let [none, short, long] = &events[..] else {
+        panic!("three events")
+    };
+    for e in &events {
+        assert_eq!(e.code(), "invalid_command", "{}", e.body);
+    }
+    for (e, id) in [(short, &control), (long, &longest)] {
+        assert_eq!(e.body["command_id"].as_str(), Some(id.as_str()));
+        assert_eq!(
+            e.properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.as_str().as_bytes()),
+            Some(id.as_bytes()),
+            "correlation_id is the raw id, byte for byte"
+        );
+        let subject = e
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("cloudEvents:subject").cloned());
+        assert!(subject.is_none(), "no cloudEvents:subject: {subject:?}");
+    }
+    assert_eq!(none.body["command_id"], Value::Null, "over 255 bytes");
+    assert!(none.properties.correlation_id().is_none());
+    assert_eq!(app.wait_dead_letters(3).await.len(), 3);
+    app.cleanup().await;
+}

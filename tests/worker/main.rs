@@ -8,4 +8,6 @@ mod leak;
 mod operations;
 mod outcomes;
 mod redelivery;
+mod redirects;
+mod repeated_delays;
 mod resilience;
