@@ -14,7 +14,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
-use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER};
+use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, QUEUE_HEADER};
 use crate::broker::{DeliveryHistory, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode};
@@ -103,7 +103,8 @@ pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) ->
             .or_else(|| stamped.then(|| "rejected".to_owned())),
         queue: latest
             .and_then(|d| d.queue.clone())
-            .or_else(|| header_str(headers, "x-first-death-queue")),
+            .or_else(|| header_str(headers, "x-first-death-queue"))
+            .or_else(|| header_str(headers, QUEUE_HEADER)),
         died_at: latest
             .and_then(|d| d.time_secs)
             .map(|s| s.saturating_mul(1000))

@@ -42,6 +42,8 @@ pub const ERROR_CODE_HEADER: &str = "cpw-error-code";
 pub const DEAD_LETTERED_HEADER: &str = "cpw-dead-lettered-ms";
 /// On a dead letter: the replica (connection name) that dead-lettered it.
 pub const REPLICA_HEADER: &str = "cpw-replica";
+/// On a dead letter: the queue it was consumed from.
+pub const QUEUE_HEADER: &str = "cpw-queue";
 
 /// The header a quorum queue puts on a redelivered message.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
@@ -71,6 +73,8 @@ pub struct DeathMark<'a> {
     pub at_ms: u64,
     /// The replica that made it.
     pub replica: &'a str,
+    /// The queue the command was consumed from.
+    pub queue: &'a str,
 }
 
 /// The history of one command, as far as the worker knows it.
@@ -185,6 +189,7 @@ impl DeliveryHistory {
         put_str(&mut headers, ERROR_CODE_HEADER, mark.code);
         put_u64(&mut headers, DEAD_LETTERED_HEADER, mark.at_ms);
         put_str(&mut headers, REPLICA_HEADER, mark.replica);
+        put_str(&mut headers, QUEUE_HEADER, mark.queue);
         headers
     }
 
@@ -292,6 +297,7 @@ mod tests {
             code: "unexpected_response",
             at_ms: 42,
             replica: "worker@a",
+            queue: "credit-purchases",
         };
         let headers = DeliveryHistory::default().stamp_dead(None, &mark);
         assert_eq!(

@@ -50,7 +50,11 @@ impl Pipeline {
         loop {
             log_plan(&plan, subject);
             if !plan.hold.is_zero() {
-                tokio::time::sleep(plan.hold).await;
+                // Cut short at shutdown: the copy then goes at once.
+                tokio::select! {
+                    () = tokio::time::sleep(plan.hold) => {}
+                    () = self.stop_requests.cancelled() => {}
+                }
             }
             match plan.gate {
                 Some(GateChange::Pause(wait)) => self.gate.pause_for(wait),
@@ -80,6 +84,7 @@ impl Pipeline {
                         code: code.as_str(),
                         at_ms: now_ms(),
                         replica: &self.replica,
+                        queue: &self.topology.queue,
                     };
                     let headers = plan
                         .history
