@@ -39,9 +39,13 @@ pub enum Input {
     Attempted(Attempted),
     /// The broker did not confirm the plan's event.
     EventRefused(ResultEvent),
-    /// The broker did not confirm the plan's copy; the event it already
-    /// confirmed for this delivery, if any.
-    CopyRefused(Option<ResultEvent>),
+    /// The broker did not confirm the plan's copy.
+    CopyRefused {
+        /// The event it already confirmed for this delivery, if any.
+        published: Option<ResultEvent>,
+        /// What the refused plan would have made of the delivery.
+        refused: Outcome,
+    },
 }
 
 /// The event a plan publishes.
@@ -308,8 +312,14 @@ pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Pl
             };
             set_back(h, history.setbacks, policy).returned("event_refused")
         }
-        Input::CopyRefused(published) => {
+        Input::CopyRefused { published, refused } => {
+            // A step the copy never reached is not used up.
+            let step = match refused {
+                Outcome::Deferred(_) => history.step.saturating_sub(1),
+                _ => history.step,
+            };
             let h = DeliveryHistory {
+                step,
                 setbacks: history.setbacks.saturating_add(1),
                 outcome: published
                     .as_ref()

@@ -130,11 +130,11 @@ impl Pipeline {
                 Ok(()) => return self.settle(delivery, Settle::Ack, plan.outcome),
                 Err(e) => {
                     tracing::error!(error = %e, "copy not confirmed: the command goes back to its queue after a wait");
-                    plan = decide(
-                        Input::CopyRefused(published.take()),
-                        &plan.history,
-                        self.policy(),
-                    );
+                    let input = Input::CopyRefused {
+                        published: published.take(),
+                        refused: plan.outcome,
+                    };
+                    plan = decide(input, &plan.history, self.policy());
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
+mod broker_refusals;
 mod chaos;
+mod credentials;
 mod helpers;
 mod hostile;
 mod invalid;
@@ -11,3 +13,4 @@ mod redelivery;
 mod redirects;
 mod repeated_delays;
 mod resilience;
+mod time_bounds;

@@ -423,13 +423,36 @@ fn a_refused_copy_goes_back_after_a_growing_wait_with_the_published_event() {
     let mut h = history(Case::First);
     let mut holds = Vec::new();
     for _ in 0..7 {
-        let plan = decide(Input::CopyRefused(Some(event(None))), &h, policy());
+        let input = Input::CopyRefused {
+            published: Some(event(None)),
+            refused: Outcome::Succeeded,
+        };
+        let plan = decide(input, &h, policy());
         assert_eq!(plan.route, Route::Return);
         assert!(plan.history.outcome.is_some());
         holds.push(plan.hold.as_secs());
         h = plan.history;
     }
     assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30]);
+}
+
+#[test]
+fn a_delay_copy_refused_does_not_use_up_its_step() {
+    let verdict = Verdict::Exhausted {
+        last_status: Some(503),
+        last_error: "HTTP 503".into(),
+    };
+    let h = history(Case::First);
+    let deferred = decide(attempted(verdict, 4, Some(503)), &h, policy());
+    assert_eq!(deferred.history.step, 1);
+    let input = Input::CopyRefused {
+        published: None,
+        refused: deferred.outcome,
+    };
+    let back = decide(input, &deferred.history, policy());
+    assert_eq!((back.route, back.history.step), (Route::Return, 0));
+    assert_eq!(back.history.attempts, 4, "what was learned is kept");
+    assert_eq!(back.history.outcome, None);
 }
 
 #[test]
