@@ -147,6 +147,10 @@ async fn a_refused_event_waits_in_the_broker_without_replaying_the_purchase() {
     app.cleanup().await;
 }
 
+/// Commands of each kind: enough for the broker to confirm several
+/// publishes with one multiple ack.
+const N: usize = 40;
+
 #[tokio::test]
 async fn an_unroutable_copy_is_never_taken_for_a_routed_one() {
     let mut app =
@@ -176,7 +180,7 @@ async fn an_unroutable_copy_is_never_taken_for_a_routed_one() {
     let nowhere = format!("{}.nowhere", app.queue);
     let mut failing = Vec::new();
     let mut ok = Vec::new();
-    for _ in 0..12 {
+    for _ in 0..N {
         let id = command_id();
         app.publish(&command_for(&id, "cus_failing")).await;
         failing.push(id);
@@ -201,9 +205,9 @@ async fn an_unroutable_copy_is_never_taken_for_a_routed_one() {
         "no event for a command whose copy went nowhere"
     );
     // Let the failing commands meet the missing queue a few times.
-    app.wait_requests(12 * 2 * 4 + 12).await;
+    app.wait_requests(N * 2 * 4 + N).await;
     app.stop_worker().await;
-    wait_parked(&app, &[app.queue.clone()], 12).await;
+    wait_parked(&app, &[app.queue.clone()], N as u32).await;
     assert_eq!(app.take_dead_letters().await.len(), 0);
     app.assert_charged_once(&ok);
     app.cleanup().await;
