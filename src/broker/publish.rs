@@ -165,7 +165,12 @@ impl Publisher {
         } else {
             exchange
         };
-        let _alone = self.inner.one_copy.lock().await;
+        let limit = self.inner.confirm_timeout;
+        let Ok(_alone) = tokio::time::timeout(limit, self.inner.one_copy.lock()).await else {
+            // The copies before it are not confirmed either: the broker is
+            // in trouble, and waiting in line would outlast any deadline.
+            return Err(PublishError::Timeout(target.to_owned(), limit));
+        };
         let confirm = send(&self.inner.copies, exchange, routing_key, body, properties).await?;
         match self.wait(target, confirm).await? {
             None => Ok(()),

@@ -308,12 +308,20 @@ pub async fn purchase_with_retry(
             return Ok(tally.out_of_time(ctx.gate));
         }
         // After a refused key came back, one request proves it first.
-        let _trial = ctx.credentials.trial().await;
+        let Ok(_trial) = tokio::time::timeout_at(latest_start, ctx.credentials.trial()).await
+        else {
+            return Ok(tally.out_of_time(ctx.gate));
+        };
         let Ok(permit) = tokio::time::timeout_at(latest_start, ctx.gate.admit()).await else {
             return Ok(tally.out_of_time(ctx.gate));
         };
         if ctx.credentials.is_faulted() {
             return Ok(Verdict::CredentialFault);
+        }
+        // A gate open at once is admitted even past the instant: look again.
+        if Instant::now() > latest_start {
+            drop(permit);
+            return Ok(tally.out_of_time(ctx.gate));
         }
         tally.requests.fetch_add(1, Ordering::Relaxed);
         let sent_ms = now_ms();

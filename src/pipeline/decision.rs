@@ -78,7 +78,13 @@ pub enum EventPlan {
 pub enum Route {
     /// Done with.
     Ack,
-    /// A copy to the dead-letter exchange, then ack: an operator must look.
+    /// The original, unchanged, to the dead-letter queue (`basic.reject`):
+    /// a message that is not a command has no history to keep, and a reject
+    /// dead-letters it exactly once, even if the replica dies right after.
+    Reject,
+    /// A copy to the dead-letter exchange stamped with the history and why
+    /// it died, then ack: an operator must look. (A crash between the two
+    /// leaves a second dead letter of the command, never none.)
     DeadLetter(ErrorCode),
     /// A copy to the delay queue of this step index, then ack.
     Delay(usize),
@@ -261,13 +267,10 @@ fn stored_json(event: &ResultEvent) -> Option<String> {
 /// The plan for a delivery.
 pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Plan {
     match input {
-        Input::Invalid => Plan::new(
-            Some(EventPlan::Invalid),
-            Route::DeadLetter(ErrorCode::InvalidCommand),
-            history.clone(),
-        ),
+        Input::Invalid => Plan::new(Some(EventPlan::Invalid), Route::Reject, history.clone()),
         Input::Stored(event) => {
             let route = match event.error.as_ref().map(|e| e.code) {
+                Some(ErrorCode::InvalidCommand) => Route::Reject,
                 Some(code) if code.dead_letters() => Route::DeadLetter(code),
                 _ => Route::Ack,
             };

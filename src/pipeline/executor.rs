@@ -79,6 +79,9 @@ impl Pipeline {
             }
             let copied = match plan.route {
                 Route::Ack => Ok(()),
+                Route::Reject => {
+                    return self.settle(delivery, Settle::DeadLetter, plan.outcome);
+                }
                 Route::DeadLetter(code) => {
                     let mark = DeathMark {
                         code: code.as_str(),
@@ -110,20 +113,20 @@ impl Pipeline {
                 Route::Return => {
                     let headers = plan.history.stamp(delivery.properties.headers().as_ref());
                     let queue = &self.topology.queue;
-                    match self
+                    let copied = self
                         .copy(delivery, publisher, Copy::Queue(queue), headers)
-                        .await
-                    {
-                        Ok(()) => Ok(()),
-                        Err(e) => {
-                            tracing::error!(error = %e, "the broker refuses the command's copy: requeueing it as it came");
-                            return self.settle(
-                                delivery,
-                                Settle::Requeue,
-                                Outcome::Returned("requeued"),
-                            );
-                        }
+                        .await;
+                    // Refused again after a wait: the broker is in trouble,
+                    // and the delivery goes back as it came.
+                    if let (Err(e), false) = (&copied, plan.hold.is_zero()) {
+                        tracing::error!(error = %e, "the broker refuses the command's copy: requeueing it as it came");
+                        return self.settle(
+                            delivery,
+                            Settle::Requeue,
+                            Outcome::Returned("requeued"),
+                        );
                     }
+                    copied
                 }
             };
             match copied {

@@ -328,7 +328,7 @@ fn an_invalid_command_dead_letters_with_its_event() {
     for case in CASES {
         let plan = decide(Input::Invalid, &history(case), policy());
         assert_eq!(plan.event, Some(EventPlan::Invalid));
-        assert_eq!(plan.route, Route::DeadLetter(ErrorCode::InvalidCommand));
+        assert_eq!(plan.route, Route::Reject, "the original, exactly once");
     }
 }
 
