@@ -14,9 +14,10 @@
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario, default 5; the median
 //! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
-//! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `CPW_TEST_AMQP_URL`
-//! (the broker, as for the tests), `BENCH_WRAP` (a command the worker runs under, e.g.
-//! `heaptrack` or `perf record -g --`: for profiling, not for figures).
+//! `BENCH_RSS_SECS` (length of the `rss` run, default 20),
+//! `CPW_TEST_AMQP_URL` (the broker, as for the tests), `BENCH_WRAP` (a
+//! command the worker runs under, e.g. `heaptrack` or `perf record -g --`:
+//! for profiling, not for figures).
 //!
 //! What is measured, for the worker and the baseline alike:
 //! - commands/s: N pre-published commands, timed in the steady state, from
@@ -405,15 +406,9 @@ impl Run {
             let mut confirms = Vec::with_capacity(chunk);
             for _ in 0..chunk {
                 let body = command(&command_id()).to_string();
-                confirms.push(
-                    send(
-                        &broker.channel,
-                        &self.queue,
-                        body.as_bytes(),
-                        as_command(BasicProperties::default()),
-                    )
-                    .await?,
-                );
+                let properties = as_command(BasicProperties::default());
+                let confirm = send(&broker.channel, &self.queue, body.as_bytes(), properties);
+                confirms.push(confirm.await?);
             }
             for c in confirms {
                 if !c.await?.is_ack() {

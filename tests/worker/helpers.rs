@@ -81,7 +81,7 @@ pub struct TestApp {
     pub queue: String,
     #[allow(
         dead_code,
-        reason = "the test API: the observer binds to it, tests may publish to it"
+        reason = "the test API (a test may publish or bind to it); no test here reads it"
     )]
     pub results_exchange: String,
     pub connection_name: String,
