@@ -14,9 +14,10 @@
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario, default 5; the median
 //! is reported), `BENCH_LOG` (the worker's `RUST_LOG`, default `warn`),
-//! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `BENCH_AMQP_URL`,
-//! `BENCH_WRAP` (a command the worker runs under, e.g.
-//! `heaptrack` or `perf record -g --`: for profiling, not for figures).
+//! `BENCH_RSS_SECS` (length of the `rss` run, default 20),
+//! `CPW_TEST_AMQP_URL` (the broker, as for the tests), `BENCH_WRAP` (a
+//! command the worker runs under, e.g. `heaptrack` or `perf record -g --`:
+//! for profiling, not for figures).
 //!
 //! What is measured, for the worker and the baseline alike:
 //! - commands/s: N pre-published commands, timed in the steady state, from
@@ -35,20 +36,23 @@
 //! the setup fails (no broker, a process that does not start...). Every queue
 //! and exchange it creates is named `cpw-bench-*` and deleted afterwards.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cpw_testkit::broker::{
+    AMQP_URL_VAR, Observer, amqp_url, as_command, delete_topology, rabbitmqctl, send, worker_env,
+};
+use cpw_testkit::commands::{command, command_id};
 use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::Settings;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -68,11 +72,6 @@ const SCENARIOS: [&str; 5] = [
     "rate-limit",
     "rss",
 ];
-
-fn amqp_url() -> String {
-    std::env::var("BENCH_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -155,12 +154,9 @@ struct Broker {
 
 impl Broker {
     async fn connect() -> Result<Broker> {
-        let connection = Connection::connect(
-            &amqp_url(),
-            ConnectionProperties::default().with_connection_name("cpw-bench-driver".into()),
-        )
-        .await
-        .context("cannot reach RabbitMQ (set BENCH_AMQP_URL)")?;
+        let connection = cpw_testkit::broker::connect("cpw-bench-driver")
+            .await
+            .with_context(|| format!("cannot reach RabbitMQ (set {AMQP_URL_VAR})"))?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -176,8 +172,8 @@ impl Broker {
 /// (best effort: needs `rabbitmqctl`).
 async fn sweep_leftovers(broker: &Broker) {
     let list = |what: &str| -> Vec<String> {
-        std::process::Command::new("rabbitmqctl")
-            .args(["-q", what, "name"])
+        rabbitmqctl()
+            .args([what, "name"])
             .output()
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
@@ -217,8 +213,8 @@ mod machine {
             })
             .unwrap_or_else(|| "unknown".into());
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let rabbit = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "version"])
+        let rabbit = cpw_testkit::broker::rabbitmqctl()
+            .arg("version")
             .output()
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -351,8 +347,9 @@ struct Run {
     label: String,
     queue: String,
     topology: Topology,
-    env: Vec<(String, String)>,
+    env: BTreeMap<String, String>,
     events: mpsc::UnboundedReceiver<Seen>,
+    /// The observer's queue, deleted last: that ends the task reading it.
     observer: String,
 }
 
@@ -362,60 +359,19 @@ impl Run {
     async fn setup(broker: &Broker, label: &str, sim: &Sim, prefetch: u16) -> Result<Run> {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let queue = format!("{PREFIX}{label}-{}", &tag[..12]);
-        let results = format!("{queue}-results");
-        let env: Vec<(String, String)> = [
-            ("CPW__AMQP__URL", amqp_url()),
-            ("CPW__AMQP__QUEUE", queue.clone()),
-            ("CPW__AMQP__RESULTS_EXCHANGE", results.clone()),
-            ("CPW__AMQP__PREFETCH", prefetch.to_string()),
-            ("CPW__HYPERLINE__BASE_URL", sim.base_url.clone()),
-            ("CPW__HYPERLINE__API_KEY", SIM_KEY.to_owned()),
-            ("CPW__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
-            ("CPW__LOG__FORMAT", "json".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut env = worker_env(&queue, &sim.base_url, SIM_KEY);
+        env.insert("CPW__AMQP__PREFETCH".to_owned(), prefetch.to_string());
+        env.insert("CPW__LOG__FORMAT".to_owned(), "json".to_owned());
         let settings =
             Settings::load_from(None, env.clone()).context("the bench's worker settings")?;
         let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
         topology.declare(&broker.connection).await?;
 
-        let observer = format!("{queue}.observer");
-        let ch = broker.connection.create_channel().await?;
-        ch.queue_declare(
-            observer.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_bind(
-            observer.as_str().into(),
-            results.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let mut consumer = ch
-            .basic_consume(
-                observer.as_str().into(),
-                "observer".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut observer = Observer::bind(&broker.connection, &topology.results_exchange).await?;
+        let observer_queue = observer.queue().to_owned();
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let _channel = ch;
-            while let Some(Ok(delivery)) = consumer.next().await {
+            while let Some(delivery) = observer.next_delivery().await {
                 let at = Instant::now();
                 let props = &delivery.properties;
                 let seen = Seen {
@@ -437,7 +393,7 @@ impl Run {
             topology,
             env,
             events,
-            observer,
+            observer: observer_queue,
         })
     }
 
@@ -449,8 +405,10 @@ impl Run {
             let chunk = left.min(CHUNK);
             let mut confirms = Vec::with_capacity(chunk);
             for _ in 0..chunk {
-                let (_, body) = command();
-                confirms.push(publish_command(&broker.channel, &self.queue, &body).await?);
+                let body = command(&command_id()).to_string();
+                let properties = as_command(BasicProperties::default());
+                let confirm = send(&broker.channel, &self.queue, body.as_bytes(), properties);
+                confirms.push(confirm.await?);
             }
             for c in confirms {
                 if !c.await?.is_ack() {
@@ -479,7 +437,7 @@ impl Run {
                     None => Command::new(WORKER_BIN),
                 };
                 cmd.arg("run")
-                    .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .envs(&self.env)
                     .env(
                         "CPW__AMQP__CONNECTION_NAME",
                         format!("{}-worker-{i}", self.queue),
@@ -579,9 +537,11 @@ impl Run {
                 while published < total {
                     tick.tick().await;
                     for _ in 0..per_tick.min(total - published) {
-                        let (id, body) = command();
+                        let id = command_id();
+                        let body = command(&id).to_string();
                         sent.lock().expect("sent").insert(id, Instant::now());
-                        confirms.push(publish_command(&channel, &queue, &body).await?);
+                        let properties = as_command(BasicProperties::default());
+                        confirms.push(send(&channel, &queue, body.as_bytes(), properties).await?);
                         published += 1;
                     }
                 }
@@ -625,23 +585,13 @@ impl Run {
     }
 
     async fn cleanup(self, broker: &Broker) {
-        let Ok(ch) = broker.connection.create_channel().await else {
-            return;
-        };
-        let t = &self.topology;
-        let mut queues = vec![self.observer.clone(), t.queue.clone(), t.dead.clone()];
-        queues.extend(t.retry_queues.iter().map(|(_, q)| q.clone()));
-        for q in queues {
+        delete_topology(&broker.connection, &self.topology).await;
+        if let Ok(ch) = broker.connection.create_channel().await {
             let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .queue_delete(self.observer.as_str().into(), QueueDeleteOptions::default())
                 .await;
+            let _ = ch.close(200, "cleaned".into()).await;
         }
-        for x in [&t.queue, &t.dlx, &t.results_exchange] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = ch.close(200, "cleaned".into()).await;
     }
 }
 
@@ -661,39 +611,6 @@ struct Latency {
     expected: usize,
     p50: Option<Duration>,
     p99: Option<Duration>,
-}
-
-/// A fresh command: its id and JSON body.
-fn command() -> (String, Vec<u8>) {
-    let id = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::json!({
-        "command_id": id,
-        "customer_id": "cus_Typ0px2W0aiEtl",
-        "product_id": "itm_3kXODDF42QXtnL",
-        "credit_count": 32,
-        "amount_excluding_tax": 24000,
-        "price_id": null,
-        "expires_at": null
-    });
-    (id, body.to_string().into_bytes())
-}
-
-async fn publish_command(
-    channel: &Channel,
-    queue: &str,
-    body: &[u8],
-) -> Result<lapin::PublisherConfirm> {
-    Ok(channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into()),
-        )
-        .await?)
 }
 
 /// A measured process: a worker replica or the baseline loop.
@@ -855,8 +772,8 @@ struct Plan {
 /// segment writes it starts for the live queue, would otherwise land inside
 /// every seventh run or so, on the worker or the baseline by chance.
 fn roll_over_quorum_wal() {
-    let _ = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "eval", "ra_log_wal:force_roll_over(ra_log_wal)."])
+    let _ = rabbitmqctl()
+        .args(["eval", "ra_log_wal:force_roll_over(ra_log_wal)."])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();

@@ -7,45 +7,43 @@ use std::collections::BTreeMap;
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cpw_testkit::broker::{
+    Observer, amqp_url, as_command, connect, delete_topology, depth, worker_env,
+};
+use cpw_testkit::commands::{command_for, command_id};
+use cpw_testkit::{WAIT, wait_until};
 use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, ScriptedResponse, Simulator, SimulatorSettings,
 };
 use credit_purchase_worker::startup::Application;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SIM_KEY: &str = "sim_admin_key";
-/// Every wait here is bounded by this.
-const WAIT: Duration = Duration::from_secs(60);
 
 /// One test's world: names, simulator, observer, and maybe a worker.
 struct Admin {
     queue: String,
     env: BTreeMap<String, String>,
     sim: Simulator,
+    topology: Topology,
     connection: Connection,
     channel: Channel,
-    events: Consumer,
+    events: Observer,
     worker: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 /// Declares a fresh topology, binds an observer to its results, and starts
 /// the worker in-process when `worker` is true.
 async fn setup(worker: bool, faults: Faults) -> Admin {
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let queue = format!("cpw-admin-{tag}");
+    let queue = format!("cpw-admin-{}", uuid::Uuid::new_v4().simple());
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
         SimulatorSettings {
@@ -59,70 +57,30 @@ async fn setup(worker: bool, faults: Faults) -> Admin {
     )
     .await
     .expect("simulator starts");
-    let env: BTreeMap<String, String> = [
-        ("CPW__AMQP__URL", AMQP_URL.to_owned()),
-        ("CPW__AMQP__QUEUE", queue.clone()),
-        ("CPW__AMQP__RESULTS_EXCHANGE", format!("{queue}-results")),
-        ("CPW__HYPERLINE__BASE_URL", sim.base_url()),
-        ("CPW__HYPERLINE__API_KEY", SIM_KEY.to_owned()),
-        ("CPW__HYPERLINE__TIMEOUT_SECS", "2".to_owned()),
-        ("CPW__RETRY__ATTEMPTS", "2".to_owned()),
-        ("CPW__RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
-        ("CPW__RETRY__MAX_BACKOFF_MS", "50".to_owned()),
-        ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2".to_owned()),
-        ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5".to_owned()),
-        ("CPW__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut env = worker_env(&queue, &sim.base_url(), SIM_KEY);
+    env.extend(
+        [
+            ("CPW__HYPERLINE__TIMEOUT_SECS", "2"),
+            ("CPW__RETRY__ATTEMPTS", "2"),
+            ("CPW__RETRY__INITIAL_BACKOFF_MS", "10"),
+            ("CPW__RETRY__MAX_BACKOFF_MS", "50"),
+            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2"),
+            ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
     let settings = Settings::load_from(None, env.clone()).expect("valid settings");
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker reachable");
-    Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
-        .declare(&connection)
-        .await
-        .expect("topology");
+    let connection = connect("cpw-admin-test").await.expect("broker reachable");
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    topology.declare(&connection).await.expect("topology");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    let observer = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let events = Observer::bind(&connection, &topology.results_exchange)
         .await
         .expect("observer");
-    channel
-        .queue_bind(
-            observer.name().clone(),
-            settings.amqp.results_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let events = channel
-        .basic_consume(
-            observer.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
     let worker = match worker {
         false => None,
         true => {
@@ -135,18 +93,12 @@ async fn setup(worker: bool, faults: Faults) -> Admin {
         queue,
         env,
         sim,
+        topology,
         connection,
         channel,
         events,
         worker,
     }
-}
-
-fn command(id: &str, customer: &str) -> Value {
-    json!({
-        "command_id": id, "customer_id": customer, "product_id": "itm_admin",
-        "credit_count": 3, "amount_excluding_tax": 300,
-    })
 }
 
 fn now_ms() -> i64 {
@@ -156,7 +108,7 @@ fn now_ms() -> i64 {
 
 impl Admin {
     fn dead(&self) -> String {
-        format!("{}.dead", self.queue)
+        self.topology.dead.clone()
     }
 
     /// Runs the binary with this test's settings and `extra` env, bounded.
@@ -178,64 +130,36 @@ impl Admin {
     }
 
     async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
+        cpw_testkit::broker::publish(&self.channel, queue, body, as_command(properties)).await;
     }
 
     /// The next event about `id`, bounded.
     async fn event_for(&mut self, id: &str) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let delivery = tokio::time::timeout_at(deadline, self.events.next())
-                .await
-                .expect("an event in time")
-                .expect("stream open")
-                .expect("delivery");
-            let event: Value = serde_json::from_slice(&delivery.data).expect("JSON");
-            if event["command_id"] == id {
-                return event;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self.events.next_event_within(left).await;
+            let event = event.expect("an event in time");
+            if event.command_id() == id {
+                return event.body;
             }
         }
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        let ch = self.connection.create_channel().await.expect("channel");
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let q = ch
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .expect("queue exists");
-        let _ = ch.close(200, "ok".into()).await;
-        q.message_count()
+        depth(&self.connection, queue).await
     }
 
     /// Polls, bounded, until `queue` holds `n` ready messages: the worker
     /// rejects a command only after its event is confirmed, so the event
     /// can arrive first.
     async fn wait_depth(&self, queue: &str, n: u32) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.depth(queue).await != n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue} never held {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(
+            &format!("{queue} to hold {n}"),
+            Duration::from_millis(20),
+            async || self.depth(queue).await == n,
+        )
+        .await;
     }
 
     async fn cleanup(mut self) {
@@ -243,27 +167,7 @@ impl Admin {
             token.cancel();
             let _ = tokio::time::timeout(WAIT, task).await;
         }
-        for q in [
-            self.queue.clone(),
-            self.dead(),
-            format!("{}.retry.1s", self.queue),
-            format!("{}.retry.2s", self.queue),
-        ] {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            self.queue.clone(),
-            format!("{}.dlx", self.queue),
-            format!("{}-results", self.queue),
-        ] {
-            let _ = self
-                .channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        delete_topology(&self.connection, &self.topology).await;
     }
 }
 
@@ -310,7 +214,7 @@ async fn publish_refuses_invalid_or_unroutable_commands_and_bounds_its_wait() {
         "3",
     ];
     let with = |extra: &[&'static str]| -> Vec<&str> { [&base[..], extra].concat() };
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = command_id();
 
     let args = with(&["--customer-id", "cus/../x", "--price-id", "price_1"]);
     let (code, _, stderr) = admin.cli(&args, &[]).await;
@@ -355,8 +259,8 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
         format!("dead-letter queue {} is empty", admin.dead())
     );
 
-    let id = uuid::Uuid::new_v4().to_string();
-    let mut body = command(&id, "cus_admin");
+    let id = command_id();
+    let mut body = command_for(&id, "cus_admin");
     body["credit_count"] = json!(0);
     admin
         .publish_to(
@@ -426,8 +330,8 @@ async fn replay_moves_a_dead_letter_back_and_it_succeeds_once() {
         ..Faults::default()
     };
     let mut admin = setup(true, faults).await;
-    let id = uuid::Uuid::new_v4().to_string();
-    let body = command(&id, "cus_garbled").to_string();
+    let id = command_id();
+    let body = command_for(&id, "cus_garbled").to_string();
     admin
         .publish_to(&admin.queue, body.as_bytes(), BasicProperties::default())
         .await;
@@ -456,10 +360,7 @@ async fn replay_moves_a_dead_letter_back_and_it_succeeds_once() {
 #[tokio::test]
 async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
     let admin = setup(false, Faults::default()).await;
-    let (old, other) = (
-        uuid::Uuid::new_v4().to_string(),
-        uuid::Uuid::new_v4().to_string(),
-    );
+    let (old, other) = (command_id(), command_id());
     let mut headers = FieldTable::default();
     let day_and_an_hour_ago = now_ms() - 25 * 3600 * 1000;
     headers.insert(
@@ -468,10 +369,10 @@ async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
     );
     headers.insert(ShortString::from("cpw-attempts"), AMQPValue::LongLongInt(7));
     let dead = admin.dead();
-    let body = command(&old, "cus_admin").to_string();
+    let body = command_for(&old, "cus_admin").to_string();
     let props = BasicProperties::default().with_headers(headers);
     admin.publish_to(&dead, body.as_bytes(), props).await;
-    let body = command(&other, "cus_admin").to_string();
+    let body = command_for(&other, "cus_admin").to_string();
     admin
         .publish_to(&dead, body.as_bytes(), BasicProperties::default())
         .await;
@@ -592,7 +493,7 @@ async fn demo_runs_to_completion_with_one_charge_per_success() {
             "7",
         ])
         .env_clear()
-        .env("CPW__AMQP__URL", AMQP_URL)
+        .env("CPW__AMQP__URL", amqp_url())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -629,9 +530,7 @@ async fn demo_runs_to_completion_with_one_charge_per_success() {
         .nth(1)
         .and_then(|s| s.split(')').next())
         .expect("the demo names its queue");
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker");
+    let connection = connect("cpw-admin-test").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     let passive = QueueDeclareOptions {
         passive: true,

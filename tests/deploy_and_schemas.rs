@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cpw_testkit::commands::parsed;
 use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::broker::history::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER, STEP_HEADER};
 use credit_purchase_worker::configuration::{QueueType, Settings};
@@ -1108,8 +1109,7 @@ async fn the_worker_redeclares_the_definitions_topology_without_conflict() {
     };
     use lapin::types::FieldTable;
 
-    let url = std::env::var("CPW_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = cpw_testkit::broker::amqp_url();
     let settings = default_settings();
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let mut amqp = settings.amqp.clone();
@@ -1488,10 +1488,6 @@ fn where_the_worker_is_stricter_than_the_command_schema() {
     }
 }
 
-fn command(body: &Value) -> Command {
-    Command::parse(body.to_string().as_bytes(), None).expect("a valid command")
-}
-
 fn event_json(event: &ResultEvent) -> Value {
     serde_json::from_slice(&event.to_json()).expect("an event is JSON")
 }
@@ -1552,7 +1548,7 @@ fn the_workers_events_match_the_event_schemas() {
     let mut biggest = with("credit_count", json!(MAX_JSON_INTEGER));
     biggest["command_id"] = json!("a.b:c_d-e".repeat(28).chars().take(255).collect::<String>());
     biggest["customer_id"] = json!("c".repeat(128));
-    let commands = [command(&example()), command(&by_price), command(&biggest)];
+    let commands = [parsed(&example()), parsed(&by_price), parsed(&biggest)];
 
     let mut events = Vec::new();
     for c in &commands {
@@ -1642,7 +1638,7 @@ fn the_event_schemas_reject_what_the_worker_never_sends() {
     let succeeded = validator("succeeded.schema.json");
     let failed = validator("failed.schema.json");
     let good = event_json(&ResultEvent::succeeded(
-        &command(&example()),
+        &parsed(&example()),
         "inv_1".into(),
         5,
         1,
@@ -1652,7 +1648,7 @@ fn the_event_schemas_reject_what_the_worker_never_sends() {
         message: "no".into(),
         http_status: Some(404),
     };
-    let bad_failed = event_json(&ResultEvent::failed(&command(&example()), 1, error));
+    let bad_failed = event_json(&ResultEvent::failed(&parsed(&example()), 1, error));
     assert!(succeeded.is_valid(&good) && failed.is_valid(&bad_failed));
 
     let mutate = |base: &Value, pointer: &str, value: Option<Value>| {
@@ -1853,7 +1849,7 @@ fn the_asyncapi_headers_are_those_the_worker_sends_and_reads() {
         .map(|r| r.as_str().expect("string"))
         .collect();
 
-    let with_everything = ResultEvent::succeeded(&command(&example()), "inv_1".into(), 1, 1);
+    let with_everything = ResultEvent::succeeded(&parsed(&example()), "inv_1".into(), 1, 1);
     let props = with_everything.amqp_properties(Some(
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     ));

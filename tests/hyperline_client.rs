@@ -39,10 +39,9 @@ async fn setup(faults: Faults, key: &str, timeout_secs: u64) -> (Simulator, Hype
 }
 
 fn command(id: &str, credits: u64) -> Command {
-    let body = format!(
-        r#"{{"command_id":"{id}","customer_id":"cus_1","product_id":"itm_1","credit_count":{credits},"amount_excluding_tax":100}}"#
-    );
-    Command::parse(body.as_bytes(), None).expect("valid")
+    let mut body = cpw_testkit::commands::command(id);
+    body["credit_count"] = credits.into();
+    cpw_testkit::commands::parsed(&body)
 }
 
 fn no_limit() -> Faults {

@@ -61,8 +61,7 @@ async fn tls_front(
 }
 
 fn command() -> Command {
-    let body = br#"{"command_id":"tls-test-0000000000001","customer_id":"cus_1","product_id":"itm_1","credit_count":3,"amount_excluding_tax":1}"#;
-    Command::parse(body, None).expect("valid")
+    cpw_testkit::commands::parsed(&cpw_testkit::commands::command("tls-test-0000000000001"))
 }
 
 fn client(base: &str, ca_file: Option<&std::path::Path>) -> HyperlineClient {

@@ -3,29 +3,28 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::{LazyLock, Once};
+use std::sync::Once;
 use std::time::Duration;
 
+use cpw_testkit::broker::{Observer, as_command, delete_topology, worker_env};
+use cpw_testkit::wait_until;
+use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings,
 };
 use credit_purchase_worker::startup::Application;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use serde_json::{Value, json};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use cpw_testkit::WAIT;
+pub use cpw_testkit::broker::Event;
+pub use cpw_testkit::commands::{command, command_for, command_id};
+
 pub const SIM_KEY: &str = "sim_test_key";
-/// Every wait in these tests is bounded by this (or a stated shorter bound).
-pub const WAIT: Duration = Duration::from_secs(60);
 
 static TRACING: Once = Once::new();
 
@@ -39,31 +38,6 @@ pub fn init_tracing() {
             );
         }
     });
-}
-
-/// A fresh command id (a UUID is 36 characters of the allowed set).
-pub fn command_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// A valid command body for `id`.
-pub fn command(id: &str) -> Value {
-    json!({
-        "command_id": id,
-        "customer_id": "cus_Typ0px2W0aiEtl",
-        "product_id": "itm_3kXODDF42QXtnL",
-        "credit_count": 32,
-        "amount_excluding_tax": 24000,
-        "price_id": null,
-        "expires_at": null
-    })
-}
-
-/// A valid command for a given customer (so scripted responses can target it).
-pub fn command_for(id: &str, customer: &str) -> Value {
-    let mut c = command(id);
-    c["customer_id"] = json!(customer);
-    c
 }
 
 /// Tunables of a test app.
@@ -105,14 +79,19 @@ impl Options {
 /// One worker with its own queue names, simulator and observers.
 pub struct TestApp {
     pub queue: String,
+    #[allow(
+        dead_code,
+        reason = "the test API (a test may publish or bind to it); no test here reads it"
+    )]
     pub results_exchange: String,
     pub connection_name: String,
     pub sim: Simulator,
     pub env: BTreeMap<String, String>,
     pub ops_addr: Option<std::net::SocketAddr>,
+    /// In confirm mode: what the tests publish on it is confirmed.
     pub channel: Channel,
-    events: Consumer,
-    _connection: Connection,
+    events: Observer,
+    connection: Connection,
     worker: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
@@ -133,7 +112,6 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     init_tracing();
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let queue = format!("cpw-test-{tag}");
-    let results_exchange = format!("{queue}-results");
     let connection_name = format!("cpw-test-worker-{tag}");
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
@@ -145,30 +123,25 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     )
     .await
     .expect("simulator starts");
-    let mut env: BTreeMap<String, String> = [
-        ("CPW__AMQP__URL", AMQP_URL.to_owned()),
-        ("CPW__AMQP__QUEUE", queue.clone()),
-        ("CPW__AMQP__RESULTS_EXCHANGE", results_exchange.clone()),
-        ("CPW__AMQP__CONNECTION_NAME", connection_name.clone()),
-        ("CPW__AMQP__PREFETCH", "32".to_owned()),
-        ("CPW__HYPERLINE__BASE_URL", sim.base_url()),
-        ("CPW__HYPERLINE__API_KEY", options.api_key.clone()),
-        ("CPW__HYPERLINE__TIMEOUT_SECS", "2".to_owned()),
-        ("CPW__RETRY__ATTEMPTS", "4".to_owned()),
-        ("CPW__RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
-        ("CPW__RETRY__MAX_BACKOFF_MS", "50".to_owned()),
-        ("CPW__RETRY__CONFLICT_DELAY_MS", "100".to_owned()),
-        ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2".to_owned()),
-        ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "10".to_owned()),
-        ("CPW__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
-        ("CPW__LOG__FORMAT", "json".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut env = worker_env(&queue, &sim.base_url(), &options.api_key);
+    env.extend(
+        [
+            ("CPW__AMQP__CONNECTION_NAME", connection_name.as_str()),
+            ("CPW__AMQP__PREFETCH", "32"),
+            ("CPW__HYPERLINE__TIMEOUT_SECS", "2"),
+            ("CPW__RETRY__ATTEMPTS", "4"),
+            ("CPW__RETRY__INITIAL_BACKOFF_MS", "10"),
+            ("CPW__RETRY__MAX_BACKOFF_MS", "50"),
+            ("CPW__RETRY__CONFLICT_DELAY_MS", "100"),
+            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2"),
+            ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "10"),
+            ("CPW__LOG__FORMAT", "json"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
     env.extend(options.env);
 
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+    let connection = cpw_testkit::broker::connect("cpw-test-driver")
         .await
         .expect("broker reachable");
     let channel = connection.create_channel().await.expect("channel");
@@ -179,45 +152,14 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     // Declare the topology up front so publishes made before the worker is
     // up are not lost; the worker's own declaration must agree with it.
     let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
-    credit_purchase_worker::broker::Topology::new(
-        &settings.amqp,
-        &settings.retry.redelivery_delays_secs,
-    )
-    .declare(&connection)
-    .await
-    .expect("topology");
-    let observer = format!("{queue}.observer");
-    channel
-        .queue_declare(
-            observer.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let results_exchange = settings.amqp.results_exchange.clone();
+    Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
+        .declare(&connection)
+        .await
+        .expect("topology");
+    let events = Observer::bind(&connection, &results_exchange)
         .await
         .expect("observer queue");
-    channel
-        .queue_bind(
-            observer.as_str().into(),
-            results_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind observer");
-    let events = channel
-        .basic_consume(
-            observer.as_str().into(),
-            "observer".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume events");
     TestApp {
         queue,
         results_exchange,
@@ -227,26 +169,8 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
         ops_addr: None,
         channel,
         events,
-        _connection: connection,
+        connection,
         worker: None,
-    }
-}
-
-/// An event as received: its JSON body and AMQP properties.
-pub struct Event {
-    pub body: Value,
-    pub properties: BasicProperties,
-}
-
-impl Event {
-    pub fn kind(&self) -> &str {
-        self.body["type"].as_str().unwrap_or_default()
-    }
-    pub fn command_id(&self) -> &str {
-        self.body["command_id"].as_str().unwrap_or_default()
-    }
-    pub fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or_default()
     }
 }
 
@@ -311,90 +235,44 @@ impl TestApp {
         }
     }
 
-    pub async fn publish(&self, body: &Value) {
+    pub async fn publish(&self, body: &serde_json::Value) {
         self.publish_raw(body.to_string().as_bytes(), BasicProperties::default())
             .await;
     }
 
+    /// Publishes `body` as a command (persistent, `application/json` over
+    /// whatever `properties` say) and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        let props = properties
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "command not confirmed");
+        cpw_testkit::broker::publish(&self.channel, &self.queue, body, as_command(properties))
+            .await;
     }
 
     /// The next result event, bounded by `within`.
     pub async fn next_event_within(&mut self, within: Duration) -> Option<Event> {
-        let delivery = tokio::time::timeout(within, self.events.next())
-            .await
-            .ok()??
-            .ok()?;
-        delivery.acker.ack(BasicAckOptions::default()).await.ok()?;
-        let body = serde_json::from_slice(&delivery.data).expect("events are JSON");
-        Some(Event {
-            body,
-            properties: delivery.properties,
-        })
+        self.events.next_event_within(within).await
     }
 
     pub async fn next_event(&mut self) -> Event {
-        self.next_event_within(WAIT)
-            .await
-            .expect("an event within the bound")
+        self.events.next_event().await
     }
 
     /// Collects events until `done` says so, bounded by `within`.
     pub async fn events_until(
         &mut self,
         within: Duration,
-        mut done: impl FnMut(&[Event]) -> bool,
+        done: impl FnMut(&[Event]) -> bool,
     ) -> Vec<Event> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut events = Vec::new();
-        while !done(&events) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_event_within(left).await {
-                Some(e) => events.push(e),
-                None => panic!("only {} events before the deadline", events.len()),
-            }
-        }
-        events
+        self.events.events_until(within, done).await
     }
 
     /// True when no further event arrives within `quiet`.
     pub async fn no_event_for(&mut self, quiet: Duration) -> bool {
-        self.next_event_within(quiet).await.is_none()
+        self.events.no_event_for(quiet).await
     }
 
     /// Messages ready in a queue (passive declare).
     pub async fn depth(&self, queue: &str) -> u32 {
-        let ch = self._connection.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        let _ = ch.close(200, "ok".into()).await;
-        q.message_count()
+        cpw_testkit::broker::depth(&self.connection, queue).await
     }
 
     pub fn dead_queue(&self) -> String {
@@ -403,39 +281,33 @@ impl TestApp {
 
     /// Waits until the commands queue has nothing ready or unacked.
     pub async fn wait_until_drained(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            // Ready messages via passive declare; unacked ones show as the
-            // worker still holding them, which the caller checks via events.
-            if self.depth(&self.queue).await == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "commands queue never drained"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Ready messages via passive declare; unacked ones show as the
+        // worker still holding them, which the caller checks via events.
+        wait_until(
+            "the commands queue to drain",
+            Duration::from_millis(50),
+            async || self.depth(&self.queue).await == 0,
+        )
+        .await;
     }
 
     /// Waits (bounded) until `n` dead letters are there, then takes them all.
     /// The worker publishes a command's event before it rejects the command,
     /// so the dead letter can trail the event by a moment.
     pub async fn wait_dead_letters(&self, n: u32) -> Vec<(Vec<u8>, BasicProperties)> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.depth(&self.dead_queue()).await < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fewer than {n} dead letters arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let dead = self.dead_queue();
+        wait_until(
+            &format!("{n} dead letters"),
+            Duration::from_millis(20),
+            async || self.depth(&dead).await >= n,
+        )
+        .await;
         self.take_dead_letters().await
     }
 
     /// Takes the dead letters (body, headers).
     pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, BasicProperties)> {
-        let ch = self._connection.create_channel().await.expect("channel");
+        let ch = self.connection.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Some(m) = ch
             .basic_get(
@@ -494,26 +366,22 @@ impl TestApp {
 
     /// Polls `/readyz` until it answers `status`, bounded.
     pub async fn wait_readyz(&self, status: u16) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.readyz().await != status {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz never answered {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            &format!("/readyz to answer {status}"),
+            Duration::from_millis(50),
+            async || self.readyz().await == status,
+        )
+        .await;
     }
 
     /// Waits until the simulator saw at least `n` purchase requests.
     pub async fn wait_requests(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.sim.requests().len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fewer than {n} requests reached the simulator"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(
+            &format!("{n} requests to reach the simulator"),
+            Duration::from_millis(20),
+            async || self.sim.requests().len() >= n,
+        )
+        .await;
     }
 
     /// Closes this app's worker connections from the broker side.
@@ -524,41 +392,16 @@ impl TestApp {
     /// Stops the worker and deletes this test's queues and exchanges.
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
-        let ch = &self.channel;
         let settings = self.settings();
-        let topology = credit_purchase_worker::broker::Topology::new(
-            &settings.amqp,
-            &settings.retry.redelivery_delays_secs,
-        );
-        let mut queues = vec![self.queue.clone(), self.dead_queue()];
-        // Each delay queue once, though steps with the same delay share one.
-        queues.extend(topology.delay_queues().map(|(_, name)| name.clone()));
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            self.queue.clone(),
-            format!("{}.dlx", self.queue),
-            self.results_exchange.clone(),
-        ] {
-            let _ = ch
-                .exchange_delete(
-                    x.as_str().into(),
-                    lapin::options::ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
+        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+        delete_topology(&self.connection, &topology).await;
     }
 }
 
 /// `rabbitmqctl close_connection` on every connection with that name.
 pub fn cut_connections_named(name: &str) -> usize {
-    static RABBITMQCTL: LazyLock<String> =
-        LazyLock::new(|| std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into()));
-    let out = std::process::Command::new(RABBITMQCTL.as_str())
-        .args(["-q", "list_connections", "pid", "client_properties"])
+    let out = cpw_testkit::broker::rabbitmqctl()
+        .args(["list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -567,13 +410,8 @@ pub fn cut_connections_named(name: &str) -> usize {
         let Some(pid) = line.split_whitespace().next() else {
             continue;
         };
-        let status = std::process::Command::new(RABBITMQCTL.as_str())
-            .args([
-                "-q",
-                "close_connection",
-                pid,
-                "test: cutting the connection",
-            ])
+        let status = cpw_testkit::broker::rabbitmqctl()
+            .args(["close_connection", pid, "test: cutting the connection"])
             .status()
             .expect("rabbitmqctl runs");
         if status.success() {

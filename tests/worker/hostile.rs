@@ -12,70 +12,29 @@
 //! characters.
 //!
 //! The messages come from a seeded generator; the seed is printed, and
-//! `HOSTILE_SEED=<seed>` replays a run.
+//! `HOSTILE_SEED=<seed>` replays a run. Its strings, numbers, dates and JSON
+//! tokens are `cpw_testkit::hostile`'s, which the property tests draw from too.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use cpw_testkit::hostile::{
+    BAD_DATE_TIMES, JSON_TOKENS, LOOKALIKES, NOT_INTEGERS, OUT_OF_RANGE_NUMBERS, PATH_TRICKS,
+    pieces,
+};
+use cpw_testkit::rules::{COMMAND_ID_CHARS, MAX_INTEGER, PATH_ID_CHARS, purchase_path_ok};
 use credit_purchase_worker::contract::Command;
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::helpers::{Options, TestApp, command, spawn_app_with};
+use crate::helpers::{Options, command, spawn_app_with};
 
 const BAD: usize = 2_000;
 const GOOD: usize = 320;
-const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
-
-/// Pieces of hostile strings.
-const EVIL: &[&str] = &[
-    "/",
-    "..",
-    "../",
-    "../../admin",
-    "%2F",
-    "%2f",
-    "%2e%2e",
-    "?",
-    "?x=1",
-    "#",
-    "#frag",
-    "\r\n",
-    "\r\nX-Evil: 1",
-    "\n",
-    "\r",
-    "\0",
-    "%00",
-    "%0d%0a",
-    "\u{202E}",
-    "\u{200D}",
-    "\u{200B}",
-    "\u{FEFF}",
-    "\u{2028}",
-    "а",
-    "е",
-    "ο",
-    "Ａ",
-    "‐",
-    "−",
-    "\u{301}",
-    "é",
-    "😀",
-    " ",
-    "\t",
-    "\\",
-    "\"",
-    "'",
-    "<script>",
-    "@",
-    "+",
-    "*",
-];
 
 /// A message and what it must lead to.
 struct Message {
@@ -99,40 +58,39 @@ fn from_charset(rng: &mut StdRng, charset: &[u8], n: usize) -> String {
     (0..n).map(|_| char::from(*pick(rng, charset))).collect()
 }
 
-const PATH_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
-const ID_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-";
-
 fn valid_path_id(rng: &mut StdRng) -> String {
     let n = if rng.random_bool(0.1) {
         128
     } else {
         rng.random_range(1..=24)
     };
-    from_charset(rng, PATH_CHARS, n)
+    from_charset(rng, PATH_ID_CHARS, n)
 }
 
 /// A unique valid command id: a UUID, sometimes dressed in `.` and `:`.
 fn valid_command_id(rng: &mut StdRng) -> String {
     match rng.random_range(0..4) {
-        0 => format!("cmd:{}.{}", uuid(), from_charset(rng, ID_CHARS, 8)),
+        0 => format!("cmd:{}.{}", uuid(), from_charset(rng, COMMAND_ID_CHARS, 8)),
         1 => format!(
             "{}{}",
             uuid().replace('-', ""),
-            from_charset(rng, ID_CHARS, 200)
+            from_charset(rng, COMMAND_ID_CHARS, 200)
         ),
         _ => uuid(),
     }
 }
 
+/// Pieces of [`pieces`], sometimes after allowed characters.
 fn evil_string(rng: &mut StdRng) -> String {
+    let pieces = pieces();
     let n = rng.random_range(1..5);
     let mut s = String::new();
     for _ in 0..n {
         if rng.random_bool(0.4) {
             let n = rng.random_range(1..8);
-            s.push_str(&from_charset(rng, PATH_CHARS, n));
+            s.push_str(&from_charset(rng, PATH_ID_CHARS, n));
         }
-        let piece = *pick(rng, EVIL);
+        let piece = *pick(rng, &pieces);
         s.push_str(piece);
     }
     s
@@ -246,7 +204,7 @@ fn valid_message(rng: &mut StdRng) -> Message {
     body["customer_id"] = json!(valid_path_id(rng));
     body["product_id"] = json!(valid_path_id(rng));
     body["credit_count"] = json!(if rng.random_bool(0.05) {
-        MAX_JSON_INTEGER
+        MAX_INTEGER
     } else {
         rng.random_range(1..=1000)
     });
@@ -260,11 +218,7 @@ fn valid_message(rng: &mut StdRng) -> Message {
         };
         body["price_id"] = json!(price);
     } else if rng.random_bool(0.1) {
-        body["amount_excluding_tax"] = json!(if rng.random_bool(0.5) {
-            0
-        } else {
-            MAX_JSON_INTEGER
-        });
+        body["amount_excluding_tax"] = json!(if rng.random_bool(0.5) { 0 } else { MAX_INTEGER });
     }
     match rng.random_range(0..4) {
         0 => body["expires_at"] = json!(valid_date_time(rng)),
@@ -358,25 +312,10 @@ fn bad_message(rng: &mut StdRng) -> Message {
             ("random bytes", bytes)
         }
         1 => {
-            let tokens = [
-                "{",
-                "}",
-                "[",
-                "]",
-                ":",
-                ",",
-                "\"command_id\"",
-                "\"customer_id\"",
-                "null",
-                "1",
-                "\"x\"",
-                "\"",
-                "\\",
-            ];
             let n = rng.random_range(1..60);
             let mut s = String::from("{");
             for _ in 0..n {
-                let token = *pick(rng, &tokens);
+                let token = *pick(rng, JSON_TOKENS);
                 s.push_str(token);
             }
             ("token soup", s.into_bytes())
@@ -429,20 +368,17 @@ fn bad_message(rng: &mut StdRng) -> Message {
         }
         4 => {
             let key = *pick(rng, &["credit_count", "amount_excluding_tax"]);
-            let raw = match rng.random_range(0..6) {
-                0 => "9007199254740992".to_owned(),
-                1 => "18446744073709551616".to_owned(),
-                2 => format!("1{}", "0".repeat(rng.random_range(20..2000))),
-                3 => "-1".to_owned(),
-                4 => format!("-{}", rng.random_range(1..u64::MAX)),
-                _ => "1e400".to_owned(),
+            let raw = match rng.random_range(0..4) {
+                0 => format!("1{}", "0".repeat(rng.random_range(20..2000))),
+                1 => format!("-{}", rng.random_range(1..u64::MAX)),
+                _ => (*pick(rng, OUT_OF_RANGE_NUMBERS)).to_owned(),
             };
             ("huge or negative number", with_raw_number(rng, key, &raw))
         }
         5 => {
             let key = *pick(rng, &["credit_count", "amount_excluding_tax"]);
-            let raw = *pick(rng, &["32.0", "3.2e1", "1e3", "1E3", "-0", "0.5", "1.0e0"]);
-            ("fraction or exponent", with_raw_number(rng, key, raw))
+            let raw = *pick(rng, NOT_INTEGERS);
+            ("not an integer", with_raw_number(rng, key, raw))
         }
         6 => {
             let depth = rng.random_range(1..20_000);
@@ -464,34 +400,14 @@ fn bad_message(rng: &mut StdRng) -> Message {
         }
         7 => {
             let key = *pick(rng, &["customer_id", "product_id"]);
-            let trick = *pick(
-                rng,
-                &[
-                    "\u{202E}", "\u{200D}", "\u{200B}", "а", "ο", "Ａ", "‐", "\u{301}", "é", "😀",
-                ],
-            );
+            let trick = *pick(rng, LOOKALIKES);
             let value = format!("cus_{trick}1");
             ("unicode trick in a path id", with(rng, key, json!(value)))
         }
         8 => {
             let key = *pick(rng, &["customer_id", "product_id"]);
             let value = match rng.random_range(0..3) {
-                0 => (*pick(
-                    rng,
-                    &[
-                        "cus_1/../admin",
-                        "..",
-                        "cus%2F1",
-                        "cus_1?x=1",
-                        "cus_1#x",
-                        "cus_1\r\nX-Evil: 1",
-                        "cus_1\0",
-                        "cus 1",
-                        "",
-                        "../../v1/customers/x/credits/y/purchase",
-                    ],
-                ))
-                .to_owned(),
+                0 => (*pick(rng, PATH_TRICKS)).to_owned(),
                 1 => format!("cus_{}", evil_string(rng)),
                 _ => "c".repeat(129),
             };
@@ -595,19 +511,7 @@ fn bad_message(rng: &mut StdRng) -> Message {
             ("pricing", body.to_string().into_bytes())
         }
         15 => {
-            let at = *pick(
-                rng,
-                &[
-                    "next tuesday",
-                    "2027-01-01",
-                    "2027-01-01 00:00:00Z",
-                    "2027-01-01\r\n00:00:00Z",
-                    "2027-02-30T00:00:00Z",
-                    "2027-01-01T25:00:00Z",
-                    "2027-01-01T00:00:00",
-                    "2027-01-01T00:00:00Z\r\nX-Evil: 1",
-                ],
-            );
+            let at = *pick(rng, BAD_DATE_TIMES);
             ("expires_at", with(rng, "expires_at", json!(at)))
         }
         16 => {
@@ -663,46 +567,6 @@ fn bad_message(rng: &mut StdRng) -> Message {
     message
 }
 
-/// `^/v1/customers/[A-Za-z0-9_-]{1,128}/credits/[A-Za-z0-9_-]{1,128}/purchase$`
-fn well_formed_path(path: &str) -> bool {
-    let id = |s: &str| {
-        (1..=128).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    };
-    match path.split('/').collect::<Vec<_>>().as_slice() {
-        [
-            "",
-            "v1",
-            "customers",
-            customer,
-            "credits",
-            product,
-            "purchase",
-        ] => id(customer) && id(product),
-        _ => false,
-    }
-}
-
-/// Publishes with exactly the given properties (`publish_raw` would replace
-/// the content type) and waits for the confirm.
-async fn publish(app: &TestApp, message: &Message) {
-    let confirm = app
-        .channel
-        .basic_publish(
-            "".into(),
-            app.queue.as_str().into(),
-            BasicPublishOptions::default(),
-            &message.body,
-            message.properties.clone(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "not confirmed: {}", message.kind);
-}
-
 #[tokio::test]
 async fn thousands_of_hostile_messages_do_not_stop_the_worker() {
     let seed: u64 = std::env::var("HOSTILE_SEED")
@@ -734,7 +598,9 @@ async fn thousands_of_hostile_messages_do_not_stop_the_worker() {
     let mut app = spawn_app_with(Options::default().env("CPW__AMQP__PREFETCH", 64)).await;
     let started = Instant::now();
     for m in &messages {
-        publish(&app, m).await;
+        // Exactly the message's properties: `publish_raw` would set the
+        // content type.
+        cpw_testkit::broker::publish(&app.channel, &app.queue, &m.body, m.properties.clone()).await;
     }
     let published = started.elapsed();
     let total = BAD + GOOD;
@@ -806,7 +672,7 @@ async fn thousands_of_hostile_messages_do_not_stop_the_worker() {
     let requests = app.sim.requests();
     for r in &requests {
         assert!(
-            well_formed_path(&r.path),
+            purchase_path_ok(&r.path),
             "malformed path sent: {:?}",
             r.path
         );

@@ -16,7 +16,7 @@ use credit_purchase_worker::simulator::{Faults, FaultsPatch, ScriptedResponse};
 use lapin::BasicProperties;
 use serde_json::json;
 
-use crate::helpers::{Event, Options, TestApp, WAIT, command, command_for, spawn_without_worker};
+use crate::helpers::{Event, Options, TestApp, command, command_for, spawn_without_worker};
 
 /// The part of the key no legitimate output can contain.
 const CANARY: &str = "LEAKCANARY";
@@ -51,19 +51,17 @@ async fn events_for(app: &mut TestApp, ids: &[String], within: Duration) -> Vec<
 /// Polls (bounded) until the simulator refused a credential probe: a
 /// request without Idempotency-Key answered 401.
 async fn wait_for_refused_probe(app: &TestApp) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app
-        .sim
-        .requests()
-        .iter()
-        .any(|r| r.idempotency_key.is_none() && r.status == Some(401))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never probed its refused key"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cpw_testkit::wait_until(
+        "the worker to probe its refused key",
+        Duration::from_millis(50),
+        async || {
+            app.sim
+                .requests()
+                .iter()
+                .any(|r| r.idempotency_key.is_none() && r.status == Some(401))
+        },
+    )
+    .await;
 }
 
 fn occurrences(haystack: &str, needle: &str) -> usize {

@@ -1,0 +1,42 @@
+//! The test harness of `credit-purchase-worker`, shared by its integration
+//! tests (`tests/`), its benchmark (`benches/`) and its fuzz target (`fuzz/`).
+//!
+//! Each of these is a crate of its own, so a helper module included by all of
+//! them would be compiled once per test binary, and each copy would drift; a
+//! crate holds each helper once:
+//!
+//! - [`broker`]: where the test broker is, publishing with confirms, the
+//!   observer of result events, queue depths, removing a test's topology;
+//! - [`commands`]: valid command bodies with fresh ids;
+//! - [`rules`]: the command rules of CONTRACT.md section 2 restated byte by
+//!   byte, independently of the parser, and what holds of every verdict of
+//!   `Command::parse`;
+//! - [`hostile`]: the hostile inputs (strings, ids, numbers, dates, JSON
+//!   tokens) from which the property tests and the hostile stream build
+//!   their messages.
+
+use std::time::Duration;
+
+pub mod broker;
+pub mod commands;
+pub mod hostile;
+pub mod rules;
+
+/// Every wait of the tests is bounded by this (or a stated shorter bound), so
+/// a test that goes wrong fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `ready` every `every` until it holds; panics naming `what` once
+/// [`WAIT`] has passed. For states the tests can only poll: queue depths,
+/// readiness, what the simulator has seen.
+pub async fn wait_until(what: &str, every: Duration, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up after {} s waiting for {what}",
+            WAIT.as_secs()
+        );
+        tokio::time::sleep(every).await;
+    }
+}
