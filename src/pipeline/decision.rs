@@ -423,7 +423,7 @@ fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
     let message = format!(
         "its first request left at {first}: another request could reach Hyperline after it \
-         forgot the Idempotency-Key (24 h) and charge twice; look the command up in Hyperline \
+         forgot the Idempotency-Key and charge twice; look the command up in Hyperline \
          before replaying it"
     );
     let status = h.last_status;

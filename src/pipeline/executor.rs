@@ -77,8 +77,9 @@ impl Pipeline {
                 }
                 published = Some(event);
             }
-            let copied = match plan.route {
-                Route::Ack => Ok(()),
+            let original = delivery.properties.headers().as_ref();
+            let (to, headers) = match plan.route {
+                Route::Ack => return self.settle(delivery, Settle::Ack, plan.outcome),
                 Route::Reject => {
                     return self.settle(delivery, Settle::DeadLetter, plan.outcome);
                 }
@@ -89,48 +90,29 @@ impl Pipeline {
                         replica: &self.replica,
                         queue: &self.topology.queue,
                     };
-                    let headers = plan
-                        .history
-                        .stamp_dead(delivery.properties.headers().as_ref(), &mark);
-                    self.copy(
-                        delivery,
-                        publisher,
-                        Copy::Exchange(&self.topology.dlx),
-                        headers,
-                    )
-                    .await
+                    let dlx = Copy::Exchange(&self.topology.dlx);
+                    (dlx, plan.history.stamp_dead(original, &mark))
                 }
                 Route::Delay(step) => {
-                    let headers = plan.history.stamp(delivery.properties.headers().as_ref());
-                    match self.topology.retry_queues.get(step) {
-                        Some((_, queue)) => {
-                            self.copy(delivery, publisher, Copy::Queue(queue), headers)
-                                .await
-                        }
-                        None => Err(PublishError::Unroutable(format!("delay step {step}"))),
-                    }
+                    let queue = self.topology.retry_queues.get(step).map(|(_, q)| q);
+                    // The steps and their queues come from the same setting.
+                    let queue = queue.unwrap_or(&self.topology.queue);
+                    (Copy::Queue(queue), plan.history.stamp(original))
                 }
-                Route::Return => {
-                    let headers = plan.history.stamp(delivery.properties.headers().as_ref());
-                    let queue = &self.topology.queue;
-                    let copied = self
-                        .copy(delivery, publisher, Copy::Queue(queue), headers)
-                        .await;
-                    // Refused again after a wait: the broker is in trouble,
-                    // and the delivery goes back as it came.
-                    if let (Err(e), false) = (&copied, plan.hold.is_zero()) {
-                        tracing::error!(error = %e, "the broker refuses the command's copy: requeueing it as it came");
-                        return self.settle(
-                            delivery,
-                            Settle::Requeue,
-                            Outcome::Returned("requeued"),
-                        );
-                    }
-                    copied
-                }
+                Route::Return => (
+                    Copy::Queue(&self.topology.queue),
+                    plan.history.stamp(original),
+                ),
             };
+            let copied = self.copy(delivery, publisher, to, headers).await;
             match copied {
                 Ok(()) => return self.settle(delivery, Settle::Ack, plan.outcome),
+                // Refused again after a wait: the broker is in trouble, and
+                // the delivery goes back as it came.
+                Err(e) if plan.route == Route::Return && !plan.hold.is_zero() => {
+                    tracing::error!(error = %e, "the broker refuses the command's copy: requeueing it as it came");
+                    return self.settle(delivery, Settle::Requeue, Outcome::Returned("requeued"));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "copy not confirmed: the command goes back to its queue after a wait");
                     let input = Input::CopyRefused {

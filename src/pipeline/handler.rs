@@ -11,7 +11,7 @@ use super::Pipeline;
 use super::decision::{Input, Outcome, Policy, decide};
 use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Publisher, Received, header_str};
-use crate::contract::{Command, InvalidCommand, ResultEvent};
+use crate::contract::{Command, ErrorCode, InvalidCommand, ResultEvent};
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
 use crate::operations::Metrics;
 
@@ -46,7 +46,7 @@ fn stored(
         Err(_) => event
             .error
             .as_ref()
-            .is_some_and(|e| e.code == crate::contract::ErrorCode::InvalidCommand),
+            .is_some_and(|e| e.code == ErrorCode::InvalidCommand),
     };
     belongs.then_some(event)
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use cpw_testkit::broker::{Observer, as_command, delete_topology, worker_env};
 use cpw_testkit::wait_until;
-use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::broker::history::STEP_HEADER;
+use credit_purchase_worker::broker::{Topology, header_u64};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings,
@@ -289,6 +290,41 @@ impl TestApp {
             async || self.depth(&self.queue).await == 0,
         )
         .await;
+    }
+
+    /// Waits for the one `retries_exhausted` event of `id`, reached after
+    /// `requests` requests, all with its key, through `steps` delay steps;
+    /// checks that nothing was charged and that its one dead letter carries
+    /// the steps it used.
+    pub async fn expect_exhausted(&mut self, id: &str, requests: usize, steps: u64) -> Event {
+        let event = self.next_event().await;
+        assert_eq!(
+            (event.kind(), event.code()),
+            ("credit_purchase.failed", "retries_exhausted"),
+            "{}",
+            event.body
+        );
+        assert_eq!(event.body["attempts"], requests);
+        assert!(
+            self.no_event_for(Duration::from_secs(1)).await,
+            "exactly one event"
+        );
+        let sent = self.sim.requests();
+        assert_eq!(sent.len(), requests);
+        assert!(
+            sent.iter()
+                .all(|r| r.idempotency_key.as_deref() == Some(id)),
+            "one key throughout"
+        );
+        assert_eq!(self.ledger().charges_for(id), 0);
+        let dead = self.wait_dead_letters(1).await;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            header_u64(dead[0].1.headers().as_ref(), STEP_HEADER),
+            Some(steps),
+            "the dead letter carries the steps it used"
+        );
+        event
     }
 
     /// Waits (bounded) until `n` dead letters are there, then takes them all.

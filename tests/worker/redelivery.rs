@@ -1,8 +1,6 @@
 //! Past the in-process budget, commands go through the broker-side delay
 //! queues; past the last one, a single `retries_exhausted` and a dead letter.
 
-use std::time::Duration;
-
 use credit_purchase_worker::simulator::FaultsPatch;
 use lapin::BasicProperties;
 
@@ -34,37 +32,12 @@ async fn retries_exhausted_across_the_delay_queues() {
         BasicProperties::default().with_reply_to(reply_queue.as_str().into()),
     )
     .await;
-    let event = app.next_event().await;
-    assert_eq!(
-        (event.kind(), event.code()),
-        ("credit_purchase.failed", "retries_exhausted")
-    );
     // 4 attempts per delivery, 3 deliveries (the first and 2 delay steps).
-    assert_eq!(event.body["attempts"], 12);
+    let event = app.expect_exhausted(&id, 12, 2).await;
     assert!(
         event.body["error"]["http_status"]
             .as_u64()
             .is_some_and(|s| (500..600).contains(&s))
-    );
-    assert!(
-        app.no_event_for(Duration::from_secs(1)).await,
-        "exactly one event"
-    );
-    let requests = app.sim.requests();
-    assert_eq!(requests.len(), 12);
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.idempotency_key.as_deref() == Some(id.as_str())),
-        "one key throughout"
-    );
-    assert_eq!(app.ledger().charges_for(&id), 0);
-    let dead = app.wait_dead_letters(1).await;
-    assert_eq!(dead.len(), 1);
-    let headers = dead[0].1.headers().clone();
-    assert_eq!(
-        credit_purchase_worker::broker::header_u64(headers.as_ref(), "cpw-redelivery-step"),
-        Some(2)
     );
     for step in [1, 2] {
         assert_eq!(app.depth(&format!("{}.retry.{step}s", app.queue)).await, 0);
