@@ -16,10 +16,18 @@
 //! - a delivery dropped without a settlement (its task panicked, or was
 //!   aborted at shutdown) is requeued at once: otherwise it would hold back
 //!   every later ack, and a later multiple ack must never take it along.
+//!
+//! A held ack keeps its prefetch slot busy until the older delivery is
+//! settled. At instant-API rates that is a few milliseconds; behind a slow
+//! one (an API that takes seconds, with answers out of order) it idled up to
+//! a quarter of the prefetch. So acks are held only behind a young delivery
+//! ([`HOLD_BEHIND`]), and those already held go out on their own as soon as
+//! the delivery they wait for has grown old.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use lapin::Channel;
@@ -58,11 +66,25 @@ impl Frame {
     }
 }
 
+/// An ack is held back only behind a delivery taken less than this long
+/// ago: far above the life of a command against an instant API (a few
+/// milliseconds at prefetch 64 or 256), far below a slow API's answer.
+const HOLD_BEHIND: Duration = Duration::from_millis(100);
+
+/// A delivery taken and not yet settled towards the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Open {
+    tag: u64,
+    /// Its ack is held back.
+    held: bool,
+    taken: Instant,
+}
+
 /// The open deliveries of a channel, in tag order, and the acks held back.
 #[derive(Debug)]
 struct Runs {
-    /// Taken and not yet settled towards the broker: (tag, ack held back).
-    open: VecDeque<(u64, bool)>,
+    /// Taken and not yet settled towards the broker, oldest first.
+    open: VecDeque<Open>,
     /// How many of `open` are acks held back.
     held: usize,
     /// The most acks held back at once. Each keeps a prefetch slot busy
@@ -81,19 +103,48 @@ impl Runs {
     }
 
     /// Delivery tags only grow on a channel, so `open` stays sorted.
-    fn take(&mut self, tag: u64) {
-        self.open.push_back((tag, false));
+    fn take(&mut self, tag: u64, now: Instant) {
+        self.open.push_back(Open {
+            tag,
+            held: false,
+            taken: now,
+        });
     }
 
-    /// The frames that settle `tag` (none while its ack is held back).
-    fn settle(&mut self, tag: u64, settle: Settle) -> [Option<Frame>; 2] {
-        let Ok(at) = self.open.binary_search_by_key(&tag, |&(t, _)| t) else {
+    /// Whether the oldest open delivery is young enough to hold acks behind.
+    fn front_is_young(&self, now: Instant) -> bool {
+        self.open
+            .front()
+            .is_some_and(|o| now.saturating_duration_since(o.taken) < HOLD_BEHIND)
+    }
+
+    /// The held acks, taken out of the runs, once the delivery they wait for
+    /// has grown old: each goes out alone.
+    fn release_stale(&mut self, now: Instant) -> Vec<u64> {
+        if self.held == 0 || self.front_is_young(now) {
+            return Vec::new();
+        }
+        let released: Vec<u64> = self.open.iter().filter(|o| o.held).map(|o| o.tag).collect();
+        self.open.retain(|o| !o.held);
+        self.held = 0;
+        released
+    }
+
+    /// The frames that settle `tag` (none while its ack is held back), after
+    /// the single acks of held ones released because they waited too long.
+    fn settle(&mut self, tag: u64, settle: Settle, now: Instant) -> (Vec<u64>, [Option<Frame>; 2]) {
+        let released = self.release_stale(now);
+        (released, self.settle_one(tag, settle, now))
+    }
+
+    fn settle_one(&mut self, tag: u64, settle: Settle, now: Instant) -> [Option<Frame>; 2] {
+        let Ok(at) = self.open.binary_search_by_key(&tag, |o| o.tag) else {
             // Never taken (or settled twice): only what was asked, alone.
             return [Some(Frame::single(tag, settle)), None];
         };
         match settle {
-            Settle::Ack if at > 0 && self.held < self.max_held => {
-                self.open[at].1 = true;
+            Settle::Ack if at > 0 && self.held < self.max_held && self.front_is_young(now) => {
+                self.open[at].held = true;
                 self.held += 1;
                 [None, None]
             }
@@ -131,7 +182,10 @@ impl Runs {
     /// Removes the held acks now at the front; the tag of the last one.
     fn pop_held_run(&mut self) -> Option<u64> {
         let mut last = None;
-        while let Some(&(tag, true)) = self.open.front() {
+        while let Some(&Open {
+            tag, held: true, ..
+        }) = self.open.front()
+        {
             self.open.pop_front();
             self.held -= 1;
             last = Some(tag);
@@ -160,7 +214,7 @@ impl Settlements {
     /// Registers a delivery as open; every delivery of the channel must come
     /// through here, in the order they arrive.
     pub fn take(self: &Arc<Self>, delivery: Delivery) -> Received {
-        self.lock().take(delivery.delivery_tag);
+        self.lock().take(delivery.delivery_tag, Instant::now());
         Received {
             delivery,
             settlements: Arc::clone(self),
@@ -179,7 +233,12 @@ impl Settlements {
     fn settle(&self, tag: u64, settle: Settle) -> Result<(), lapin::Error> {
         let mut runs = self.lock();
         let mut result = Ok(());
-        for frame in runs.settle(tag, settle).into_iter().flatten() {
+        let (released, frames) = runs.settle(tag, settle, Instant::now());
+        let released = released.into_iter().map(|tag| Frame::Ack {
+            tag,
+            multiple: false,
+        });
+        for frame in released.chain(frames.into_iter().flatten()) {
             let sent = match frame {
                 Frame::Ack { tag, multiple } => {
                     hand_over(self.channel.basic_ack(tag, BasicAckOptions { multiple }))
@@ -257,15 +316,30 @@ mod tests {
 
     fn runs(max_held: usize, tags: std::ops::RangeInclusive<u64>) -> Runs {
         let mut runs = Runs::new(max_held);
-        tags.for_each(|t| runs.take(t));
+        let now = Instant::now();
+        tags.for_each(|t| runs.take(t, now));
         runs
+    }
+
+    impl Runs {
+        /// Settles right away, while every open delivery is young.
+        fn young(&mut self, tag: u64, settle: Settle) -> [Option<Frame>; 2] {
+            let now = self.open.front().map_or_else(Instant::now, |o| o.taken);
+            let (released, frames) = self.settle(tag, settle, now);
+            assert!(released.is_empty(), "nothing waited too long");
+            frames
+        }
+
+        fn tags(&self) -> Vec<(u64, bool)> {
+            self.open.iter().map(|o| (o.tag, o.held)).collect()
+        }
     }
 
     #[test]
     fn in_order_acks_go_out_one_by_one() {
         let mut r = runs(4, 1..=3);
         for tag in 1..=3 {
-            assert_eq!(r.settle(tag, Settle::Ack), [ack(tag, false), None]);
+            assert_eq!(r.young(tag, Settle::Ack), [ack(tag, false), None]);
         }
         assert!(r.open.is_empty());
     }
@@ -273,34 +347,34 @@ mod tests {
     #[test]
     fn acks_behind_an_open_delivery_go_out_with_it() {
         let mut r = runs(4, 1..=4);
-        assert_eq!(r.settle(3, Settle::Ack), [None, None]);
-        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
-        assert_eq!(r.settle(1, Settle::Ack), [ack(3, true), None]);
+        assert_eq!(r.young(3, Settle::Ack), [None, None]);
+        assert_eq!(r.young(2, Settle::Ack), [None, None]);
+        assert_eq!(r.young(1, Settle::Ack), [ack(3, true), None]);
         // 4 is still open: nothing past it was taken along.
-        assert_eq!(r.open, VecDeque::from([(4, false)]));
+        assert_eq!(r.tags(), [(4, false)]);
         assert_eq!(r.held, 0);
     }
 
     #[test]
     fn a_multiple_ack_never_passes_an_open_delivery() {
         let mut r = runs(4, 1..=5);
-        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
-        assert_eq!(r.settle(4, Settle::Ack), [None, None]);
-        assert_eq!(r.settle(1, Settle::Ack), [ack(2, true), None]);
-        assert_eq!(r.settle(3, Settle::Ack), [ack(4, true), None]);
-        assert_eq!(r.settle(5, Settle::Ack), [ack(5, false), None]);
+        assert_eq!(r.young(2, Settle::Ack), [None, None]);
+        assert_eq!(r.young(4, Settle::Ack), [None, None]);
+        assert_eq!(r.young(1, Settle::Ack), [ack(2, true), None]);
+        assert_eq!(r.young(3, Settle::Ack), [ack(4, true), None]);
+        assert_eq!(r.young(5, Settle::Ack), [ack(5, false), None]);
     }
 
     #[test]
     fn a_dead_letter_goes_out_at_once_and_before_the_acks_it_releases() {
         let mut r = runs(4, 1..=3);
-        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
+        assert_eq!(r.young(2, Settle::Ack), [None, None]);
         assert_eq!(
-            r.settle(3, Settle::DeadLetter),
+            r.young(3, Settle::DeadLetter),
             [Some(Frame::Reject(3)), None]
         );
         assert_eq!(
-            r.settle(1, Settle::DeadLetter),
+            r.young(1, Settle::DeadLetter),
             [Some(Frame::Reject(1)), ack(2, true)]
         );
         assert!(r.open.is_empty());
@@ -309,34 +383,57 @@ mod tests {
     #[test]
     fn a_requeue_at_the_front_releases_the_held_acks() {
         let mut r = runs(4, 1..=3);
-        assert_eq!(r.settle(3, Settle::Ack), [None, None]);
-        assert_eq!(
-            r.settle(1, Settle::Requeue),
-            [Some(Frame::Requeue(1)), None]
-        );
-        assert_eq!(r.settle(2, Settle::Ack), [ack(3, true), None]);
+        assert_eq!(r.young(3, Settle::Ack), [None, None]);
+        assert_eq!(r.young(1, Settle::Requeue), [Some(Frame::Requeue(1)), None]);
+        assert_eq!(r.young(2, Settle::Ack), [ack(3, true), None]);
     }
 
     #[test]
     fn past_the_bound_acks_go_out_alone() {
         let mut r = runs(1, 1..=3);
-        assert_eq!(r.settle(2, Settle::Ack), [None, None]);
-        assert_eq!(r.settle(3, Settle::Ack), [ack(3, false), None]);
-        assert_eq!(r.settle(1, Settle::Ack), [ack(2, true), None]);
+        assert_eq!(r.young(2, Settle::Ack), [None, None]);
+        assert_eq!(r.young(3, Settle::Ack), [ack(3, false), None]);
+        assert_eq!(r.young(1, Settle::Ack), [ack(2, true), None]);
         assert!(r.open.is_empty());
     }
 
     #[test]
     fn no_bound_means_no_holding_back() {
         let mut r = runs(0, 1..=2);
-        assert_eq!(r.settle(2, Settle::Ack), [ack(2, false), None]);
-        assert_eq!(r.settle(1, Settle::Ack), [ack(1, false), None]);
+        assert_eq!(r.young(2, Settle::Ack), [ack(2, false), None]);
+        assert_eq!(r.young(1, Settle::Ack), [ack(1, false), None]);
     }
 
     #[test]
     fn a_tag_never_taken_is_settled_alone() {
         let mut r = runs(4, 1..=2);
-        assert_eq!(r.settle(9, Settle::Ack), [ack(9, false), None]);
+        assert_eq!(r.young(9, Settle::Ack), [ack(9, false), None]);
         assert_eq!(r.open.len(), 2);
+    }
+
+    #[test]
+    fn acks_are_not_held_behind_an_old_delivery() {
+        let mut r = runs(4, 1..=3);
+        let later = r.open[0].taken + HOLD_BEHIND;
+        let (released, frames) = r.settle(2, Settle::Ack, later);
+        assert!(released.is_empty());
+        assert_eq!(frames, [ack(2, false), None], "sent alone, the slot freed");
+        assert_eq!(r.tags(), [(1, false), (3, false)]);
+    }
+
+    #[test]
+    fn held_acks_go_out_alone_once_the_delivery_they_wait_for_grows_old() {
+        let mut r = runs(4, 1..=5);
+        assert_eq!(r.young(3, Settle::Ack), [None, None]);
+        assert_eq!(r.young(4, Settle::Ack), [None, None]);
+        let later = r.open[0].taken + HOLD_BEHIND;
+        let (released, frames) = r.settle(5, Settle::Ack, later);
+        assert_eq!(released, [3, 4]);
+        assert_eq!(frames, [ack(5, false), None]);
+        assert_eq!((r.tags(), r.held), (vec![(1, false), (2, false)], 0));
+        // The oldest ones still go out as they finish, nothing taken along.
+        let (released, frames) = r.settle(1, Settle::Ack, later);
+        assert!(released.is_empty());
+        assert_eq!(frames, [ack(1, false), None]);
     }
 }
