@@ -138,6 +138,11 @@ pub struct ResultEvent {
     /// Why it failed (failed only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
+    /// Succeeded only: the charge was found in Hyperline's credit
+    /// transactions, not in a purchase answer (CONTRACT sections 3 and 7).
+    /// Absent when false, so every other event is byte for byte as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
 }
 
 impl ResultEvent {
@@ -162,6 +167,7 @@ impl ResultEvent {
                 .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
                 .unwrap_or(now),
             error: None,
+            reconciled: false,
         }
     }
 
@@ -186,6 +192,21 @@ impl ResultEvent {
             invoice_id: Some(invoice_id),
             new_credit_balance: Some(new_credit_balance),
             ..Self::for_command(EventKind::Succeeded, command, attempts)
+        }
+    }
+
+    /// The purchase was made, as Hyperline's credit transactions show: its
+    /// answer was lost or garbled, and the transaction supplies the invoice
+    /// and the balance after it.
+    pub fn reconciled(
+        command: &Command,
+        invoice_id: String,
+        balance_after: u64,
+        attempts: u32,
+    ) -> Self {
+        ResultEvent {
+            reconciled: true,
+            ..Self::succeeded(command, invoice_id, balance_after, attempts)
         }
     }
 
