@@ -175,8 +175,12 @@ impl World {
         put(DEAD_LETTERED_HEADER, long(first_attempt_ms + 60_000));
         put(ATTEMPTS_HEADER, long(6));
         let dead = self.topology.dead.clone();
-        self.publish_to(&dead, body, BasicProperties::default().with_headers(headers))
-            .await;
+        self.publish_to(
+            &dead,
+            body,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
     }
 
     /// The next event about `id`, bounded.
@@ -252,12 +256,22 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
     let charge = &ledger.charges[0];
     assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
     assert_eq!(event["reconciled"], true, "{event}");
-    assert_eq!(event["invoice_id"], json!(charge.invoice_id), "the ledger's invoice");
-    assert_eq!(event["new_credit_balance"], json!(charge.new_credit_balance));
+    assert_eq!(
+        event["invoice_id"],
+        json!(charge.invoice_id),
+        "the ledger's invoice"
+    );
+    assert_eq!(
+        event["new_credit_balance"],
+        json!(charge.new_credit_balance)
+    );
     assert_eq!(event["attempts"], 1);
     let transaction = &world.sim.transactions()[0];
     assert!(
-        stderr.contains(&format!("command_id={id} transaction_id={}", transaction.id)),
+        stderr.contains(&format!(
+            "command_id={id} transaction_id={}",
+            transaction.id
+        )),
         "the action is logged with both ids:\n{stderr}"
     );
     world.wait_depth(&dead, 0).await;
@@ -289,7 +303,10 @@ async fn a_never_charged_exhausted_dead_letter_is_replayed_and_charged_exactly_o
     );
     let event = world.event_for(&id).await;
     assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
-    assert!(event.get("reconciled").is_none(), "bought, not reconciled: {event}");
+    assert!(
+        event.get("reconciled").is_none(),
+        "bought, not reconciled: {event}"
+    );
     assert_eq!(world.sim.ledger().charges_for(&id), 1);
     world.wait_depth(&dead, 0).await;
     assert!(world.events.no_event_for(Duration::from_secs(2)).await);
@@ -353,11 +370,18 @@ async fn a_dry_run_changes_nothing() {
         stdout.contains("would publish succeeded (reconciled)"),
         "{stdout}"
     );
-    assert!(stdout.contains("would replay with its history reset"), "{stdout}");
+    assert!(
+        stdout.contains("would replay with its history reset"),
+        "{stdout}"
+    );
     assert!(stdout.contains("nothing was changed"), "{stdout}");
     println!("{stdout}");
     assert!(world.events.no_event_for(Duration::from_secs(2)).await);
-    assert_eq!(world.state().await, before, "queues and ledger as they were");
+    assert_eq!(
+        world.state().await,
+        before,
+        "queues and ledger as they were"
+    );
     assert_eq!(world.sim.ledger().reads, 2, "one listing per customer");
     world.cleanup().await;
 }

@@ -345,6 +345,23 @@ mod tests {
         assert!(OffsetDateTime::parse(at, &Rfc3339).is_ok(), "{at}");
         assert_eq!(e.routing_key(), "credit_purchase.succeeded");
         assert_eq!(e.event_id.get_version_num(), 4, "a random (v4) UUID");
+        assert!(v.get("reconciled").is_none(), "absent unless true");
+    }
+
+    #[test]
+    fn a_reconciled_success_says_so_and_reads_back() {
+        let e = ResultEvent::reconciled(&command(), "inv_9".into(), 64, 1);
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(
+            (&v["type"], &v["invoice_id"], &v["reconciled"]),
+            (
+                &serde_json::json!("credit_purchase.succeeded"),
+                &serde_json::json!("inv_9"),
+                &serde_json::json!(true)
+            )
+        );
+        let back: ResultEvent = serde_json::from_slice(&e.to_json()).expect("reads back");
+        assert_eq!(back, e);
     }
 
     #[test]

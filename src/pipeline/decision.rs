@@ -451,8 +451,8 @@ fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
     let message = format!(
         "its first request left at {first}: another request could reach Hyperline after it \
-         forgot the Idempotency-Key and charge twice; look the command up in Hyperline \
-         before replaying it"
+         forgot the Idempotency-Key and charge twice; `dead-letters reconcile` looks it \
+         up in Hyperline's credit transactions before replaying it"
     );
     let status = h.last_status;
     let mut plan = Plan::failed(ErrorCode::RetriesExhausted, message, status, h);
@@ -470,6 +470,7 @@ fn looked(
 ) -> Plan {
     let h = learn(history, attempted);
     match lookup {
+        // A charge means a request was made, whatever a lost count says.
         ChargeLookup::Charged(found) => Plan::new(
             Some(EventPlan::Reconciled {
                 invoice_id: found.invoice_id,
@@ -477,7 +478,10 @@ fn looked(
                 transaction_id: found.transaction_id,
             }),
             Route::Ack,
-            h,
+            DeliveryHistory {
+                attempts: h.attempts.max(1),
+                ..h
+            },
         ),
         // Hyperline holds no charge of the command: it starts again as new,
         // with a fresh budget and a window from this delivery's own first
