@@ -136,10 +136,28 @@ struct Entry {
     command: Command,
     code: ErrorCode,
     history: DeliveryHistory,
+    matching: Matching,
+}
+
+/// What the transactions offer one dead letter.
+#[derive(Clone, Debug)]
+struct Matching {
     /// Its candidates, or why none could be known.
     candidates: Result<Vec<Candidate>, String>,
     /// The one it claimed.
     claim: Option<Candidate>,
+}
+
+impl AsMut<Matching> for Entry {
+    fn as_mut(&mut self) -> &mut Matching {
+        &mut self.matching
+    }
+}
+
+impl AsMut<Matching> for Matching {
+    fn as_mut(&mut self) -> &mut Matching {
+        self
+    }
 }
 
 /// What the run did, for the summary.
@@ -202,8 +220,10 @@ async fn reconcile_on(
                 command,
                 code,
                 history,
-                candidates: Ok(Vec::new()),
-                claim: None,
+                matching: Matching {
+                    candidates: Ok(Vec::new()),
+                    claim: None,
+                },
             }),
             None => {
                 report.others += 1;
@@ -215,7 +235,7 @@ async fn reconcile_on(
     report.listings = listings.len();
     let now = super::now_ms();
     for entry in &mut entries {
-        entry.candidates = match entry.history.first_attempt_ms {
+        entry.matching.candidates = match entry.history.first_attempt_ms {
             None => Err("no cpw-first-attempt-ms: the span to search is unknown".into()),
             Some(from_ms) => {
                 let key = pair(&entry.command);
@@ -311,22 +331,25 @@ async fn read_listings(
 /// Gives each dead letter the transaction that can only be its own: one
 /// that is its only candidate not claimed yet, and no other dead letter's
 /// only one. Repeated until nothing changes, so a claim can settle another.
-fn claim(entries: &mut [Entry]) {
+fn claim<T: AsMut<Matching>>(entries: &mut [T]) {
     let mut claimed: HashSet<String> = HashSet::new();
     loop {
         let only: Vec<Option<String>> = entries
-            .iter()
-            .map(|e| match (&e.claim, &e.candidates) {
-                (None, Ok(found)) => {
-                    let mut open = found
-                        .iter()
-                        .filter(|c| !claimed.contains(&c.transaction_id));
-                    match (open.next(), open.next()) {
-                        (Some(one), None) => Some(one.transaction_id.clone()),
-                        _ => None,
+            .iter_mut()
+            .map(|e| {
+                let m = e.as_mut();
+                match (&m.claim, &m.candidates) {
+                    (None, Ok(found)) => {
+                        let mut open = found
+                            .iter()
+                            .filter(|c| !claimed.contains(&c.transaction_id));
+                        match (open.next(), open.next()) {
+                            (Some(one), None) => Some(one.transaction_id.clone()),
+                            _ => None,
+                        }
                     }
+                    _ => None,
                 }
-                _ => None,
             })
             .collect();
         let mut changed = false;
@@ -339,8 +362,9 @@ fn claim(entries: &mut [Entry]) {
             if contested || claimed.contains(id) {
                 continue;
             }
-            if let Ok(found) = &entries[i].candidates {
-                entries[i].claim = found.iter().find(|c| &c.transaction_id == id).cloned();
+            let m = entries[i].as_mut();
+            if let Ok(found) = &m.candidates {
+                m.claim = found.iter().find(|c| &c.transaction_id == id).cloned();
                 claimed.insert(id.clone());
                 changed = true;
             }
@@ -350,8 +374,9 @@ fn claim(entries: &mut [Entry]) {
         }
     }
     for entry in entries.iter_mut() {
-        if entry.claim.is_none()
-            && let Ok(found) = &mut entry.candidates
+        let m = entry.as_mut();
+        if m.claim.is_none()
+            && let Ok(found) = &mut m.candidates
         {
             found.retain(|c| !claimed.contains(&c.transaction_id));
         }
@@ -371,8 +396,7 @@ async fn settle_entry(
         command,
         code,
         history,
-        candidates,
-        claim,
+        matching: Matching { candidates, claim },
     } = entry;
     let id = command.id.as_str().to_owned();
     let mut row = Row {
@@ -624,4 +648,60 @@ fn render(report: &Report, dead: &str, apply: bool) -> String {
         out.push_str("nothing was changed: run with --apply to act\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(id: &str) -> Candidate {
+        Candidate {
+            transaction_id: id.into(),
+            invoice_id: format!("inv_{id}"),
+            balance_after: 1,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn offered(ids: &[&str]) -> Matching {
+        Matching {
+            candidates: Ok(ids.iter().map(|id| candidate(id)).collect()),
+            claim: None,
+        }
+    }
+
+    fn claims(entries: &[Matching]) -> Vec<Option<&str>> {
+        entries
+            .iter()
+            .map(|m| m.claim.as_ref().map(|c| c.transaction_id.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_claim_settles_the_others_and_a_contested_one_settles_nobody() {
+        // a's only candidate is t1; that leaves b with t2; c's t1 is gone.
+        let mut run = vec![
+            offered(&["t1"]),
+            offered(&["t1", "t2"]),
+            offered(&["t2", "t3"]),
+        ];
+        claim(&mut run);
+        assert_eq!(claims(&run), [Some("t1"), Some("t2"), Some("t3")]);
+
+        // Both have only t1: either could be its owner.
+        let mut contested = vec![offered(&["t1"]), offered(&["t1"])];
+        claim(&mut contested);
+        assert_eq!(claims(&contested), [None, None]);
+        assert!(
+            contested
+                .iter()
+                .all(|m| m.candidates.as_ref().is_ok_and(|c| c.len() == 1))
+        );
+
+        // Every candidate of the last is claimed by others: not charged.
+        let mut only_others = vec![offered(&["t1"]), offered(&["t2"]), offered(&["t1", "t2"])];
+        claim(&mut only_others);
+        assert_eq!(claims(&only_others), [Some("t1"), Some("t2"), None]);
+        assert_eq!(only_others[2].candidates.as_ref().map(Vec::len), Ok(0));
+    }
 }
