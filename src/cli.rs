@@ -66,6 +66,27 @@ pub enum DeadLetters {
     /// Invalid commands are never replayed (they would only die again).
     /// Exit status 1 when a selected command was skipped or not found.
     Replay(ReplayArgs),
+    /// Ask Hyperline's credit transactions whether uncertain dead letters were charged.
+    ///
+    /// Uncertain: `unexpected_response`, or `retries_exhausted` with a first
+    /// request that may have charged. One matching transaction: publish the
+    /// command's `succeeded` event ("reconciled": true), then remove the dead
+    /// letter. None: replay it with its history reset. Several: leave it and
+    /// list them. A dry run unless `--apply`. Exit status 1 when a dead letter
+    /// is left for a person.
+    Reconcile(ReconcileArgs),
+}
+
+/// `dead-letters reconcile` flags.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Act: publish the events, replay the commands, remove their dead letters.
+    /// Without it nothing is changed.
+    #[arg(long)]
+    pub apply: bool,
+    /// One JSON object per uncertain dead letter and line, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `publish` flags: the fields of a command (CONTRACT section 2).

@@ -168,6 +168,10 @@ pub struct HyperlineSettings {
     /// Hyperline's idempotency window, in seconds: 24 h as documented. Only
     /// lowered, to watch in a test what happens when it passes.
     pub idempotency_window_secs: u64,
+    /// Before failing a command whose idempotency window closed, read the
+    /// customer's credit transactions: not charged, it is purchased as new;
+    /// charged once, it succeeds (`"reconciled": true`). Off by default.
+    pub reconcile_at_window: bool,
 }
 
 /// `[retry]`.

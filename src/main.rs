@@ -62,6 +62,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(DeadLetters::Replay(args)) => {
             admin::dead_letters::replay(config, args).await?
         }
+        Command::DeadLetters(DeadLetters::Reconcile(args)) => {
+            admin::reconcile::run(config, args).await?
+        }
         Command::Check => admin::check::run(config).await,
     })
 }

@@ -15,7 +15,7 @@ use crate::broker::Topology;
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::credentials::Credentials;
 use crate::hyperline::gate::Gate;
-use crate::hyperline::{ClientError, HyperlineClient};
+use crate::hyperline::{ClientError, HyperlineClient, READS_PER_SECOND};
 use crate::operations::{self, Health, Metrics};
 use crate::pipeline::{Limits, Pipeline, supervisor};
 
@@ -75,6 +75,8 @@ impl Application {
                 probe_patience(request_timeout),
             ),
             credentials: Credentials::default(),
+            reads: Gate::new(READS_PER_SECOND, probe_patience(request_timeout)),
+            reconcile_at_window: settings.hyperline.reconcile_at_window,
             settings: settings.retry.clone(),
             topology: Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs),
             metrics: Arc::new(Metrics::new()),

@@ -1557,6 +1557,10 @@ fn the_workers_events_match_the_event_schemas() {
             ResultEvent::succeeded(c, "inv_8Hk2mQ1x".into(), 2032, 1),
         ));
         events.push((true, ResultEvent::succeeded(c, String::new(), 0, u32::MAX)));
+        events.push((
+            true,
+            ResultEvent::reconciled(c, "inv_1eTaiytf".into(), 2064, 1),
+        ));
         let cases = [
             (ErrorCode::Rejected, Some(400)),
             (ErrorCode::Rejected, Some(404)),

@@ -234,3 +234,133 @@ async fn the_key_never_shows_in_debug_output() {
     let (_sim, client) = setup(no_limit(), "sk_live_do_not_print", 5).await;
     assert!(!format!("{client:?}").contains("sk_live_do_not_print"));
 }
+
+mod transactions {
+    use super::*;
+    use credit_purchase_worker::hyperline::gate::Gate;
+    use credit_purchase_worker::hyperline::{ReadBounds, TransactionsError};
+
+    fn bounds(max_pages: u32) -> ReadBounds {
+        ReadBounds {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            max_pages,
+        }
+    }
+
+    fn gate() -> Gate {
+        Gate::new(0, Duration::from_secs(5))
+    }
+
+    /// Buys `n` purchases of one credit for the customer of `c`.
+    async fn buy(client: &HyperlineClient, n: usize) -> Command {
+        let mut last = None;
+        for i in 0..n {
+            let c = command(&format!("client-tx-{i:016}"), 1);
+            let answer = client.purchase(&c, None).await.answer;
+            assert!(matches!(answer, PurchaseAnswer::Succeeded(_)), "{answer:?}");
+            last = Some(c);
+        }
+        last.expect("at least one purchase")
+    }
+
+    #[tokio::test]
+    async fn pages_through_every_transaction_in_order() {
+        let (sim, client) = setup(no_limit(), KEY, 5).await;
+        let c = buy(&client, 150).await;
+        let listing = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.transactions(&c.customer_id, &c.product_id, &gate(), bounds(5)),
+        )
+        .await
+        .expect("bounded")
+        .expect("a listing");
+        let ids: Vec<String> = listing.iter().map(|t| t.id.clone()).collect();
+        let expected: Vec<String> = sim.transactions().into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, expected, "both pages, in order");
+        assert_eq!(sim.ledger().reads, 2, "two pages of 100");
+        assert_eq!(listing[149].balance_after, Some(150));
+
+        let capped = client
+            .transactions(&c.customer_id, &c.product_id, &gate(), bounds(1))
+            .await;
+        assert_eq!(
+            capped,
+            Err(TransactionsError::TooMany {
+                pages: 1,
+                total: 150
+            }),
+            "bounded by the cap on pages"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_429_is_waited_out_as_retry_after_says() {
+        let faults = Faults {
+            read_rate_limit: 1,
+            rate_limit_window_ms: 1_000,
+            ..no_limit()
+        };
+        let (sim, client) = setup(faults, KEY, 5).await;
+        let c = buy(&client, 1).await;
+        // Another client spends the read budget of the window.
+        let url = format!(
+            "{}/v1/customers/{}/credits/{}/transactions",
+            sim.base_url(),
+            c.customer_id.as_str(),
+            c.product_id.as_str()
+        );
+        let spent = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(spent.status(), 200);
+        let started = std::time::Instant::now();
+        let listing = client
+            .transactions(&c.customer_id, &c.product_id, &gate(), bounds(5))
+            .await
+            .expect("a listing once the window reset");
+        assert_eq!(listing.len(), 1);
+        assert_eq!(sim.ledger().rate_limited, 1, "refused once, then waited");
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "retried after {:?}, before the window reset",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_is_final_and_never_shown() {
+        let (sim, client) = setup(no_limit(), "a_wrong_key_0123456789", 5).await;
+        let c = command("client-tx-0000000000000001", 1);
+        let refused = client
+            .transactions(&c.customer_id, &c.product_id, &gate(), bounds(5))
+            .await;
+        let Err(e @ TransactionsError::Refused { status: 401, .. }) = refused else {
+            panic!("refused: {refused:?}")
+        };
+        assert!(!e.to_string().contains("a_wrong_key"), "{e}");
+        assert_eq!(sim.ledger().reads, 1, "a 401 is not retried");
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_then_reported() {
+        // Nothing listens: every try is a connection error.
+        let (sim, client) = setup(no_limit(), KEY, 1).await;
+        sim.shutdown().await;
+        let c = command("client-tx-0000000000000001", 1);
+        let failed = client
+            .transactions(&c.customer_id, &c.product_id, &gate(), bounds(5))
+            .await;
+        assert!(
+            matches!(
+                failed,
+                Err(TransactionsError::Exhausted { attempts: 3, .. })
+            ),
+            "{failed:?}"
+        );
+    }
+}

@@ -797,3 +797,202 @@ async fn shutdown_ends_hung_connections_and_stops_listening() {
     assert!(ended.is_err_and(|error| error.status().is_none()));
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+fn transactions_url(sim: &Simulator, customer: &str, product: &str, query: &str) -> String {
+    format!(
+        "{}/v1/customers/{customer}/credits/{product}/transactions{query}",
+        sim.base_url()
+    )
+}
+
+async fn list(http: &Client, url: &str, key: Option<&str>) -> Response {
+    let mut request = http.get(url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    bounded(request.send()).await.expect("an answer")
+}
+
+#[tokio::test]
+async fn every_charge_is_a_credit_transaction_listed_in_order_with_take_and_skip() {
+    let sim = start(Faults::default()).await;
+    let http = client();
+    let by_amount = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_A), amount(32)).await;
+    let receipt = body_of(by_amount.expect("answer")).await;
+    let by_price = json!({ "credit_count": 3, "price_id": "price_pack3" });
+    let priced = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_B), by_price).await;
+    assert_eq!(priced.expect("answer").status(), StatusCode::CREATED);
+    let elsewhere = buy(&http, &sim, ("cus_b", "prod_x"), None, amount(1)).await;
+    assert_eq!(elsewhere.expect("answer").status(), StatusCode::CREATED);
+    // A replay is no new transaction.
+    let replay = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_A), amount(32)).await;
+    assert_eq!(replay.expect("answer").status(), StatusCode::CREATED);
+
+    let all = list(
+        &http,
+        &transactions_url(&sim, "cus_a", "prod_x", ""),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!(all.status(), StatusCode::OK);
+    assert_eq!(header(&all, "x-ratelimit-limit"), Some("200"));
+    assert_eq!(header(&all, "x-ratelimit-remaining"), Some("199"));
+    let all = body_of(all).await;
+    assert_eq!(all["meta"], json!({"total": 2, "taken": 2, "skipped": 0}));
+    let first = &all["data"][0];
+    assert!(
+        first["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("cdt_")),
+        "{first}"
+    );
+    assert_eq!(first["customer_id"], "cus_a");
+    assert_eq!(first["product_id"], "prod_x");
+    assert_eq!(first["invoice_id"], receipt["invoice_id"]);
+    assert_eq!(first["credit_count"], 32);
+    assert_eq!(first["amount_excluding_tax"], 24_000);
+    assert_eq!(first["price"], Value::Null);
+    assert_eq!(
+        (&first["type"], &first["source"]),
+        (&json!("topup"), &json!("api"))
+    );
+    assert_eq!(first["balance_after"], receipt["new_credit_balance"]);
+    let second = &all["data"][1];
+    assert_eq!(second["price"]["id"], "price_pack3");
+    assert_eq!(second["amount_excluding_tax"], Value::Null);
+    assert_eq!(second["balance_after"], 35);
+    let at = |t: &Value| {
+        OffsetDateTime::parse(t["created_at"].as_str().expect("created_at"), &Rfc3339)
+            .expect("RFC 3339")
+    };
+    assert!(at(first) <= at(second), "in order of created_at");
+
+    let page = list(
+        &http,
+        &transactions_url(&sim, "cus_a", "prod_x", "?take=1&skip=1"),
+        Some(API_KEY),
+    )
+    .await;
+    let page = body_of(page).await;
+    assert_eq!(page["meta"], json!({"total": 2, "taken": 1, "skipped": 1}));
+    assert_eq!(page["data"][0]["id"], second["id"]);
+    let beyond = list(
+        &http,
+        &transactions_url(&sim, "cus_a", "prod_x", "?take=100&skip=5"),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!(
+        body_of(beyond).await,
+        json!({"meta": {"total": 2, "taken": 0, "skipped": 5}, "data": []})
+    );
+    let nobody = list(
+        &http,
+        &transactions_url(&sim, "cus_none", "prod_x", ""),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!(body_of(nobody).await["meta"]["total"], 0);
+    assert_eq!(sim.transactions().len(), 3);
+}
+
+#[tokio::test]
+async fn transactions_refuse_like_purchases_a_bad_key_an_impossible_id_and_a_bad_page() {
+    let sim = start(Faults::default()).await;
+    let http = client();
+    let url = transactions_url(&sim, "cus_a", "prod_x", "");
+    assert_eq!(
+        list(&http, &url, None).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        list(&http, &url, Some("wrong")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let impossible = transactions_url(&sim, "cus.a", "prod_x", "");
+    let refused = list(&http, &impossible, Some(API_KEY)).await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    assert_eq!(body_of(refused).await["message"], "customer not found");
+    for query in ["?take=101", "?take=-1", "?skip=x"] {
+        let url = transactions_url(&sim, "cus_a", "prod_x", query);
+        let refused = list(&http, &url, Some(API_KEY)).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{query}");
+        assert!(body_of(refused).await["message"].is_string());
+    }
+    sim.set_faults(FaultsPatch {
+        reject_auth: Some(true),
+        ..FaultsPatch::default()
+    });
+    assert_eq!(
+        list(&http, &url, Some(API_KEY)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn reads_have_their_own_limit_apart_from_writes() {
+    let sim = start(Faults {
+        rate_limit: 1,
+        read_rate_limit: 2,
+        ..Faults::default()
+    })
+    .await;
+    let http = client();
+    let bought = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_A), amount(1)).await;
+    assert_eq!(bought.expect("answer").status(), StatusCode::CREATED);
+    let throttled = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_B), amount(1)).await;
+    assert_eq!(
+        throttled.expect("answer").status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the write budget is spent"
+    );
+    let url = transactions_url(&sim, "cus_a", "prod_x", "");
+    for remaining in ["1", "0"] {
+        let read = list(&http, &url, Some(API_KEY)).await;
+        assert_eq!(read.status(), StatusCode::OK, "reads have their own budget");
+        assert_eq!(header(&read, "x-ratelimit-remaining"), Some(remaining));
+    }
+    let refused = list(&http, &url, Some(API_KEY)).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(header(&refused, "retry-after").is_some());
+    assert_eq!(header(&refused, "x-ratelimit-limit"), Some("2"));
+    let ledger = sim.ledger();
+    assert_eq!((ledger.reads, ledger.rate_limited), (3, 2));
+}
+
+#[tokio::test]
+async fn an_after_charge_script_charges_then_answers_the_scripted_body() {
+    let garbled = ScriptedResponse {
+        customer_id: Some("cus_a".into()),
+        status: 201,
+        body: json!({"status": "ok"}),
+        headers: BTreeMap::new(),
+        times: Some(1),
+    };
+    let sim = start(Faults {
+        after_charge: vec![garbled],
+        ..Faults::default()
+    })
+    .await;
+    let http = client();
+    let answer = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_A), amount(2)).await;
+    let answer = answer.expect("answer");
+    assert_eq!(answer.status(), StatusCode::CREATED);
+    assert_eq!(body_of(answer).await, json!({"status": "ok"}));
+    let ledger = sim.ledger();
+    assert_eq!(
+        ledger.charges_for(KEY_A),
+        1,
+        "charged before the garbled answer"
+    );
+    assert_eq!(
+        sim.transactions()[0].invoice_id,
+        ledger.charges[0].invoice_id
+    );
+    // The real answer was cached: the same key replays it, uncharged.
+    let replay = buy(&http, &sim, ("cus_a", "prod_x"), Some(KEY_A), amount(2)).await;
+    let replay = body_of(replay.expect("answer")).await;
+    assert_eq!(replay["invoice_id"], json!(ledger.charges[0].invoice_id));
+    assert_eq!(sim.ledger().charges_for(KEY_A), 1);
+    assert!(sim.faults().after_charge.is_empty(), "used up");
+}

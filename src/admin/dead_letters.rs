@@ -228,7 +228,7 @@ fn refusal(id: &str, window: Window) -> Option<String> {
 /// Gets, without acking, every message that was in `queue` when the first was
 /// got: new arrivals during the read are left for the next run, so a busy
 /// queue cannot keep this loop going forever.
-async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error> {
+pub(super) async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error> {
     let get = |queue: &str| {
         let channel = channel.clone();
         let queue = queue.to_owned();
@@ -259,7 +259,7 @@ async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error
 }
 
 /// Requeues what was read, in the order it was read.
-async fn put_back(held: &[Delivery]) -> Result<(), lapin::Error> {
+pub(super) async fn put_back(held: &[Delivery]) -> Result<(), lapin::Error> {
     for delivery in held {
         delivery
             .acker

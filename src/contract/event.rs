@@ -138,6 +138,11 @@ pub struct ResultEvent {
     /// Why it failed (failed only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
+    /// Succeeded only: the charge was found in Hyperline's credit
+    /// transactions, not in a purchase answer (CONTRACT sections 3 and 7).
+    /// Absent when false, so every other event is byte for byte as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
 }
 
 impl ResultEvent {
@@ -162,6 +167,7 @@ impl ResultEvent {
                 .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
                 .unwrap_or(now),
             error: None,
+            reconciled: false,
         }
     }
 
@@ -186,6 +192,21 @@ impl ResultEvent {
             invoice_id: Some(invoice_id),
             new_credit_balance: Some(new_credit_balance),
             ..Self::for_command(EventKind::Succeeded, command, attempts)
+        }
+    }
+
+    /// The purchase was made, as Hyperline's credit transactions show: its
+    /// answer was lost or garbled, and the transaction supplies the invoice
+    /// and the balance after it.
+    pub fn reconciled(
+        command: &Command,
+        invoice_id: String,
+        balance_after: u64,
+        attempts: u32,
+    ) -> Self {
+        ResultEvent {
+            reconciled: true,
+            ..Self::succeeded(command, invoice_id, balance_after, attempts)
         }
     }
 
@@ -324,6 +345,23 @@ mod tests {
         assert!(OffsetDateTime::parse(at, &Rfc3339).is_ok(), "{at}");
         assert_eq!(e.routing_key(), "credit_purchase.succeeded");
         assert_eq!(e.event_id.get_version_num(), 4, "a random (v4) UUID");
+        assert!(v.get("reconciled").is_none(), "absent unless true");
+    }
+
+    #[test]
+    fn a_reconciled_success_says_so_and_reads_back() {
+        let e = ResultEvent::reconciled(&command(), "inv_9".into(), 64, 1);
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(
+            (&v["type"], &v["invoice_id"], &v["reconciled"]),
+            (
+                &serde_json::json!("credit_purchase.succeeded"),
+                &serde_json::json!("inv_9"),
+                &serde_json::json!(true)
+            )
+        );
+        let back: ResultEvent = serde_json::from_slice(&e.to_json()).expect("reads back");
+        assert_eq!(back, e);
     }
 
     #[test]

@@ -106,7 +106,8 @@ struct ErrorBody {
 /// Error messages come from the network: keep them short in events and logs.
 const MAX_MESSAGE_CHARS: usize = 500;
 
-fn message_of(body: &[u8]) -> String {
+/// Hyperline's `message`, else the body as text; bounded.
+pub(super) fn message_of(body: &[u8]) -> String {
     let text = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => e.message,
         Err(_) => String::from_utf8_lossy(body).into_owned(),
@@ -155,7 +156,8 @@ pub fn rate_limit_wait(headers: &HeaderMap, now: OffsetDateTime) -> Option<Durat
     }
 }
 
-fn quota(headers: &HeaderMap, now: OffsetDateTime) -> Option<Quota> {
+/// The quota an answer's rate-limit headers announce, if they do.
+pub(super) fn quota(headers: &HeaderMap, now: OffsetDateTime) -> Option<Quota> {
     let remaining = header(headers, "x-ratelimit-remaining")?.parse().ok()?;
     let reset_after = until_reset(header(headers, "x-ratelimit-reset")?, now)?;
     Some(Quota {

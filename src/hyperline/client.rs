@@ -252,6 +252,20 @@ impl HyperlineClient {
         }
     }
 
+    /// A `GET` of `path` (after `base_url`'s own path) with `query`,
+    /// authorised like every request of this client and bound by the same
+    /// deadlines.
+    pub(super) fn get(&self, path: &str, query: &[(&str, u64)]) -> reqwest::RequestBuilder {
+        let mut url = self.base.clone();
+        url.set_path(&format!("{}{path}", self.base_path));
+        url.query_pairs_mut()
+            .clear()
+            .extend_pairs(query.iter().map(|(k, v)| (k, v.to_string())));
+        self.http
+            .get(url)
+            .header(AUTHORIZATION, self.authorization.clone())
+    }
+
     /// `base_url` + [`purchase_path`]: the parsed base with the path set.
     fn purchase_url(&self, customer: &CustomerId, product: &ProductId) -> reqwest::Url {
         let mut path = String::with_capacity(
@@ -287,7 +301,7 @@ impl HyperlineClient {
 
     /// Texts from the network go into events and logs: make sure the key is
     /// not among them, even if a server echoes it.
-    fn redact(&self, text: &str) -> String {
+    pub(super) fn redact(&self, text: &str) -> String {
         let key = self.key.expose();
         if key.is_empty() || !text.contains(key) {
             text.to_owned()
@@ -318,7 +332,8 @@ impl HyperlineClient {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with all its causes, as one line.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -6,7 +6,9 @@
 //!   one row of the contract's outcome table;
 //! - [`retry`] repeats a purchase within a delivery's bounds, [`gate`] paces
 //!   every request of the replica by the quota the API announces, and
-//!   [`credentials`] pauses the replica while its key is refused.
+//!   [`credentials`] pauses the replica while its key is refused;
+//! - [`HyperlineClient::transactions`] reads a customer's credit transactions,
+//!   to learn whether an uncertain purchase charged.
 //!
 //! The retry loop never looks at a status code: it only matches on the answer.
 
@@ -14,7 +16,13 @@ mod answer;
 mod client;
 pub mod credentials;
 pub mod gate;
+pub mod matching;
 pub mod retry;
+mod transactions;
 
 pub use answer::{PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait};
 pub use client::{ClientError, HyperlineClient, ProbeResult, PurchaseResponse, purchase_path};
+pub use transactions::{
+    CreditTransaction, MAX_PAGES, PAGE_SIZE, READS_PER_SECOND, ReadBounds, TransactionPrice,
+    TransactionsError,
+};

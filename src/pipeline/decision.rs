@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::broker::DeliveryHistory;
 use crate::contract::{ErrorCode, ResultEvent};
+use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Verdict, window_open};
 
 /// Copies made near the broker's delivery limit before a command is
@@ -37,6 +38,15 @@ pub enum Input {
     Worn,
     /// The purchase attempts of this delivery.
     Attempted(Attempted),
+    /// The purchase attempts of this delivery, which would have failed the
+    /// command for its closed window, and what Hyperline's credit
+    /// transactions say about its charge (`hyperline.reconcile_at_window`).
+    Looked {
+        /// The attempts.
+        attempted: Attempted,
+        /// The transactions' verdict.
+        lookup: ChargeLookup,
+    },
     /// The broker did not confirm the plan's event.
     EventRefused(ResultEvent),
     /// The broker did not confirm the plan's copy.
@@ -71,6 +81,16 @@ pub enum EventPlan {
     },
     /// The event decided earlier, byte for byte.
     Stored(ResultEvent),
+    /// `succeeded` with `"reconciled": true`: the charge found among the
+    /// credit transactions.
+    Reconciled {
+        /// The transaction's invoice.
+        invoice_id: String,
+        /// Its `balance_after`.
+        new_credit_balance: u64,
+        /// The transaction, for the log.
+        transaction_id: String,
+    },
 }
 
 /// Where the command goes once the event (if any) is confirmed.
@@ -142,12 +162,18 @@ pub struct Plan {
     pub gate: Option<GateChange>,
     /// The label.
     pub outcome: Outcome,
+    /// Set when the plan fails the command for its closed idempotency window
+    /// (the start of that window, Unix ms): Hyperline's credit transactions
+    /// may then tell whether it was charged after all (see [`Input::Looked`]).
+    pub closed_window: Option<u64>,
 }
 
 impl Plan {
     fn new(event: Option<EventPlan>, route: Route, history: DeliveryHistory) -> Plan {
         let outcome = match (&event, route) {
-            (Some(EventPlan::Succeeded { .. }), _) => Outcome::Succeeded,
+            (Some(EventPlan::Succeeded { .. } | EventPlan::Reconciled { .. }), _) => {
+                Outcome::Succeeded
+            }
             (Some(EventPlan::Invalid), _) => Outcome::Failed(ErrorCode::InvalidCommand),
             (Some(EventPlan::Failed { code, .. }), _) => Outcome::Failed(*code),
             (Some(EventPlan::Stored(event)), _) => match &event.error {
@@ -164,6 +190,7 @@ impl Plan {
             hold: Duration::ZERO,
             gate: None,
             outcome,
+            closed_window: None,
         }
     }
 
@@ -307,6 +334,7 @@ pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Pl
                 _ => plan,
             }
         }
+        Input::Looked { attempted, lookup } => looked(history, &attempted, lookup, policy),
         Input::EventRefused(event) => {
             let h = DeliveryHistory {
                 setbacks: history.setbacks.saturating_add(1),
@@ -423,11 +451,59 @@ fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
     let message = format!(
         "its first request left at {first}: another request could reach Hyperline after it \
-         forgot the Idempotency-Key and charge twice; look the command up in Hyperline \
-         before replaying it"
+         forgot the Idempotency-Key and charge twice; `dead-letters reconcile` looks it \
+         up in Hyperline's credit transactions before replaying it"
     );
     let status = h.last_status;
-    Plan::failed(ErrorCode::RetriesExhausted, message, status, h)
+    let mut plan = Plan::failed(ErrorCode::RetriesExhausted, message, status, h);
+    plan.closed_window = Some(first_attempt_ms);
+    plan
+}
+
+/// The plan once the credit transactions were read for a command whose
+/// window closed.
+fn looked(
+    history: &DeliveryHistory,
+    attempted: &Attempted,
+    lookup: ChargeLookup,
+    policy: Policy<'_>,
+) -> Plan {
+    let h = learn(history, attempted);
+    match lookup {
+        // A charge means a request was made, whatever a lost count says.
+        ChargeLookup::Charged(found) => Plan::new(
+            Some(EventPlan::Reconciled {
+                invoice_id: found.invoice_id,
+                new_credit_balance: found.balance_after,
+                transaction_id: found.transaction_id,
+            }),
+            Route::Ack,
+            DeliveryHistory {
+                attempts: h.attempts.max(1),
+                ..h
+            },
+        ),
+        // Hyperline holds no charge of the command: it starts again as new,
+        // with a fresh budget and a window from this delivery's own first
+        // request (which may still be completing), else from its next one.
+        ChargeLookup::NotCharged => {
+            let fresh = DeliveryHistory {
+                first_attempt_ms: attempted.first_sent_ms,
+                step: 0,
+                ..h
+            };
+            Plan::new(None, Route::Return, fresh).returned("not_charged")
+        }
+        ChargeLookup::Uncertain { reason, .. } => {
+            let mut plan = decide(Input::Attempted(attempted.clone()), history, policy);
+            if let Some(EventPlan::Failed { message, .. }) = &mut plan.event {
+                message.push_str(&format!(
+                    " (Hyperline's credit transactions could not tell: {reason})"
+                ));
+            }
+            plan
+        }
+    }
 }
 
 /// Waits `wait` in a delay queue without using a step.

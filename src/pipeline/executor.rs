@@ -224,6 +224,14 @@ fn build_event(plan: EventPlan, subject: Subject<'_>, attempts: u32) -> ResultEv
             Subject::Command(c),
         ) => ResultEvent::succeeded(c, invoice_id, new_credit_balance, attempts),
         (
+            EventPlan::Reconciled {
+                invoice_id,
+                new_credit_balance,
+                ..
+            },
+            Subject::Command(c),
+        ) => ResultEvent::reconciled(c, invoice_id, new_credit_balance, attempts),
+        (
             EventPlan::Failed {
                 code,
                 message,
@@ -259,6 +267,16 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
     match (&plan.event, plan.route) {
         (Some(EventPlan::Succeeded { invoice_id, .. }), _) => {
             tracing::info!(%invoice_id, attempts, "credits purchased");
+        }
+        (
+            Some(EventPlan::Reconciled {
+                invoice_id,
+                transaction_id,
+                ..
+            }),
+            _,
+        ) => {
+            tracing::warn!(%invoice_id, %transaction_id, attempts, "charge found in Hyperline's credit transactions: succeeded, reconciled");
         }
         (Some(EventPlan::Invalid), _) => {
             if let Subject::Invalid(invalid) = subject {

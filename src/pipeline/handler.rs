@@ -5,6 +5,8 @@
 //! [`decision`](super::decision); the [`executor`](super::executor) carries it
 //! out. Nothing in between reads a header or settles a delivery.
 
+use std::time::Duration;
+
 use tracing::Instrument;
 
 use super::Pipeline;
@@ -12,7 +14,9 @@ use super::decision::{Input, Outcome, Policy, decide};
 use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Publisher, Received, header_str};
 use crate::contract::{Command, ErrorCode, InvalidCommand, ResultEvent};
+use crate::hyperline::matching::{ChargeLookup, Span, candidates};
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
+use crate::hyperline::{MAX_PAGES, ReadBounds};
 use crate::operations::Metrics;
 
 /// Counts a delivery in flight for as long as its task lives, also when the
@@ -85,15 +89,26 @@ impl Pipeline {
                 span.record("customer_id", command.customer_id.as_str());
                 span.record("product_id", command.product_id.as_str());
             }
+            let mut attempted = None;
             let input = match (&parsed, stored(&history, &parsed)) {
                 (_, Some(event)) => Input::Stored(event),
                 (Err(_), None) => Input::Invalid,
                 (Ok(_), None) if self.worn(&history) => Input::Worn,
-                (Ok(command), None) => Input::Attempted(
-                    Box::pin(self.purchase(command, &history, deadline, &traceparent)).await,
-                ),
+                (Ok(command), None) => {
+                    let done =
+                        Box::pin(self.purchase(command, &history, deadline, &traceparent)).await;
+                    attempted = Some(done.clone());
+                    Input::Attempted(done)
+                }
             };
-            let plan = decide(input, &history, self.policy());
+            let mut plan = decide(input, &history, self.policy());
+            if let (Ok(command), Some(first), Some(attempted)) =
+                (&parsed, plan.closed_window, attempted)
+                && self.reconcile_at_window
+            {
+                let lookup = Box::pin(self.look_up(command, first, deadline)).await;
+                plan = decide(Input::Looked { attempted, lookup }, &history, self.policy());
+            }
             let subject = match &parsed {
                 Ok(command) => Subject::Command(command),
                 Err(invalid) => Subject::Invalid(invalid),
@@ -129,6 +144,62 @@ impl Pipeline {
         self.topology
             .delivery_limit()
             .is_some_and(|limit| history.deliveries >= u64::from(limit) / 2)
+    }
+
+    /// What Hyperline's credit transactions say about a command whose window
+    /// (opened at `first_ms`) closed: read within the delivery's deadline
+    /// (at least one request's), through the replica's read gate. A failed
+    /// read, or the replica stopping, leaves it uncertain.
+    async fn look_up(
+        &self,
+        command: &Command,
+        first_ms: u64,
+        deadline: tokio::time::Instant,
+    ) -> ChargeLookup {
+        let bounds = ReadBounds {
+            attempts: self.settings.attempts,
+            initial_backoff: Duration::from_millis(self.settings.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.settings.max_backoff_ms),
+            max_pages: MAX_PAGES,
+        };
+        let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
+        let read = self.client.transactions(
+            &command.customer_id,
+            &command.product_id,
+            &self.reads,
+            bounds,
+        );
+        let uncertain = |reason: String| ChargeLookup::Uncertain {
+            reason,
+            candidates: Vec::new(),
+        };
+        let lookup = tokio::select! {
+            read = tokio::time::timeout_at(until, read) => match read {
+                Ok(Ok(listing)) => {
+                    let span = Span { from_ms: first_ms, until_ms: now_ms() };
+                    ChargeLookup::judge(candidates(command, &listing, span))
+                }
+                Ok(Err(e)) => uncertain(e.to_string()),
+                Err(_) => uncertain("no answer before the delivery's deadline".into()),
+            },
+            () = self.stop_requests.cancelled() => uncertain("the replica is stopping".into()),
+        };
+        match &lookup {
+            ChargeLookup::NotCharged => tracing::warn!(
+                "window closed and no matching credit transaction: purchasing the command as new"
+            ),
+            ChargeLookup::Charged(found) => tracing::warn!(
+                transaction_id = %found.transaction_id,
+                invoice_id = %found.invoice_id,
+                "window closed and exactly one matching credit transaction: the command was charged"
+            ),
+            ChargeLookup::Uncertain { reason, candidates } => tracing::error!(
+                %reason,
+                transactions = ?candidates.iter().map(|c| c.transaction_id.as_str()).collect::<Vec<_>>(),
+                "window closed and the credit transactions cannot tell whether the command was charged"
+            ),
+        }
+        lookup
     }
 
     /// The purchase attempts of this delivery, within its deadline and the

@@ -32,6 +32,12 @@ pub struct Pipeline {
     pub gate: Gate,
     /// Replica-wide credential state.
     pub credentials: Credentials,
+    /// Pacing of the credit-transaction reads, within Hyperline's read limit
+    /// (apart from the purchases' write limit).
+    pub reads: Gate,
+    /// `hyperline.reconcile_at_window`: read the credit transactions before
+    /// failing a command for its closed window.
+    pub reconcile_at_window: bool,
     /// The retry budget.
     pub settings: RetrySettings,
     /// Queue and exchange names.

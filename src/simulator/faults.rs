@@ -32,7 +32,10 @@ pub struct Faults {
     pub hang_secs: u64,
     /// Writes allowed per window (Hyperline: 50 per 10 s); `0` turns it off.
     pub rate_limit: u32,
-    /// Window length; tests shorten it to see a window reset quickly.
+    /// Reads allowed per window (Hyperline: 200 per 10 s), counted apart
+    /// from writes; `0` turns it off.
+    pub read_rate_limit: u32,
+    /// Window length of both limits; tests shorten it to see a reset quickly.
     pub rate_limit_window_ms: u64,
     /// Answer `401` to every purchase, as when the API key has been revoked,
     /// so the worker's credential-fault handling can be exercised.
@@ -40,6 +43,11 @@ pub struct Faults {
     /// Canned answers for statuses the simulator never produces by itself
     /// (403, 422, a malformed 2xx, an HTML error page...).
     pub scripted: Vec<ScriptedResponse>,
+    /// Canned answers given *after* a matching purchase is charged (and its
+    /// real answer cached for replay), in place of that answer: a 201 whose
+    /// body was mangled on the way, the case that leaves the worker unsure
+    /// whether the customer was charged (`unexpected_response`).
+    pub after_charge: Vec<ScriptedResponse>,
     /// How long a success is replayed for its key (Hyperline: 24 hours),
     /// fixed when the success is cached. A short one lets a test show what
     /// happens once Hyperline has forgotten a key: the same request is a new
@@ -57,16 +65,19 @@ impl Default for Faults {
             drop_rate: 0.0,
             hang_secs: 3600,
             rate_limit: 50,
+            read_rate_limit: 200,
             rate_limit_window_ms: 10_000,
             reject_auth: false,
             scripted: Vec::new(),
+            after_charge: Vec::new(),
             replay_ttl_secs: 24 * 60 * 60,
         }
     }
 }
 
-/// A canned answer given instead of processing a matching purchase request.
-/// Nothing is charged and nothing is cached for replay.
+/// A canned answer given instead of processing a matching purchase request
+/// (in `scripted`: nothing is charged and nothing is cached for replay), or
+/// instead of the answer of a charge (in `after_charge`).
 ///
 /// A `body` that is a JSON string is sent verbatim (as `text/plain` unless
 /// `headers` say otherwise), so a test can script a non-JSON answer such as a
@@ -97,9 +108,11 @@ pub struct FaultsPatch {
     pub drop_rate: Option<f64>,
     pub hang_secs: Option<u64>,
     pub rate_limit: Option<u32>,
+    pub read_rate_limit: Option<u32>,
     pub rate_limit_window_ms: Option<u64>,
     pub reject_auth: Option<bool>,
     pub scripted: Option<Vec<ScriptedResponse>>,
+    pub after_charge: Option<Vec<ScriptedResponse>>,
     pub replay_ttl_secs: Option<u64>,
 }
 
@@ -114,9 +127,11 @@ impl Faults {
             drop_rate,
             hang_secs,
             rate_limit,
+            read_rate_limit,
             rate_limit_window_ms,
             reject_auth,
             scripted,
+            after_charge,
             replay_ttl_secs,
         } = patch;
         set(&mut self.latency_ms, latency_ms);
@@ -126,9 +141,11 @@ impl Faults {
         set(&mut self.drop_rate, drop_rate);
         set(&mut self.hang_secs, hang_secs);
         set(&mut self.rate_limit, rate_limit);
+        set(&mut self.read_rate_limit, read_rate_limit);
         set(&mut self.rate_limit_window_ms, rate_limit_window_ms);
         set(&mut self.reject_auth, reject_auth);
         set(&mut self.scripted, scripted);
+        set(&mut self.after_charge, after_charge);
         set(&mut self.replay_ttl_secs, replay_ttl_secs);
     }
 

@@ -6,7 +6,9 @@
 //! and it can inject what the worker must survive: latency, 5xx, hangs past
 //! the client timeout and dropped connections after the charge. Its ledger of
 //! charges, readable at `GET /_sim/ledger` or through [`Simulator::ledger`],
-//! is how a test proves that no command was charged twice.
+//! is how a test proves that no command was charged twice. Every charge is
+//! also a credit transaction, listed as Hyperline lists them (under the read
+//! limit), so reconciliation can be tested against it.
 
 mod faults;
 mod idempotency;
@@ -15,6 +17,7 @@ mod reply;
 mod routes;
 mod server;
 mod state;
+mod transactions;
 mod validation;
 
 use std::future::Future;
@@ -26,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Faults, FaultsPatch, ScriptedResponse};
-pub use state::{Charge, Ledger, RequestRecord};
+pub use state::{Charge, Ledger, RequestRecord, Transaction, TransactionPrice};
 
 use state::Shared;
 
@@ -101,6 +104,11 @@ impl Simulator {
     /// A snapshot of the charges and counters.
     pub fn ledger(&self) -> Ledger {
         self.shared.lock().ledger.clone()
+    }
+
+    /// Every charge as a credit transaction, in order of `created_at`.
+    pub fn transactions(&self) -> Vec<Transaction> {
+        self.shared.lock().transactions.clone()
     }
 
     /// Every request to the purchase route so far, in arrival order.

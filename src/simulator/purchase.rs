@@ -1,7 +1,8 @@
 //! `POST /v1/customers/{customer_id}/credits/{product_id}/purchase`, processed
 //! in the order a real gateway and API would: record, authenticate, scripted
-//! answer, rate limit, injected 5xx, validation, idempotency, latency, charge,
-//! and finally the answer, a hang or a dropped connection.
+//! answer, rate limit, injected 5xx, validation, idempotency, latency, charge
+//! (with its credit transaction), and finally the answer, a scripted answer in
+//! its place, a hang or a dropped connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +15,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use rand::Rng;
 
+use super::faults::ScriptedResponse;
 use super::idempotency::{CachedResponse, Claim, Fingerprint, InProgressGuard};
 use super::reply;
 use super::server::DropConnection;
-use super::state::{Charge, Inner, RateDecision, RequestRecord, Shared};
+use super::state::{
+    Charge, Inner, RateDecision, RequestRecord, Shared, Transaction, TransactionPrice,
+};
 use super::validation::{parse_purchase, valid_id};
 
 /// Bodies are a few dozen bytes; anything near this is not a purchase.
@@ -27,9 +31,10 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const MIN_KEY_CHARS: usize = 16;
 
 /// What happens after a charge, decided by the fault roll before it.
-#[derive(Clone, Copy)]
 enum AfterCharge {
     Answer,
+    /// An `after_charge` script answers instead of the real answer.
+    Scripted(ScriptedResponse),
     Hang(Duration),
     Drop,
 }
@@ -99,23 +104,9 @@ fn admit(shared: &Shared, path: &str, authorization_ok: bool) -> Gate {
         ));
     }
     let customer_id = segment(path, 3);
-    if let Some(position) = inner.faults.scripted.iter().position(|script| {
-        script.times != Some(0)
-            && script
-                .customer_id
-                .as_deref()
-                .is_none_or(|c| c == customer_id)
-    }) {
+    if let Some(script) = take_script(&mut inner.faults.scripted, customer_id) {
         let rate = inner.window.peek(&inner.faults, now);
-        let script = &mut inner.faults.scripted[position];
-        let response = reply::scripted(script, rate);
-        if let Some(times) = &mut script.times {
-            *times -= 1;
-            if *times == 0 {
-                inner.faults.scripted.remove(position);
-            }
-        }
-        return Gate::Answered(response);
+        return Gate::Answered(reply::scripted(&script, rate));
     }
     let rate = inner.window.admit(&inner.faults, now);
     if let RateDecision::Limited { .. } = rate {
@@ -126,6 +117,7 @@ fn admit(shared: &Shared, path: &str, authorization_ok: bool) -> Gate {
             rate,
         ));
     }
+    let scripted_after = take_script(&mut inner.faults.after_charge, customer_id);
     let faults = &inner.faults;
     let rng = &mut inner.rng;
     if rng.random::<f64>() < faults.fail_rate {
@@ -138,7 +130,9 @@ fn admit(shared: &Shared, path: &str, authorization_ok: bool) -> Gate {
         let status = statuses[rng.random_range(0..statuses.len())];
         return Gate::Answered(reply::message(status, "simulated server error", rate));
     }
-    let after = if rng.random::<f64>() < faults.hang_rate {
+    let after = if let Some(script) = scripted_after {
+        AfterCharge::Scripted(script)
+    } else if rng.random::<f64>() < faults.hang_rate {
         AfterCharge::Hang(Duration::from_secs(faults.hang_secs))
     } else if rng.random::<f64>() < faults.drop_rate {
         AfterCharge::Drop
@@ -152,6 +146,27 @@ fn admit(shared: &Shared, path: &str, authorization_ok: bool) -> Gate {
         latency,
         after,
     })
+}
+
+/// The first script of `scripts` that matches the customer and is not used
+/// up, counted as used once (and removed when that was its last use).
+fn take_script(scripts: &mut Vec<ScriptedResponse>, customer_id: &str) -> Option<ScriptedResponse> {
+    let position = scripts.iter().position(|script| {
+        script.times != Some(0)
+            && script
+                .customer_id
+                .as_deref()
+                .is_none_or(|c| c == customer_id)
+    })?;
+    let script = &mut scripts[position];
+    let taken = script.clone();
+    if let Some(times) = &mut script.times {
+        *times -= 1;
+        if *times == 0 {
+            scripts.remove(position);
+        }
+    }
+    Some(taken)
 }
 
 /// Validation, idempotency, latency, the charge and the answer.
@@ -250,6 +265,26 @@ async fn process(
                     "invoice_id": invoice_id,
                     "new_credit_balance": new_credit_balance,
                 });
+                let now = time::OffsetDateTime::now_utc();
+                let transaction = Transaction {
+                    id: inner.transaction_id(),
+                    customer_id: customer_id.clone(),
+                    product_id: product_id.clone(),
+                    invoice_id: invoice_id.clone(),
+                    credit_count: purchase.credit_count,
+                    amount_excluding_tax: purchase.amount_excluding_tax,
+                    price: purchase.price_id.clone().map(|id| TransactionPrice {
+                        id,
+                        amount: None,
+                        pack_size: None,
+                    }),
+                    kind: "topup".to_owned(),
+                    source: "api".to_owned(),
+                    balance_after: new_credit_balance,
+                    created_at: now,
+                    updated_at: now,
+                };
+                inner.transactions.push(transaction);
                 inner.ledger.charges.push(Charge {
                     idempotency_key: key,
                     customer_id,
@@ -283,6 +318,7 @@ async fn process(
 
     match admitted.after {
         AfterCharge::Answer => reply::json(StatusCode::CREATED, answer, rate),
+        AfterCharge::Scripted(script) => reply::scripted(&script, rate),
         AfterCharge::Hang(duration) => {
             tokio::time::sleep(duration).await;
             reply::hang_up()

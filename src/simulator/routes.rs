@@ -1,4 +1,4 @@
-//! The routes: the purchase endpoint plus the simulator's own control plane
+//! The routes: the purchase and credit-transactions endpoints plus the simulator's own control plane
 //! under `/_sim/`, through which tests, the demo and benchmarks read the
 //! ledger (to prove nothing was charged twice) and change faults while the
 //! worker runs. The control plane needs no API key: it is not Hyperline's.
@@ -16,6 +16,7 @@ use super::faults::{Faults, FaultsPatch};
 use super::purchase::purchase;
 use super::reply;
 use super::state::{Ledger, RateDecision, RequestRecord, Shared};
+use super::transactions::transactions;
 
 /// The simulator's whole HTTP surface.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -23,6 +24,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/customers/{customer_id}/credits/{product_id}/purchase",
             post(purchase),
+        )
+        .route(
+            "/v1/customers/{customer_id}/credits/{product_id}/transactions",
+            get(transactions),
         )
         .route("/_sim/ledger", get(ledger))
         .route("/_sim/requests", get(requests))

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use super::faults::Faults;
 use super::idempotency::IdempotencyStore;
@@ -29,6 +30,9 @@ pub struct Ledger {
     pub rate_limited: u64,
     /// Injected 5xx answers, hangs and dropped connections.
     pub faults: u64,
+    /// Requests to the credit-transactions route, whatever their answer.
+    #[serde(default)]
+    pub reads: u64,
 }
 
 impl Ledger {
@@ -53,6 +57,45 @@ pub struct Charge {
     pub price_id: Option<String>,
     pub invoice_id: String,
     pub new_credit_balance: u64,
+}
+
+/// One credit transaction, as Hyperline lists it under
+/// `GET /v1/customers/{id}/credits/{productId}/transactions`: every charge
+/// the simulator makes is a `topup` from the `api`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Transaction {
+    /// `cdt_…`.
+    pub id: String,
+    pub customer_id: String,
+    pub product_id: String,
+    /// The invoice of the purchase.
+    pub invoice_id: String,
+    pub credit_count: u64,
+    /// The amount sent with the purchase; null for a purchase by price (the
+    /// simulator has no price catalogue to compute it from).
+    pub amount_excluding_tax: Option<u64>,
+    /// The price a purchase by price used; null for a purchase by amount.
+    pub price: Option<TransactionPrice>,
+    /// Always `topup` here (Hyperline also lists consumptions, expiries...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Always `api` here.
+    pub source: String,
+    /// The customer's balance of this product right after the transaction.
+    pub balance_after: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// `price` of a transaction. The simulator knows a price only by its id, so
+/// `amount` and `pack_size` are null.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransactionPrice {
+    pub id: String,
+    pub amount: Option<u64>,
+    pub pack_size: Option<u64>,
 }
 
 /// What arrived on the purchase route, so tests can check the worker's
@@ -81,8 +124,13 @@ pub(crate) struct Inner {
     pub(crate) ledger: Ledger,
     pub(crate) requests: Vec<RequestRecord>,
     pub(crate) balances: HashMap<(String, String), u64>,
+    /// Every charge as a credit transaction, in order of `created_at`.
+    pub(crate) transactions: Vec<Transaction>,
     pub(crate) idempotency: IdempotencyStore,
+    /// The write budget (purchases).
     pub(crate) window: RateWindow,
+    /// The read budget (transaction listings), counted apart as Hyperline does.
+    pub(crate) read_window: RateWindow,
     pub(crate) rng: StdRng,
 }
 
@@ -103,11 +151,14 @@ impl Shared {
                     conflicts: 0,
                     rate_limited: 0,
                     faults: 0,
+                    reads: 0,
                 },
                 requests: Vec::new(),
                 balances: HashMap::new(),
+                transactions: Vec::new(),
                 idempotency: IdempotencyStore::default(),
                 window: RateWindow::new(Instant::now()),
+                read_window: RateWindow::new(Instant::now()),
                 rng,
             }),
         }
@@ -133,6 +184,15 @@ impl Inner {
             uuid::Builder::from_random_bytes(bytes).into_uuid().simple()
         )
     }
+
+    /// A fresh credit-transaction id, from the same seeded source.
+    pub(crate) fn transaction_id(&mut self) -> String {
+        let bytes: [u8; 16] = self.rng.random();
+        format!(
+            "cdt_{}",
+            uuid::Builder::from_random_bytes(bytes).into_uuid().simple()
+        )
+    }
 }
 
 /// The answer of the rate limiter for one request.
@@ -150,8 +210,9 @@ pub(crate) enum RateDecision {
     Limited { limit: u32, reset_in: Duration },
 }
 
-/// A fixed window, like Hyperline's "50 writes per 10 seconds": it starts at
-/// the first write after the previous one ended and admits `limit` writes.
+/// A fixed window, like Hyperline's "50 writes per 10 seconds" (or "200
+/// reads"): it starts at the first request after the previous one ended and
+/// admits `limit` requests.
 pub(crate) struct RateWindow {
     started: Instant,
     used: u32,
@@ -168,17 +229,21 @@ impl RateWindow {
     /// Counts one write if the budget allows it. A refused write does not
     /// consume budget, so a client that keeps retrying is not punished twice.
     pub(crate) fn admit(&mut self, faults: &Faults, now: Instant) -> RateDecision {
-        self.decide(faults, now, true)
+        self.decide(faults.rate_limit, faults, now, true)
     }
 
     /// The window's state without counting anything, for the headers of
     /// answers given before the limit is applied (scripted ones).
     pub(crate) fn peek(&mut self, faults: &Faults, now: Instant) -> RateDecision {
-        self.decide(faults, now, false)
+        self.decide(faults.rate_limit, faults, now, false)
     }
 
-    fn decide(&mut self, faults: &Faults, now: Instant, count: bool) -> RateDecision {
-        let limit = faults.rate_limit;
+    /// [`RateWindow::admit`] for a read, against `read_rate_limit`.
+    pub(crate) fn admit_read(&mut self, faults: &Faults, now: Instant) -> RateDecision {
+        self.decide(faults.read_rate_limit, faults, now, true)
+    }
+
+    fn decide(&mut self, limit: u32, faults: &Faults, now: Instant, count: bool) -> RateDecision {
         if limit == 0 {
             return RateDecision::Off;
         }

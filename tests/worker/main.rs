@@ -9,6 +9,7 @@ mod invalid;
 mod leak;
 mod operations;
 mod outcomes;
+mod reconcile_at_window;
 mod redelivery;
 mod redirects;
 mod repeated_delays;

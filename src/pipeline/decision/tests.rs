@@ -348,6 +348,7 @@ fn event(code: Option<ErrorCode>) -> ResultEvent {
         new_credit_balance: None,
         attempts: 1,
         occurred_at: time::OffsetDateTime::UNIX_EPOCH,
+        reconciled: false,
         error: code.map(|code| EventError {
             code,
             message: "m".into(),
@@ -477,4 +478,121 @@ fn a_worn_delivery_is_refreshed_then_declared_poison_without_overflow() {
     };
     let plan = decide(Input::Worn, &hostile, policy());
     assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+}
+
+mod at_the_window {
+    use super::*;
+    use crate::hyperline::matching::{Candidate, ChargeLookup};
+
+    fn refused_at_window() -> Attempted {
+        Attempted {
+            verdict: Verdict::WindowClosed {
+                first_attempt_ms: NOW - 25 * HOUR,
+            },
+            requests: 0,
+            first_sent_ms: None,
+            last_sent_ms: None,
+            last_status: None,
+        }
+    }
+
+    fn past() -> DeliveryHistory {
+        DeliveryHistory {
+            attempts: 4,
+            first_attempt_ms: Some(NOW - 25 * HOUR),
+            step: 3,
+            ..DeliveryHistory::default()
+        }
+    }
+
+    #[test]
+    fn a_window_closed_plan_says_so_and_no_other_does() {
+        let plan = decide(Input::Attempted(refused_at_window()), &past(), policy());
+        assert_eq!(plan.closed_window, Some(NOW - 25 * HOUR));
+        let ok = decide(
+            attempted(
+                Verdict::Succeeded(Receipt {
+                    invoice_id: "inv_1".into(),
+                    new_credit_balance: 1,
+                }),
+                1,
+                Some(201),
+            ),
+            &past(),
+            policy(),
+        );
+        assert_eq!(ok.closed_window, None);
+    }
+
+    #[test]
+    fn one_charge_found_is_a_reconciled_success() {
+        let found = Candidate {
+            transaction_id: "cdt_1".into(),
+            invoice_id: "inv_9".into(),
+            balance_after: 64,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        let input = Input::Looked {
+            attempted: refused_at_window(),
+            lookup: ChargeLookup::Charged(found),
+        };
+        let plan = decide(input, &past(), policy());
+        assert_eq!(
+            plan.event,
+            Some(EventPlan::Reconciled {
+                invoice_id: "inv_9".into(),
+                new_credit_balance: 64,
+                transaction_id: "cdt_1".into(),
+            })
+        );
+        assert_eq!((plan.route, plan.outcome), (Route::Ack, Outcome::Succeeded));
+    }
+
+    #[test]
+    fn no_charge_found_starts_the_command_again_with_a_fresh_window() {
+        let input = Input::Looked {
+            attempted: refused_at_window(),
+            lookup: ChargeLookup::NotCharged,
+        };
+        let plan = decide(input, &past(), policy());
+        assert_eq!((plan.event.clone(), plan.route), (None, Route::Return));
+        assert_eq!(
+            plan.history.first_attempt_ms, None,
+            "no request may have charged"
+        );
+        assert_eq!((plan.history.step, plan.history.attempts), (0, 4));
+        assert_eq!(plan.hold, Duration::ZERO);
+
+        // A request of this delivery may still be completing: the new window
+        // starts with it.
+        let mut sent = refused_at_window();
+        sent.first_sent_ms = Some(NOW - 1_000);
+        sent.requests = 1;
+        let plan = decide(
+            Input::Looked {
+                attempted: sent,
+                lookup: ChargeLookup::NotCharged,
+            },
+            &past(),
+            policy(),
+        );
+        assert_eq!(plan.history.first_attempt_ms, Some(NOW - 1_000));
+    }
+
+    #[test]
+    fn an_uncertain_lookup_fails_the_command_as_without_it() {
+        let input = Input::Looked {
+            attempted: refused_at_window(),
+            lookup: ChargeLookup::Uncertain {
+                reason: "2 matching transactions".into(),
+                candidates: Vec::new(),
+            },
+        };
+        let plan = decide(input, &past(), policy());
+        assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+        let Some(EventPlan::Failed { message, .. }) = &plan.event else {
+            panic!("a failed event: {plan:?}")
+        };
+        assert!(message.contains("2 matching transactions"), "{message}");
+    }
 }

@@ -1,0 +1,119 @@
+//! `hyperline.reconcile_at_window`: a command whose idempotency window
+//! closed before it got an answer is looked up in Hyperline's credit
+//! transactions before it is failed. The window is shortened (the worker's
+//! setting and the simulator's replay TTL alike) and the command arrives with
+//! a first request already older than it, as after a long outage.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credit_purchase_worker::broker::history::FIRST_ATTEMPT_HEADER;
+use credit_purchase_worker::simulator::Faults;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde_json::json;
+
+use crate::helpers::{Options, TestApp, command, command_id, spawn_app_with};
+
+/// Hyperline forgets a key after this many seconds here, and the worker knows it.
+const WINDOW_SECS: u64 = 14;
+
+async fn app(reconcile: bool) -> TestApp {
+    let faults = Faults {
+        replay_ttl_secs: WINDOW_SECS,
+        ..Faults::default()
+    };
+    let options = Options::default()
+        .faults(faults)
+        .env("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", WINDOW_SECS)
+        .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 5)
+        .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", 1)
+        .env("CPW__HYPERLINE__RECONCILE_AT_WINDOW", reconcile);
+    spawn_app_with(options).await
+}
+
+fn now_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    i64::try_from(since.as_millis()).expect("ms")
+}
+
+/// Publishes `id` as a command whose first request left `ago_ms` ago.
+async fn publish_first_attempted(app: &TestApp, id: &str, ago_ms: i64) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(FIRST_ATTEMPT_HEADER),
+        AMQPValue::LongLongInt(now_ms() - ago_ms),
+    );
+    let body = command(id).to_string();
+    app.publish_raw(
+        body.as_bytes(),
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn past_the_window_and_not_charged_it_is_purchased_once_with_the_setting_on() {
+    let mut app = app(true).await;
+    let id = command_id();
+    publish_first_attempted(&app, &id, 20_000).await;
+    let event = app.next_event().await;
+    assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+    assert!(event.body.get("reconciled").is_none(), "{}", event.body);
+    let ledger = app.ledger();
+    assert_eq!(ledger.charges_for(&id), 1);
+    assert_eq!(ledger.reads, 1, "looked up once");
+    assert!(app.no_event_for(Duration::from_secs(2)).await);
+    assert_eq!(app.ledger().charges_for(&id), 1, "exactly once");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn past_the_window_and_not_charged_it_is_refused_with_the_setting_off() {
+    let mut app = app(false).await;
+    let id = command_id();
+    publish_first_attempted(&app, &id, 20_000).await;
+    let event = app.next_event().await;
+    assert_eq!(
+        (event.kind(), event.code()),
+        ("credit_purchase.failed", "retries_exhausted"),
+        "{}",
+        event.body
+    );
+    let ledger = app.ledger();
+    assert_eq!((ledger.charges.len(), ledger.reads), (0, 0));
+    app.wait_dead_letters(1).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
+    let mut app = app(true).await;
+    let id = command_id();
+    // The first request charged, and its answer was lost.
+    let charged = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
+            app.sim.base_url()
+        ))
+        .bearer_auth("sim_test_key")
+        .header("Idempotency-Key", &id)
+        .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(charged.status(), 201);
+    publish_first_attempted(&app, &id, 2_000 + 1_000 * WINDOW_SECS as i64).await;
+    let event = app.next_event().await;
+    let charge = app.ledger().charges[0].clone();
+    assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+    assert_eq!(event.body["reconciled"], true);
+    assert_eq!(event.body["attempts"], 1, "a charge took a request");
+    assert_eq!(event.body["invoice_id"], json!(charge.invoice_id));
+    assert_eq!(
+        event.body["new_credit_balance"],
+        json!(charge.new_credit_balance)
+    );
+    assert!(app.no_event_for(Duration::from_secs(1)).await);
+    assert_eq!(app.ledger().charges_for(&id), 1, "not charged again");
+    app.cleanup().await;
+}
