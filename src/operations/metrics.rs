@@ -38,6 +38,13 @@ pub struct StatusLabel {
     pub status: &'static str,
 }
 
+/// Which queue a depth is of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// `commands` or `dead_letters`.
+    pub queue: &'static str,
+}
+
 /// The delay step of a broker-side redelivery.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
@@ -91,6 +98,10 @@ pub struct Metrics {
     pub redeliveries: Family<StepLabel, Counter>,
     /// Commands being processed now.
     pub in_flight: Gauge,
+    /// `amqp.prefetch`: the most commands in flight.
+    pub prefetch: Gauge,
+    /// Messages ready in the commands and dead-letter queues.
+    pub queue_messages: Family<QueueLabel, Gauge>,
     /// Delivery to settlement.
     pub processing: LatencyHistogram,
     /// Broker sessions that ended in an error and were rebuilt.
@@ -101,6 +112,8 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// 1 while Hyperline refuses the key.
     pub credentials_refused: Gauge,
+    /// 1 while `/readyz` says ready; set at each scrape.
+    pub ready: Gauge,
     /// Acks, nacks and rejects that had no effect (channel gone).
     pub settlements_lost: Counter,
 }
@@ -124,11 +137,14 @@ impl Metrics {
             retries: Family::default(),
             redeliveries: Family::default(),
             in_flight: Gauge::default(),
+            prefetch: Gauge::default(),
+            queue_messages: Family::default(),
             processing: latency_histogram(),
             reconnects: Counter::default(),
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
             credentials_refused: Gauge::default(),
+            ready: Gauge::default(),
             settlements_lost: Counter::default(),
             registry: Registry::default(),
         };
@@ -173,6 +189,16 @@ impl Metrics {
             "Commands being processed by this replica",
             m.in_flight.clone(),
         );
+        registry.register(
+            "prefetch",
+            "The most commands this replica processes at once (amqp.prefetch)",
+            m.prefetch.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Messages ready in the commands and dead-letter queues, read by this replica",
+            m.queue_messages.clone(),
+        );
         registry.register_with_unit(
             "processing_duration",
             "Time from delivery to settlement of a command",
@@ -199,6 +225,11 @@ impl Metrics {
             "credentials_refused",
             "1 while Hyperline refuses the API key",
             m.credentials_refused.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while this replica is ready (what /readyz answers)",
+            m.ready.clone(),
         );
         registry.register(
             "settlements_lost",
