@@ -25,6 +25,7 @@ mod compose;
 mod definitions;
 mod docker;
 mod k8s;
+mod observability;
 mod schemas;
 
 use crate::common::*;
