@@ -71,12 +71,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(config)?;
-    telemetry::init(settings.log.format, &settings.log.level);
+    let exporter = telemetry::init_with_export(settings.log.format, &settings.log.level)?;
     let app = Application::build(settings).await?;
-    tracing::info!(ops = %app.ops_addr(), "starting");
+    tracing::info!(ops = %app.ops_addr(), spans_exported = exporter.enabled(), "starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     app.run_until_stopped(shutdown).await;
+    // The last spans (the drain's) go out before the process ends.
+    let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
     Ok(ExitCode::SUCCESS)
 }
 

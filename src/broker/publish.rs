@@ -38,6 +38,18 @@ pub enum PublishError {
     Timeout(String, Duration),
 }
 
+impl PublishError {
+    /// A short class of the failure, for a span's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Channel(_) => "channel",
+            PublishError::Nacked(_) => "nacked",
+            PublishError::Unroutable(_) => "unroutable",
+            PublishError::Timeout(..) => "confirm_timeout",
+        }
+    }
+}
+
 /// Confirm-mode channels for events and copies. Clone it freely: publishes
 /// from concurrent commands share the channels, and a clone is one reference
 /// count (a lapin `Channel` clone is more than a dozen).

@@ -107,6 +107,25 @@ fn push_purchase_path(out: &mut String, customer: &CustomerId, product: &Product
     out.push_str("/purchase");
 }
 
+/// The request's URL on the attempt's client span (when the current span is
+/// one), without the user and password a `base_url` could carry.
+fn record_url(span: &tracing::Span, url: &reqwest::Url) {
+    if !span.has_field("url.full") {
+        return;
+    }
+    let mut shown = url.clone();
+    // Fails only for URLs that cannot have credentials, which have none.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    span.record("url.full", shown.as_str());
+    if let Some(host) = url.host_str() {
+        span.record("server.address", host);
+    }
+    if let Some(port) = url.port_or_known_default() {
+        span.record("server.port", port);
+    }
+}
+
 /// A Hyperline API client for purchases. Cheap to clone; share one per process
 /// so connections are pooled.
 #[derive(Clone)]
@@ -192,9 +211,11 @@ impl HyperlineClient {
     /// One purchase attempt. Never fails: every outcome, network errors
     /// included, is an answer.
     pub async fn purchase(&self, command: &Command, traceparent: Option<&str>) -> PurchaseResponse {
+        let url = self.purchase_url(&command.customer_id, &command.product_id);
+        record_url(&tracing::Span::current(), &url);
         let mut request = self
             .http
-            .post(self.purchase_url(&command.customer_id, &command.product_id))
+            .post(url)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(IDEMPOTENCY_KEY, command.id.as_str())
             .body(Self::body(command));

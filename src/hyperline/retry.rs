@@ -22,6 +22,7 @@ use backon::{ExponentialBuilder, Retryable};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::credentials::Credentials;
 use super::gate::Gate;
@@ -30,6 +31,7 @@ use crate::configuration::RetrySettings;
 use crate::contract::Command;
 use crate::operations::Metrics;
 use crate::operations::metrics::ReasonLabel;
+use crate::telemetry;
 
 /// How the in-process attempts of a delivery ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -272,6 +274,45 @@ impl Tally {
     }
 }
 
+/// The client span of one HTTP attempt (`attempt` is 1-based), disabled
+/// unless spans are exported; the client records the URL on it.
+fn client_span(attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        target: telemetry::SPANS,
+        "POST",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.request.resend_count = attempt.checked_sub(1).filter(|n| *n > 0),
+        attempt,
+        url.full = tracing::field::Empty,
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+/// The answer of an attempt, on its client span: the status, and what went
+/// wrong (the status for a 4xx/5xx, the cause when no answer came).
+fn record_answer(span: &tracing::Span, response: &PurchaseResponse) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(status) = response.status {
+        span.record("http.response.status_code", status);
+    }
+    let error = match response.status {
+        Some(status @ 400..) => Some(status.to_string()),
+        Some(_) => None,
+        None => Some(response.status_class().to_owned()),
+    };
+    if let Some(error) = error {
+        span.record("error.type", error);
+        span.record("otel.status_code", "error");
+    }
+}
+
 /// Attempts the purchase up to `retry.attempts` times, within `bounds`.
 pub async fn purchase_with_retry(
     ctx: &RetryContext<'_>,
@@ -323,7 +364,7 @@ pub async fn purchase_with_retry(
             drop(permit);
             return Ok(tally.out_of_time(ctx.gate));
         }
-        tally.requests.fetch_add(1, Ordering::Relaxed);
+        let attempt = tally.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let sent_ms = now_ms();
         let sent = std::time::Instant::now();
         // Counted as the window's start before the request leaves: if the
@@ -336,9 +377,17 @@ pub async fn purchase_with_retry(
             }
             opens
         };
-        let response = ctx.client.purchase(command, traceparent).await;
+        let span = client_span(attempt);
+        let exported = telemetry::exported_traceparent(&span);
+        let response = ctx
+            .client
+            .purchase(command, exported.as_deref().or(traceparent))
+            .instrument(span.clone())
+            .await;
+        record_answer(&span, &response);
+        let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
         ctx.metrics
-            .hyperline_request(response.status_class(), sent.elapsed());
+            .hyperline_request(response.status_class(), sent.elapsed(), exemplar);
         *Tally::lock(&tally.last) = (Some(sent_ms), response.status);
         if opens_window && !may_have_charged(&response) {
             *Tally::lock(&tally.first_sent_ms) = None;

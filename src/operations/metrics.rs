@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 /// `type` and `code` of an outcome (`code` empty for successes).
@@ -37,6 +38,13 @@ pub struct StatusLabel {
     pub status: &'static str,
 }
 
+/// Which queue a depth is of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// `commands` or `dead_letters`.
+    pub queue: &'static str,
+}
+
 /// The delay step of a broker-side redelivery.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
@@ -44,12 +52,31 @@ pub struct StepLabel {
     pub step: u32,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+/// The exemplar of a latency: the trace of one sampled observation per
+/// bucket, so a spike on a dashboard links to a trace of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabel {
+    /// The W3C trace id (32 hex digits).
+    pub trace_id: String,
+}
 
-fn latency_histogram() -> Histogram {
+/// A latency histogram with exemplars (shown only in the OpenMetrics
+/// format, which `/metrics` serves).
+pub type LatencyHistogram = HistogramWithExemplars<TraceLabel>;
+
+type HistogramFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
+
+fn latency_histogram() -> LatencyHistogram {
     // 5 ms to ~80 s: an instant local endpoint up to a purchase that
     // "can take a few seconds" plus its retries.
-    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+    HistogramWithExemplars::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// The exemplar of an observation made under the trace `trace_id`.
+fn exemplar(trace_id: Option<&str>) -> Option<TraceLabel> {
+    trace_id.map(|id| TraceLabel {
+        trace_id: id.to_owned(),
+    })
 }
 
 /// Every metric of the worker.
@@ -71,8 +98,12 @@ pub struct Metrics {
     pub redeliveries: Family<StepLabel, Counter>,
     /// Commands being processed now.
     pub in_flight: Gauge,
+    /// `amqp.prefetch`: the most commands in flight.
+    pub prefetch: Gauge,
+    /// Messages ready in the commands and dead-letter queues.
+    pub queue_messages: Family<QueueLabel, Gauge>,
     /// Delivery to settlement.
-    pub processing: Histogram,
+    pub processing: LatencyHistogram,
     /// Broker sessions that ended in an error and were rebuilt.
     pub reconnects: Counter,
     /// 429s and exhausted quotas that paused the replica.
@@ -81,6 +112,8 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// 1 while Hyperline refuses the key.
     pub credentials_refused: Gauge,
+    /// 1 while `/readyz` says ready; set at each scrape.
+    pub ready: Gauge,
     /// Acks, nacks and rejects that had no effect (channel gone).
     pub settlements_lost: Counter,
 }
@@ -104,11 +137,14 @@ impl Metrics {
             retries: Family::default(),
             redeliveries: Family::default(),
             in_flight: Gauge::default(),
+            prefetch: Gauge::default(),
+            queue_messages: Family::default(),
             processing: latency_histogram(),
             reconnects: Counter::default(),
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
             credentials_refused: Gauge::default(),
+            ready: Gauge::default(),
             settlements_lost: Counter::default(),
             registry: Registry::default(),
         };
@@ -153,6 +189,16 @@ impl Metrics {
             "Commands being processed by this replica",
             m.in_flight.clone(),
         );
+        registry.register(
+            "prefetch",
+            "The most commands this replica processes at once (amqp.prefetch)",
+            m.prefetch.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Messages ready in the commands and dead-letter queues, read by this replica",
+            m.queue_messages.clone(),
+        );
         registry.register_with_unit(
             "processing_duration",
             "Time from delivery to settlement of a command",
@@ -181,6 +227,11 @@ impl Metrics {
             m.credentials_refused.clone(),
         );
         registry.register(
+            "ready",
+            "1 while this replica is ready (what /readyz answers)",
+            m.ready.clone(),
+        );
+        registry.register(
             "settlements_lost",
             "Acks, nacks or rejects that had no effect because the channel was gone",
             m.settlements_lost.clone(),
@@ -196,13 +247,23 @@ impl Metrics {
         text
     }
 
-    /// Records one Hyperline request.
-    pub fn hyperline_request(&self, status: &'static str, took: Duration) {
+    /// Records one Hyperline request, made under the sampled trace
+    /// `trace_id` if any.
+    pub fn hyperline_request(&self, status: &'static str, took: Duration, trace_id: Option<&str>) {
         let label = StatusLabel { status };
         self.hyperline_requests.get_or_create(&label).inc();
-        self.hyperline_latency
-            .get_or_create(&label)
-            .observe(took.as_secs_f64());
+        self.hyperline_latency.get_or_create(&label).observe(
+            took.as_secs_f64(),
+            exemplar(trace_id),
+            None,
+        );
+    }
+
+    /// Records the processing of one delivery, made under the sampled trace
+    /// `trace_id` if any.
+    pub fn observe_processing(&self, took: Duration, trace_id: Option<&str>) {
+        self.processing
+            .observe(took.as_secs_f64(), exemplar(trace_id), None);
     }
 
     /// Records a pause of the replica.
@@ -226,7 +287,7 @@ mod tests {
                 code: "rejected",
             })
             .inc();
-        m.hyperline_request("2xx", Duration::from_millis(20));
+        m.hyperline_request("2xx", Duration::from_millis(20), None);
         m.rate_limit_wait(Duration::from_secs(2));
         let text = m.encode();
         for line in [
@@ -240,6 +301,24 @@ mod tests {
             "cpw_credentials_refused 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn latencies_carry_the_trace_of_a_sampled_observation() {
+        let m = Metrics::new();
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        m.hyperline_request("2xx", Duration::from_millis(20), Some(trace));
+        m.observe_processing(Duration::from_millis(30), Some(trace));
+        m.observe_processing(Duration::from_secs(2), None);
+        let text = m.encode();
+        let exemplars: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(exemplars.len(), 2, "{text}");
+        for line in exemplars {
+            assert!(
+                line.contains(&format!("# {{trace_id=\"{trace}\"}}")),
+                "{line}"
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! What operators and Kubernetes see: `/healthz`, `/readyz` and `/metrics`
 //! on `server.listen`.
 
+pub mod depths;
 mod health;
 pub mod metrics;
 
@@ -51,6 +52,8 @@ async fn readyz(State(ops): State<Ops>) -> (StatusCode, String) {
 }
 
 async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
+    let ready = ops.health.readiness().ready();
+    ops.metrics.ready.set(i64::from(ready));
     (
         [(
             header::CONTENT_TYPE,

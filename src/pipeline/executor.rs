@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::Pipeline;
 use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
 use crate::broker::history::DeathMark;
@@ -17,6 +19,7 @@ use crate::broker::{PublishError, Publisher, Received, Settle};
 use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
 use crate::hyperline::retry::now_ms;
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
+use crate::telemetry;
 
 /// What an event can be built from.
 #[derive(Clone, Copy, Debug)]
@@ -154,8 +157,11 @@ impl Pipeline {
         event: &ResultEvent,
         traceparent: &str,
     ) -> Result<(), PublishError> {
+        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
+        let span = producer_span(exchange, key, event);
+        let exported = telemetry::exported_traceparent(&span);
         let body = event.to_json();
-        let props = event.amqp_properties(Some(traceparent));
+        let props = event.amqp_properties(Some(exported.as_deref().unwrap_or(traceparent)));
         let reply_to = delivery
             .properties
             .reply_to()
@@ -164,19 +170,29 @@ impl Pipeline {
             .filter(|r| !r.is_empty());
         // The properties (a dozen headers) are copied only when a second
         // publish needs them.
-        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
-        match reply_to {
-            None => {
-                let sent = publisher.send(exchange, key, &body, props).await?;
-                publisher.confirm(exchange, sent).await
-            }
-            Some(queue) => {
-                let sent = publisher.send(exchange, key, &body, props.clone()).await?;
-                let replied = publisher.send("", queue, &body, props).await?;
-                publisher.confirm(exchange, sent).await?;
-                publisher.confirm(queue, replied).await
+        let published = async {
+            match reply_to {
+                None => {
+                    let sent = publisher.send(exchange, key, &body, props).await?;
+                    publisher.confirm(exchange, sent).await
+                }
+                Some(queue) => {
+                    let sent = publisher.send(exchange, key, &body, props.clone()).await?;
+                    let replied = publisher.send("", queue, &body, props).await?;
+                    publisher.confirm(exchange, sent).await?;
+                    publisher.confirm(queue, replied).await
+                }
             }
         }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &published
+            && !span.is_disabled()
+        {
+            span.record("error.type", e.kind());
+            span.record("otel.status_code", "error");
+        }
+        published
     }
 
     /// Acks or requeues, and counts the outcome. A settlement that fails at
@@ -209,6 +225,26 @@ impl Pipeline {
         };
         outcome
     }
+}
+
+/// The producer span of an event's publish and confirm (messaging semantic
+/// conventions), disabled unless spans are exported.
+fn producer_span(exchange: &str, key: &str, event: &ResultEvent) -> tracing::Span {
+    tracing::info_span!(
+        target: telemetry::SPANS,
+        "send",
+        otel.name = format!("send {exchange}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = exchange,
+        messaging.rabbitmq.destination.routing_key = key,
+        messaging.message.id = %event.event_id,
+        command_id = event.command_id.as_deref(),
+        error.type = tracing::field::Empty,
+    )
 }
 
 /// The event of a plan, for its subject.

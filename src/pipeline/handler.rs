@@ -18,6 +18,7 @@ use crate::hyperline::matching::{ChargeLookup, Span, candidates};
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
 use crate::hyperline::{MAX_PAGES, ReadBounds};
 use crate::operations::Metrics;
+use crate::telemetry;
 
 /// Counts a delivery in flight for as long as its task lives, also when the
 /// task is aborted or panics (a gauge decremented after an `.await` would
@@ -34,6 +35,26 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.dec();
+    }
+}
+
+/// What became of the delivery, on its consumer span: a failure is an
+/// error of the span, its code the error type.
+fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
+    if span.is_disabled() {
+        return;
+    }
+    let kind = match outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed(_) => "failed",
+        Outcome::Deferred(_) => "deferred",
+        Outcome::Returned(_) => "returned",
+    };
+    span.record("outcome", kind);
+    if let Outcome::Failed(code) = outcome {
+        span.record("error_code", code.as_str());
+        span.record("error.type", code.as_str());
+        span.record("otel.status_code", "error");
     }
 }
 
@@ -68,9 +89,17 @@ impl Pipeline {
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
         let history = DeliveryHistory::read(headers);
-        // One hop of the publisher's trace, shared by the request and the event.
-        let traceparent =
-            crate::telemetry::child_traceparent(header_str(headers, "traceparent").as_deref());
+        let incoming = header_str(headers, "traceparent");
+        let message_id = props.message_id().as_ref().map(|m| m.as_str());
+        let consumer = self.consumer_span(delivery, message_id);
+        let exported = telemetry::continue_trace(&consumer, incoming.as_deref());
+        // The consumer span's, or (not exported) one hop of the publisher's
+        // trace: what the request and the event carry when they have no
+        // exported span of their own.
+        let traceparent = match &exported {
+            Some(own) => own.clone(),
+            None => telemetry::child_traceparent(incoming.as_deref()),
+        };
         let span = tracing::info_span!(
             "command",
             command_id = tracing::field::Empty,
@@ -81,13 +110,13 @@ impl Pipeline {
             redelivered = delivery.redelivered,
         );
         let outcome = async {
-            let message_id = props.message_id().as_ref().map(|m| m.as_str());
             let parsed = Command::parse(&delivery.data, message_id);
             if let Ok(command) = &parsed {
-                let span = tracing::Span::current();
-                span.record("command_id", command.id.as_str());
-                span.record("customer_id", command.customer_id.as_str());
-                span.record("product_id", command.product_id.as_str());
+                for span in [&tracing::Span::current(), &consumer] {
+                    span.record("command_id", command.id.as_str());
+                    span.record("customer_id", command.customer_id.as_str());
+                    span.record("product_id", command.product_id.as_str());
+                }
             }
             let mut attempted = None;
             let input = match (&parsed, stored(&history, &parsed)) {
@@ -118,11 +147,38 @@ impl Pipeline {
             Box::pin(self.execute(delivery, publisher, subject, plan, &traceparent)).await
         }
         .instrument(span)
+        // Outside the `command` span: the export spans made inside find the
+        // consumer span as their nearest exported ancestor.
+        .instrument(consumer.clone())
         .await;
-        self.metrics
-            .processing
-            .observe(started.elapsed().as_secs_f64());
+        record_outcome(&consumer, &outcome);
+        let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
+        self.metrics.observe_processing(started.elapsed(), exemplar);
         outcome
+    }
+
+    /// The consumer span of a delivery (messaging semantic conventions),
+    /// disabled unless spans are exported.
+    fn consumer_span(&self, delivery: &Received, message_id: Option<&str>) -> tracing::Span {
+        tracing::info_span!(
+            target: telemetry::SPANS,
+            "process",
+            otel.name = format!("process {}", self.topology.queue),
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = delivery.exchange.as_str(),
+            messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
+            messaging.message.id = message_id,
+            command_id = tracing::field::Empty,
+            customer_id = tracing::field::Empty,
+            product_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        )
     }
 
     /// The settings and the moment a plan is made for.

@@ -20,7 +20,7 @@ use super::Pipeline;
 use super::decision::Outcome;
 use crate::broker::{self, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
-use crate::operations::{HEARTBEAT, Health};
+use crate::operations::{HEARTBEAT, Health, depths};
 
 /// The longest a broker call of the session's setup may take. lapin's calls
 /// have no timeout of their own: a call that never returns would leave the
@@ -127,8 +127,13 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     ctx.health.set_connected(true);
     tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "connected to the broker");
 
+    ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
     let mut tasks = JoinSet::new();
-    let result = consume(ctx, &channel, &publisher, &mut tasks).await;
+    let depths = depths::sample(&connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
+    let result = tokio::select! {
+        result = consume(ctx, &channel, &publisher, &mut tasks) => result,
+        never = depths => match never {},
+    };
     ctx.health.set_connected(false);
     if result.is_ok() {
         drain(ctx, &mut tasks).await;

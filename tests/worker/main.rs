@@ -15,3 +15,4 @@ mod redirects;
 mod repeated_delays;
 mod resilience;
 mod time_bounds;
+mod traces;

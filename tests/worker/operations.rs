@@ -126,7 +126,114 @@ async fn metrics_count_real_traffic() {
     assert_eq!(sample(&text, "cpw_processing_duration_seconds_count"), 6.0);
     assert_eq!(sample(&text, "cpw_credentials_refused"), 0.0);
     assert!(text.contains("# TYPE cpw_reconnects counter"));
+    assert_eq!(sample(&text, "cpw_prefetch"), 32.0);
+    assert_eq!(sample(&text, "cpw_ready"), 1.0);
+    assert!(
+        text.contains("cpw_queue_messages{queue=\"dead_letters\"}"),
+        "{text}"
+    );
+    // The rarer paths, so that their series exist too: a command that
+    // exhausts its attempts goes to the first delay step, and one refused
+    // for the key is returned.
+    app.set_faults(FaultsPatch {
+        scripted: Some(vec![ScriptedResponse {
+            customer_id: Some("cus_down".into()),
+            status: 503,
+            body: json!({"message": "down"}),
+            headers: Default::default(),
+            times: None,
+        }]),
+        ..FaultsPatch::default()
+    });
+    app.publish(&command_for(&command_id(), "cus_down")).await;
+    scrape_until(&app, "cpw_redeliveries_total{step=\"1\"}").await;
+    app.set_faults(FaultsPatch {
+        reject_auth: Some(true),
+        ..FaultsPatch::default()
+    });
+    app.publish(&command(&command_id())).await;
+    let text = scrape_until(&app, "cpw_requeued_total{reason=\"credential_fault\"}").await;
+    // The dashboard and the alert rules cannot drift from the code.
+    let missing: Vec<String> = deploy_metric_names()
+        .into_iter()
+        .filter(|name| !exposed(&text, name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used but not exposed: {missing:?}\n{text}"
+    );
     app.cleanup().await;
+}
+
+/// Scrapes until `series` is counted at least once (bounded).
+async fn scrape_until(app: &TestApp, series: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(app).await;
+        if sample(&text, series) >= 1.0 {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every `cpw_*` name in the dashboard's queries and the alert rules.
+fn deploy_metric_names() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).expect(path);
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("grafana/credit-purchase-worker.json")).expect("dashboard JSON");
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("expr").to_owned())
+        .collect();
+    let rules: serde_json::Value =
+        serde_norway::from_str(&read("prometheus/rules.yml")).expect("rules YAML");
+    for group in rules["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            exprs.push(rule["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    let names: std::collections::BTreeSet<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("cpw_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(names.len() >= 15, "{names:?}");
+    names
+}
+
+/// Whether `/metrics` has samples of `name`, or declares its family (a
+/// labelled family without traffic yet has no sample).
+fn exposed(text: &str, name: &str) -> bool {
+    let sampled = text.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    });
+    let declared = [
+        ("_total", "counter"),
+        ("_bucket", "histogram"),
+        ("_count", "histogram"),
+        ("_sum", "histogram"),
+        ("", "gauge"),
+    ]
+    .iter()
+    .any(|(suffix, kind)| {
+        name.strip_suffix(suffix)
+            .is_some_and(|family| text.contains(&format!("# TYPE {family} {kind}\n")))
+    });
+    sampled || declared
 }
 
 #[tokio::test]

@@ -1,29 +1,83 @@
-//! Logs: JSON for pipelines, pretty for people, filtered by `log.level` or
-//! `RUST_LOG`. Set up once, first thing, so even a configuration error is
-//! reported through the same channel as everything else.
+//! The W3C `traceparent` a command carries through the worker.
+//!
+//! With an exporter, each hop is a real span: the consumer span continues
+//! the publisher's trace ([`continue_trace`]), and the request and the event
+//! carry the `traceparent` of their own exported span
+//! ([`exported_traceparent`]). Without one, the worker still continues the
+//! trace with one made-up span id for its hop ([`child_traceparent`]), so
+//! the publisher's trace id reaches Hyperline and the event consumers.
 
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::writer::MakeWriterExt;
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::configuration::LogFormat;
+const TRACEPARENT: &str = "traceparent";
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
-pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
-    };
+/// A carrier holding one `traceparent`, in or out.
+#[derive(Default)]
+struct Carrier<'a> {
+    incoming: Option<&'a str>,
+    outgoing: Option<String>,
+}
+
+impl Extractor for Carrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.incoming.filter(|_| key == TRACEPARENT)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
+}
+
+impl Injector for Carrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if key == TRACEPARENT {
+            self.outgoing = Some(value);
+        }
+    }
+}
+
+/// Makes `span` (an export span) the child of the publisher's span named by
+/// `incoming`, or the root of a new trace when it names none, and returns
+/// its `traceparent`. `None` when the span is not exported (no exporter).
+pub fn continue_trace(span: &tracing::Span, incoming: Option<&str>) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    let parent = TraceContextPropagator::new().extract(&Carrier {
+        incoming,
+        outgoing: None,
+    });
+    if parent.span().span_context().is_valid() {
+        // Fails only for a span already started, which this one is not.
+        let _ = span.set_parent(parent);
+    }
+    exported_traceparent(span)
+}
+
+/// The `traceparent` naming `span`, when it is exported.
+pub fn exported_traceparent(span: &tracing::Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    let context: Context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = Carrier::default();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.outgoing
+}
+
+/// The trace id of a `traceparent` whose sampled flag is set: what a
+/// metric's exemplar links to (an unsampled trace is not stored anywhere).
+pub fn sampled_trace_id(traceparent: &str) -> Option<&str> {
+    let flags = traceparent.get(53..55)?;
+    let sampled = u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1);
+    sampled.then(|| traceparent.get(3..35)).flatten()
 }
 
 /// The W3C `traceparent` to send on for a command: the same trace as the
@@ -94,7 +148,7 @@ fn push_random_hex(out: &mut String, digits: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{child_traceparent, push_random_hex};
+    use super::{child_traceparent, push_random_hex, sampled_trace_id};
 
     fn random_hex(digits: usize) -> String {
         let mut id = String::new();
@@ -145,5 +199,15 @@ mod tests {
                 "{out}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_sampled_trace_gives_an_exemplar() {
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        let sampled = format!("00-{trace}-b7ad6b7169203331-01");
+        assert_eq!(sampled_trace_id(&sampled), Some(trace));
+        let unsampled = format!("00-{trace}-b7ad6b7169203331-00");
+        assert_eq!(sampled_trace_id(&unsampled), None);
+        assert_eq!(sampled_trace_id("00-short"), None);
     }
 }

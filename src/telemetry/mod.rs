@@ -1,0 +1,80 @@
+//! Logs and spans. Logs: JSON for pipelines, pretty for people, filtered by
+//! `log.level` or `RUST_LOG`, set up once, first thing, so even a
+//! configuration error is reported through the same channel as everything
+//! else. Spans: exported over OTLP only when OpenTelemetry's own variables
+//! name an endpoint ([`export`]); the `traceparent` of a command is
+//! continued either way ([`traceparent`]).
+//!
+//! The spans made for export (consumer, client, producer) have the target
+//! [`SPANS`]: the log layer never sees them, so a log line keeps the
+//! `command` span (its ids) as its context, and without an exporter no layer
+//! wants them, so creating one costs a cached callsite check.
+
+pub mod export;
+mod traceparent;
+
+use tracing::Metadata;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+pub use export::{ExportError, Exporter};
+pub use traceparent::{child_traceparent, continue_trace, exported_traceparent, sampled_trace_id};
+
+use crate::configuration::LogFormat;
+
+/// The target of the spans that exist only to be exported.
+pub const SPANS: &str = "cpw_otel";
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// Installs the global subscriber, logs only; a second call (tests) is a
+/// no-op. For the operator subcommands and the simulator.
+pub fn init(format: LogFormat, level: &str) {
+    let _ = Registry::default()
+        .with(log_layer(format, level))
+        .try_init();
+}
+
+/// Installs the global subscriber with span export when the environment
+/// asks for it (see [`export`]). The returned [`Exporter`] must be shut down
+/// at the end so the last spans are sent.
+pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, ExportError> {
+    let exporter = Exporter::from_env()?;
+    let mut layers = vec![log_layer(format, level)];
+    if let Some(tracer) = exporter.tracer() {
+        let spans = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_filter(filter_fn(|meta| meta.is_span() && meta.target() == SPANS));
+        layers.push(Box::new(spans));
+    }
+    let _ = Registry::default().with(layers).try_init();
+    Ok(exporter)
+}
+
+/// The log layer: everything `level` (or `RUST_LOG`) enables, except the
+/// export spans.
+fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(|meta: &Metadata<'_>| meta.target() != SPANS));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
+    match format {
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => layer.with_filter(filter).boxed(),
+    }
+}
