@@ -126,7 +126,8 @@ impl Pipeline {
                 (Ok(command), None) => {
                     let done =
                         Box::pin(self.purchase(command, &history, deadline, &traceparent)).await;
-                    attempted = Some(done.clone());
+                    // Kept only for the lookup at the window, when it is on.
+                    attempted = self.reconcile_at_window.then(|| done.clone());
                     Input::Attempted(done)
                 }
             };
