@@ -91,7 +91,19 @@ impl Pipeline {
         let history = DeliveryHistory::read(headers);
         let incoming = header_str(headers, "traceparent");
         let message_id = props.message_id().as_ref().map(|m| m.as_str());
+        let parsed = Command::parse(&delivery.data, message_id);
+        let ids = parsed
+            .as_ref()
+            .ok()
+            .map(|c| (c.id.as_str(), c.customer_id.as_str(), c.product_id.as_str()));
+        let (command_id, customer_id, product_id) =
+            (ids.map(|i| i.0), ids.map(|i| i.1), ids.map(|i| i.2));
         let consumer = self.consumer_span(delivery, message_id);
+        if let Some((command_id, customer_id, product_id)) = ids {
+            consumer.record("command_id", command_id);
+            consumer.record("customer_id", customer_id);
+            consumer.record("product_id", product_id);
+        }
         let exported = telemetry::continue_trace(&consumer, incoming.as_deref());
         // The consumer span's, or (not exported) one hop of the publisher's
         // trace: what the request and the event carry when they have no
@@ -100,24 +112,18 @@ impl Pipeline {
             Some(own) => own.clone(),
             None => telemetry::child_traceparent(incoming.as_deref()),
         };
+        // Every field given at once: the JSON log layer re-reads and
+        // re-writes a span's fields at each later `record`.
         let span = tracing::info_span!(
             "command",
-            command_id = tracing::field::Empty,
-            customer_id = tracing::field::Empty,
-            product_id = tracing::field::Empty,
+            command_id,
+            customer_id,
+            product_id,
             attempt = history.attempts,
             trace_id = traceparent.get(3..35).unwrap_or_default(),
             redelivered = delivery.redelivered,
         );
         let outcome = async {
-            let parsed = Command::parse(&delivery.data, message_id);
-            if let Ok(command) = &parsed {
-                for span in [&tracing::Span::current(), &consumer] {
-                    span.record("command_id", command.id.as_str());
-                    span.record("customer_id", command.customer_id.as_str());
-                    span.record("product_id", command.product_id.as_str());
-                }
-            }
             let mut attempted = None;
             let input = match (&parsed, stored(&history, &parsed)) {
                 (_, Some(event)) => Input::Stored(event),
