@@ -97,7 +97,10 @@ async fn simulator(args: SimulatorArgs) -> anyhow::Result<ExitCode> {
     let sim = Simulator::start(args.listen, settings)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("Hyperline simulator listening on {}", sim.base_url());
+    admin::output::line(format_args!(
+        "Hyperline simulator listening on {}",
+        sim.base_url()
+    ));
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     sim.run_until(async move { stop.cancelled().await }).await;

@@ -2,18 +2,21 @@
 //! `RUST_LOG`. Set up once, first thing, so even a configuration error is
 //! reported through the same channel as everything else.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use crate::configuration::LogFormat;
 
 /// Installs the global subscriber; a second call (tests) is a no-op.
+/// Colour codes only when stderr is a terminal: a pretty log sent to a
+/// file or a pipe stays plain text.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
     let _ = match format {
         LogFormat::Json => builder
@@ -25,6 +28,25 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Pretty => builder.try_init(),
     };
 }
+
+/// The filter of `log.level`, with lapin silenced unless the level names
+/// it. lapin logs every connection loss itself, at ERROR and two or three
+/// times (the close, the channel error, its own recovery giving up); the
+/// worker reports the same event once, in its own words, with what it does
+/// next. `lapin=debug` in `log.level` (or `RUST_LOG`) brings them back.
+fn default_filter(level: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if level.contains("lapin") {
+        return filter;
+    }
+    match LAPIN_OFF.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// The directive added to `log.level` by default.
+const LAPIN_OFF: &str = "lapin=off";
 
 /// The W3C `traceparent` to send on for a command: the same trace as the
 /// publisher's (when it sent a valid one), with a new span id for the

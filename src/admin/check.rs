@@ -27,12 +27,12 @@ struct Report {
 
 impl Report {
     fn pass(&mut self, line: impl std::fmt::Display) {
-        println!("✓ {line}");
+        super::output::line(format_args!("✓ {line}"));
     }
 
     fn fail(&mut self, line: impl std::fmt::Display) {
         self.failed = true;
-        println!("✗ {line}");
+        super::output::line(format_args!("✗ {line}"));
     }
 
     fn exit_code(&self) -> ExitCode {

@@ -151,7 +151,7 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Erro
         );
     }
     let summary = card.summary(&ledger, &requests);
-    print!("{summary}");
+    super::output::block(&summary);
     Ok(if summary.ok() {
         ExitCode::SUCCESS
     } else {

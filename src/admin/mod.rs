@@ -15,6 +15,7 @@ pub mod dead_letters;
 pub mod demo;
 mod demo_batch;
 mod demo_queues;
+pub mod output;
 pub mod publish;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -53,7 +53,7 @@ pub async fn run(
                 if started.elapsed() > RECONNECT_MAX {
                     wait = RECONNECT_FIRST;
                 }
-                tracing::error!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
+                tracing::warn!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
                 let backoff = async {
                     tokio::select! {
                         () = shutdown.cancelled() => false,
