@@ -59,6 +59,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(DeadLetters::List(args)) => {
             admin::dead_letters::list(config, args).await?
         }
+        Command::DeadLetters(DeadLetters::Show(args)) => admin::show::show(config, args).await?,
+        Command::DeadLetters(DeadLetters::Purge(args)) => admin::purge::purge(config, args).await?,
         Command::DeadLetters(DeadLetters::Replay(args)) => {
             admin::dead_letters::replay(config, args).await?
         }
