@@ -105,7 +105,7 @@ async fn publish_and_wait(
         Err(broker::PublishError::Unroutable(q)) => return Err(Error::Unroutable(q)),
         Err(e) => return Err(Error::NotConfirmed(e)),
     }
-    super::output::line(&id);
+    super::output::line(id);
     let Some(mut reply) = reply else {
         return Ok(ExitCode::SUCCESS);
     };
