@@ -75,7 +75,9 @@ async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     tracing::info!(ops = %app.ops_addr(), "starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    app.run_until_stopped(shutdown).await;
+    // A topology that differs ends the process with its one line (exit 2),
+    // not a reconnection loop.
+    app.run_until_stopped(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,7 +12,7 @@ use cpw_testkit::broker::{
 };
 use cpw_testkit::commands::{command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
-use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::broker::{Mismatch, Topology};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, ScriptedResponse, Simulator, SimulatorSettings,
@@ -48,7 +48,7 @@ struct Admin {
     connection: Connection,
     channel: Channel,
     events: Observer,
-    worker: Option<(CancellationToken, JoinHandle<()>)>,
+    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
 }
 
 /// Declares a fresh topology, binds an observer to its results, and starts
@@ -664,6 +664,65 @@ async fn a_closed_stdout_is_a_normal_end() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     admin.wait_depth(&admin.dead(), 1).await;
+    admin.cleanup().await;
+}
+
+/// A commands queue that exists as a classic queue where the worker
+/// declares a quorum one: `check` says what differs and how to fix it, and
+/// `run` stops with that same line (exit 2) before declaring anything,
+/// instead of reconnecting forever on PRECONDITION_FAILED.
+#[tokio::test]
+async fn a_queue_with_other_arguments_is_named_by_check_and_stops_run() {
+    let admin = setup(false, Faults::default()).await;
+    let name = format!("cpw-admin-mm-{}", uuid::Uuid::new_v4().simple());
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    admin
+        .channel
+        .queue_declare(name.as_str().into(), durable, FieldTable::default())
+        .await
+        .expect("a classic queue");
+    let env = [("CPW__AMQP__QUEUE", name.as_str())];
+    let (code, stdout, _) = admin.cli(&["check"], &env).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(&format!("commands queue `{name}` exists with")))
+        .unwrap_or_else(|| panic!("a line for the commands queue in\n{stdout}"));
+    assert!(
+        line.starts_with('✗') && line.contains("delete_queue"),
+        "{line}"
+    );
+
+    let (code, _, stderr) = admin.cli(&["run"], &env).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!("error: {}", line.trim_start_matches("✗ ")),
+        "{stderr}"
+    );
+    // Nothing was half-made: the commands exchange was never declared.
+    let probe = admin.connection.create_channel().await.expect("channel");
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let exchange = probe
+        .exchange_declare(
+            name.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    assert!(exchange.is_err(), "the commands exchange was declared");
+    let _ = admin
+        .channel
+        .queue_delete(name.as_str().into(), Default::default())
+        .await;
     admin.cleanup().await;
 }
 

@@ -72,7 +72,10 @@ super::wrap_error!(Error::Broker(lapin::Error));
 super::wrap_error!(Error::Publish(broker::PublishError));
 
 /// The running worker: its stop token and task.
-type Worker = (CancellationToken, JoinHandle<()>);
+type Worker = (
+    CancellationToken,
+    JoinHandle<Result<(), crate::broker::Mismatch>>,
+);
 
 /// Runs the demo; 0 when every command got its result and the ledger holds
 /// one charge per success, 1 otherwise, 130 on Ctrl-C.
