@@ -4,8 +4,8 @@
 //! `list` gives one line per letter; before replaying or purging an
 //! `unexpected_response` (the customer may have been charged), the operator
 //! needs the whole story: what the worker concluded, what Hyperline last
-//! answered, when the idempotency window opened, the raw headers and the
-//! body exactly as published. The letter is read like `list` reads the
+//! answered, when the idempotency window opened, every header, and the
+//! body (pretty-printed when it is JSON, as it came otherwise). The letter is read like `list` reads the
 //! queue, and put back.
 
 use std::fmt::Write as _;
