@@ -58,12 +58,24 @@ pub enum DeadLetters {
     ///
     /// Nothing is removed: every message read is put back.
     List(ListArgs),
+    /// Show one command's dead letter in full: the worker's reading of it,
+    /// its idempotency window, its properties and headers, and its body.
+    ///
+    /// Nothing is removed. Exit status 1 when there is no such dead letter.
+    Show(ShowArgs),
+    /// Remove chosen dead letters (and only those) for good.
+    ///
+    /// Shows the selection as `list` does, then asks for `yes` on stdin
+    /// (or takes `--yes`). Exit status 1 when not confirmed or a command id
+    /// has no dead letter.
+    Purge(PurgeArgs),
     /// Move dead letters back to the commands queue for another try.
     ///
     /// The copy starts a fresh retry budget. A command first attempted close to
     /// 24 hours ago or more is refused unless `--force`: Hyperline's
     /// idempotency window would no longer protect it from a second charge.
-    /// Invalid commands are never replayed (they would only die again).
+    /// Invalid commands are never replayed (they would only die again):
+    /// `--all` leaves them and says how many; naming one is a skip.
     /// Exit status 1 when a selected command was skipped or not found.
     Replay(ReplayArgs),
     /// Ask Hyperline's credit transactions whether uncertain dead letters were charged.
@@ -136,6 +148,39 @@ pub struct ListArgs {
     /// One JSON object per dead letter and line, for scripts, instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `dead-letters show` flags.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The command whose dead letter to show.
+    #[arg(long = "command-id", value_name = "ID")]
+    pub command_id: String,
+}
+
+/// `dead-letters purge` flags: which dead letters to remove.
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("selection")
+        .required(true)
+        .multiple(false)
+        .args(["command_id", "code"])
+))]
+pub struct PurgeArgs {
+    /// Remove the dead letter of this command (repeat the flag for several).
+    #[arg(long = "command-id", value_name = "ID")]
+    pub command_id: Vec<String>,
+    /// Remove every dead letter with this error code (the codes a command
+    /// is dead-lettered with).
+    #[arg(long, value_name = "CODE",
+          value_parser = ["invalid_command", "retries_exhausted", "unexpected_response"])]
+    pub code: Option<String>,
+    /// Show what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove without asking (for scripts).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub yes: bool,
 }
 
 /// `dead-letters replay` flags: which dead letters to move back.

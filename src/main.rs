@@ -59,6 +59,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(DeadLetters::List(args)) => {
             admin::dead_letters::list(config, args).await?
         }
+        Command::DeadLetters(DeadLetters::Show(args)) => admin::show::show(config, args).await?,
+        Command::DeadLetters(DeadLetters::Purge(args)) => admin::purge::purge(config, args).await?,
         Command::DeadLetters(DeadLetters::Replay(args)) => {
             admin::dead_letters::replay(config, args).await?
         }
@@ -76,9 +78,11 @@ async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     tracing::info!(ops = %app.ops_addr(), spans_exported = exporter.enabled(), "starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    app.run_until_stopped(shutdown).await;
-    // The last spans (the drain's) go out before the process ends.
+    // A topology that differs ends the process with its one line (exit 2),
+    // not a reconnection loop; the last spans (the drain's) go out first.
+    let stopped = app.run_until_stopped(shutdown).await;
     let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    stopped?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -102,7 +106,10 @@ async fn simulator(args: SimulatorArgs) -> anyhow::Result<ExitCode> {
     let sim = Simulator::start(args.listen, settings)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("Hyperline simulator listening on {}", sim.base_url());
+    admin::output::line(format_args!(
+        "Hyperline simulator listening on {}",
+        sim.base_url()
+    ));
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     sim.run_until(async move { stop.cancelled().await }).await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Topology;
+use crate::broker::{Mismatch, Topology};
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::credentials::Credentials;
 use crate::hyperline::gate::Gate;
@@ -108,8 +108,10 @@ impl Application {
     }
 
     /// Runs until `shutdown` is cancelled and in-flight commands are drained
-    /// (or the grace period is over).
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+    /// (or the grace period is over); or stops at once, with the line that
+    /// says what differs, when an existing queue or exchange does not match
+    /// what the worker declares.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), Mismatch> {
         let stop_ops = CancellationToken::new();
         let ops = tokio::spawn(operations::serve(
             self.listener,
@@ -123,7 +125,7 @@ impl Application {
             mark.cancelled().await;
             health.set_shutting_down();
         });
-        supervisor::run(
+        let ended = supervisor::run(
             &self.settings,
             self.pipeline,
             Arc::clone(&self.health),
@@ -137,5 +139,6 @@ impl Application {
             Err(e) => tracing::error!(error = %e, "operations server task failed"),
             Ok(Ok(())) => {}
         }
+        ended
     }
 }

@@ -12,7 +12,7 @@ use cpw_testkit::broker::{
 };
 use cpw_testkit::commands::{command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
-use credit_purchase_worker::broker::Topology;
+use credit_purchase_worker::broker::{Mismatch, Topology};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, ScriptedResponse, Simulator, SimulatorSettings,
@@ -28,6 +28,17 @@ use tokio_util::sync::CancellationToken;
 const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
 const SIM_KEY: &str = "sim_admin_key";
 
+/// What the binary's standard streams do in a test.
+#[derive(Clone, Copy)]
+enum Io<'a> {
+    /// stdin empty, stdout read.
+    Nothing,
+    /// stdin holds this text.
+    Stdin(&'a str),
+    /// stdout closed by its reader before the binary writes.
+    ClosedStdout,
+}
+
 /// One test's world: names, simulator, observer, and maybe a worker.
 struct Admin {
     queue: String,
@@ -37,7 +48,7 @@ struct Admin {
     connection: Connection,
     channel: Channel,
     events: Observer,
-    worker: Option<(CancellationToken, JoinHandle<()>)>,
+    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
 }
 
 /// Declares a fresh topology, binds an observer to its results, and starts
@@ -113,15 +124,42 @@ impl Admin {
 
     /// Runs the binary with this test's settings and `extra` env, bounded.
     async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (Option<i32>, String, String) {
-        let child = tokio::process::Command::new(BIN)
+        self.cli_with(args, extra, Io::Nothing).await
+    }
+
+    /// [`Admin::cli`] with stdin fed or stdout closed by its reader.
+    async fn cli_with(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        io: Io<'_>,
+    ) -> (Option<i32>, String, String) {
+        let mut child = tokio::process::Command::new(BIN)
             .args(args)
             .env_clear()
             .envs(&self.env)
             .envs(extra.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(match io {
+                Io::Stdin(_) => Stdio::piped(),
+                _ => Stdio::null(),
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .output();
-        let out: Output = tokio::time::timeout(WAIT, child)
+            .spawn()
+            .expect("the binary runs");
+        match io {
+            Io::Stdin(text) => {
+                use tokio::io::AsyncWriteExt;
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(text.as_bytes()).await.expect("write stdin");
+            }
+            // The reader goes away before anything is written, as `| head
+            // -1` does once it has its line.
+            Io::ClosedStdout => drop(child.stdout.take()),
+            Io::Nothing => {}
+        }
+        let out: Output = tokio::time::timeout(WAIT, child.wait_with_output())
             .await
             .expect("the command ends in time")
             .expect("the binary runs");
@@ -281,7 +319,7 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
         .lines()
         .find(|l| l.contains(&id))
         .expect("a row for it");
-    for cell in ["rejected", "invalid_command", "credit_count"] {
+    for cell in ["invalid_command", "credit_count"] {
         assert!(row.contains(cell), "{cell} missing in {row:?}");
     }
     assert!(
@@ -307,7 +345,19 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
     // channel held asynchronously, so an immediate count can miss it.
     admin.wait_depth(&admin.dead(), 1).await;
 
+    // `--all` passes over what can never succeed, says so, and that is
+    // not a failure; naming it is.
     let (code, stdout, stderr) = admin.cli(&["dead-letters", "replay", "--all"], &[]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("replayed 0, skipped 0"), "{stdout}");
+    assert!(
+        stdout.contains("left 1 invalid command(s)")
+            && stdout.contains("dead-letters purge --code invalid_command"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = admin
+        .cli(&["dead-letters", "replay", "--command-id", &id], &[])
+        .await;
     assert_eq!(code, Some(1));
     assert!(stdout.contains("replayed 0, skipped 1"), "{stdout}");
     assert!(stderr.contains("not a valid command"), "{stderr}");
@@ -437,6 +487,274 @@ async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
             .keys()
             .any(|k| k.as_str().starts_with("cpw-")),
         "forced: a fresh budget and no window start, or the worker would refuse it: {headers:?}"
+    );
+    admin.cleanup().await;
+}
+
+/// An `unexpected_response` (the customer may have been charged) is the
+/// letter an operator must understand before touching it: `list` says why,
+/// how often and when, `show` gives the whole letter, and `purge` removes
+/// only what was chosen, once confirmed.
+#[tokio::test]
+async fn an_uncertain_charge_is_listed_shown_and_purged_alone() {
+    let garbled = ScriptedResponse {
+        customer_id: Some("cus_uncertain".into()),
+        status: 201,
+        body: json!({"status": "ok"}),
+        headers: BTreeMap::new(),
+        times: None,
+    };
+    let faults = Faults {
+        scripted: vec![garbled],
+        ..Faults::default()
+    };
+    let mut admin = setup(true, faults).await;
+    let (uncertain, invalid) = (command_id(), command_id());
+    let body = command_for(&uncertain, "cus_uncertain").to_string();
+    admin
+        .publish_to(&admin.queue, body.as_bytes(), BasicProperties::default())
+        .await;
+    let mut bad = command_for(&invalid, "cus_admin");
+    bad["credit_count"] = json!(0);
+    admin
+        .publish_to(
+            &admin.queue,
+            bad.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    assert_eq!(
+        admin.event_for(&uncertain).await["error"]["code"],
+        "unexpected_response"
+    );
+    admin.wait_depth(&admin.dead(), 2).await;
+    // The worker runs in this process: its replica name is ours.
+    let replica = Settings::load_from(None, admin.env.clone())
+        .expect("settings")
+        .amqp
+        .connection_name();
+
+    let (code, stdout, stderr) = admin.cli(&["dead-letters", "list"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let header = stdout.lines().next().unwrap_or_default();
+    for column in [
+        "CODE",
+        "HTTP",
+        "ATTEMPTS",
+        "FIRST ATTEMPT",
+        "LAST ATTEMPT",
+        "DIED AT",
+        "REPLICA",
+    ] {
+        assert!(header.contains(column), "{column} in {header:?}");
+    }
+    let row = stdout
+        .lines()
+        .find(|l| l.contains(&uncertain))
+        .expect("a row for it");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[1..4], ["unexpected_response", "201", "1"], "{row}");
+    assert!(row.contains(&replica), "{row}");
+
+    let (_, stdout, _) = admin.cli(&["dead-letters", "list", "--json"], &[]).await;
+    let line: Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["command_id"] == uncertain.as_str())
+        .expect("its JSON line");
+    assert_eq!(line["error_code"], "unexpected_response");
+    assert_eq!(line["last_status"], 201);
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["replica"], replica.as_str());
+    for key in ["first_attempt", "last_attempt", "died_at"] {
+        assert!(
+            line[key].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{key}: {line}"
+        );
+    }
+
+    let (code, stdout, stderr) = admin
+        .cli(&["dead-letters", "show", "--command-id", &uncertain], &[])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    for expected in [
+        "code              unexpected_response",
+        "last HTTP status  201",
+        "idempotency       open",
+        "cpw-error-code = \"unexpected_response\"",
+        "\"customer_id\": \"cus_uncertain\"",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
+    }
+    let (code, stdout, _) = admin
+        .cli(
+            &["dead-letters", "show", "--command-id", "cmd-not-there-0000"],
+            &[],
+        )
+        .await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains("no dead letter with command id cmd-not-there-0000"),
+        "{stdout}"
+    );
+
+    let purge = ["dead-letters", "purge", "--code", "unexpected_response"];
+    let (code, stdout, _) = admin.cli(&[&purge[..], &["--dry-run"]].concat(), &[]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains(&uncertain) && !stdout.contains(&invalid),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("dry run: 1 dead letter(s) would be removed"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = admin.cli_with(&purge, &[], Io::Stdin("no\n")).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains("not confirmed: nothing removed"),
+        "{stdout}"
+    );
+    admin.wait_depth(&admin.dead(), 2).await;
+    let (code, stdout, stderr) = admin.cli_with(&purge, &[], Io::Stdin("yes\n")).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("type yes to confirm"), "{stderr}");
+    assert!(stdout.contains("removed 1 dead letter(s)"), "{stdout}");
+    admin.wait_depth(&admin.dead(), 1).await;
+    let (_, stdout, _) = admin.cli(&["dead-letters", "list"], &[]).await;
+    assert!(
+        stdout.contains(&invalid) && !stdout.contains(&uncertain),
+        "{stdout}"
+    );
+
+    let (code, _, _) = admin
+        .cli(
+            &["dead-letters", "purge", "--command-id", &invalid, "--yes"],
+            &[],
+        )
+        .await;
+    assert_eq!(code, Some(0));
+    admin.wait_depth(&admin.dead(), 0).await;
+    admin.cleanup().await;
+}
+
+/// `dead-letters list | head -1`: a reader that goes away is a normal end
+/// for every subcommand that prints, not a panic (exit 101).
+#[tokio::test]
+async fn a_closed_stdout_is_a_normal_end() {
+    let admin = setup(false, Faults::default()).await;
+    let id = command_id();
+    let body = command_for(&id, "cus_admin").to_string();
+    admin
+        .publish_to(&admin.dead(), body.as_bytes(), BasicProperties::default())
+        .await;
+    admin.wait_depth(&admin.dead(), 1).await;
+    for (args, expected) in [
+        (vec!["dead-letters", "list"], 0),
+        (vec!["dead-letters", "list", "--json"], 0),
+        (vec!["dead-letters", "show", "--command-id", &id], 0),
+        (
+            vec!["dead-letters", "purge", "--command-id", &id, "--dry-run"],
+            0,
+        ),
+        (vec!["check"], 0),
+    ] {
+        let (code, _, stderr) = admin.cli_with(&args, &[], Io::ClosedStdout).await;
+        assert_eq!(code, Some(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    admin.wait_depth(&admin.dead(), 1).await;
+    admin.cleanup().await;
+}
+
+/// A commands queue that exists as a classic queue where the worker
+/// declares a quorum one: `check` says what differs and how to fix it, and
+/// `run` stops with that same line (exit 2) before declaring anything,
+/// instead of reconnecting forever on PRECONDITION_FAILED.
+#[tokio::test]
+async fn a_queue_with_other_arguments_is_named_by_check_and_stops_run() {
+    let admin = setup(false, Faults::default()).await;
+    let name = format!("cpw-admin-mm-{}", uuid::Uuid::new_v4().simple());
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    admin
+        .channel
+        .queue_declare(name.as_str().into(), durable, FieldTable::default())
+        .await
+        .expect("a classic queue");
+    let env = [("CPW__AMQP__QUEUE", name.as_str())];
+    let (code, stdout, _) = admin.cli(&["check"], &env).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(&format!("commands queue `{name}` exists with")))
+        .unwrap_or_else(|| panic!("a line for the commands queue in\n{stdout}"));
+    assert!(
+        line.starts_with('✗') && line.contains("delete_queue"),
+        "{line}"
+    );
+
+    let (code, _, stderr) = admin.cli(&["run"], &env).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!("error: {}", line.trim_start_matches("✗ ")),
+        "{stderr}"
+    );
+    // Nothing was half-made: the commands exchange was never declared.
+    let probe = admin.connection.create_channel().await.expect("channel");
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let exchange = probe
+        .exchange_declare(
+            name.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    assert!(exchange.is_err(), "the commands exchange was declared");
+    let _ = admin
+        .channel
+        .queue_delete(name.as_str().into(), Default::default())
+        .await;
+    admin.cleanup().await;
+}
+
+/// A wrong broker password in `demo` is one line of ours, not lapin's
+/// three ERROR lines first; and a pretty log written to a pipe has no
+/// colour codes.
+#[tokio::test]
+async fn a_refused_broker_login_is_one_plain_line() {
+    let admin = setup(false, Faults::default()).await;
+    let url = cpw_testkit::broker::amqp_url();
+    let wrong = url::Url::parse(&url)
+        .map(|mut u| {
+            let _ = u.set_password(Some("wrong-password"));
+            u.to_string()
+        })
+        .expect("the test broker URL parses");
+    let (code, stdout, stderr) = admin
+        .cli(
+            &["demo", "--commands", "1"],
+            &[("CPW__AMQP__URL", &wrong), ("CPW__LOG__FORMAT", "pretty")],
+        )
+        .await;
+    assert_eq!(code, Some(2), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: cannot reach the broker"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes off a terminal: {stderr:?}"
     );
     admin.cleanup().await;
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cpw_testkit::broker::{Observer, as_command, connect, delete_topology, depth, worker_env};
 use cpw_testkit::commands::{command, command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
-use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::broker::history::{
     ATTEMPTS_HEADER, DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, FIRST_ATTEMPT_HEADER,
 };
+use credit_purchase_worker::broker::{Mismatch, Topology};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, Ledger, ScriptedResponse, Simulator, SimulatorSettings,
@@ -40,7 +40,7 @@ struct World {
     connection: Connection,
     channel: Channel,
     events: Observer,
-    worker: Option<(CancellationToken, JoinHandle<()>)>,
+    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
 }
 
 /// A 201 whose body is not the documented one, given after the charge of

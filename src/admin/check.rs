@@ -4,18 +4,19 @@
 //! causes: a bad setting, an unreachable broker, missing queues (where the
 //! topology is managed outside the worker), or a refused API key. This tells
 //! them apart in seconds, before a deploy or during an incident, without
-//! consuming or buying anything: the queues are probed with passive
-//! declarations and the key with a request that cannot charge. The key and
+//! consuming or buying anything: each queue and exchange is compared with
+//! what `run` declares (see `broker::mismatch`: a passive declaration, then
+//! the same declaration as `run`'s on a throwaway channel, which the broker
+//! refuses when an argument differs) and the key is probed with a request
+//! that cannot charge. The key and
 //! the broker password are never printed.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ExchangeKind};
+use lapin::Connection;
 
-use crate::broker::{Topology, redacted_url};
+use crate::broker::{Finding, Shape, Topology, redacted_url};
 use crate::configuration::Settings;
 use crate::hyperline::{HyperlineClient, ProbeResult};
 
@@ -27,12 +28,12 @@ struct Report {
 
 impl Report {
     fn pass(&mut self, line: impl std::fmt::Display) {
-        println!("✓ {line}");
+        super::output::line(format_args!("✓ {line}"));
     }
 
     fn fail(&mut self, line: impl std::fmt::Display) {
         self.failed = true;
-        println!("✗ {line}");
+        super::output::line(format_args!("✗ {line}"));
     }
 
     fn exit_code(&self) -> ExitCode {
@@ -48,15 +49,18 @@ impl Report {
 pub async fn run(config: Option<&Path>) -> ExitCode {
     let mut report = Report::default();
     let settings = match Settings::load(config) {
-        Ok(settings) => {
-            report.pass("configuration is valid");
-            settings
-        }
+        Ok(settings) => settings,
         Err(e) => {
             report.fail(e);
             return report.exit_code();
         }
     };
+    // `run` refuses to start without a key: the configuration is not valid
+    // for it, whatever else is right.
+    match settings.require_api_key() {
+        Ok(_) => report.pass("configuration is valid"),
+        Err(e) => report.fail(e),
+    }
     let url = redacted_url(&settings.amqp.url);
     match super::connect(&settings.amqp, "check").await {
         Ok(connection) => {
@@ -70,8 +74,9 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
     report.exit_code()
 }
 
-/// Passive declarations of every name the worker uses. Each runs on a fresh
-/// channel, because a failed one closes its channel.
+/// Every queue and exchange the worker declares, compared with what the
+/// broker holds: present and identical, missing, or present with other
+/// arguments (which `run` would refuse to start with).
 async fn topology(report: &mut Report, connection: &Connection, settings: &Settings) {
     let names = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let hint = if settings.amqp.declare_topology {
@@ -79,87 +84,31 @@ async fn topology(report: &mut Report, connection: &Connection, settings: &Setti
     } else {
         " (amqp.declare_topology = false: whoever manages the topology must declare it)"
     };
-    let mut queues = vec![
-        ("commands queue", names.queue.clone()),
-        ("dead-letter queue", names.dead.clone()),
-    ];
-    queues.extend(
-        names
-            .delay_queues()
-            .map(|(_, name)| ("delay queue", name.clone())),
-    );
-    for (what, name) in queues {
-        match queue_ready(connection, &name).await {
-            Ok(ready) => report.pass(format!("{what} `{name}` present ({ready} ready)")),
-            Err(e) => report.fail(missing(what, &name, &e, hint)),
+    for (object, finding) in names.compare(connection).await {
+        let (what, name) = (object.what, &object.name);
+        match (finding, &object.shape) {
+            (Finding::Matches(ready), Shape::Queue(_)) => report.pass(format!(
+                "{what} `{name}` present as declared ({ready} ready)"
+            )),
+            (Finding::Matches(_), Shape::Exchange(_)) => {
+                report.pass(format!("{what} `{name}` present as declared"))
+            }
+            (Finding::Missing, _) => report.fail(format!("{what} `{name}` is missing{hint}")),
+            (Finding::Differs(mismatch), _) => report.fail(mismatch),
+            (Finding::Unknown(e), _) => report.fail(format!(
+                "{what} `{name}` cannot be checked: {}",
+                super::broker_says(&e)
+            )),
         }
     }
-    for (what, name, kind) in [
-        ("commands exchange", &names.queue, ExchangeKind::Direct),
-        ("dead-letter exchange", &names.dlx, ExchangeKind::Fanout),
-        (
-            "results exchange",
-            &names.results_exchange,
-            ExchangeKind::Topic,
-        ),
-    ] {
-        match exchange_exists(connection, name, kind).await {
-            Ok(()) => report.pass(format!("{what} `{name}` present")),
-            Err(e) => report.fail(missing(what, name, &e, hint)),
-        }
-    }
-}
-
-/// The line for a name whose passive declaration failed.
-fn missing(what: &str, name: &str, e: &lapin::Error, hint: &str) -> String {
-    if super::is_not_found(e) {
-        format!("{what} `{name}` is missing{hint}")
-    } else {
-        format!(
-            "{what} `{name}` cannot be checked: {}",
-            super::broker_says(e)
-        )
-    }
-}
-
-/// Messages ready in a queue, if it exists.
-async fn queue_ready(connection: &Connection, name: &str) -> Result<u32, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = channel
-        .queue_declare(name.into(), options, FieldTable::default())
-        .await?;
-    let _ = channel.close(200, "checked".into()).await;
-    Ok(queue.message_count())
-}
-
-/// Whether an exchange exists (a passive declaration ignores the kind).
-async fn exchange_exists(
-    connection: &Connection,
-    name: &str,
-    kind: ExchangeKind,
-) -> Result<(), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let options = ExchangeDeclareOptions {
-        passive: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(name.into(), kind, options, FieldTable::default())
-        .await?;
-    let _ = channel.close(200, "checked".into()).await;
-    Ok(())
 }
 
 /// Whether Hyperline accepts the key, asked in a way that cannot charge.
 async fn api(report: &mut Report, settings: &Settings) {
     let base = settings.hyperline.base_url.as_str().trim_end_matches('/');
-    let key = match settings.require_api_key() {
-        Ok(key) => key.clone(),
-        Err(e) => return report.fail(e),
+    // Without a key the configuration line already failed.
+    let Ok(key) = settings.require_api_key().cloned() else {
+        return;
     };
     let client = match HyperlineClient::new(&settings.hyperline, key) {
         Ok(client) => client,

@@ -14,7 +14,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
-use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, QUEUE_HEADER};
+use crate::broker::history::{
+    DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, QUEUE_HEADER, REPLICA_HEADER,
+};
 use crate::broker::{DeliveryHistory, header_str, header_u64};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode};
@@ -31,26 +33,33 @@ pub struct DeadLetterInfo {
     /// The body's `command_id`, else the `message_id`.
     pub command_id: Option<String>,
     /// Why the broker dead-lettered it (`rejected`, `expired`,
-    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry.
+    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry; a letter
+    /// the worker dead-lettered itself reads `rejected`.
     pub reason: Option<String>,
-    /// The queue it died in.
+    /// The queue it was consumed from (the worker's stamp) or died in.
     pub queue: Option<String>,
-    /// When it first died there for that reason (RFC 3339, UTC).
+    /// When it first died (RFC 3339, UTC): the worker's stamp, else the
+    /// earliest `x-death` entry.
     pub died_at: Option<String>,
-    /// How many times it died there for that reason.
+    /// How many times it died there for its latest reason (`x-death` only).
     pub count: Option<u64>,
-    /// The worker's error code, where the message alone tells it: an
-    /// unparseable body is `invalid_command`; a command that went through
-    /// every delay step is `retries_exhausted`. Otherwise unknown: the
-    /// `failed` event has it.
+    /// The worker's error code: its stamp (`cpw-error-code`), else what the
+    /// message alone tells (an unparseable body is `invalid_command`; a
+    /// command that went through every delay step is `retries_exhausted`).
     pub error_code: Option<&'static str>,
     /// Why the body is not a valid command, when it is not.
     pub invalid_reason: Option<String>,
-    /// HTTP requests made for it before its last delay step, per the worker.
+    /// The HTTP status of the latest answer (`cpw-last-status`).
+    pub last_status: Option<u16>,
+    /// HTTP requests made for it, per the worker (`cpw-attempts`).
     pub attempts: Option<u64>,
-    /// When its first request was made (RFC 3339), or estimated from the
-    /// earliest death.
+    /// When its first request that may have charged was made (RFC 3339), or
+    /// estimated from the earliest death.
     pub first_attempt: Option<String>,
+    /// When its latest request was made (RFC 3339, `cpw-last-attempt-ms`).
+    pub last_attempt: Option<String>,
+    /// The replica (broker connection name) that dead-lettered it.
+    pub replica: Option<String>,
     /// Unix milliseconds of [`DeadLetterInfo::first_attempt`].
     #[serde(skip)]
     pub first_attempt_ms: Option<u64>,
@@ -101,20 +110,23 @@ pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) ->
             .and_then(|d| d.reason.clone())
             .or_else(|| header_str(headers, "x-first-death-reason"))
             .or_else(|| stamped.then(|| "rejected".to_owned())),
-        queue: latest
-            .and_then(|d| d.queue.clone())
-            .or_else(|| header_str(headers, "x-first-death-queue"))
-            .or_else(|| header_str(headers, QUEUE_HEADER)),
-        died_at: latest
-            .and_then(|d| d.time_secs)
+        queue: header_str(headers, QUEUE_HEADER)
+            .or_else(|| latest.and_then(|d| d.queue.clone()))
+            .or_else(|| header_str(headers, "x-first-death-queue")),
+        died_at: earliest_death
             .map(|s| s.saturating_mul(1000))
-            .or(dead_lettered_ms)
+            .into_iter()
+            .chain(dead_lettered_ms)
+            .min()
             .and_then(super::rfc3339_ms),
         count: latest.and_then(|d| d.count),
         error_code,
         invalid_reason,
+        last_status: history.last_status,
         attempts: (history.attempts > 0 || stamped).then_some(u64::from(history.attempts)),
         first_attempt: first_attempt_ms.and_then(super::rfc3339_ms),
+        last_attempt: history.last_attempt_ms.and_then(super::rfc3339_ms),
+        replica: header_str(headers, REPLICA_HEADER),
         first_attempt_ms,
         stamped,
     }
@@ -252,12 +264,59 @@ mod tests {
         );
         assert_eq!(info.reason.as_deref(), Some("rejected"));
         assert_eq!(info.queue.as_deref(), Some("credit-purchases"));
-        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+        // The first death, not the latest.
+        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T21:56:40Z"));
         assert_eq!(info.count, Some(1));
         assert_eq!(info.error_code, Some("retries_exhausted"));
         assert_eq!(info.attempts, Some(9));
         // No cpw-first-attempt-ms: the earliest death stands in for it.
         assert_eq!(info.first_attempt_ms, Some(1_699_999_000_000));
+    }
+
+    #[test]
+    fn a_stamped_letter_says_why_when_and_where_it_died() {
+        let history = DeliveryHistory {
+            attempts: 3,
+            first_attempt_ms: Some(1_700_000_000_000),
+            last_attempt_ms: Some(1_700_000_090_000),
+            last_status: Some(200),
+            step: 1,
+            ..DeliveryHistory::default()
+        };
+        let mark = crate::broker::history::DeathMark {
+            code: "unexpected_response",
+            at_ms: 1_700_000_091_000,
+            replica: "credit-purchase-worker@pod-a",
+            queue: "credit-purchases",
+        };
+        let properties = BasicProperties::default()
+            .with_headers(history.stamp_dead(None, &mark))
+            .with_message_id("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10".into());
+        let body = br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
+        let info = inspect(body, &properties, 4);
+        assert_eq!(info.error_code, Some("unexpected_response"));
+        assert_eq!(info.last_status, Some(200));
+        assert_eq!(info.attempts, Some(3));
+        assert_eq!(info.first_attempt.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(info.last_attempt.as_deref(), Some("2023-11-14T22:14:50Z"));
+        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T22:14:51Z"));
+        assert_eq!(
+            info.replica.as_deref(),
+            Some("credit-purchase-worker@pod-a")
+        );
+        assert_eq!(info.queue.as_deref(), Some("credit-purchases"));
+        let json = serde_json::to_value(&info).expect("json");
+        for key in [
+            "error_code",
+            "last_status",
+            "attempts",
+            "first_attempt",
+            "last_attempt",
+            "replica",
+            "died_at",
+        ] {
+            assert!(!json[key].is_null(), "{key} in {json}");
+        }
     }
 
     #[test]

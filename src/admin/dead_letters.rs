@@ -17,8 +17,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::{Channel, Connection};
 
-use super::ConnectError;
 use super::dead_letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
+use super::{ConnectError, output};
 use crate::broker::{Publisher, Topology};
 use crate::cli::{ListArgs, ReplayArgs};
 use crate::configuration::{ConfigError, Settings};
@@ -80,14 +80,18 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
     super::close(&connection).await;
     let infos = result?;
     if infos.is_empty() {
-        println!("dead-letter queue {} is empty", topology.dead);
+        output::line(format_args!("dead-letter queue {} is empty", topology.dead));
     } else if args.json {
         for info in &infos {
-            println!("{}", serde_json::to_string(info).unwrap_or_default());
+            output::line(serde_json::to_string(info).unwrap_or_default());
         }
     } else {
-        print!("{}", table(&infos));
-        println!("{} dead letter(s) in {}", infos.len(), topology.dead);
+        output::block(table(&infos));
+        output::line(format_args!(
+            "{} dead letter(s) in {}",
+            infos.len(),
+            topology.dead
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -102,12 +106,24 @@ pub async fn replay(config: Option<&Path>, args: ReplayArgs) -> Result<ExitCode,
     super::close(&connection).await;
     let tally = result?;
     if tally.seen == 0 {
-        println!("dead-letter queue {} is empty", topology.dead);
+        output::line(format_args!("dead-letter queue {} is empty", topology.dead));
     }
     for id in &tally.not_found {
-        println!("no dead letter with command id {id}");
+        output::line(format_args!("no dead letter with command id {id}"));
     }
-    println!("replayed {}, skipped {}", tally.replayed, tally.skipped);
+    output::line(format_args!(
+        "replayed {}, skipped {}",
+        tally.replayed, tally.skipped
+    ));
+    if tally.invalid > 0 {
+        output::line(format_args!(
+            "left {} invalid command(s) in {}: they can never succeed; their publisher must \
+             send a corrected command (remove them with `dead-letters purge --code invalid_command`)",
+            tally.invalid, topology.dead
+        ));
+    }
+    // Invalid commands left behind by `--all` are not a failure of the
+    // replay: nothing could be done with them.
     let clean = tally.skipped == 0 && tally.not_found.is_empty();
     Ok(if clean {
         ExitCode::SUCCESS
@@ -121,7 +137,10 @@ pub async fn replay(config: Option<&Path>, args: ReplayArgs) -> Result<ExitCode,
 struct Tally {
     seen: usize,
     replayed: usize,
+    /// Selected but refused (the window, or an invalid command named by id).
     skipped: usize,
+    /// Invalid commands passed over by `--all`.
+    invalid: usize,
     not_found: Vec<String>,
 }
 
@@ -159,7 +178,13 @@ async fn replay_on(
         }
         found.push(id.clone());
         // An invalid command would only be dead-lettered again: it needs a
-        // corrected copy from its publisher, not a replay.
+        // corrected copy from its publisher, not a replay. `--all` passes
+        // over it (and says so once at the end); one named by id is refused.
+        if info.invalid_reason.is_some() && args.command_id.is_empty() {
+            tally.invalid += 1;
+            keep.push(delivery);
+            continue;
+        }
         let invalid = info
             .invalid_reason
             .as_ref()
@@ -272,36 +297,58 @@ pub(super) async fn put_back(held: &[Delivery]) -> Result<(), lapin::Error> {
     Ok(())
 }
 
-/// The aligned table of `list`.
-fn table(infos: &[DeadLetterInfo]) -> String {
+/// The aligned table of `list` (and of `purge`): why (the code and the last HTTP status),
+/// how hard the worker tried, when, and which replica gave up.
+pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
     let dash = |s: Option<&str>| s.unwrap_or("-").to_owned();
-    let header = ["COMMAND ID", "REASON", "DIED AT", "COUNT", "CODE", "DETAIL"].map(String::from);
-    let rows: Vec<[String; 6]> = infos
+    let number = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let header = [
+        "COMMAND ID",
+        "CODE",
+        "HTTP",
+        "ATTEMPTS",
+        "FIRST ATTEMPT",
+        "LAST ATTEMPT",
+        "DIED AT",
+        "REPLICA",
+        "DETAIL",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 9]> = infos
         .iter()
         .map(|i| {
-            let detail = match (&i.invalid_reason, i.attempts) {
+            let detail = match (&i.invalid_reason, i.reason.as_deref()) {
                 (Some(reason), _) => reason.clone(),
-                (None, Some(n)) => format!("{n} attempt(s) before its last delay step"),
-                (None, None) => "-".to_owned(),
+                // Dead-lettered by the broker itself, not by the worker.
+                (None, Some(reason)) if i.replica.is_none() => format!("broker: {reason}"),
+                _ => "-".to_owned(),
             };
             [
                 dash(i.command_id.as_deref()),
-                dash(i.reason.as_deref()),
-                dash(i.died_at.as_deref()),
-                i.count.map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 dash(i.error_code),
+                number(i.last_status.map(u64::from)),
+                number(i.attempts),
+                dash(i.first_attempt.as_deref()),
+                dash(i.last_attempt.as_deref()),
+                dash(i.died_at.as_deref()),
+                dash(i.replica.as_deref()),
                 detail,
             ]
         })
         .collect();
+    aligned(&header, &rows)
+}
+
+/// Rows as columns padded to their widest cell; the last column is not padded.
+fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
     let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(header).chain(rows) {
         let mut line = String::new();
         for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
             if i + 1 == row.len() {

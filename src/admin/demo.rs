@@ -72,7 +72,10 @@ super::wrap_error!(Error::Broker(lapin::Error));
 super::wrap_error!(Error::Publish(broker::PublishError));
 
 /// The running worker: its stop token and task.
-type Worker = (CancellationToken, JoinHandle<()>);
+type Worker = (
+    CancellationToken,
+    JoinHandle<Result<(), crate::broker::Mismatch>>,
+);
 
 /// Runs the demo; 0 when every command got its result and the ledger holds
 /// one charge per success, 1 otherwise, 130 on Ctrl-C.
@@ -151,7 +154,7 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Erro
         );
     }
     let summary = card.summary(&ledger, &requests);
-    print!("{summary}");
+    super::output::block(&summary);
     Ok(if summary.ok() {
         ExitCode::SUCCESS
     } else {

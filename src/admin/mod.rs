@@ -1,5 +1,5 @@
 //! The operator subcommands of CONTRACT section 7: `publish`, `dead-letters
-//! list` / `replay` / `reconcile`, `check` and `demo`.
+//! list` / `show` / `purge` / `replay` / `reconcile`, `check` and `demo`.
 //!
 //! The worker is the product; these are the tools a person on call reaches for
 //! when it misbehaves: send one command by hand and see its answer, look at
@@ -15,8 +15,11 @@ pub mod dead_letters;
 pub mod demo;
 mod demo_batch;
 mod demo_queues;
+pub mod output;
 pub mod publish;
+pub mod purge;
 pub mod reconcile;
+pub mod show;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -105,7 +105,7 @@ async fn publish_and_wait(
         Err(broker::PublishError::Unroutable(q)) => return Err(Error::Unroutable(q)),
         Err(e) => return Err(Error::NotConfirmed(e)),
     }
-    println!("{id}");
+    super::output::line(id);
     let Some(mut reply) = reply else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -118,7 +118,7 @@ async fn publish_and_wait(
             id: id.to_owned(),
             secs: args.timeout_secs,
         })?;
-    println!("{}", pretty(&event));
+    super::output::line(pretty(&event));
     let succeeded = event["type"].as_str() == Some(EventKind::Succeeded.as_str());
     Ok(if succeeded {
         ExitCode::SUCCESS

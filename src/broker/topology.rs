@@ -6,8 +6,9 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Connection, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
+use super::mismatch::Mismatch;
 use crate::configuration::{AmqpSettings, QueueType};
 
 /// A declaration failed; the message names the object.
@@ -18,6 +19,14 @@ pub struct TopologyError {
     name: String,
     #[source]
     source: lapin::Error,
+}
+
+impl TopologyError {
+    /// The object exists with other arguments (the broker's
+    /// PRECONDITION_FAILED), which no retry can fix.
+    pub fn mismatch(&self) -> Option<Mismatch> {
+        Mismatch::from_refusal(self.what, &self.name, &self.source)
+    }
 }
 
 /// Every name of the topology.
@@ -122,7 +131,57 @@ impl Topology {
         self.typed(&extra)
     }
 
-    /// Declares everything; idempotent against an identical existing topology.
+    /// Arguments of a delay queue. Expired messages go back to the commands
+    /// queue through the default exchange; the TTL is per queue, so one
+    /// queue per delay keeps a long delay from blocking a short one behind it.
+    fn delay_arguments(&self, secs: u64) -> FieldTable {
+        self.typed(&[
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(
+                    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                ),
+            ),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text(&self.queue)),
+        ])
+    }
+
+    /// Every exchange and queue `run` declares, exactly as it declares them
+    /// (all durable), exchanges first: what [`Topology::declare`] sends and
+    /// what `check` compares an existing topology with.
+    pub fn objects(&self) -> Vec<Object> {
+        let exchange = |what, name: &str, kind| Object {
+            what,
+            name: name.to_owned(),
+            shape: Shape::Exchange(kind),
+        };
+        let queue = |what, name: &str, arguments| Object {
+            what,
+            name: name.to_owned(),
+            shape: Shape::Queue(arguments),
+        };
+        let mut objects = vec![
+            exchange("commands exchange", &self.queue, ExchangeKind::Direct),
+            exchange(
+                "results exchange",
+                &self.results_exchange,
+                ExchangeKind::Topic,
+            ),
+            exchange("dead-letter exchange", &self.dlx, ExchangeKind::Fanout),
+            queue("dead-letter queue", &self.dead, self.typed(&[])),
+            queue("commands queue", &self.queue, self.commands_arguments()),
+        ];
+        // Steps with the same delay share a queue: it is declared once.
+        for (secs, name) in self.delay_queues() {
+            objects.push(queue("delay queue", name, self.delay_arguments(*secs)));
+        }
+        objects
+    }
+
+    /// Declares everything; idempotent against an identical existing
+    /// topology. An existing object with other arguments is refused by the
+    /// broker (PRECONDITION_FAILED): see [`TopologyError::mismatch`].
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
         let channel = connection
             .create_channel()
@@ -132,88 +191,94 @@ impl Topology {
                 name: "topology".into(),
                 source,
             })?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        let exchange = |kind: ExchangeKind, name: String| {
-            let channel = channel.clone();
-            async move {
-                let opts = ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                };
-                channel
-                    .exchange_declare(name.as_str().into(), kind, opts, FieldTable::default())
-                    .await
-                    .map_err(|source| TopologyError {
-                        what: "exchange",
-                        name,
-                        source,
-                    })
-            }
-        };
-        exchange(ExchangeKind::Direct, self.queue.clone()).await?;
-        exchange(ExchangeKind::Topic, self.results_exchange.clone()).await?;
-        exchange(ExchangeKind::Fanout, self.dlx.clone()).await?;
-
-        let declare_queue = |name: String, args: FieldTable| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .queue_declare(name.as_str().into(), durable, args)
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| TopologyError {
-                        what: "queue",
-                        name,
-                        source,
-                    })
-            }
-        };
-        let bind = |queue: String, exchange: String, key: String| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|source| TopologyError {
-                        what: "binding of",
-                        name: queue,
-                        source,
-                    })
-            }
-        };
-        declare_queue(self.dead.clone(), self.typed(&[])).await?;
-        bind(self.dead.clone(), self.dlx.clone(), String::new()).await?;
-        declare_queue(self.queue.clone(), self.commands_arguments()).await?;
-        bind(self.queue.clone(), self.queue.clone(), self.queue.clone()).await?;
-        for (secs, name) in self.delay_queues() {
-            // Expired messages go back to the commands queue through the
-            // default exchange; the TTL is per queue, so one queue per delay
-            // keeps a long delay from blocking a short one behind it. Steps
-            // with the same delay share the queue: it is declared once.
-            let args = self.typed(&[
-                (
-                    "x-message-ttl",
-                    AMQPValue::LongLongInt(
-                        i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
-                    ),
-                ),
-                ("x-dead-letter-exchange", text("")),
-                ("x-dead-letter-routing-key", text(&self.queue)),
-            ]);
-            declare_queue(name.clone(), args).await?;
+        for object in self.objects() {
+            object
+                .declare(&channel, false)
+                .await
+                .map_err(|source| TopologyError {
+                    what: object.what,
+                    name: object.name.clone(),
+                    source,
+                })?;
+        }
+        for (queue, exchange, key) in [
+            (&self.dead, &self.dlx, ""),
+            (&self.queue, &self.queue, self.queue.as_str()),
+        ] {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| TopologyError {
+                    what: "binding of",
+                    name: queue.clone(),
+                    source,
+                })?;
         }
         // Best effort: the channel is ours alone and the connection stays.
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
+    }
+}
+
+/// One exchange or queue of the topology.
+#[derive(Clone, Debug)]
+pub struct Object {
+    /// What it is for, as an operator names it (`commands queue`).
+    pub what: &'static str,
+    /// Its name.
+    pub name: String,
+    /// An exchange of a kind, or a queue with its arguments.
+    pub shape: Shape,
+}
+
+/// How an [`Object`] is declared.
+#[derive(Clone, Debug)]
+pub enum Shape {
+    /// An exchange of this kind.
+    Exchange(ExchangeKind),
+    /// A queue with these arguments.
+    Queue(FieldTable),
+}
+
+impl Object {
+    /// Declares it durable on `channel`, or only asks whether it exists
+    /// (`passive`). A queue's answer gives its ready messages.
+    pub async fn declare(&self, channel: &Channel, passive: bool) -> Result<u32, lapin::Error> {
+        let name = self.name.as_str().into();
+        match &self.shape {
+            Shape::Exchange(kind) => {
+                let options = ExchangeDeclareOptions {
+                    durable: true,
+                    passive,
+                    ..ExchangeDeclareOptions::default()
+                };
+                channel
+                    .exchange_declare(name, kind.clone(), options, FieldTable::default())
+                    .await
+                    .map(|()| 0)
+            }
+            Shape::Queue(arguments) => {
+                let options = QueueDeclareOptions {
+                    durable: true,
+                    passive,
+                    ..QueueDeclareOptions::default()
+                };
+                let arguments = match passive {
+                    true => FieldTable::default(),
+                    false => arguments.clone(),
+                };
+                channel
+                    .queue_declare(name, options, arguments)
+                    .await
+                    .map(|q| q.message_count())
+            }
+        }
     }
 }
 

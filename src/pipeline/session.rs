@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
 use super::decision::Outcome;
-use crate::broker::{self, Publisher, Settle, Settlements, TopologyError};
+use crate::broker::{self, Mismatch, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
 use crate::operations::{HEARTBEAT, Health, depths};
 
@@ -42,7 +42,11 @@ pub enum SessionError {
     Connect(#[from] broker::ConnectError),
     /// The topology could not be declared.
     #[error(transparent)]
-    Topology(#[from] TopologyError),
+    Topology(TopologyError),
+    /// An existing queue or exchange differs from what the worker declares:
+    /// no reconnection can fix it.
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
     /// The broker cancelled our consumer (queue deleted, node down...).
     #[error("the broker cancelled the consumer")]
     ConsumerCancelled,
@@ -52,6 +56,17 @@ pub enum SessionError {
     /// A broker call did not return in time.
     #[error("the broker did not answer `{0}` within {BROKER_CALL_TIMEOUT:?}")]
     Unresponsive(&'static str),
+}
+
+impl From<TopologyError> for SessionError {
+    /// A refusal for other arguments is a mismatch, also when it comes from
+    /// the declaration itself (the object changed after the comparison).
+    fn from(e: TopologyError) -> Self {
+        match e.mismatch() {
+            Some(mismatch) => SessionError::Mismatch(mismatch),
+            None => SessionError::Topology(e),
+        }
+    }
 }
 
 /// A broker call of the session, bounded, with a heartbeat once it returns.
@@ -108,12 +123,16 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     )
     .await?;
     if amqp.declare_topology {
+        // Compared before anything is declared, so a mismatch leaves no
+        // half-made topology behind.
+        let topology = &ctx.pipeline.topology;
         call(
             health,
-            "declare",
-            ctx.pipeline.topology.declare(&connection),
+            "compare the topology",
+            topology.first_mismatch(&connection),
         )
         .await?;
+        call(health, "declare", topology.declare(&connection)).await?;
     }
     let publisher = call(
         health,

@@ -14,21 +14,23 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::session::{self, SessionContext, beating};
-use crate::broker::redacted_url;
+use super::session::{self, SessionContext, SessionError, beating};
+use crate::broker::{Mismatch, redacted_url};
 use crate::configuration::Settings;
 use crate::operations::Health;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
-/// Runs sessions until `shutdown` is cancelled.
+/// Runs sessions until `shutdown` is cancelled, or until the broker's
+/// topology is found to differ from the worker's: reconnecting cannot fix
+/// that, an operator must, so the replica stops and says what differs.
 pub async fn run(
     settings: &Settings,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), Mismatch> {
     let name = settings.amqp.connection_name();
     let ctx = SessionContext {
         settings,
@@ -43,6 +45,10 @@ pub async fn run(
         let started = tokio::time::Instant::now();
         match session::run(&ctx).await {
             Ok(()) => break,
+            Err(SessionError::Mismatch(mismatch)) => {
+                health.set_connected(false);
+                return Err(mismatch);
+            }
             Err(e) => {
                 health.set_connected(false);
                 pipeline.metrics.reconnects.inc();
@@ -53,7 +59,7 @@ pub async fn run(
                 if started.elapsed() > RECONNECT_MAX {
                     wait = RECONNECT_FIRST;
                 }
-                tracing::error!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
+                tracing::warn!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
                 let backoff = async {
                     tokio::select! {
                         () = shutdown.cancelled() => false,
@@ -68,4 +74,5 @@ pub async fn run(
         }
     }
     tracing::info!("worker stopped");
+    Ok(())
 }

@@ -13,6 +13,8 @@
 pub mod export;
 mod traceparent;
 
+use std::io::IsTerminal;
+
 use tracing::Metadata;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::fmt::writer::MakeWriterExt;
@@ -60,12 +62,15 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, Expo
 
 /// The log layer: everything `level` (or `RUST_LOG`) enables, except the
 /// export spans.
+///
+/// Colour codes only when stderr is a terminal: a pretty log sent to a file
+/// or a pipe stays plain text.
 fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .unwrap_or_else(|_| default_filter(level))
         .and(filter_fn(|meta: &Metadata<'_>| meta.target() != SPANS));
     let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
     match format {
         LogFormat::Json => layer
@@ -78,3 +83,22 @@ fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
         LogFormat::Pretty => layer.with_filter(filter).boxed(),
     }
 }
+
+/// The filter of `log.level`, with lapin silenced unless the level names
+/// it. lapin logs every connection loss itself, at ERROR and two or three
+/// times (the close, the channel error, its own recovery giving up); the
+/// worker reports the same event once, in its own words, with what it does
+/// next. `lapin=debug` in `log.level` (or `RUST_LOG`) brings them back.
+fn default_filter(level: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if level.contains("lapin") {
+        return filter;
+    }
+    match LAPIN_OFF.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// The directive added to `log.level` by default.
+const LAPIN_OFF: &str = "lapin=off";

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::*;
+use crate::k8s::{deployment_env, deployment_settings, env_value, k8s_resource};
 use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::{QueueType, Settings};
 use serde_json::{Value, json};
@@ -258,4 +259,289 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
 
     redeclared.expect("the worker's declaration agrees with deploy/rabbitmq-definitions.json");
     assert_eq!(queues.len(), 2 + topology.delay_queues().count());
+}
+// ---------------------------------------------------------------------------
+// The broker users of the definitions
+// ---------------------------------------------------------------------------
+
+/// A permission, as RabbitMQ names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    Configure,
+    Write,
+    Read,
+}
+
+impl Access {
+    const ALL: [Access; 3] = [Access::Configure, Access::Write, Access::Read];
+
+    fn key(self) -> &'static str {
+        match self {
+            Access::Configure => "configure",
+            Access::Write => "write",
+            Access::Read => "read",
+        }
+    }
+}
+
+/// A queue the broker names (`broker::private_queue`, for `publish --wait`'s
+/// replies), as RabbitMQ 3.x names them.
+const SERVER_NAMED_QUEUE: &str = "amq.gen-JzTY20BRgKO-HjmUJj0wLg";
+/// The default exchange, as permissions name it.
+const DEFAULT_EXCHANGE: &str = "amq.default";
+
+/// Whether a permission regex allows `name`, as RabbitMQ matches it: the
+/// empty string allows nothing, anything else is searched for anywhere in
+/// the name (unanchored, which is why the file anchors every regex).
+fn permits(regex: &str, name: &str) -> bool {
+    !regex.is_empty()
+        && regex::Regex::new(regex)
+            .unwrap_or_else(|e| panic!("{regex}: {e}"))
+            .is_match(name)
+}
+
+/// Every `(permission, resource)` the worker (`run`, with or without
+/// `amqp.declare_topology`) and its operator subcommands need on `topology`,
+/// and why. Queues and exchanges share names, so a resource is a name.
+///
+/// - configure: declaring each object (`run` with declaration on, and
+///   `check`, which redeclares each existing object to compare it), and the
+///   server-named reply queue.
+/// - write: publishing events (results exchange), dead letters (the DLX),
+///   copies to the delay and commands queues, `reply_to` answers and
+///   replays (all through the default exchange); binding the commands and
+///   dead-letter queues; and creating a queue with a dead-letter exchange,
+///   which needs write on it (the DLX, or the default exchange for a delay
+///   queue).
+/// - read: consuming the commands queue and the reply queue, reading the
+///   dead letters; the sources of the two bindings (the commands exchange,
+///   named like its queue, and the DLX); and creating a queue with a
+///   dead-letter exchange, which needs read on the queue itself (the
+///   commands queue and each delay queue).
+///
+/// Checked against RabbitMQ 3.10 with the user the definitions create: a
+/// delay queue the worker declares is refused without read on it, and
+/// without write on `amq.default`.
+fn worker_needs(topology: &Topology) -> BTreeSet<(Access, String)> {
+    let mut needs = BTreeSet::new();
+    for object in topology.objects() {
+        needs.insert((Access::Configure, object.name));
+    }
+    needs.insert((Access::Configure, SERVER_NAMED_QUEUE.to_owned()));
+    for name in [
+        &topology.results_exchange,
+        &topology.dlx,
+        &topology.queue,
+        &topology.dead,
+    ] {
+        needs.insert((Access::Write, name.clone()));
+    }
+    needs.insert((Access::Write, DEFAULT_EXCHANGE.to_owned()));
+    for name in [&topology.queue, &topology.dead, &topology.dlx] {
+        needs.insert((Access::Read, name.clone()));
+    }
+    for (_, name) in topology.delay_queues() {
+        needs.insert((Access::Read, name.clone()));
+    }
+    needs.insert((Access::Read, SERVER_NAMED_QUEUE.to_owned()));
+    needs
+}
+
+/// Names a permission must be tested against: the topology's, the
+/// broker's own, and others' that resemble ours.
+fn candidate_names(topology: &Topology) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = worker_needs(topology)
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    let queue = &topology.queue;
+    let results = &topology.results_exchange;
+    names.extend([
+        "payments".to_owned(),
+        format!("{queue}-archive"),
+        format!("other.{queue}"),
+        format!("{queue}.dead.old"),
+        format!("{queue}.retry.30s.parked"),
+        format!("{queue}.retry.s"),
+        format!("{queue}.dlx2"),
+        format!("{results}.local"),
+        format!("x{results}"),
+        "amq.direct".to_owned(),
+        "amq.topic".to_owned(),
+        "amq.rabbitmq.trace".to_owned(),
+    ]);
+    names
+}
+
+/// The broker URL of the worker's pods (its Secret, through the
+/// Deployment's environment).
+pub(crate) fn worker_broker_uri() -> lapin::uri::AMQPUri {
+    let env = deployment_env();
+    env_value(&env, "CPW__AMQP__URL")
+        .parse()
+        .unwrap_or_else(|e| panic!("CPW__AMQP__URL: {e}"))
+}
+
+/// KEDA's management URL (its Secret, through the TriggerAuthentication),
+/// and the vhost of its trigger.
+fn keda_user_and_vhost() -> (url::Url, String) {
+    let scaled = k8s_resource("ScaledObject", None);
+    let trigger = at(&scaled, "/spec/triggers/0");
+    let auth = k8s_resource(
+        "TriggerAuthentication",
+        Some(text(trigger, "/authenticationRef/name")),
+    );
+    let host = at(&auth, "/spec/secretTargetRef")
+        .as_array()
+        .expect("refs")
+        .iter()
+        .find(|r| r["parameter"] == "host")
+        .expect("the host comes from a secret")
+        .clone();
+    let secret = k8s_resource("Secret", Some(text(&host, "/name")));
+    let url = text(&secret, &format!("/stringData/{}", text(&host, "/key")));
+    let url = url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    (url, text(trigger, "/metadata/vhostName").to_owned())
+}
+
+fn definition_user<'a>(definitions: &'a Value, name: &str) -> &'a Value {
+    named(definitions, "users")
+        .into_iter()
+        .find(|u| u["name"] == name)
+        .unwrap_or_else(|| panic!("the definitions create no user {name}"))
+}
+
+/// The one permission entry of `user` on `vhost`, as `access → regex`.
+fn definition_permissions(
+    definitions: &Value,
+    user: &str,
+    vhost: &str,
+) -> BTreeMap<Access, String> {
+    let entries: Vec<&Value> = named(definitions, "permissions")
+        .into_iter()
+        .filter(|p| p["user"] == user && p["vhost"] == vhost)
+        .collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "one permission entry for {user} on {vhost}"
+    );
+    Access::ALL
+        .into_iter()
+        .map(|access| {
+            (
+                access,
+                text(entries[0], &format!("/{}", access.key())).to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_user_a_secret_names_exists_without_a_password_in_the_repository() {
+    let definitions = definitions();
+    let worker = worker_broker_uri();
+    let (keda, keda_vhost) = keda_user_and_vhost();
+    let secret_users = [
+        (
+            worker.authority.userinfo.username.clone(),
+            worker.authority.userinfo.password.clone(),
+            worker.vhost.clone(),
+        ),
+        (
+            keda.username().to_owned(),
+            keda.password().expect("a password").to_owned(),
+            keda_vhost,
+        ),
+    ];
+    let defined: BTreeSet<&str> = named(&definitions, "users")
+        .into_iter()
+        .map(|u| text(u, "/name"))
+        .collect();
+    let named_by_secrets: BTreeSet<&str> =
+        secret_users.iter().map(|(u, _, _)| u.as_str()).collect();
+    assert_eq!(defined, named_by_secrets, "the users are the secrets' own");
+    let vhosts: BTreeSet<&str> = named(&definitions, "vhosts")
+        .into_iter()
+        .map(|v| text(v, "/name"))
+        .collect();
+    for (name, password, vhost) in &secret_users {
+        let user = definition_user(&definitions, name);
+        // No password: the user cannot log in until an operator sets the
+        // one its Secret holds. A hash here would be a credential in git.
+        assert_eq!(user["password_hash"], "", "{name}");
+        assert_eq!(user["hashing_algorithm"], "rabbit_password_hashing_sha256");
+        assert!(
+            password.starts_with("REPLACE_WITH_THE_"),
+            "{name}: the Secret holds a placeholder, not {password}"
+        );
+        assert!(vhosts.contains(vhost.as_str()), "{name}: vhost {vhost}");
+        definition_permissions(&definitions, name, vhost);
+    }
+    assert_ne!(
+        secret_users[0].1, secret_users[1].1,
+        "one placeholder per user"
+    );
+    assert_eq!(
+        named(&definitions, "permissions").len(),
+        secret_users.len(),
+        "no permissions for anyone else"
+    );
+}
+
+#[test]
+fn the_worker_user_may_use_its_own_objects_and_nothing_else() {
+    let definitions = definitions();
+    let uri = worker_broker_uri();
+    let user = &uri.authority.userinfo.username;
+    assert_eq!(definition_user(&definitions, user)["tags"], "", "no tags");
+    let regexes = definition_permissions(&definitions, user, &uri.vhost);
+
+    let other_delays = Settings::load_from(
+        None,
+        [(
+            "CPW__RETRY__REDELIVERY_DELAYS_SECS".to_owned(),
+            "5,60,5".to_owned(),
+        )],
+    )
+    .expect("valid settings");
+    let mut wrong = BTreeSet::new();
+    for settings in [default_settings(), deployment_settings(), other_delays] {
+        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+        let needs = worker_needs(&topology);
+        for name in candidate_names(&topology) {
+            for access in Access::ALL {
+                let needed = needs.contains(&(access, name.clone()));
+                if permits(&regexes[&access], &name) != needed {
+                    let verb = if needed { "refuses" } else { "allows" };
+                    wrong.insert(format!("{} {verb} {name}", access.key()));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{user}: {wrong:#?}");
+}
+
+#[test]
+fn the_keda_user_sees_queue_lengths_and_can_touch_no_message() {
+    let definitions = definitions();
+    let (url, vhost) = keda_user_and_vhost();
+    let user = url.username();
+    // `monitoring` opens the management API; a permission entry on the vhost,
+    // even an empty one, lets it read a queue's counts there (RabbitMQ 3.10:
+    // without one, 401 "User not authorised to access virtual host"). Any
+    // read would let whoever holds KEDA's secret take commands off the queue.
+    assert_eq!(definition_user(&definitions, user)["tags"], "monitoring");
+    let regexes = definition_permissions(&definitions, user, &vhost);
+    let settings = default_settings();
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    for access in Access::ALL {
+        for name in candidate_names(&topology) {
+            assert!(
+                !permits(&regexes[&access], &name),
+                "{user}: {} allows {name}",
+                access.key()
+            );
+        }
+    }
 }

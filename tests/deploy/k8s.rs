@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::common::*;
 use crate::compose::{compose_environment, compose_services};
+use crate::definitions::worker_broker_uri;
 use credit_purchase_worker::configuration::Settings;
 use serde_json::{Value, json};
 
@@ -356,4 +357,217 @@ pub(crate) fn keda_scales_on_the_commands_queue_with_unacked_messages_counted() 
         url.starts_with("http://") || url.starts_with("https://"),
         "{url}"
     );
+}
+/// The labels a selector requires (`matchLabels`) are all on `labels`.
+fn selects(selector: &Value, labels: &Value, what: &str) {
+    let required = selector.as_object().expect("matchLabels is a map");
+    assert!(
+        !required.is_empty(),
+        "{what}: an empty selector takes everything"
+    );
+    for (key, value) in required {
+        assert_eq!(&labels[key], value, "{what}: label {key}");
+    }
+}
+
+#[test]
+fn the_image_comes_from_a_registry_the_kustomization_sets() {
+    let container_image = text(&worker_container(), "/image").to_owned();
+    assert!(
+        !container_image.contains(['/', ':', '@']),
+        "deployment.yaml names the image alone ({container_image}): the \
+         kustomization is the one place with its registry and tag"
+    );
+    let kustomization = yaml(&format!("{K8S}/kustomization.yaml"));
+    let images = at(&kustomization, "/images").as_array().expect("images");
+    let image = images
+        .iter()
+        .find(|i| i["name"] == *container_image)
+        .unwrap_or_else(|| panic!("no images: entry for {container_image}"));
+    let new_name = text(image, "/newName");
+    let (registry, path) = new_name
+        .split_once('/')
+        .unwrap_or_else(|| panic!("{new_name} names no registry"));
+    assert!(
+        registry.contains(['.', ':']) || registry == "localhost",
+        "{registry} is not a registry host: Docker would read it as a Docker Hub user"
+    );
+    assert!(path.ends_with(&container_image), "{new_name}");
+    let tag = text(image, "/newTag");
+    assert_ne!(tag, "latest", "a tag that moves cannot be rolled back");
+    assert!(
+        tag.len() <= 128
+            && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
+        "{tag} is not a valid image tag"
+    );
+    // The README tells how to set both, in the commands kustomize takes: in
+    // place, and in an overlay, which sees the name this file produced.
+    let readme = read("README.md");
+    for name in [container_image.as_str(), new_name] {
+        let command = format!("kustomize edit set image {name}=");
+        assert!(readme.contains(&command), "README: `{command}…`");
+    }
+}
+
+#[test]
+fn the_service_monitor_scrapes_metrics_on_the_ops_port_of_the_pods() {
+    let port = ops_port();
+    let deployment = deployment();
+    let pod_labels = at(&deployment, "/spec/template/metadata/labels");
+    let container = worker_container();
+    let service = k8s_resource("Service", None);
+    let monitor = k8s_resource("ServiceMonitor", None);
+
+    selects(at(&service, "/spec/selector"), pod_labels, "the Service");
+    selects(
+        at(&monitor, "/spec/selector/matchLabels"),
+        at(&service, "/metadata/labels"),
+        "the ServiceMonitor",
+    );
+    assert!(
+        monitor.pointer("/spec/namespaceSelector").is_none(),
+        "the ServiceMonitor looks in its own namespace, where the Service is"
+    );
+    // A replica paused on a refused key is unready; its metrics still count.
+    assert_eq!(service["spec"]["publishNotReadyAddresses"], true);
+
+    let endpoints = at(&monitor, "/spec/endpoints")
+        .as_array()
+        .expect("endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let endpoint = &endpoints[0];
+    assert_eq!(text(endpoint, "/path"), "/metrics");
+    let service_port = at(&service, "/spec/ports")
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == endpoint["port"])
+        .unwrap_or_else(|| panic!("the Service has no port {}", endpoint["port"]))
+        .clone();
+    let target = &service_port["targetPort"];
+    let container_port = at(&container, "/ports")
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == *target || p["containerPort"] == *target)
+        .unwrap_or_else(|| panic!("no container port {target}"))
+        .clone();
+    assert_eq!(integer(&container_port, "/containerPort"), i64::from(port));
+    assert_eq!(service_port["protocol"], "TCP");
+}
+
+/// `(port, protocol)` of a NetworkPolicy rule's `ports`; a rule without any
+/// allows every port, which no rule here may do.
+fn policy_ports(rule: &Value, what: &str) -> BTreeSet<(String, String)> {
+    let ports = rule
+        .get("ports")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("{what}: a rule without ports allows them all"));
+    ports
+        .iter()
+        .map(|p| {
+            assert!(p.get("endPort").is_none(), "{what}: a port range");
+            let port = match &p["port"] {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                other => panic!("{what}: port {other}"),
+            };
+            (port, text(p, "/protocol").to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_network_policy_admits_monitoring_on_the_ops_port_and_egress_to_the_broker_hyperline_and_dns()
+{
+    let port = ops_port();
+    let deployment = deployment();
+    let policy = k8s_resource("NetworkPolicy", None);
+    selects(
+        at(&policy, "/spec/podSelector/matchLabels"),
+        at(&deployment, "/spec/template/metadata/labels"),
+        "the NetworkPolicy",
+    );
+    // Both directions listed: a policy without Egress leaves egress open.
+    assert_eq!(
+        at(&policy, "/spec/policyTypes"),
+        &json!(["Ingress", "Egress"])
+    );
+
+    let ingress = at(&policy, "/spec/ingress").as_array().expect("ingress");
+    assert_eq!(ingress.len(), 1, "one way in");
+    let from = at(&ingress[0], "/from").as_array().expect("from");
+    assert_eq!(
+        from,
+        &vec![json!({
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "monitoring" } }
+        })],
+        "from the monitoring namespace only"
+    );
+    let ops: BTreeSet<(String, String)> = [(port.to_string(), "TCP".to_owned())].into();
+    let named: BTreeSet<(String, String)> = [("ops".to_owned(), "TCP".to_owned())].into();
+    let ingress_ports = policy_ports(&ingress[0], "ingress");
+    assert!(
+        ingress_ports == ops || ingress_ports == named,
+        "{ingress_ports:?}"
+    );
+
+    let egress = at(&policy, "/spec/egress").as_array().expect("egress");
+    let allowed: BTreeSet<(String, String)> = egress
+        .iter()
+        .flat_map(|rule| policy_ports(rule, "egress"))
+        .collect();
+    let tcp = |port: u16| (port.to_string(), "TCP".to_owned());
+    let expected: BTreeSet<(String, String)> = [
+        tcp(5672),
+        tcp(5671),
+        tcp(443),
+        tcp(53),
+        ("53".to_owned(), "UDP".to_owned()),
+    ]
+    .into();
+    assert_eq!(allowed, expected);
+
+    // The ports the pod's own settings use are among them.
+    let pod = deployment_settings();
+    let broker_port = worker_broker_uri().authority.port;
+    let hyperline_port = pod
+        .hyperline
+        .base_url
+        .port_or_known_default()
+        .expect("a port");
+    for needed in [broker_port, hyperline_port] {
+        assert!(allowed.contains(&tcp(needed)), "egress to {needed}");
+    }
+
+    // Hyperline is on the internet: its rule keeps the cluster's own
+    // networks out.
+    let https = egress
+        .iter()
+        .find(|rule| policy_ports(rule, "egress").contains(&tcp(hyperline_port)))
+        .expect("a rule for Hyperline");
+    let ipv4 = at(https, "/to")
+        .as_array()
+        .expect("to")
+        .iter()
+        .find(|peer| peer["ipBlock"]["cidr"] == "0.0.0.0/0")
+        .expect("an IPv4 block")
+        .clone();
+    let except: BTreeSet<&str> = at(&ipv4, "/ipBlock/except")
+        .as_array()
+        .expect("except")
+        .iter()
+        .map(|c| c.as_str().expect("a CIDR"))
+        .collect();
+    for private in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+    ] {
+        assert!(except.contains(private), "443 to {private} is allowed");
+    }
 }

@@ -105,3 +105,27 @@ fn the_dashboard_is_provisionable_and_its_panels_query_the_worker() {
         "exemplars are labelled trace_id (operations/metrics.rs)"
     );
 }
+
+/// Every `status` label a Hyperline request can carry is documented in the
+/// README's metrics table (`other` was not).
+#[test]
+fn every_request_status_label_is_documented() {
+    use credit_purchase_worker::hyperline::{PurchaseAnswer, PurchaseResponse};
+    let readme = read("README.md");
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `cpw_hyperline_requests_total{status}`"))
+        .expect("the metrics row");
+    for status in (100..600).step_by(7).chain([429]) {
+        let label = PurchaseResponse {
+            answer: PurchaseAnswer::InProgress,
+            status: Some(status),
+            quota: None,
+        }
+        .status_class();
+        assert!(
+            row.contains(&format!("`{label}`")),
+            "{label} (HTTP {status}) in {row}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use cpw_testkit::broker::{Observer, as_command, delete_topology, worker_env};
 use cpw_testkit::wait_until;
 use credit_purchase_worker::broker::history::STEP_HEADER;
-use credit_purchase_worker::broker::{Topology, header_u64};
+use credit_purchase_worker::broker::{Mismatch, Topology, header_u64};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
     Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings,
@@ -93,7 +93,7 @@ pub struct TestApp {
     pub channel: Channel,
     events: Observer,
     connection: Connection,
-    worker: Option<(CancellationToken, JoinHandle<()>)>,
+    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -198,7 +198,8 @@ impl TestApp {
             tokio::time::timeout(WAIT, handle)
                 .await
                 .expect("worker stops in time")
-                .expect("worker task");
+                .expect("worker task")
+                .expect("the test topology matches the worker's");
         }
     }
 
