@@ -37,7 +37,12 @@ pub struct Topology {
     pub dead: String,
     queue_type: QueueType,
     delivery_limit: u32,
+    quorum_initial_group_size: u32,
 }
+
+/// The argument that sets how many nodes replicate a new quorum queue. Only
+/// creation reads it, yet RabbitMQ compares it on every redeclaration.
+const GROUP_SIZE: &str = "x-quorum-initial-group-size";
 
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
@@ -65,6 +70,7 @@ impl Topology {
             results_exchange: amqp.results_exchange.clone(),
             queue_type: amqp.queue_type,
             delivery_limit: amqp.delivery_limit,
+            quorum_initial_group_size: amqp.quorum_initial_group_size,
             queue,
         }
     }
@@ -92,13 +98,20 @@ impl Topology {
     /// Arguments shared by our queues of the configured type. Quorum queues
     /// dead-letter at most once unless told otherwise; `at-least-once` (which
     /// requires `reject-publish` overflow) keeps a dead letter from vanishing
-    /// on its way to the DLX or back from a delay queue.
+    /// on its way to the DLX or back from a delay queue. On a cluster every
+    /// quorum queue (commands, delay, dead letters) is replicated on
+    /// `amqp.quorum_initial_group_size` nodes, so no part of the topology
+    /// lives on one node only.
     fn typed(&self, extra: &[(&str, AMQPValue)]) -> FieldTable {
         let mut args = match self.queue_type {
             QueueType::Quorum => table(&[
                 ("x-queue-type", text("quorum")),
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
+                (
+                    GROUP_SIZE,
+                    AMQPValue::LongLongInt(i64::from(self.quorum_initial_group_size)),
+                ),
             ]),
             QueueType::Classic => table(&[("x-queue-type", text("classic"))]),
         };
@@ -122,6 +135,42 @@ impl Topology {
         self.typed(&extra)
     }
 
+    /// A quorum queue created before `amqp.quorum_initial_group_size`
+    /// existed has no group size, and RabbitMQ refuses our declaration as
+    /// inequivalent. The size matters only at creation, so the queue is
+    /// redeclared without it (on a fresh channel: the refusal closed the
+    /// first); any other difference is refused again, and the first refusal
+    /// is reported.
+    async fn declare_existing(
+        &self,
+        connection: &Connection,
+        name: String,
+        args: &FieldTable,
+        refusal: lapin::Error,
+    ) -> Result<(), TopologyError> {
+        let refused = |source| TopologyError {
+            what: "queue",
+            name: name.clone(),
+            source,
+        };
+        if !args.inner().contains_key(GROUP_SIZE) {
+            return Err(refused(refusal));
+        }
+        let mut without = FieldTable::default();
+        for (key, value) in args.inner() {
+            if key.as_str() != GROUP_SIZE {
+                without.insert(key.clone(), value.clone());
+            }
+        }
+        match declare_on_own_channel(connection, &name, without).await {
+            Ok(_) => {
+                tracing::info!(queue = %name, "queue created without {GROUP_SIZE}; kept as it is");
+                Ok(())
+            }
+            Err(_) => Err(refused(refusal)),
+        }
+    }
+
     /// Declares everything; idempotent against an identical existing topology.
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
         let channel = connection
@@ -132,10 +181,6 @@ impl Topology {
                 name: "topology".into(),
                 source,
             })?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
         let exchange = |kind: ExchangeKind, name: String| {
             let channel = channel.clone();
             async move {
@@ -157,18 +202,12 @@ impl Topology {
         exchange(ExchangeKind::Topic, self.results_exchange.clone()).await?;
         exchange(ExchangeKind::Fanout, self.dlx.clone()).await?;
 
-        let declare_queue = |name: String, args: FieldTable| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .queue_declare(name.as_str().into(), durable, args)
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| TopologyError {
-                        what: "queue",
-                        name,
-                        source,
-                    })
+        // Each queue on a channel of its own: a refusal closes its channel,
+        // and the fallback of `declare_existing` needs the others intact.
+        let declare_queue = |name: String, args: FieldTable| async move {
+            match declare_on_own_channel(connection, &name, args.clone()).await {
+                Ok(()) => Ok(()),
+                Err(source) => self.declare_existing(connection, name, &args, source).await,
             }
         };
         let bind = |queue: String, exchange: String, key: String| {
@@ -215,6 +254,22 @@ impl Topology {
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
+}
+
+/// A durable queue declared on a channel opened for it and closed after.
+async fn declare_on_own_channel(
+    connection: &Connection,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel.queue_declare(name.into(), durable, args).await?;
+    let _ = channel.close(200, "queue declared".into()).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use super::Pipeline;
 use super::decision::Outcome;
 use crate::broker::{self, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
+use crate::operations::metrics::NodeLabel;
 use crate::operations::{HEARTBEAT, Health, depths};
 
 /// The longest a broker call of the session's setup may take. lapin's calls
@@ -97,16 +98,48 @@ pub struct SessionContext<'a> {
     pub name: &'a str,
 }
 
-/// Runs one session until shutdown (`Ok`) or a failure (`Err`).
-pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
+/// Runs one session until shutdown (`Ok`) or a failure (`Err`), on the
+/// first node of `amqp.url` that answers from `*node` on; `*node` is then
+/// the index of the node the session ran on.
+pub async fn run(ctx: &SessionContext<'_>, node: &mut usize) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
     let health = ctx.health;
-    let connection = call(
-        health,
-        "connect",
-        broker::connect(&amqp.url, ctx.name, amqp.ca_file.as_deref()),
-    )
-    .await?;
+    let urls = amqp.url.nodes();
+    let connect = broker::connect_first(
+        urls,
+        *node,
+        ctx.name,
+        amqp.ca_file.as_deref(),
+        BROKER_CALL_TIMEOUT,
+    );
+    let (connection, on) = beating(health, connect).await?;
+    *node = on;
+    let label = broker::node_label(&urls[on]);
+    // A handle of its own: the family's guard must not be held across awaits.
+    let gauge = ctx
+        .pipeline
+        .metrics
+        .broker_node
+        .get_or_create(&NodeLabel {
+            node: label.clone(),
+        })
+        .clone();
+    gauge.set(1);
+    health.set_node(Some(label.clone()));
+    let result = run_on(ctx, &connection, &label).await;
+    gauge.set(0);
+    health.set_node(None);
+    result
+}
+
+/// The session on an open connection to the node `label`.
+async fn run_on(
+    ctx: &SessionContext<'_>,
+    connection: &Connection,
+    label: &str,
+) -> Result<(), SessionError> {
+    let amqp = &ctx.settings.amqp;
+    let health = ctx.health;
     if amqp.declare_topology {
         call(
             health,
@@ -125,7 +158,7 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     let qos = BasicQosOptions { global: false };
     call(health, "basic.qos", channel.basic_qos(amqp.prefetch, qos)).await?;
     ctx.health.set_connected(true);
-    tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "connected to the broker");
+    tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, node = %label, "connected to the broker");
 
     ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
     let mut tasks = JoinSet::new();

@@ -161,7 +161,8 @@ pub(crate) fn compose_workers_start_with_their_environment_and_probe_the_ops_por
     }
     assert!(depends.contains_key("rabbitmq") && depends.contains_key("simulator"));
     assert_eq!(
-        settings.amqp.url, "amqp://guest:guest@rabbitmq:5672/%2f",
+        settings.amqp.url.nodes(),
+        ["amqp://guest:guest@rabbitmq:5672/%2f"],
         "the broker service, with the user of compose/rabbitmq-local.json"
     );
 }

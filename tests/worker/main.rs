@@ -15,4 +15,5 @@ mod redirects;
 mod repeated_delays;
 mod resilience;
 mod time_bounds;
+mod topology_upgrade;
 mod traces;
