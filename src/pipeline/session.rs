@@ -141,17 +141,12 @@ async fn run_on(
     let amqp = &ctx.settings.amqp;
     let health = ctx.health;
     if amqp.declare_topology {
-        call(
-            health,
-            "declare",
-            ctx.pipeline.topology.declare(&connection),
-        )
-        .await?;
+        call(health, "declare", ctx.pipeline.topology.declare(connection)).await?;
     }
     let publisher = call(
         health,
         "open the publisher",
-        Publisher::open(&connection, amqp.confirm_timeout()),
+        Publisher::open(connection, amqp.confirm_timeout()),
     )
     .await?;
     let channel = call(health, "open a channel", connection.create_channel()).await?;
@@ -162,7 +157,7 @@ async fn run_on(
 
     ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
     let mut tasks = JoinSet::new();
-    let depths = depths::sample(&connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
+    let depths = depths::sample(connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
     let result = tokio::select! {
         result = consume(ctx, &channel, &publisher, &mut tasks) => result,
         never = depths => match never {},
@@ -170,7 +165,7 @@ async fn run_on(
     ctx.health.set_connected(false);
     if result.is_ok() {
         drain(ctx, &mut tasks).await;
-        close(&connection).await;
+        close(connection).await;
     }
     result
 }

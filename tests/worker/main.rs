@@ -2,6 +2,7 @@
 
 mod broker_refusals;
 mod chaos;
+mod cluster;
 mod credentials;
 mod helpers;
 mod hostile;
