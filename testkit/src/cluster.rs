@@ -44,6 +44,8 @@ pub struct Node {
     pub name: String,
     /// AMQP port on 127.0.0.1.
     pub port: u16,
+    /// Erlang distribution port.
+    dist: u16,
     /// Its folder: data, logs, configuration, pid file.
     dir: PathBuf,
     /// The `rabbitmq-server` process.
@@ -144,7 +146,16 @@ impl Cluster {
             started_in: Duration::ZERO,
         };
         for i in 1..=size {
-            let node = cluster.spawn_node(&format!("{tag}n{i}"));
+            let short = format!("{tag}n{i}");
+            let dir = cluster.dir.join(&short);
+            let mut node = Node {
+                name: format!("{short}@localhost"),
+                port: free_port(),
+                dist: free_port(),
+                dir,
+                server: None,
+            };
+            node.server = Some(cluster.spawn_server(&node));
             cluster.nodes.push(node);
         }
         for i in 0..size {
@@ -163,24 +174,29 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn spawn_node(&self, short: &str) -> Node {
-        let name = format!("{short}@localhost");
-        let dir = self.dir.join(short);
-        std::fs::create_dir_all(&dir).expect("node folder");
-        let port = free_port();
-        let dist = free_port();
+    /// Starts `rabbitmq-server` for `node`, whose folder keeps its data
+    /// across restarts (a restarted node rejoins its cluster by itself).
+    fn spawn_server(&self, node: &Node) -> Child {
+        let dir = &node.dir;
+        std::fs::create_dir_all(dir).expect("node folder");
         let conf = dir.join("rabbitmq.conf");
         std::fs::write(
             &conf,
-            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n",
+                node.port
+            ),
         )
         .expect("node configuration");
-        let log = std::fs::File::create(dir.join("stdout.log")).expect("node log");
-        let server = self
-            .command("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &name)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stdout.log"))
+            .expect("node log");
+        self.command("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_NODE_PORT", node.port.to_string())
+            .env("RABBITMQ_DIST_PORT", node.dist.to_string())
             .env("RABBITMQ_CONFIG_FILE", &conf)
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
@@ -188,13 +204,7 @@ impl Cluster {
             .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("rabbitmq-server starts");
-        Node {
-            name,
-            port,
-            dir,
-            server: Some(server),
-        }
+            .expect("rabbitmq-server starts")
     }
 
     /// A command of the installed RabbitMQ, with this cluster's cookie and
@@ -225,6 +235,49 @@ impl Cluster {
             Ok(mut child) => wait_bounded(&mut child, CTL),
             Err(_) => false,
         }
+    }
+
+    /// What `rabbitmqctl -q -n <node i> args…` printed, if it succeeded.
+    pub fn ctl_output(&self, i: usize, args: &[&str]) -> Option<String> {
+        let child = self
+            .command("rabbitmqctl")
+            .args(["-q", "-n", &self.nodes[i].name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        // Output small enough for the pipe; the wait is bounded by `CTL`.
+        let deadline = Instant::now() + CTL;
+        let mut child = child;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// The index of the node holding the leader of quorum queue `queue`, as
+    /// node `asked` sees it.
+    pub fn leader_of(&self, asked: usize, queue: &str) -> Option<usize> {
+        let out = self.ctl_output(asked, &["list_queues", "name", "leader"])?;
+        let leader = out
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .map(|(_, leader)| leader.trim().to_owned())?;
+        self.nodes.iter().position(|n| n.name == leader)
     }
 
     fn ctl_ok(&self, i: usize, args: &[&str]) {
@@ -268,23 +321,40 @@ impl Cluster {
     }
 
     /// Stops node `i` hard: SIGKILL to its Erlang VM, as a crashed machine.
+    /// A node already killed is left alone: its pid file goes with it, so a
+    /// pid the system has since given to another process is never signalled.
     pub fn kill(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        if let Ok(pid) = std::fs::read_to_string(node.dir.join("pid")) {
+        let Some(mut server) = node.server.take() else {
+            return;
+        };
+        let pid_file = node.dir.join("pid");
+        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
             let _ = Command::new("kill")
                 .args(["-9", pid.trim()])
                 .stderr(Stdio::null())
                 .status();
+            let _ = std::fs::remove_file(&pid_file);
         }
-        if let Some(mut server) = node.server.take() {
-            let _ = server.kill();
-            let _ = wait_bounded(&mut server, CTL);
-        }
+        let _ = server.kill();
+        let _ = wait_bounded(&mut server, CTL);
     }
 
     /// Stops node `i` gracefully, keeping its VM: `rabbitmqctl stop_app`.
     pub fn stop_app(&self, i: usize) {
         self.ctl_ok(i, &["stop_app"]);
+    }
+
+    /// Brings node `i` back after [`Cluster::kill`] or [`Cluster::stop_app`],
+    /// and waits until it runs, bounded.
+    pub fn bring_back(&mut self, i: usize) {
+        if self.nodes[i].server.is_some() {
+            self.ctl_ok(i, &["start_app"]);
+        } else {
+            let server = self.spawn_server(&self.nodes[i]);
+            self.nodes[i].server = Some(server);
+        }
+        self.await_startup(i);
     }
 }
 

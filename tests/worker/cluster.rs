@@ -15,8 +15,12 @@ use crate::helpers::{Options, TestApp, WAIT, spawn_without_worker};
 /// How soon a worker whose node died must consume again (the bound).
 const FAILOVER: Duration = Duration::from_secs(10);
 
+/// One cluster at a time: three more Erlang VMs per test are plenty for a
+/// small machine, and the failover timings should not measure contention.
+pub(crate) static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The cluster, or `None` (printed) where there can be none.
-fn cluster() -> Option<Cluster> {
+pub(crate) fn cluster() -> Option<Cluster> {
     match tokio::task::block_in_place(|| Cluster::start(3)) {
         Ok(cluster) => {
             println!("cluster: 3 nodes up and joined in {:?}", cluster.started_in);
@@ -53,6 +57,7 @@ async fn metrics(app: &TestApp) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_node_dies_moves_to_another_and_charges_once() {
+    let _one = ONE_CLUSTER.lock().await;
     let Some(mut cluster) = cluster() else {
         return;
     };

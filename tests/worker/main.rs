@@ -3,6 +3,7 @@
 mod broker_refusals;
 mod chaos;
 mod cluster;
+mod cluster_chaos;
 mod credentials;
 mod helpers;
 mod hostile;
