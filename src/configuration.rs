@@ -192,7 +192,7 @@ impl BrokerUrls {
 
     /// The first node: where the one-shot tools go first.
     pub fn first(&self) -> &str {
-        // `parse` refuses an empty list.
+        // `validate` refuses an empty list before any caller gets here.
         self.0.first().map_or("", String::as_str)
     }
 }
