@@ -223,9 +223,11 @@ pub struct Settings {
 /// `[amqp]`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AmqpSettings {
-    /// Broker URL (`amqp://` or `amqps://`); may carry a password, so it is
-    /// never logged whole.
-    pub url: String,
+    /// The broker's node URLs (`amqp://` or `amqps://`): one, or every node
+    /// of one cluster. They may carry a password, so they are never logged
+    /// whole.
+    #[serde(deserialize_with = "url_list")]
+    pub url: BrokerUrls,
     /// The commands queue; the other names derive from it.
     pub queue: String,
     /// Topic exchange of the result events.
@@ -244,6 +246,79 @@ pub struct AmqpSettings {
     pub connection_name: String,
     /// Extra CA certificates (PEM) for `amqps://`.
     pub ca_file: Option<PathBuf>,
+    /// `x-quorum-initial-group-size` of every quorum queue: how many nodes
+    /// hold a replica when the queue is created. RabbitMQ caps it at the
+    /// nodes running then, so the default (3) means "every node, up to 3".
+    pub quorum_initial_group_size: u32,
+}
+
+/// The node URLs of `amqp.url`, at least one, each `amqp://` or `amqps://`.
+/// A replica connects to the first that answers, from a random start (see
+/// `pipeline::supervisor`), so one cluster node down costs it one failed
+/// connection attempt, not its work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<String>);
+
+impl BrokerUrls {
+    /// Checks every URL; the error names `amqp.url` and, in a list, the
+    /// position of the bad one (never the URL: it may hold a password).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let urls = &self.0;
+        if urls.is_empty() {
+            return Err(invalid("amqp.url", "is empty: name at least one node"));
+        }
+        let many = urls.len() > 1;
+        for (i, url) in urls.iter().enumerate() {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !url.contains("://") || !matches!(scheme, "amqp" | "amqps") {
+                let which = if many {
+                    format!("entry {} of {}", i + 1, urls.len())
+                } else {
+                    "value".to_owned()
+                };
+                return Err(invalid(
+                    "amqp.url",
+                    format!("{which} must start with amqp:// or amqps://"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node URLs, in the configured order.
+    pub fn nodes(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The first node: where the one-shot tools go first.
+    pub fn first(&self) -> &str {
+        // `validate` refuses an empty list before any caller gets here.
+        self.0.first().map_or("", String::as_str)
+    }
+}
+
+/// `amqp.url` as one string, a TOML array, or `a,b,c` (the environment);
+/// surrounding blanks and empty entries (a trailing comma) are dropped.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrls, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        List(Vec<String>),
+        One(String),
+    }
+    let entries = match Urls::deserialize(d)? {
+        Urls::List(list) => list,
+        Urls::One(text) => vec![text],
+    };
+    Ok(BrokerUrls(
+        entries
+            .iter()
+            .flat_map(|entry| entry.split(','))
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
 }
 
 /// `[hyperline]`.
@@ -378,6 +453,7 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("retry.redelivery_delays_secs")
+                    .with_list_parse_key("amqp.url")
                     .try_parsing(true)
                     .source(Some(env.clone())),
             )
@@ -537,9 +613,12 @@ fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<
 
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        let scheme = self.url.split("://").next().unwrap_or_default();
-        if !self.url.contains("://") || !matches!(scheme, "amqp" | "amqps") {
-            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        self.url.validate()?;
+        if self.quorum_initial_group_size == 0 {
+            return Err(invalid(
+                "amqp.quorum_initial_group_size",
+                "must be at least 1",
+            ));
         }
         // Room for ".retry.<seconds>s".
         check_amqp_name("amqp.queue", &self.queue, 32)?;
@@ -707,7 +786,11 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let s = load(&[]).expect("defaults are valid");
-        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            s.amqp.url.nodes(),
+            ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+        );
+        assert_eq!(s.amqp.quorum_initial_group_size, 3);
         assert_eq!(s.amqp.queue, "credit-purchases");
         assert_eq!(s.amqp.results_exchange, "credit-purchase-results");
         assert_eq!(s.amqp.queue_type, QueueType::Quorum);
@@ -876,6 +959,47 @@ mod tests {
         );
         refused(&[("CPW__SERVER__LISTEN", "nowhere")], "listen");
         refused(&[("CPW__LOG__FORMAT", "xml")], "format");
+    }
+
+    #[test]
+    fn the_broker_url_may_list_the_nodes_of_a_cluster() {
+        let nodes = [
+            "amqp://u:p@rabbit-0:5672/%2f",
+            "amqps://u:p@rabbit-1:5671/%2f",
+            "amqp://u:p@rabbit-2/%2f",
+        ];
+        let s = load(&[("CPW__AMQP__URL", &nodes.join(","))]).expect("a list from the env");
+        assert_eq!(s.amqp.url.nodes(), nodes);
+        assert_eq!(s.amqp.url.first(), nodes[0]);
+        let spaced = load(&[("CPW__AMQP__URL", &format!(" {} , {} ,", nodes[0], nodes[1]))])
+            .expect("blanks and a trailing comma");
+        assert_eq!(spaced.amqp.url.nodes(), &nodes[..2]);
+
+        let dir = std::env::temp_dir().join(format!("cpw-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("worker.toml");
+        let array = format!(
+            "[amqp]\nurl = [\"{}\", \"{}\", \"{}\"]\n",
+            nodes[0], nodes[1], nodes[2]
+        );
+        std::fs::write(&file, array).expect("write");
+        let s = Settings::load_from(Some(&file), []).expect("a TOML array");
+        assert_eq!(s.amqp.url.nodes(), nodes);
+        std::fs::write(&file, "[amqp]\nurl = []\n").expect("write");
+        let empty = Settings::load_from(Some(&file), []).expect_err("an empty list");
+        assert!(empty.to_string().contains("amqp.url"), "{empty}");
+
+        let bad = format!("{},http://u:secret-pw@rabbit-1,{}", nodes[0], nodes[2]);
+        let line = load(&[("CPW__AMQP__URL", &bad)])
+            .expect_err("refused")
+            .to_string();
+        assert!(line.contains("`amqp.url` entry 2 of 3"), "{line}");
+        assert!(!line.contains("secret-pw"), "no password in {line}");
+        refused(&[("CPW__AMQP__URL", ",")], "amqp.url");
+        refused(
+            &[("CPW__AMQP__QUORUM_INITIAL_GROUP_SIZE", "0")],
+            "amqp.quorum_initial_group_size",
+        );
     }
 
     #[test]

@@ -799,6 +799,40 @@ async fn check_passes_with_everything_in_place_and_names_a_refused_key() {
 }
 
 #[tokio::test]
+async fn check_tries_every_node_of_a_cluster_and_prints_a_line_each() {
+    let admin = setup(false, Faults::default()).await;
+    // The test broker, and a node that is down (a port nobody listens on).
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let nodes = format!(
+        "{},amqp://guest:pw-of-node-2@127.0.0.1:{down}/%2f",
+        amqp_url()
+    );
+    let (code, stdout, stderr) = admin.cli(&["check"], &[("CPW__AMQP__URL", &nodes)]).await;
+    assert_eq!(
+        code,
+        Some(1),
+        "a node down fails the check: {stdout}\n{stderr}"
+    );
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in {stdout}"))
+            .to_owned()
+    };
+    assert!(line("✓ broker node 1/2 reachable at").contains("guest:***@127.0.0.1"));
+    let failed = line("✗ broker node 2/2: cannot reach the broker at");
+    assert!(failed.contains(&format!("127.0.0.1:{down}")), "{failed}");
+    assert!(!stdout.contains("pw-of-node-2"), "no password: {stdout}");
+    // The topology is still read, on the node that answered.
+    assert!(stdout.contains("✓ commands queue"), "{stdout}");
+    admin.cleanup().await;
+}
+
+#[tokio::test]
 async fn demo_runs_to_completion_with_one_charge_per_success() {
     let out = tokio::process::Command::new(BIN)
         .args([

@@ -61,14 +61,33 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
         Ok(_) => report.pass("configuration is valid"),
         Err(e) => report.fail(e),
     }
-    let url = redacted_url(&settings.amqp.url);
-    match super::connect(&settings.amqp, "check").await {
-        Ok(connection) => {
-            report.pass(format!("broker reachable at {url}"));
-            topology(&mut report, &connection, &settings).await;
-            super::close(&connection).await;
+    // Every node of a cluster, one line each: a node down is a replica's
+    // failover waiting to happen. The topology is read on the first that
+    // answers (a cluster shares it).
+    let nodes = settings.amqp.url.nodes();
+    let mut reachable = None;
+    for (i, node) in nodes.iter().enumerate() {
+        let (which, prefix) = if nodes.len() > 1 {
+            let which = format!("broker node {}/{}", i + 1, nodes.len());
+            (which.clone(), format!("{which}: "))
+        } else {
+            ("broker".to_owned(), String::new())
+        };
+        let single = std::slice::from_ref(node);
+        match super::connect_node(&settings.amqp, "check", single).await {
+            Ok(connection) => {
+                report.pass(format!("{which} reachable at {}", redacted_url(node)));
+                match reachable {
+                    None => reachable = Some(connection),
+                    Some(_) => super::close(&connection).await,
+                }
+            }
+            Err(e) => report.fail(format!("{prefix}{e}")),
         }
-        Err(e) => report.fail(e),
+    }
+    if let Some(connection) = reachable {
+        topology(&mut report, &connection, &settings).await;
+        super::close(&connection).await;
     }
     api(&mut report, &settings).await;
     report.exit_code()

@@ -109,7 +109,7 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Erro
     eprintln!(
         "demo: simulator at {}, worker on {} (queue {}), {} commands",
         simulator.base_url(),
-        redacted_url(&settings.amqp.url),
+        redacted_url(settings.amqp.url.first()),
         topology.queue,
         args.commands
     );

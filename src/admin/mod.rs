@@ -56,24 +56,34 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to the configured broker under a name that says which tool it is
+/// Connects to the configured broker (the first node of `amqp.url` that
+/// answers, in order) under a name that says which tool it is
 /// (`credit-purchase-worker@host (publish)`), so an operator reading the
 /// management UI can tell a stray admin connection from a replica.
 pub async fn connect(amqp: &AmqpSettings, tool: &str) -> Result<Connection, ConnectError> {
-    let url = redacted_url(&amqp.url);
+    connect_node(amqp, tool, amqp.url.nodes()).await
+}
+
+/// [`connect`] to the first of `urls` that answers.
+pub async fn connect_node(
+    amqp: &AmqpSettings,
+    tool: &str,
+    urls: &[String],
+) -> Result<Connection, ConnectError> {
+    let url = urls
+        .iter()
+        .map(|u| redacted_url(u))
+        .collect::<Vec<_>>()
+        .join(", ");
     let name = format!("{} ({tool})", amqp.connection_name());
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        broker::connect(&amqp.url, &name, amqp.ca_file.as_deref()),
-    )
-    .await
-    {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(cause)) => Err(ConnectError::Failed { url, cause }),
-        Err(_) => Err(ConnectError::Timeout {
+    let ca_file = amqp.ca_file.as_deref();
+    match broker::connect_first(urls, 0, &name, ca_file, CONNECT_TIMEOUT).await {
+        Ok((connection, _)) => Ok(connection),
+        Err(broker::ConnectError::Timeout(_)) => Err(ConnectError::Timeout {
             url,
             secs: CONNECT_TIMEOUT.as_secs(),
         }),
+        Err(cause) => Err(ConnectError::Failed { url, cause }),
     }
 }
 

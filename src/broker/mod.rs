@@ -19,6 +19,7 @@ pub use settlement::{Received, Settle, Settlements};
 pub use topology::{Object, Shape, Topology, TopologyError};
 
 use std::path::Path;
+use std::time::Duration;
 
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -67,6 +68,47 @@ pub async fn connect(
     })
 }
 
+/// Connects to the first node of a cluster that answers: `urls[start]`,
+/// then the next ones in turn, each attempt bounded by `per_node` (lapin's
+/// connect has no deadline of its own, and a firewalled node never answers).
+/// Returns the connection and the index of its node; after a failed sweep,
+/// the error of the last node tried. Each failure is logged with the node,
+/// its password redacted, so an operator sees which node is down.
+pub async fn connect_first(
+    urls: &[String],
+    start: usize,
+    name: &str,
+    ca_file: Option<&Path>,
+    per_node: Duration,
+) -> Result<(Connection, usize), ConnectError> {
+    let mut last = ConnectError::NoNode;
+    for i in (0..urls.len()).map(|k| (start + k) % urls.len()) {
+        let url = &urls[i];
+        let attempt = tokio::time::timeout(per_node, connect(url, name, ca_file)).await;
+        let error = match attempt {
+            Ok(Ok(connection)) => return Ok((connection, i)),
+            Ok(Err(ConnectError::CaFile(e))) => return Err(ConnectError::CaFile(e)),
+            Ok(Err(e)) => e,
+            Err(_) => ConnectError::Timeout(per_node),
+        };
+        if urls.len() > 1 {
+            tracing::warn!(node = %redacted_url(url), error = %error, "broker node unreachable; trying the next");
+        }
+        last = error;
+    }
+    Err(last)
+}
+
+/// A node's `host:port` (the scheme's default port when the URL has none):
+/// what the logs, `/readyz` and the `cpw_broker_node` metric call a node. No
+/// user, no password, no vhost.
+pub fn node_label(url: &str) -> String {
+    match url.parse::<AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "<unparseable amqp url>".to_owned(),
+    }
+}
+
 /// A server-named, exclusive, auto-deleted queue with a no-ack consumer, on a
 /// channel of its own: for replies and observers, which must vanish with
 /// their connection and leave nothing behind on the broker. Keep the channel
@@ -109,6 +151,12 @@ pub enum ConnectError {
     /// `amqp.ca_file` is not usable.
     #[error(transparent)]
     CaFile(#[from] ConfigError),
+    /// A node did not answer within the bound of one attempt.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// No node to try (an empty list; settings refuse one).
+    #[error("no broker node configured")]
+    NoNode,
 }
 
 /// The broker URL without its password, for logs and errors.

@@ -46,7 +46,12 @@ pub struct Topology {
     pub dead: String,
     queue_type: QueueType,
     delivery_limit: u32,
+    quorum_initial_group_size: u32,
 }
+
+/// The argument that sets how many nodes replicate a new quorum queue. Only
+/// creation reads it, yet RabbitMQ compares it on every redeclaration.
+const GROUP_SIZE: &str = "x-quorum-initial-group-size";
 
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
@@ -74,6 +79,7 @@ impl Topology {
             results_exchange: amqp.results_exchange.clone(),
             queue_type: amqp.queue_type,
             delivery_limit: amqp.delivery_limit,
+            quorum_initial_group_size: amqp.quorum_initial_group_size,
             queue,
         }
     }
@@ -101,13 +107,20 @@ impl Topology {
     /// Arguments shared by our queues of the configured type. Quorum queues
     /// dead-letter at most once unless told otherwise; `at-least-once` (which
     /// requires `reject-publish` overflow) keeps a dead letter from vanishing
-    /// on its way to the DLX or back from a delay queue.
+    /// on its way to the DLX or back from a delay queue. On a cluster every
+    /// quorum queue (commands, delay, dead letters) is replicated on
+    /// `amqp.quorum_initial_group_size` nodes, so no part of the topology
+    /// lives on one node only.
     fn typed(&self, extra: &[(&str, AMQPValue)]) -> FieldTable {
         let mut args = match self.queue_type {
             QueueType::Quorum => table(&[
                 ("x-queue-type", text("quorum")),
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
+                (
+                    GROUP_SIZE,
+                    AMQPValue::LongLongInt(i64::from(self.quorum_initial_group_size)),
+                ),
             ]),
             QueueType::Classic => table(&[("x-queue-type", text("classic"))]),
         };
@@ -192,8 +205,7 @@ impl Topology {
                 source,
             })?;
         for object in self.objects() {
-            object
-                .declare(&channel, false)
+            declare_object(connection, &channel, &object)
                 .await
                 .map_err(|source| TopologyError {
                     what: object.what,
@@ -246,7 +258,63 @@ pub enum Shape {
     Queue(FieldTable),
 }
 
+/// Declares `object`: an exchange on `channel`, a queue on a channel of its
+/// own. A quorum queue created before `amqp.quorum_initial_group_size`
+/// existed has no group size, and RabbitMQ refuses the declaration as
+/// inequivalent; the size matters only at creation, so the queue is declared
+/// again without it (on a fresh channel: the refusal closed the first), and
+/// any other difference is refused again, with the first refusal reported.
+async fn declare_object(
+    connection: &Connection,
+    channel: &Channel,
+    object: &Object,
+) -> Result<(), lapin::Error> {
+    if let Shape::Exchange(_) = object.shape {
+        return object.declare(channel, false).await.map(|_| ());
+    }
+    let refusal = match on_own_channel(connection, object).await {
+        Ok(()) => return Ok(()),
+        Err(refusal) => refusal,
+    };
+    match object.without_group_size() {
+        Some(older) if on_own_channel(connection, &older).await.is_ok() => {
+            tracing::info!(queue = %object.name, "queue created without {GROUP_SIZE}; kept as it is");
+            Ok(())
+        }
+        _ => Err(refusal),
+    }
+}
+
+/// Declares `object` on a channel opened for it and closed after.
+async fn on_own_channel(connection: &Connection, object: &Object) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    object.declare(&channel, false).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
 impl Object {
+    /// The same queue without `x-quorum-initial-group-size`: how a queue
+    /// created before that setting existed was declared. `None` for an
+    /// exchange or a queue declared without it.
+    pub fn without_group_size(&self) -> Option<Object> {
+        let Shape::Queue(arguments) = &self.shape else {
+            return None;
+        };
+        arguments.inner().contains_key(GROUP_SIZE).then(|| {
+            let mut older = FieldTable::default();
+            for (key, value) in arguments.inner() {
+                if key.as_str() != GROUP_SIZE {
+                    older.insert(key.clone(), value.clone());
+                }
+            }
+            Object {
+                shape: Shape::Queue(older),
+                ..self.clone()
+            }
+        })
+    }
+
     /// Declares it durable on `channel`, or only asks whether it exists
     /// (`passive`). A queue's answer gives its ready messages.
     pub async fn declare(&self, channel: &Channel, passive: bool) -> Result<u32, lapin::Error> {

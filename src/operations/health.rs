@@ -5,6 +5,7 @@
 //! fails while the replica cannot do useful work (broker down, consumer
 //! paused, key refused), which a restart would not fix.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,8 @@ pub struct Health {
     credentials_refused: AtomicBool,
     shutting_down: AtomicBool,
     last_beat_ms: AtomicU64,
+    /// `host:port` of the broker node of the open connection.
+    node: Mutex<Option<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -60,6 +63,19 @@ impl Health {
         if !up {
             self.consuming.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// The broker node (`host:port`) this replica's connection is on, or
+    /// none between sessions.
+    pub fn set_node(&self, node: Option<String>) {
+        if let Ok(mut current) = self.node.lock() {
+            *current = node;
+        }
+    }
+
+    /// The broker node of the open connection, for `/readyz`.
+    pub fn node(&self) -> Option<String> {
+        self.node.lock().ok().and_then(|node| node.clone())
     }
 
     /// Consumer registered or cancelled.

@@ -45,6 +45,13 @@ pub struct QueueLabel {
     pub queue: &'static str,
 }
 
+/// A broker node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    /// Its `host:port`, as in `amqp.url` (no credentials).
+    pub node: String,
+}
+
 /// The delay step of a broker-side redelivery.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
@@ -106,6 +113,9 @@ pub struct Metrics {
     pub processing: LatencyHistogram,
     /// Broker sessions that ended in an error and were rebuilt.
     pub reconnects: Counter,
+    /// 1 on the broker node this replica is connected to, 0 on the others
+    /// it has been on.
+    pub broker_node: Family<NodeLabel, Gauge>,
     /// 429s and exhausted quotas that paused the replica.
     pub rate_limit_waits: Counter,
     /// Time the replica was told to pause, summed.
@@ -141,6 +151,7 @@ impl Metrics {
             queue_messages: Family::default(),
             processing: latency_histogram(),
             reconnects: Counter::default(),
+            broker_node: Family::default(),
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
             credentials_refused: Gauge::default(),
@@ -209,6 +220,11 @@ impl Metrics {
             "reconnects",
             "Broker sessions rebuilt after a failure",
             m.reconnects.clone(),
+        );
+        registry.register(
+            "broker_node",
+            "1 on the broker node this replica is connected to (label node: host:port)",
+            m.broker_node.clone(),
         );
         registry.register(
             "rate_limit_waits",

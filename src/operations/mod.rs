@@ -39,8 +39,9 @@ async fn healthz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
 
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, String) {
     let r = ops.health.readiness();
+    let node = ops.health.node().unwrap_or_else(|| "none".to_owned());
     let text = format!(
-        "connected={} consuming={} credentials_ok={} shutting_down={}\n",
+        "connected={} consuming={} credentials_ok={} shutting_down={} node={node}\n",
         r.connected, r.consuming, r.credentials_ok, r.shutting_down
     );
     let status = if r.ready() {

@@ -20,6 +20,7 @@ use super::Pipeline;
 use super::decision::Outcome;
 use crate::broker::{self, Mismatch, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
+use crate::operations::metrics::NodeLabel;
 use crate::operations::{HEARTBEAT, Health, depths};
 
 /// The longest a broker call of the session's setup may take. lapin's calls
@@ -112,16 +113,48 @@ pub struct SessionContext<'a> {
     pub name: &'a str,
 }
 
-/// Runs one session until shutdown (`Ok`) or a failure (`Err`).
-pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
+/// Runs one session until shutdown (`Ok`) or a failure (`Err`), on the
+/// first node of `amqp.url` that answers from `*node` on; `*node` is then
+/// the index of the node the session ran on.
+pub async fn run(ctx: &SessionContext<'_>, node: &mut usize) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
     let health = ctx.health;
-    let connection = call(
-        health,
-        "connect",
-        broker::connect(&amqp.url, ctx.name, amqp.ca_file.as_deref()),
-    )
-    .await?;
+    let urls = amqp.url.nodes();
+    let connect = broker::connect_first(
+        urls,
+        *node,
+        ctx.name,
+        amqp.ca_file.as_deref(),
+        BROKER_CALL_TIMEOUT,
+    );
+    let (connection, on) = beating(health, connect).await?;
+    *node = on;
+    let label = broker::node_label(&urls[on]);
+    // A handle of its own: the family's guard must not be held across awaits.
+    let gauge = ctx
+        .pipeline
+        .metrics
+        .broker_node
+        .get_or_create(&NodeLabel {
+            node: label.clone(),
+        })
+        .clone();
+    gauge.set(1);
+    health.set_node(Some(label.clone()));
+    let result = run_on(ctx, &connection, &label).await;
+    gauge.set(0);
+    health.set_node(None);
+    result
+}
+
+/// The session on an open connection to the node `label`.
+async fn run_on(
+    ctx: &SessionContext<'_>,
+    connection: &Connection,
+    label: &str,
+) -> Result<(), SessionError> {
+    let amqp = &ctx.settings.amqp;
+    let health = ctx.health;
     if amqp.declare_topology {
         // Compared before anything is declared, so a mismatch leaves no
         // half-made topology behind.
@@ -129,26 +162,26 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
         call(
             health,
             "compare the topology",
-            topology.first_mismatch(&connection),
+            topology.first_mismatch(connection),
         )
         .await?;
-        call(health, "declare", topology.declare(&connection)).await?;
+        call(health, "declare", topology.declare(connection)).await?;
     }
     let publisher = call(
         health,
         "open the publisher",
-        Publisher::open(&connection, amqp.confirm_timeout()),
+        Publisher::open(connection, amqp.confirm_timeout()),
     )
     .await?;
     let channel = call(health, "open a channel", connection.create_channel()).await?;
     let qos = BasicQosOptions { global: false };
     call(health, "basic.qos", channel.basic_qos(amqp.prefetch, qos)).await?;
     ctx.health.set_connected(true);
-    tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "connected to the broker");
+    tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, node = %label, "connected to the broker");
 
     ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
     let mut tasks = JoinSet::new();
-    let depths = depths::sample(&connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
+    let depths = depths::sample(connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
     let result = tokio::select! {
         result = consume(ctx, &channel, &publisher, &mut tasks) => result,
         never = depths => match never {},
@@ -156,7 +189,7 @@ pub async fn run(ctx: &SessionContext<'_>) -> Result<(), SessionError> {
     ctx.health.set_connected(false);
     if result.is_ok() {
         drain(ctx, &mut tasks).await;
-        close(&connection).await;
+        close(connection).await;
     }
     result
 }

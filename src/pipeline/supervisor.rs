@@ -40,10 +40,14 @@ pub async fn run(
         name: &name,
     };
     let mut wait = RECONNECT_FIRST;
+    // Replicas start at a random node of the list, so they spread over the
+    // cluster instead of all landing on its first node.
+    let nodes = settings.amqp.url.nodes();
+    let mut node = rand::random_range(0..nodes.len());
     loop {
         health.beat();
         let started = tokio::time::Instant::now();
-        match session::run(&ctx).await {
+        match session::run(&ctx, &mut node).await {
             Ok(()) => break,
             Err(SessionError::Mismatch(mismatch)) => {
                 health.set_connected(false);
@@ -59,7 +63,9 @@ pub async fn run(
                 if started.elapsed() > RECONNECT_MAX {
                     wait = RECONNECT_FIRST;
                 }
-                tracing::warn!(error = %e, broker = %redacted_url(&settings.amqp.url), retry_in = ?wait, "broker session ended; reconnecting");
+                tracing::warn!(error = %e, broker = %redacted_url(&nodes[node]), retry_in = ?wait, "broker session ended; reconnecting");
+                // The node just lost is tried last; the others first.
+                node = (node + 1) % nodes.len();
                 let backoff = async {
                     tokio::select! {
                         () = shutdown.cancelled() => false,

@@ -7,6 +7,7 @@
 //!
 //! - [`broker`]: where the test broker is, publishing with confirms, the
 //!   observer of result events, queue depths, removing a test's topology;
+//! - [`cluster`]: a real three-node RabbitMQ cluster started by a test;
 //! - [`commands`]: valid command bodies with fresh ids;
 //! - [`rules`]: the command rules of CONTRACT.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
@@ -18,6 +19,7 @@
 use std::time::Duration;
 
 pub mod broker;
+pub mod cluster;
 pub mod commands;
 pub mod hostile;
 pub mod rules;

@@ -161,7 +161,8 @@ pub(crate) fn compose_workers_start_with_their_environment_and_probe_the_ops_por
     }
     assert!(depends.contains_key("rabbitmq") && depends.contains_key("simulator"));
     assert_eq!(
-        settings.amqp.url, "amqp://guest:guest@rabbitmq:5672/%2f",
+        settings.amqp.url.nodes(),
+        ["amqp://guest:guest@rabbitmq:5672/%2f"],
         "the broker service, with the user of compose/rabbitmq-local.json"
     );
 }
@@ -203,4 +204,70 @@ pub(crate) fn compose_builds_from_the_dockerfile_and_mounts_existing_files() {
     let mounts = at(&rabbitmq, "/volumes").to_string();
     assert!(mounts.contains("./rabbitmq-definitions.json:"), "{mounts}");
     assert!(text(&rabbitmq, "/image").starts_with("rabbitmq:3.13-management"));
+}
+
+#[test]
+pub(crate) fn the_cluster_profile_runs_the_workers_on_three_nodes_of_one_cluster() {
+    let nodes = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"];
+    let conf = read("deploy/compose/rabbitmq-cluster.conf");
+    let mut cookies = Vec::new();
+    for (i, name) in nodes.iter().enumerate() {
+        let node = compose_service(name);
+        assert_eq!(at(&node, "/profiles"), &serde_json::json!(["cluster"]));
+        assert_eq!(
+            text(&node, "/hostname"),
+            *name,
+            "the node name derives from it"
+        );
+        assert!(
+            conf.contains(&format!(
+                "cluster_formation.classic_config.nodes.{} = rabbit@{name}",
+                i + 1
+            )),
+            "{name} is in the peer list"
+        );
+        assert!(
+            at(&node, "/volumes")
+                .to_string()
+                .contains("./compose/rabbitmq-cluster.conf:"),
+            "{name} reads the cluster configuration"
+        );
+        cookies.push(
+            compose_environment(&node)
+                .into_iter()
+                .find(|(k, _)| k == "RABBITMQ_ERLANG_COOKIE")
+                .map(|(_, v)| v)
+                .expect("a cookie"),
+        );
+        at(&node, "/healthcheck/test");
+    }
+    assert!(cookies.windows(2).all(|w| w[0] == w[1]), "one cookie");
+
+    let worker = compose_service("worker-cluster");
+    assert_eq!(at(&worker, "/profiles"), &serde_json::json!(["cluster"]));
+    let settings = Settings::load_from(None, compose_environment(&worker))
+        .unwrap_or_else(|e| panic!("a cluster worker would not start: {e}"));
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("amqp://guest:guest@{n}:5672/%2f"))
+        .collect();
+    assert_eq!(
+        settings.amqp.url.nodes(),
+        urls,
+        "every node, in CPW__AMQP__URL"
+    );
+    assert!(
+        settings.amqp.declare_topology,
+        "no definitions on the nodes"
+    );
+    assert_eq!(settings.amqp.quorum_initial_group_size, 3);
+    let depends = at(&worker, "/depends_on").as_object().expect("long form");
+    for name in nodes.iter().chain(&["simulator"]) {
+        assert_eq!(depends[*name]["condition"], "service_healthy", "{name}");
+    }
+    // Everything else as the single-node workers: probes, drain, replicas.
+    let single = compose_service("worker");
+    for field in ["/healthcheck", "/stop_grace_period", "/deploy", "/command"] {
+        assert_eq!(at(&worker, field), at(&single, field), "{field}");
+    }
 }

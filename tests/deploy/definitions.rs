@@ -21,6 +21,7 @@ pub(crate) fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, 
                 "x-queue-type": "quorum",
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
+                "x-quorum-initial-group-size": settings.amqp.quorum_initial_group_size,
             }),
             QueueType::Classic => json!({ "x-queue-type": "classic" }),
         };

@@ -47,6 +47,10 @@ pub struct Options {
     pub faults: Faults,
     /// The key the simulator accepts and the worker is given.
     pub api_key: String,
+    /// The broker node of the test's own connection (publishing, observing,
+    /// depths), when not the test broker: a cluster test keeps it off the
+    /// node it kills.
+    pub driver_url: Option<String>,
 }
 
 impl Default for Options {
@@ -58,6 +62,7 @@ impl Default for Options {
                 ..Faults::default()
             },
             api_key: SIM_KEY.to_owned(),
+            driver_url: None,
         }
     }
 }
@@ -69,6 +74,11 @@ impl Options {
     }
     pub fn faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+    /// The test's own connection goes to `url`; see [`Options::driver_url`].
+    pub fn driver(mut self, url: &str) -> Self {
+        self.driver_url = Some(url.to_owned());
         self
     }
     pub fn api_key(mut self, key: &str) -> Self {
@@ -142,7 +152,10 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     );
     env.extend(options.env);
 
-    let connection = cpw_testkit::broker::connect("cpw-test-driver")
+    let driver = options
+        .driver_url
+        .unwrap_or_else(cpw_testkit::broker::amqp_url);
+    let connection = credit_purchase_worker::broker::connect(&driver, "cpw-test-driver", None)
         .await
         .expect("broker reachable");
     let channel = connection.create_channel().await.expect("channel");
@@ -399,6 +412,15 @@ impl TestApp {
             .await
             .map(|r| r.status().as_u16())
             .unwrap_or(0)
+    }
+
+    /// `/readyz`'s body (`connected=… node=host:port`), empty if unreachable.
+    pub async fn readyz_body(&self) -> String {
+        let addr = self.ops_addr.expect("worker started");
+        match reqwest::get(format!("http://{addr}/readyz")).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 
     /// Polls `/readyz` until it answers `status`, bounded.

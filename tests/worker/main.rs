@@ -2,6 +2,8 @@
 
 mod broker_refusals;
 mod chaos;
+mod cluster;
+mod cluster_chaos;
 mod credentials;
 mod helpers;
 mod hostile;
@@ -15,4 +17,5 @@ mod redirects;
 mod repeated_delays;
 mod resilience;
 mod time_bounds;
+mod topology_upgrade;
 mod traces;

@@ -1,0 +1,148 @@
+//! A worker on a real three-node RabbitMQ cluster (`cpw_testkit::cluster`)
+//! loses its node with purchases in flight: it must consume again from
+//! another node within 10 s, and every command must end charged once and
+//! answered. Skipped, with the reason printed, where RabbitMQ is not
+//! installed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use cpw_testkit::cluster::Cluster;
+use credit_purchase_worker::simulator::Faults;
+
+use crate::helpers::{Options, TestApp, WAIT, spawn_without_worker};
+
+/// How soon a worker whose node died must consume again (the bound).
+const FAILOVER: Duration = Duration::from_secs(10);
+
+/// One cluster at a time: three more Erlang VMs per test are plenty for a
+/// small machine, and the failover timings should not measure contention.
+pub(crate) static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The cluster, or `None` (printed) where there can be none.
+pub(crate) fn cluster() -> Option<Cluster> {
+    match tokio::task::block_in_place(|| Cluster::start(3)) {
+        Ok(cluster) => {
+            println!("cluster: 3 nodes up and joined in {:?}", cluster.started_in);
+            Some(cluster)
+        }
+        Err(skip) => {
+            println!("skipped: {skip}");
+            None
+        }
+    }
+}
+
+/// The port of the node `/readyz` names, once the worker is ready.
+async fn consuming_on(app: &TestApp) -> u16 {
+    app.wait_readyz(200).await;
+    let body = app.readyz_body().await;
+    body.split_whitespace()
+        .find_map(|field| field.strip_prefix("node="))
+        .and_then(|node| node.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("/readyz names the node: {body:?}"))
+}
+
+/// The worker's `/metrics` text.
+async fn metrics(app: &TestApp) -> String {
+    let addr = app.ops_addr.expect("worker started");
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("a body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_node_dies_moves_to_another_and_charges_once() {
+    let _one = ONE_CLUSTER.lock().await;
+    let Some(mut cluster) = cluster() else {
+        return;
+    };
+    let faults = Faults {
+        latency_ms: 1000,
+        rate_limit: 0,
+        ..Faults::default()
+    };
+    // The test's own connection stays on node 0; the worker is given every
+    // node and must not be on node 0 when its node is killed.
+    let mut app = spawn_without_worker(
+        Options::default()
+            .driver(&cluster.url(0))
+            .env("CPW__AMQP__URL", cluster.urls().join(","))
+            .env("CPW__AMQP__PREFETCH", 64)
+            .faults(faults),
+    )
+    .await;
+    let mut starts = 0;
+    let node = loop {
+        app.start_worker().await;
+        starts += 1;
+        let port = consuming_on(&app).await;
+        let node = cluster.node_with_port(port).expect("a node of the cluster");
+        if node != 0 {
+            break node;
+        }
+        // A third of the starts land on node 0: a random start, as it should.
+        assert!(
+            starts < 12,
+            "12 starts, all on node 0: the start is not random"
+        );
+        app.stop_worker().await;
+    };
+
+    let ids = app.publish_commands(50).await;
+    app.wait_requests(50).await;
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| cluster.kill(node));
+    let moved = loop {
+        let port = consuming_on(&app).await;
+        if cluster.node_with_port(port) != Some(node) {
+            break killed.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "cluster: node {node} killed with 50 purchases in flight; consuming again after {moved:?}"
+    );
+    assert!(moved < FAILOVER, "consuming again after {moved:?}");
+    let metrics = metrics(&app).await;
+    let gauge = |i: usize| {
+        format!(
+            "cpw_broker_node{{node=\"127.0.0.1:{}\"}}",
+            cluster.nodes[i].port
+        )
+    };
+    assert!(metrics.contains(&format!("{} 0", gauge(node))), "{metrics}");
+    assert_eq!(
+        (0..3)
+            .filter(|i| metrics.contains(&format!("{} 1", gauge(*i))))
+            .count(),
+        1,
+        "one node connected: {metrics}"
+    );
+
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let events = app
+        .events_until(WAIT, |events| {
+            let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
+            wanted.iter().all(|id| answered.contains(id))
+        })
+        .await;
+    let mut per_command: HashMap<&str, usize> = HashMap::new();
+    for event in &events {
+        assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+        *per_command.entry(event.command_id()).or_default() += 1;
+    }
+    assert!(
+        wanted.iter().all(|id| per_command.contains_key(id)),
+        "every command answered"
+    );
+    let duplicates: usize = per_command.values().map(|n| n - 1).sum();
+    println!("cluster: 50 answered, {duplicates} duplicate events");
+    app.assert_charged_once(&ids);
+    app.wait_until_drained().await;
+    app.cleanup().await;
+}
