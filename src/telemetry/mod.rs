@@ -15,8 +15,8 @@ mod traceparent;
 
 use std::io::IsTerminal;
 
-use tracing::Metadata;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -53,7 +53,7 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, Expo
             .with_threads(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false)
-            .with_filter(filter_fn(|meta| meta.is_span() && meta.target() == SPANS));
+            .with_filter(Targets::new().with_target(SPANS, LevelFilter::TRACE));
         layers.push(Box::new(spans));
     }
     let _ = Registry::default().with(layers).try_init();
@@ -66,9 +66,14 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, Expo
 /// Colour codes only when stderr is a terminal: a pretty log sent to a file
 /// or a pipe stays plain text.
 fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| default_filter(level))
-        .and(filter_fn(|meta: &Metadata<'_>| meta.target() != SPANS));
+    // Static directives only: a filter decided per call (a closure) would
+    // make every callsite of every crate, lapin's frame tracing included,
+    // ask again on each call instead of being switched off once.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter(level));
+    let filter = match format!("{SPANS}=off").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
