@@ -11,6 +11,7 @@
 //! wants them, so creating one costs a cached callsite check.
 
 pub mod export;
+mod json_lines;
 mod traceparent;
 
 use std::io::IsTerminal;
@@ -74,18 +75,16 @@ fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    let layer = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr.with_max_level(tracing::Level::TRACE));
+    let writer = std::io::stderr.with_max_level(tracing::Level::TRACE);
     match format {
-        LogFormat::Json => layer
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => json_lines::JsonLines::new(writer)
             .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => layer.with_filter(filter).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     }
 }
 

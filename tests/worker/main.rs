@@ -9,6 +9,7 @@ mod helpers;
 mod hostile;
 mod invalid;
 mod leak;
+mod logs;
 mod operations;
 mod outcomes;
 mod reconcile_at_window;
