@@ -73,15 +73,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn run(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(config)?;
-    let exporter = telemetry::init_with_export(settings.log.format, &settings.log.level)?;
+    let telemetry = telemetry::init_with_export(settings.log.format, &settings.log.level)?;
     let app = Application::build(settings).await?;
-    tracing::info!(ops = %app.ops_addr(), spans_exported = exporter.enabled(), "starting");
+    tracing::info!(ops = %app.ops_addr(), spans_exported = telemetry.spans_exported(), "starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     // A topology that differs ends the process with its one line (exit 2),
     // not a reconnection loop; the last spans (the drain's) go out first.
     let stopped = app.run_until_stopped(shutdown).await;
-    let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     stopped?;
     Ok(ExitCode::SUCCESS)
 }

@@ -28,6 +28,7 @@ use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
@@ -105,12 +106,14 @@ impl Visit for SpanFields {
 struct Line<'a> {
     out: &'a mut String,
     names: &'a mut Vec<&'static str>,
+    /// The event is a `log` record: its `log.*` fields are in the metadata.
+    from_log: bool,
 }
 
 impl Line<'_> {
     /// Starts the member `name`, or returns false when it is already there.
     fn key(&mut self, name: &'static str) -> bool {
-        if self.names.contains(&name) {
+        if self.names.contains(&name) || (self.from_log && name.starts_with("log.")) {
             return false;
         }
         self.names.push(name);
@@ -194,7 +197,9 @@ where
         let write = |(out, names): &mut (String, Vec<&'static str>)| {
             out.clear();
             names.clear();
-            let metadata = event.metadata();
+            // A record of the `log` crate names its own target in fields.
+            let normalized = event.normalized_metadata();
+            let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
             out.push_str("{\"timestamp\":\"");
             let mut stamp = [0u8; 40];
             let mut cursor = &mut stamp[..];
@@ -208,7 +213,11 @@ where
             out.push_str("\",\"level\":\"");
             out.push_str(metadata.level().as_str());
             out.push('"');
-            let mut line = Line { out, names };
+            let mut line = Line {
+                out,
+                names,
+                from_log: normalized.is_some(),
+            };
             line.key("target");
             string_value(line.out, metadata.target());
             event.record(&mut line);
@@ -447,6 +456,25 @@ mod tests {
         assert_eq!(line["ratio"], 0.5);
         assert_eq!(line["nan"], Value::Null);
         assert_eq!(line["later"], "recorded");
+    }
+
+    #[test]
+    fn a_record_of_the_log_crate_keeps_its_own_target() {
+        let record = log::Record::builder()
+            .args(format_args!("from log"))
+            .level(log::Level::Warn)
+            .target("some_crate::module")
+            .build();
+        let got = lines(|| tracing_log::format_trace(&record).expect("dispatched"));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["target"], "some_crate::module");
+        assert_eq!(got[0]["level"], "WARN");
+        assert_eq!(got[0]["message"], "from log");
+        assert!(
+            got[0].keys().all(|k| !k.starts_with("log.")),
+            "{:?}",
+            got[0]
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! `command` span (its ids) as its context, and without an exporter no layer
 //! wants them, so creating one costs a cached callsite check.
 
+mod batched;
 pub mod export;
 mod json_lines;
 mod traceparent;
@@ -18,7 +19,7 @@ use std::io::IsTerminal;
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::{EnvFilter, Targets};
-use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -33,20 +34,48 @@ pub const SPANS: &str = "cpw_otel";
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-/// Installs the global subscriber, logs only; a second call (tests) is a
-/// no-op. For the operator subcommands and the simulator.
+/// Installs the global subscriber, logs only, written to stderr as they
+/// come; a second call (tests) is a no-op. For the operator subcommands and
+/// the simulator.
 pub fn init(format: LogFormat, level: &str) {
     let _ = Registry::default()
-        .with(log_layer(format, level))
+        .with(log_layer(format, level, std::io::stderr))
         .try_init();
 }
 
-/// Installs the global subscriber with span export when the environment
-/// asks for it (see [`export`]). The returned [`Exporter`] must be shut down
-/// at the end so the last spans are sent.
-pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, ExportError> {
+/// What the worker's telemetry holds until the end: the span exporter and
+/// the thread that writes the logs.
+pub struct Telemetry {
+    exporter: Exporter,
+    /// `None` when the log thread could not start: lines go to stderr
+    /// directly.
+    logs: Option<batched::Flush>,
+}
+
+impl Telemetry {
+    pub fn spans_exported(&self) -> bool {
+        self.exporter.enabled()
+    }
+
+    /// Sends the last spans, then writes the last lines (the exporter's
+    /// own included). Blocks: call it off the runtime's threads.
+    pub fn shutdown(self) {
+        self.exporter.shutdown();
+        drop(self.logs);
+    }
+}
+
+/// Installs the worker's global subscriber: logs written in batches by a
+/// thread of their own ([`batched`]), and span export when the environment
+/// asks for it (see [`export`]). The returned [`Telemetry`] must be shut
+/// down at the end so the last spans and lines are written.
+pub fn init_with_export(format: LogFormat, level: &str) -> Result<Telemetry, ExportError> {
     let exporter = Exporter::from_env()?;
-    let mut layers = vec![log_layer(format, level)];
+    let (log, logs) = match batched::stderr() {
+        Ok((writer, flush)) => (log_layer(format, level, writer), Some(flush)),
+        Err(_) => (log_layer(format, level, std::io::stderr), None),
+    };
+    let mut layers = vec![log];
     if let Some(tracer) = exporter.tracer() {
         let spans = tracing_opentelemetry::layer()
             .with_tracer(tracer)
@@ -58,7 +87,7 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, Expo
         layers.push(Box::new(spans));
     }
     let _ = Registry::default().with(layers).try_init();
-    Ok(exporter)
+    Ok(Telemetry { exporter, logs })
 }
 
 /// The log layer: everything `level` (or `RUST_LOG`) enables, except the
@@ -66,7 +95,10 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Exporter, Expo
 ///
 /// Colour codes only when stderr is a terminal: a pretty log sent to a file
 /// or a pipe stays plain text.
-fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
+fn log_layer<W>(format: LogFormat, level: &str, writer: W) -> BoxedLayer
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     // Static directives only: a filter decided per call (a closure) would
     // make every callsite of every crate, lapin's frame tracing included,
     // ask again on each call instead of being switched off once.
@@ -75,7 +107,6 @@ fn log_layer(format: LogFormat, level: &str) -> BoxedLayer {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    let writer = std::io::stderr.with_max_level(tracing::Level::TRACE);
     match format {
         LogFormat::Json => json_lines::JsonLines::new(writer)
             .with_filter(filter)
