@@ -217,7 +217,9 @@ impl Command {
         }
         let fields: Fields<'_> = serde_json::from_str(text)
             .map_err(|e| fail(InvalidReason::Json(e.to_string()), bare()))?;
-        let raw = RawIds {
+        // Read for the event of an invalid command only: a valid one would
+        // decode and copy every id twice.
+        let raw = || RawIds {
             command_id: match fields.command_id {
                 Some(id) => echo(Some(id)),
                 None => fallback_id(),
@@ -228,7 +230,7 @@ impl Command {
                 .credit_count
                 .and_then(|c| json_integer("credit_count", c, 1).ok()),
         };
-        Self::from_fields(&fields, message_id).map_err(|reason| fail(reason, raw))
+        Self::from_fields(&fields, message_id).map_err(|reason| fail(reason, raw()))
     }
 
     fn from_fields(f: &Fields<'_>, message_id: Option<&str>) -> Result<Command, InvalidReason> {

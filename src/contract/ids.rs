@@ -36,11 +36,19 @@ fn check_chars(
     allowed: &'static str,
     ok: impl Fn(char) -> bool,
 ) -> Result<(), IdError> {
-    let got = value.chars().count();
+    // One pass: every command checks three ids on the hot path.
+    let mut got = 0;
+    let mut first_bad = None;
+    for (position, c) in value.chars().enumerate() {
+        got = position + 1;
+        if first_bad.is_none() && !ok(c) {
+            first_bad = Some((position, c));
+        }
+    }
     if got < min || got > max {
         return Err(IdError::Length { min, max, got });
     }
-    match value.chars().enumerate().find(|(_, c)| !ok(*c)) {
+    match first_bad {
         Some((position, found)) => Err(IdError::Character {
             found,
             position,
