@@ -12,8 +12,8 @@
 //!
 //! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
-//! `BENCH_REPEAT` (runs of each instant-API scenario, default 5; the median
-//! is reported), `BENCH_LOG` (the worker's `RUST_LOG`; by default none, so
+//! `BENCH_REPEAT` (runs of each instant-API scenario and of `latency-2s`,
+//! default 5; the median is reported), `BENCH_LOG` (the worker's `RUST_LOG`; by default none, so
 //! the worker logs at its configured `log.level`, info, as operators run it;
 //! the instant scenarios also run it at warn, to show what logs cost),
 //! `BENCH_JITTER_MS` (latency scenarios: answers take the latency plus up to
@@ -712,7 +712,12 @@ struct Subject {
 
 impl Subject {
     fn spawn(mut cmd: Command, log_name: &str) -> Result<Subject> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cpw-bench");
+        // `BENCH_LOGS` moves the subjects' logs off the broker's disk (e.g. to
+        // a tmpfs).
+        let dir = std::env::var_os("BENCH_LOGS").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cpw-bench"),
+            std::path::PathBuf::from,
+        );
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join(format!("{log_name}.log")))?;
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CPW__") || k == "CPW_CONFIG")
@@ -1195,6 +1200,17 @@ mod scenarios {
                 report::verdict(cpu <= max_cpu),
                 quiet.cpu_per_1000() / b.cpu_per_1000()
             ));
+            // The latency target, judged where the table has long
+            // claimed it: the median of the runs' p99 at 2,000/s offered.
+            if let (Some(wp), Some(bp)) = (w.p99, b.p99) {
+                let ratio = wp.as_secs_f64() / bp.as_secs_f64().max(1e-9);
+                lines.push(format!(
+                    "{label}: p99 publish → event at 2,000/s {:.1} ms, {ratio:.2}× the baseline's {:.1} ms (target ≤ 1.20×): {}",
+                    wp.as_secs_f64() * 1e3,
+                    bp.as_secs_f64() * 1e3,
+                    report::verdict(ratio <= 1.2)
+                ));
+            }
         }
         Ok(lines)
     }
