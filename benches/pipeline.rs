@@ -18,7 +18,8 @@
 //! the instant scenarios also run it at warn, to show what logs cost),
 //! `BENCH_JITTER_MS` (latency scenarios: answers take the latency plus up to
 //! this much, uniformly; default 0),
-//! `BENCH_RSS_SECS` (length of the `rss` run, default 20),
+//! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `BENCH_LOGS`
+//! (the folder of the subjects' log files, default `target/cpw-bench`),
 //! `CPW_TEST_AMQP_URL` (the broker, as for the tests), `BENCH_WRAP` (a
 //! command the worker runs under, e.g. `heaptrack` or `perf record -g --`:
 //! for profiling, not for figures).
