@@ -13,9 +13,10 @@
 //! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario and of `latency-2s`,
-//! default 5; the median is reported), `BENCH_LOG` (the worker's `RUST_LOG`; by default none, so
-//! the worker logs at its configured `log.level`, info, as operators run it;
-//! the instant scenarios also run it at warn, to show what logs cost),
+//! default 5; the median is reported), `BENCH_LOG` (the worker's
+//! `RUST_LOG`; by default none, so the worker logs at its configured
+//! `log.level`, info, as operators run it; the instant scenarios also run it
+//! at warn, to show what logs cost),
 //! `BENCH_JITTER_MS` (latency scenarios: answers take the latency plus up to
 //! this much, uniformly; default 0),
 //! `BENCH_RSS_SECS` (length of the `rss` run, default 20), `BENCH_LOGS`
@@ -1136,6 +1137,24 @@ mod report {
 mod scenarios {
     use super::*;
 
+    /// `repeat` runs of each subject, the runs of each in the order given;
+    /// who goes first rotates, so a drifting machine favours none.
+    async fn alternating<const N: usize>(
+        broker: &Broker,
+        plan: &Plan,
+        subjects: [Who; N],
+        repeat: usize,
+    ) -> Result<[Vec<Figures>; N]> {
+        let mut runs: [Vec<Figures>; N] = std::array::from_fn(|_| Vec::new());
+        for i in 0..repeat {
+            for k in 0..N {
+                let at = (i + k) % N;
+                runs[at].push(run_once(broker, plan, subjects[at]).await?);
+            }
+        }
+        Ok(runs)
+    }
+
     /// Instant API: worker and baseline, interleaved, `BENCH_REPEAT` times.
     pub async fn instant(broker: &Broker, prefetch: u16) -> Result<Vec<String>> {
         let n = env_usize("BENCH_N", 100_000);
@@ -1156,20 +1175,13 @@ mod scenarios {
         report::heading(&format!(
             "{label}: instant API, prefetch {prefetch}, {n} commands queued, median of {repeat}"
         ));
-        let (mut workers, mut warns, mut baselines) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..repeat {
-            // Rotate who goes first, so a drifting machine favours none.
-            let mut order = [Who::Baseline, Who::Worker, Who::WorkerWarn];
-            order.rotate_left(i % 3);
-            for who in order {
-                let f = run_once(broker, &plan, who).await?;
-                match who {
-                    Who::Worker => workers.push(f),
-                    Who::WorkerWarn => warns.push(f),
-                    Who::Baseline => baselines.push(f),
-                }
-            }
-        }
+        let [baselines, workers, warns] = alternating(
+            broker,
+            &plan,
+            [Who::Baseline, Who::Worker, Who::WorkerWarn],
+            repeat,
+        )
+        .await?;
         report::runs("worker", &workers);
         report::runs("worker, log.level warn", &warns);
         report::runs("baseline", &baselines);
@@ -1237,18 +1249,8 @@ mod scenarios {
         // As many alternating runs as the instant scenarios: with one run
         // each, one slow stretch of the machine decided the figure (95.4 % in
         // a full run, 99.3 % for the same code run alone right after).
-        let (mut workers, mut baselines) = (Vec::new(), Vec::new());
-        for i in 0..repeat {
-            let mut order = [Who::Worker, Who::Baseline];
-            order.rotate_left(i % 2);
-            for who in order {
-                let f = run_once(broker, &plan, who).await?;
-                match who {
-                    Who::Baseline => baselines.push(f),
-                    _ => workers.push(f),
-                }
-            }
-        }
+        let [workers, baselines] =
+            alternating(broker, &plan, [Who::Worker, Who::Baseline], repeat).await?;
         report::runs("worker", &workers);
         report::runs("baseline", &baselines);
         let (w, b) = (median(&workers), median(&baselines));
