@@ -71,11 +71,13 @@ fn unknown_keys_line(keys: &[UnknownKey]) -> String {
 
 /// The keys that are valid without appearing in `config/default.toml`,
 /// where they are commented out because they have no default.
-const OPTIONAL_KEYS: [&str; 4] = [
+const OPTIONAL_KEYS: [&str; 6] = [
     "amqp.ca_file",
     "hyperline.api_key",
     "hyperline.api_key_file",
     "hyperline.ca_file",
+    "worker.history_keys",
+    "worker.history_keys_file",
 ];
 
 /// The layer an operator may drop in the working directory.
@@ -146,38 +148,42 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The Hyperline API key. Its `Debug` and `Display` print `[REDACTED]`, so a
-/// `{:?}` of any struct holding it cannot leak it into logs or errors.
+/// A secret (the Hyperline API key, a history key). Its `Debug` and
+/// `Display` print `[REDACTED]`, so a `{:?}` of any struct holding it cannot
+/// leak it into logs or errors.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(from = "String")]
-pub struct ApiKey(String);
+pub struct Secret(String);
 
-impl From<String> for ApiKey {
+/// The Hyperline API key.
+pub type ApiKey = Secret;
+
+impl From<String> for Secret {
     fn from(key: String) -> Self {
-        ApiKey::new(key)
+        Secret::new(key)
     }
 }
 
-impl ApiKey {
-    /// Wraps a key; surrounding whitespace (a trailing newline in a secret
-    /// file) is not part of it.
+impl Secret {
+    /// Wraps a secret; surrounding whitespace (a trailing newline in a
+    /// secret file) is not part of it.
     pub fn new(key: impl Into<String>) -> Self {
         Self(key.into().trim().to_owned())
     }
 
-    /// The key itself, for the `Authorization` header only.
+    /// The secret itself, for the `Authorization` header or a MAC only.
     pub fn expose(&self) -> &str {
         &self.0
     }
 }
 
-impl fmt::Debug for ApiKey {
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[REDACTED]")
     }
 }
 
-impl fmt::Display for ApiKey {
+impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[REDACTED]")
     }
@@ -375,6 +381,93 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     /// Longest time a delivery stays unacked, whatever Hyperline does.
     pub delivery_deadline_secs: u64,
+    /// The keys of the MAC on the worker's copies: the first signs, every
+    /// one verifies. Empty: a key derived from the API key.
+    #[serde(default, deserialize_with = "secret_list")]
+    pub history_keys: Vec<Secret>,
+    /// A file of history keys, one a line (a Kubernetes secret).
+    #[serde(default)]
+    pub history_keys_file: Option<PathBuf>,
+}
+
+/// The shortest history key accepted: a MAC key an attacker could guess
+/// protects nothing (`openssl rand -hex 32` gives 64 characters).
+pub const MIN_HISTORY_KEY_LEN: usize = 32;
+
+impl WorkerSettings {
+    /// Reads the key file and refuses a key list no replica could use.
+    fn validate_history_keys(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = self.history_keys_file.clone() {
+            if !self.history_keys.is_empty() {
+                return Err(invalid(
+                    "worker.history_keys_file",
+                    "is set together with worker.history_keys: set only one",
+                ));
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "worker.history_keys_file",
+                    format!("cannot be read ({}): {e}", path.display()),
+                )
+            })?;
+            self.history_keys = text
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(Secret::new)
+                .collect();
+            if self.history_keys.is_empty() {
+                return Err(invalid("worker.history_keys_file", "holds no key"));
+            }
+        }
+        let key = match self.history_keys_file {
+            Some(_) => "worker.history_keys_file",
+            None => "worker.history_keys",
+        };
+        for (i, secret) in self.history_keys.iter().enumerate() {
+            let len = secret.expose().chars().count();
+            if len < MIN_HISTORY_KEY_LEN {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "key {} of {} has {len} characters; at least {MIN_HISTORY_KEY_LEN} are \
+                         needed (e.g. `openssl rand -hex 32`)",
+                        i + 1,
+                        self.history_keys.len()
+                    ),
+                ));
+            }
+            if self.history_keys[..i].contains(secret) {
+                return Err(invalid(
+                    key,
+                    format!("key {} repeats an earlier key", i + 1),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `worker.history_keys` as a TOML array, or `a,b` from the environment
+/// (one key arrives as a scalar); blanks and empty entries dropped.
+fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        List(Vec<String>),
+        One(String),
+    }
+    let entries = match Keys::deserialize(d)? {
+        Keys::List(list) => list,
+        Keys::One(text) => vec![text],
+    };
+    Ok(entries
+        .iter()
+        .flat_map(|entry| entry.split(','))
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(Secret::new)
+        .collect())
 }
 
 /// `[server]`.
@@ -454,6 +547,7 @@ impl Settings {
                     .list_separator(",")
                     .with_list_parse_key("retry.redelivery_delays_secs")
                     .with_list_parse_key("amqp.url")
+                    .with_list_parse_key("worker.history_keys")
                     .try_parsing(true)
                     .source(Some(env.clone())),
             )
@@ -489,6 +583,7 @@ impl Settings {
         if self.worker.shutdown_grace_secs == 0 {
             return Err(invalid("worker.shutdown_grace_secs", "must be positive"));
         }
+        self.worker.validate_history_keys()?;
         if let Some(path) = self.hyperline.api_key_file.clone() {
             if self.hyperline.api_key.is_some() {
                 return Err(invalid(

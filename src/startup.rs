@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Mismatch, Topology};
+use crate::broker::{HistoryKeys, Mismatch, Topology};
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::credentials::Credentials;
 use crate::hyperline::gate::Gate;
@@ -59,7 +59,10 @@ impl Application {
     /// Checks the key, builds the client and binds the operations port.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let key = settings.require_api_key()?.clone();
-        let client = HyperlineClient::new(&settings.hyperline, key)?;
+        let client = HyperlineClient::new(&settings.hyperline, key.clone())?;
+        // The API key is there (just required), so keys always exist.
+        let history_keys = HistoryKeys::from_settings(&settings)
+            .unwrap_or_else(|| HistoryKeys::derived(key.expose().as_bytes()));
         let addr = settings.server.listen;
         let listener = operations::bind(addr)
             .await
@@ -86,6 +89,7 @@ impl Application {
                 window: settings.idempotency_window(),
             },
             replica: settings.amqp.connection_name(),
+            history_keys,
             stop_requests: CancellationToken::new(),
         });
         Ok(Application {

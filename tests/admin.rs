@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cpw_testkit::broker::{
-    Observer, amqp_url, as_command, connect, delete_topology, depth, worker_env,
+    Observer, amqp_url, as_command, connect, delete_topology, depth, sealed, worker_env,
 };
 use cpw_testkit::commands::{command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
@@ -421,6 +421,7 @@ async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
     let dead = admin.dead();
     let body = command_for(&old, "cus_admin").to_string();
     let props = BasicProperties::default().with_headers(headers);
+    let props = sealed(props, body.as_bytes(), SIM_KEY);
     admin.publish_to(&dead, body.as_bytes(), props).await;
     let body = command_for(&other, "cus_admin").to_string();
     admin

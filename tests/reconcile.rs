@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpw_testkit::broker::{Observer, as_command, connect, delete_topology, depth, worker_env};
+use cpw_testkit::broker::{
+    Observer, as_command, connect, delete_topology, depth, sealed, worker_env,
+};
 use cpw_testkit::commands::{command, command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
 use credit_purchase_worker::broker::history::{
@@ -175,12 +177,9 @@ impl World {
         put(DEAD_LETTERED_HEADER, long(first_attempt_ms + 60_000));
         put(ATTEMPTS_HEADER, long(6));
         let dead = self.topology.dead.clone();
-        self.publish_to(
-            &dead,
-            body,
-            BasicProperties::default().with_headers(headers),
-        )
-        .await;
+        let props = BasicProperties::default().with_headers(headers);
+        let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
+        self.publish_to(&dead, body, props).await;
     }
 
     /// The next event about `id`, bounded.

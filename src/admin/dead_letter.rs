@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::broker::history::{
     DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, QUEUE_HEADER, REPLICA_HEADER,
 };
-use crate::broker::{DeliveryHistory, header_str, header_u64};
+use crate::broker::{
+    DeliveryHistory, HistoryKeys, Message, Provenance, copy_properties, header_str, header_u64,
+};
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode};
 
@@ -71,7 +73,13 @@ pub struct DeadLetterInfo {
 
 /// Reads a dead letter. `delay_steps` is the number of configured
 /// redelivery steps, to recognise a command that used them all.
-pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) -> DeadLetterInfo {
+/// Its memory is believed only when `keys` verify it.
+pub fn inspect(
+    body: &[u8],
+    properties: &BasicProperties,
+    delay_steps: usize,
+    keys: Option<&HistoryKeys>,
+) -> DeadLetterInfo {
     let headers = properties.headers().as_ref();
     let message_id = properties.message_id().as_ref().map(|m| m.as_str());
     let parsed = Command::parse(body, message_id);
@@ -81,9 +89,11 @@ pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) ->
     };
     let deaths = deaths(headers);
     let latest = deaths.first();
-    let history = DeliveryHistory::read(headers);
-    let stamped_code = header_str(headers, ERROR_CODE_HEADER);
-    let dead_lettered_ms = header_u64(headers, DEAD_LETTERED_HEADER);
+    let (history, provenance) = DeliveryHistory::read(Message::of(properties, body), keys);
+    // The stamp is the worker's word only when its MAC verifies.
+    let ours = provenance == Provenance::Verified;
+    let stamped_code = header_str(headers, ERROR_CODE_HEADER).filter(|_| ours);
+    let dead_lettered_ms = header_u64(headers, DEAD_LETTERED_HEADER).filter(|_| ours);
     let guessed_code = match &parsed {
         Err(_) => Some(ErrorCode::InvalidCommand),
         Ok(_) if delay_steps > 0 && history.step as usize >= delay_steps => {
@@ -200,15 +210,14 @@ pub fn window(info: &DeadLetterInfo, now_ms: u64, in_process_budget: Duration) -
 /// dropped too, or the worker would refuse what the operator chose to force.
 pub fn replay_properties(
     properties: &BasicProperties,
+    body: &[u8],
     first_attempt_ms: Option<u64>,
     forced: bool,
+    keys: &HistoryKeys,
 ) -> BasicProperties {
     let kept = first_attempt_ms.filter(|_| !forced);
-    let headers = DeliveryHistory::fresh_start(properties.headers().as_ref(), kept);
-    properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
+    let headers = DeliveryHistory::fresh_start(Message::of(properties, body), kept, keys);
+    copy_properties(properties, headers)
 }
 
 #[cfg(test)]
@@ -221,7 +230,14 @@ mod tests {
         AMQPValue::LongString(LongString::from(s))
     }
 
-    fn dead_properties(first_attempt_ms: Option<u64>) -> BasicProperties {
+    fn keys() -> HistoryKeys {
+        HistoryKeys::derived(b"test key")
+    }
+
+    const ID: &str = "6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10";
+
+    /// A letter dead-lettered by the worker: its memory sealed for `body`.
+    fn dead_properties(first_attempt_ms: Option<u64>, body: &[u8]) -> BasicProperties {
         let mut death = FieldTable::default();
         death.insert("reason".into(), text("rejected"));
         death.insert("queue".into(), text("credit-purchases"));
@@ -249,15 +265,16 @@ mod tests {
                 AMQPValue::LongLongInt(ms as i64),
             );
         }
+        keys().seal(&mut headers, body, Some(ID));
         BasicProperties::default()
             .with_headers(headers)
-            .with_message_id("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10".into())
+            .with_message_id(ID.into())
     }
 
     #[test]
     fn the_latest_death_and_the_worker_headers_are_read() {
         let body = br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
-        let info = inspect(body, &dead_properties(None), 2);
+        let info = inspect(body, &dead_properties(None, body), 2, Some(&keys()));
         assert_eq!(
             info.command_id.as_deref(),
             Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
@@ -271,6 +288,16 @@ mod tests {
         assert_eq!(info.attempts, Some(9));
         // No cpw-first-attempt-ms: the earliest death stands in for it.
         assert_eq!(info.first_attempt_ms, Some(1_699_999_000_000));
+    }
+
+    #[test]
+    fn a_letters_memory_is_believed_only_when_it_verifies() {
+        let body = br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
+        let forged = dead_properties(Some(42), b"another body");
+        let info = inspect(body, &forged, 2, Some(&keys()));
+        assert_eq!((info.attempts, info.error_code), (None, None));
+        let unkeyed = inspect(body, &dead_properties(Some(42), body), 2, None);
+        assert_eq!(unkeyed.attempts, None);
     }
 
     #[test]
@@ -289,11 +316,16 @@ mod tests {
             replica: "credit-purchase-worker@pod-a",
             queue: "credit-purchases",
         };
-        let properties = BasicProperties::default()
-            .with_headers(history.stamp_dead(None, &mark))
-            .with_message_id("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10".into());
         let body = br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
-        let info = inspect(body, &properties, 4);
+        let message = Message {
+            headers: None,
+            body,
+            message_id: Some(ID),
+        };
+        let properties = BasicProperties::default()
+            .with_headers(history.stamp_dead(message, &mark, &keys()))
+            .with_message_id(ID.into());
+        let info = inspect(body, &properties, 4, Some(&keys()));
         assert_eq!(info.error_code, Some("unexpected_response"));
         assert_eq!(info.last_status, Some(200));
         assert_eq!(info.attempts, Some(3));
@@ -321,7 +353,7 @@ mod tests {
 
     #[test]
     fn an_unparseable_body_is_an_invalid_command() {
-        let info = inspect(b"{nope", &BasicProperties::default(), 2);
+        let info = inspect(b"{nope", &BasicProperties::default(), 2, Some(&keys()));
         assert_eq!(info.error_code, Some("invalid_command"));
         assert!(info.invalid_reason.is_some());
         assert_eq!(
@@ -334,30 +366,40 @@ mod tests {
     fn the_window_closes_an_hour_and_a_budget_before_24_hours() {
         let budget = Duration::from_secs(110);
         let hour = 3_600_000;
-        let info = |first| inspect(b"{}", &dead_properties(Some(first)), 2);
+        let info = |first| {
+            inspect(
+                b"{}",
+                &dead_properties(Some(first), b"{}"),
+                2,
+                Some(&keys()),
+            )
+        };
         let now = 100 * 24 * hour;
         assert_eq!(window(&info(now - 2 * hour), now, budget), Window::Open);
         assert_eq!(
             window(&info(now - 23 * hour), now, budget),
             Window::Closed(Duration::from_secs(23 * 3600))
         );
-        let bare = inspect(b"{}", &BasicProperties::default(), 2);
+        let bare = inspect(b"{}", &BasicProperties::default(), 2, Some(&keys()));
         assert_eq!(window(&bare, now, budget), Window::Unknown);
     }
 
     #[test]
     fn a_replayed_copy_keeps_the_window_start_and_nothing_else_of_its_history() {
-        let copy = replay_properties(&dead_properties(Some(42)), Some(42), false);
+        let letter = dead_properties(Some(42), b"{}");
+        let copy = replay_properties(&letter, b"{}", Some(42), false, &keys());
         let headers = copy.headers().clone().unwrap_or_default();
-        let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys, vec![FIRST_ATTEMPT_HEADER, "traceparent"]);
-        assert_eq!(copy.message_id(), dead_properties(None).message_id());
+        let names: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec![FIRST_ATTEMPT_HEADER, "cpw-mac", "traceparent"]);
+        assert_eq!(copy.message_id(), letter.message_id());
         assert_eq!(*copy.delivery_mode(), Some(2));
-        let forced = replay_properties(&dead_properties(Some(42)), Some(42), true);
-        let keys = forced.headers().clone().unwrap_or_default();
+        let (history, _) = DeliveryHistory::read(Message::of(&copy, b"{}"), Some(&keys()));
+        assert_eq!(history.first_attempt_ms, Some(42));
+        let forced = replay_properties(&letter, b"{}", Some(42), true, &keys());
+        let names = forced.headers().clone().unwrap_or_default();
         assert_eq!(
-            keys.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            vec!["traceparent"]
+            names.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["cpw-mac", "traceparent"]
         );
     }
 }

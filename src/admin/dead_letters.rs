@@ -19,7 +19,7 @@ use lapin::{Channel, Connection};
 
 use super::dead_letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
 use super::{ConnectError, output};
-use crate::broker::{Publisher, Topology};
+use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::{ListArgs, ReplayArgs};
 use crate::configuration::{ConfigError, Settings};
 
@@ -62,6 +62,7 @@ super::wrap_error!(Error::Broker(lapin::Error));
 /// `dead-letters list`: prints a table (or JSON lines) and puts every message back.
 pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Error> {
     let settings = Settings::load(config)?;
+    let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let result = async {
@@ -70,7 +71,7 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
         let steps = topology.retry_queues.len();
         let infos: Vec<DeadLetterInfo> = held
             .iter()
-            .map(|d| inspect(&d.data, &d.properties, steps))
+            .map(|d| inspect(&d.data, &d.properties, steps, keys.as_ref()))
             .collect();
         put_back(&held).await?;
         let _ = channel.close(200, "listed".into()).await;
@@ -152,6 +153,7 @@ async fn replay_on(
     topology: &Topology,
     args: &ReplayArgs,
 ) -> Result<Tally, Error> {
+    let keys = &HistoryKeys::require(settings)?;
     let channel = connection.create_channel().await?;
     let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
     let held = take_all(&channel, &topology.dead).await?;
@@ -169,6 +171,7 @@ async fn replay_on(
             &delivery.data,
             &delivery.properties,
             topology.retry_queues.len(),
+            Some(keys),
         );
         let id = info.command_id.clone().unwrap_or_else(|| "-".to_owned());
         let selected = args.all || args.command_id.contains(&id);
@@ -199,7 +202,13 @@ async fn replay_on(
             keep.push(delivery);
             continue;
         }
-        let properties = replay_properties(&delivery.properties, info.first_attempt_ms, args.force);
+        let properties = replay_properties(
+            &delivery.properties,
+            &delivery.data,
+            info.first_attempt_ms,
+            args.force,
+            keys,
+        );
         match publisher
             .publish_routed("", &topology.queue, &delivery.data, properties)
             .await

@@ -18,7 +18,7 @@ use lapin::options::BasicAckOptions;
 use super::dead_letter::inspect;
 use super::dead_letters::{Error, put_back, table, take_all};
 use super::output;
-use crate::broker::Topology;
+use crate::broker::{HistoryKeys, Topology};
 use crate::cli::PurgeArgs;
 use crate::configuration::Settings;
 
@@ -27,9 +27,10 @@ use crate::configuration::Settings;
 /// or a named command id has no dead letter.
 pub async fn purge(config: Option<&Path>, args: PurgeArgs) -> Result<ExitCode, Error> {
     let settings = Settings::load(config)?;
+    let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
-    let result = purge_on(&connection, &topology, &args).await;
+    let result = purge_on(&connection, &topology, &args, keys.as_ref()).await;
     super::close(&connection).await;
     let (removed, missing) = result?;
     for id in &missing {
@@ -49,6 +50,7 @@ async fn purge_on(
     connection: &lapin::Connection,
     topology: &Topology,
     args: &PurgeArgs,
+    keys: Option<&HistoryKeys>,
 ) -> Result<(Option<usize>, Vec<String>), Error> {
     let channel = connection.create_channel().await?;
     let held = take_all(&channel, &topology.dead).await?;
@@ -56,7 +58,7 @@ async fn purge_on(
     let (selected, kept): (Vec<_>, Vec<_>) = held
         .into_iter()
         .map(|d| {
-            let info = inspect(&d.data, &d.properties, steps);
+            let info = inspect(&d.data, &d.properties, steps, keys);
             (d, info)
         })
         .partition(|(_, info)| match &args.code {

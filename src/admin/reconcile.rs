@@ -48,7 +48,10 @@ use serde::Serialize;
 use super::ConnectError;
 use super::dead_letters::{put_back, take_all};
 use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER};
-use crate::broker::{DeliveryHistory, PublishError, Publisher, Topology, header_str, header_u64};
+use crate::broker::{
+    DeliveryHistory, HistoryKeys, Message, Provenance, PublishError, Publisher, Topology,
+    copy_properties, header_str, header_u64,
+};
 use crate::cli::ReconcileArgs;
 use crate::configuration::{ConfigError, Settings};
 use crate::contract::{Command, ErrorCode, ResultEvent};
@@ -207,6 +210,7 @@ async fn reconcile_on(
     client: &HyperlineClient,
     apply: bool,
 ) -> Result<Report, Error> {
+    let keys = &HistoryKeys::require(settings)?;
     let channel = connection.create_channel().await?;
     let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
     let held = take_all(&channel, &topology.dead).await?;
@@ -214,7 +218,7 @@ async fn reconcile_on(
     let mut keep = Vec::new();
     let mut entries = Vec::new();
     for delivery in held {
-        match uncertain(&delivery) {
+        match uncertain(&delivery, keys) {
             Some((command, code, history)) => entries.push(Entry {
                 delivery,
                 command,
@@ -254,7 +258,7 @@ async fn reconcile_on(
     }
     claim(&mut entries);
     for entry in entries {
-        let (row, delivery) = settle_entry(entry, &publisher, topology, apply).await;
+        let (row, delivery) = settle_entry(entry, &publisher, topology, keys, apply).await;
         if let Some(delivery) = delivery {
             keep.push(delivery);
         }
@@ -267,12 +271,20 @@ async fn reconcile_on(
 
 /// The command, code and history of a dead letter whose charge is
 /// uncertain; `None` for any other.
-fn uncertain(delivery: &Delivery) -> Option<(Command, ErrorCode, DeliveryHistory)> {
+/// A letter whose stamp does not verify is not the worker's: left alone.
+fn uncertain(
+    delivery: &Delivery,
+    keys: &HistoryKeys,
+) -> Option<(Command, ErrorCode, DeliveryHistory)> {
     let headers = delivery.properties.headers().as_ref();
+    let message = Message::of(&delivery.properties, &delivery.data);
+    let (history, provenance) = DeliveryHistory::read(message, Some(keys));
+    if provenance != Provenance::Verified {
+        return None;
+    }
     let code = header_str(headers, ERROR_CODE_HEADER)
         .as_deref()
         .and_then(ErrorCode::parse)?;
-    let history = DeliveryHistory::read(headers);
     let is_uncertain = match code {
         ErrorCode::UnexpectedResponse => true,
         ErrorCode::RetriesExhausted => history.first_attempt_ms.is_some(),
@@ -389,6 +401,7 @@ async fn settle_entry(
     entry: Entry,
     publisher: &Publisher,
     topology: &Topology,
+    keys: &HistoryKeys,
     apply: bool,
 ) -> (Row, Option<Delivery>) {
     let Entry {
@@ -450,12 +463,9 @@ async fn settle_entry(
             match apply {
                 false => None,
                 true => {
-                    let headers = delivery.properties.headers().as_ref();
-                    let properties = delivery
-                        .properties
-                        .clone()
-                        .with_headers(DeliveryHistory::fresh_start(headers, None))
-                        .with_delivery_mode(2);
+                    let message = Message::of(&delivery.properties, &delivery.data);
+                    let headers = DeliveryHistory::fresh_start(message, None, keys);
+                    let properties = copy_properties(&delivery.properties, headers);
                     Some(
                         publisher
                             .publish_routed("", &topology.queue, &delivery.data, properties)

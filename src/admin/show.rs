@@ -19,7 +19,7 @@ use lapin::types::AMQPValue;
 use super::dead_letter::{DeadLetterInfo, Window, inspect, window};
 use super::dead_letters::{Error, put_back, take_all};
 use super::output;
-use crate::broker::Topology;
+use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ShowArgs;
 use crate::configuration::Settings;
 
@@ -28,6 +28,7 @@ use crate::configuration::Settings;
 /// 1 when there is none.
 pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Error> {
     let settings = Settings::load(config)?;
+    let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let steps = topology.retry_queues.len();
@@ -36,7 +37,7 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
         let held = take_all(&channel, &topology.dead).await?;
         let shown: Vec<String> = held
             .iter()
-            .map(|d| (d, inspect(&d.data, &d.properties, steps)))
+            .map(|d| (d, inspect(&d.data, &d.properties, steps, keys.as_ref())))
             .filter(|(_, info)| info.command_id.as_deref() == Some(args.command_id.as_str()))
             .map(|(d, info)| render(d, &info, &settings))
             .collect();

@@ -10,10 +10,17 @@
 //! [`DeliveryHistory::stamp`], on every copy: a path that forgets one header
 //! forgets, say, the start of the 24-hour idempotency window, and a late
 //! retry then charges twice.
+//!
+//! Headers are whatever the publisher says, so the memory is believed only
+//! when its MAC verifies ([`seal`](super::seal)): a publisher who copies or
+//! invents `cpw-*` headers gets a command read as never seen before.
 
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use super::publish::{header_str, header_u64};
+use super::seal::{HistoryKeys, Provenance, is_ours};
+use crate::contract::OutcomeFacts;
 
 /// HTTP requests made for the command, across its deliveries.
 pub const ATTEMPTS_HEADER: &str = "cpw-attempts";
@@ -32,9 +39,10 @@ pub const REFRESH_HEADER: &str = "cpw-refreshes";
 /// How often the command was put back for a reason outside itself (its
 /// event or its copy refused by the broker); it paces the next wait.
 pub const SETBACKS_HEADER: &str = "cpw-setbacks";
-/// The event already decided for the command but not yet confirmed by the
-/// broker (its JSON): the next delivery publishes it instead of calling the
-/// API again.
+/// The facts of the outcome already decided for the command but not yet
+/// confirmed by the broker (JSON of [`OutcomeFacts`]): the next delivery
+/// publishes its event, rebuilt from the command's own body, instead of
+/// calling the API again.
 pub const OUTCOME_HEADER: &str = "cpw-outcome";
 /// On a dead letter: the worker's error code.
 pub const ERROR_CODE_HEADER: &str = "cpw-error-code";
@@ -97,16 +105,35 @@ pub struct DeliveryHistory {
     /// The broker's delivery count of this delivery (never stamped: the
     /// broker counts, and a copy starts again from zero).
     pub deliveries: u64,
-    /// An event decided but not confirmed (JSON).
-    pub outcome: Option<String>,
+    /// An outcome decided but not confirmed.
+    pub outcome: Option<OutcomeFacts>,
+}
+
+/// The parts of a message its memory is bound to: memory lifted from one
+/// message does not verify on another.
+#[derive(Clone, Copy, Debug)]
+pub struct Message<'a> {
+    /// The headers.
+    pub headers: Option<&'a FieldTable>,
+    /// The body, as published.
+    pub body: &'a [u8],
+    /// The `message_id` property.
+    pub message_id: Option<&'a str>,
+}
+
+impl<'a> Message<'a> {
+    /// The parts of a delivered message.
+    pub fn of(properties: &'a BasicProperties, body: &'a [u8]) -> Self {
+        Message {
+            headers: properties.headers().as_ref(),
+            body,
+            message_id: properties.message_id().as_ref().map(|m| m.as_str()),
+        }
+    }
 }
 
 fn small(headers: Option<&FieldTable>, key: &str) -> u32 {
     header_u64(headers, key).map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
-}
-
-fn is_ours(key: &str) -> bool {
-    key.starts_with("cpw-")
 }
 
 /// The headers of `original` without the broker's history and without ours.
@@ -134,11 +161,65 @@ fn put_str(headers: &mut FieldTable, key: &str, value: &str) {
     );
 }
 
+/// The properties of a copy of `original` (a delay step, a park, a dead
+/// letter, a replay) with `headers`, persistent. Two of the publisher's
+/// properties are dropped:
+/// - `expiration`: a dead letter that inherits a command's TTL expires from
+///   `<queue>.dead`, the one record of a charge that may have happened
+///   (RabbitMQ itself drops it when it dead-letters), and a delay step's
+///   copy could expire before its step;
+/// - `user_id`: RabbitMQ checks it against the publishing connection's user,
+///   so the worker's copy of another user's command would be refused
+///   (PRECONDITION_FAILED) and the command would skip its delay.
+pub fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let o = original;
+    let text = [
+        (
+            o.content_type(),
+            BasicProperties::with_content_type as fn(_, _) -> _,
+        ),
+        (o.content_encoding(), BasicProperties::with_content_encoding),
+        (o.correlation_id(), BasicProperties::with_correlation_id),
+        (o.reply_to(), BasicProperties::with_reply_to),
+        (o.message_id(), BasicProperties::with_message_id),
+        (o.kind(), BasicProperties::with_type),
+        (o.app_id(), BasicProperties::with_app_id),
+        (o.cluster_id(), BasicProperties::with_cluster_id),
+    ];
+    for (value, with) in text {
+        if let Some(value) = value {
+            props = with(props, value.clone());
+        }
+    }
+    if let Some(priority) = *o.priority() {
+        props = props.with_priority(priority);
+    }
+    if let Some(timestamp) = *o.timestamp() {
+        props = props.with_timestamp(timestamp);
+    }
+    props
+}
+
 impl DeliveryHistory {
-    /// Reads a delivery's headers. Whatever a header holds, this never
-    /// fails: a missing or hostile value reads as "not known".
-    pub fn read(headers: Option<&FieldTable>) -> Self {
-        DeliveryHistory {
+    /// Reads a delivery's memory, believed only when `keys` verify it:
+    /// anything else reads as a command never seen before (the broker's
+    /// delivery count aside, which the broker writes). Whatever a header
+    /// holds, this never fails: a hostile value reads as "not known".
+    pub fn read(message: Message<'_>, keys: Option<&HistoryKeys>) -> (Self, Provenance) {
+        let headers = message.headers;
+        let deliveries = header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
+        let provenance = HistoryKeys::provenance(keys, headers, message.body, message.message_id);
+        if provenance != Provenance::Verified {
+            let blank = DeliveryHistory {
+                deliveries,
+                ..DeliveryHistory::default()
+            };
+            return (blank, provenance);
+        }
+        let history = DeliveryHistory {
             attempts: small(headers, ATTEMPTS_HEADER),
             first_attempt_ms: header_u64(headers, FIRST_ATTEMPT_HEADER),
             last_attempt_ms: header_u64(headers, LAST_ATTEMPT_HEADER),
@@ -147,14 +228,23 @@ impl DeliveryHistory {
             step: small(headers, STEP_HEADER),
             refreshes: small(headers, REFRESH_HEADER),
             setbacks: small(headers, SETBACKS_HEADER),
-            deliveries: header_u64(headers, DELIVERY_COUNT_HEADER).unwrap_or(0),
-            outcome: header_str(headers, OUTCOME_HEADER),
-        }
+            deliveries,
+            outcome: header_str(headers, OUTCOME_HEADER)
+                .and_then(|json| serde_json::from_str(&json).ok()),
+        };
+        (history, provenance)
     }
 
     /// The headers of a copy: the original's own headers (a `traceparent`,
-    /// a publisher's), without the broker's history, with this history.
-    pub fn stamp(&self, original: Option<&FieldTable>) -> FieldTable {
+    /// a publisher's), without the broker's history, with this history,
+    /// sealed.
+    pub fn stamp(&self, original: Message<'_>, keys: &HistoryKeys) -> FieldTable {
+        let mut headers = self.unsealed(original.headers);
+        keys.seal(&mut headers, original.body, original.message_id);
+        headers
+    }
+
+    fn unsealed(&self, original: Option<&FieldTable>) -> FieldTable {
         let mut headers = foreign(original);
         let counters = [
             (ATTEMPTS_HEADER, self.attempts),
@@ -177,37 +267,52 @@ impl DeliveryHistory {
                 put_u64(&mut headers, key, value);
             }
         }
-        if let Some(outcome) = &self.outcome {
-            put_str(&mut headers, OUTCOME_HEADER, outcome);
+        if let Some(json) = self
+            .outcome
+            .as_ref()
+            .and_then(|o| serde_json::to_string(o).ok())
+        {
+            put_str(&mut headers, OUTCOME_HEADER, &json);
         }
         headers
     }
 
     /// [`DeliveryHistory::stamp`] plus why, when and where it died.
-    pub fn stamp_dead(&self, original: Option<&FieldTable>, mark: &DeathMark<'_>) -> FieldTable {
-        let mut headers = self.stamp(original);
+    pub fn stamp_dead(
+        &self,
+        original: Message<'_>,
+        mark: &DeathMark<'_>,
+        keys: &HistoryKeys,
+    ) -> FieldTable {
+        let mut headers = self.unsealed(original.headers);
         put_str(&mut headers, ERROR_CODE_HEADER, mark.code);
         put_u64(&mut headers, DEAD_LETTERED_HEADER, mark.at_ms);
         put_str(&mut headers, REPLICA_HEADER, mark.replica);
         put_str(&mut headers, QUEUE_HEADER, mark.queue);
+        keys.seal(&mut headers, original.body, original.message_id);
         headers
     }
 
     /// The headers of a command given a fresh start (`dead-letters replay`):
     /// neither the broker's history nor ours, except the start of the
     /// idempotency window, which no replay may forget.
-    pub fn fresh_start(original: Option<&FieldTable>, first_attempt_ms: Option<u64>) -> FieldTable {
-        let mut headers = foreign(original);
-        if let Some(first) = first_attempt_ms {
-            put_u64(&mut headers, FIRST_ATTEMPT_HEADER, first);
-        }
-        headers
+    pub fn fresh_start(
+        original: Message<'_>,
+        first_attempt_ms: Option<u64>,
+        keys: &HistoryKeys,
+    ) -> FieldTable {
+        let fresh = DeliveryHistory {
+            first_attempt_ms,
+            ..DeliveryHistory::default()
+        };
+        fresh.stamp(original, keys)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::{EventKind, OutcomeFacts};
 
     fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
         let mut t = FieldTable::default();
@@ -215,6 +320,22 @@ mod tests {
             t.insert(ShortString::from(*k), v.clone());
         }
         t
+    }
+
+    fn keys() -> HistoryKeys {
+        HistoryKeys::derived(b"test key")
+    }
+
+    fn message(headers: Option<&FieldTable>) -> Message<'_> {
+        Message {
+            headers,
+            body: b"{}",
+            message_id: Some("m"),
+        }
+    }
+
+    fn read(headers: &FieldTable) -> (DeliveryHistory, Provenance) {
+        DeliveryHistory::read(message(Some(headers)), Some(&keys()))
     }
 
     #[test]
@@ -228,10 +349,15 @@ mod tests {
             refreshes: 1,
             setbacks: 3,
             deliveries: 0,
-            outcome: Some("{\"schema\":1}".into()),
+            outcome: Some(OutcomeFacts {
+                kind: EventKind::Succeeded,
+                invoice_id: Some("inv_1".into()),
+                new_credit_balance: Some(32),
+                ..OutcomeFacts::example()
+            }),
         };
-        let headers = history.stamp(None);
-        assert_eq!(DeliveryHistory::read(Some(&headers)), history);
+        let headers = history.stamp(message(None), &keys());
+        assert_eq!(read(&headers), (history, Provenance::Verified));
     }
 
     #[test]
@@ -243,32 +369,64 @@ mod tests {
             ("cpw-attempts", AMQPValue::LongLongInt(99)),
             ("traceparent", AMQPValue::LongString("00-ab".into())),
         ]);
-        let history = DeliveryHistory::read(Some(&original));
-        assert_eq!((history.attempts, history.deliveries), (99, 4));
         let copy = DeliveryHistory {
             attempts: 100,
-            ..history
+            ..DeliveryHistory::default()
         }
-        .stamp(Some(&original));
+        .stamp(message(Some(&original)), &keys());
         let mut keys: Vec<_> = copy.inner().keys().map(|k| k.as_str().to_owned()).collect();
         keys.sort();
-        assert_eq!(keys, ["cpw-attempts", "traceparent"]);
+        assert_eq!(keys, ["cpw-attempts", "cpw-mac", "traceparent"]);
         assert_eq!(header_u64(Some(&copy), ATTEMPTS_HEADER), Some(100));
     }
 
     #[test]
-    fn hostile_headers_read_as_bounded_or_unknown() {
-        let original = table(&[
+    fn memory_that_does_not_verify_reads_as_a_new_command() {
+        let forged = table(&[
+            (ATTEMPTS_HEADER, AMQPValue::LongLongInt(9)),
+            (FIRST_ATTEMPT_HEADER, AMQPValue::LongLongInt(0)),
+            (OUTCOME_HEADER, AMQPValue::LongString("{}".into())),
+            ("x-delivery-count", AMQPValue::LongLongInt(4)),
+        ]);
+        let (history, provenance) = read(&forged);
+        assert_eq!(provenance, Provenance::Rejected);
+        assert_eq!(
+            history,
+            DeliveryHistory {
+                deliveries: 4,
+                ..DeliveryHistory::default()
+            }
+        );
+        // A real copy's memory, moved onto another command's body.
+        let real = DeliveryHistory {
+            attempts: 2,
+            ..DeliveryHistory::default()
+        }
+        .stamp(message(None), &keys());
+        let moved = Message {
+            headers: Some(&real),
+            body: b"{\"command_id\":\"other\"}",
+            message_id: Some("m"),
+        };
+        let (history, provenance) = DeliveryHistory::read(moved, Some(&keys()));
+        assert_eq!((history.attempts, provenance), (0, Provenance::Rejected));
+    }
+
+    #[test]
+    fn hostile_values_in_verified_memory_read_as_bounded_or_unknown() {
+        let mut original = table(&[
             (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::MAX)),
             (REFRESH_HEADER, AMQPValue::LongLongInt(-5)),
             (LAST_STATUS_HEADER, AMQPValue::LongLongInt(70_000)),
-            (STEP_HEADER, AMQPValue::LongString("two".into())),
-            ("x-delivery-count", AMQPValue::LongLongInt(i64::MAX)),
+            (OUTCOME_HEADER, AMQPValue::LongString("not json".into())),
         ]);
-        let h = DeliveryHistory::read(Some(&original));
+        keys().seal(&mut original, b"{}", Some("m"));
+        original.insert("x-delivery-count".into(), AMQPValue::LongLongInt(i64::MAX));
+        let (h, provenance) = read(&original);
+        assert_eq!(provenance, Provenance::Verified);
         assert_eq!(
-            (h.attempts, h.refreshes, h.last_status, h.step),
-            (u32::MAX, 0, None, 0)
+            (h.attempts, h.refreshes, h.last_status, h.outcome),
+            (u32::MAX, 0, None, None)
         );
         assert_eq!(h.deliveries, i64::MAX as u64);
     }
@@ -281,14 +439,67 @@ mod tests {
             ("x-death", AMQPValue::LongString("d".into())),
             ("traceparent", AMQPValue::LongString("00-ab".into())),
         ]);
-        let fresh = DeliveryHistory::fresh_start(Some(&original), Some(5));
-        let mut keys: Vec<_> = fresh
+        let fresh = DeliveryHistory::fresh_start(message(Some(&original)), Some(5), &keys());
+        let mut names: Vec<_> = fresh
             .inner()
             .keys()
             .map(|k| k.as_str().to_owned())
             .collect();
-        keys.sort();
-        assert_eq!(keys, [FIRST_ATTEMPT_HEADER, "traceparent"]);
+        names.sort();
+        assert_eq!(names, [FIRST_ATTEMPT_HEADER, "cpw-mac", "traceparent"]);
+        assert_eq!(read(&fresh).0.first_attempt_ms, Some(5));
+    }
+
+    #[test]
+    fn a_copy_keeps_the_publishers_properties_but_its_ttl_and_user() {
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m".into())
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_priority(3)
+            .with_timestamp(7)
+            .with_type("t".into())
+            .with_app_id("a".into())
+            .with_expiration("6000".into())
+            .with_user_id("alice".into())
+            .with_delivery_mode(1);
+        let copy = copy_properties(&original, FieldTable::default());
+        let expected = original
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(FieldTable::default());
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
+        assert_eq!(
+            (
+                copy.content_type(),
+                copy.message_id(),
+                copy.reply_to(),
+                copy.priority()
+            ),
+            (
+                expected.content_type(),
+                expected.message_id(),
+                expected.reply_to(),
+                expected.priority()
+            )
+        );
+        assert_eq!(
+            (
+                copy.timestamp(),
+                copy.kind(),
+                copy.app_id(),
+                copy.correlation_id()
+            ),
+            (
+                expected.timestamp(),
+                expected.kind(),
+                expected.app_id(),
+                expected.correlation_id()
+            )
+        );
+        assert_eq!(copy.delivery_mode(), &Some(2));
     }
 
     #[test]
@@ -299,7 +510,8 @@ mod tests {
             replica: "worker@a",
             queue: "credit-purchases",
         };
-        let headers = DeliveryHistory::default().stamp_dead(None, &mark);
+        let headers = DeliveryHistory::default().stamp_dead(message(None), &mark, &keys());
+        assert_eq!(read(&headers).1, Provenance::Verified);
         assert_eq!(
             header_str(Some(&headers), ERROR_CODE_HEADER).as_deref(),
             Some("unexpected_response")

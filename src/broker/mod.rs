@@ -9,12 +9,14 @@
 pub mod history;
 mod mismatch;
 mod publish;
+pub mod seal;
 mod settlement;
 mod topology;
 
-pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory};
+pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory, Message, copy_properties};
 pub use mismatch::{Finding, Mismatch};
-pub use publish::{PublishError, Publisher, header_str, header_u64};
+pub use publish::{PublishError, Publisher, ReturnedReply, header_str, header_u64};
+pub use seal::{HistoryKeys, Provenance};
 pub use settlement::{Received, Settle, Settlements};
 pub use topology::{Object, Shape, Topology, TopologyError};
 

@@ -50,6 +50,13 @@ impl PublishError {
     }
 }
 
+/// A `reply_to` copy the broker returned: its queue does not exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReturnedReply {
+    /// The `reply_to` it was sent to.
+    pub queue: String,
+}
+
 /// Confirm-mode channels for events and copies. Clone it freely: publishes
 /// from concurrent commands share the channels, and a clone is one reference
 /// count (a lapin `Channel` clone is more than a dozen).
@@ -129,22 +136,31 @@ impl Publisher {
     }
 
     /// Waits, bounded, for the broker's confirm of one sent event. A return
-    /// that comes with it is logged by what it says of itself (its own
-    /// exchange and routing key), since it may belong to another event.
+    /// that comes with it may belong to another event (lapin attaches it
+    /// to the next confirm it resolves), so it is reported by what it says
+    /// of itself: a return from the default exchange is a `reply_to` copy
+    /// whose queue does not exist, handed back to the caller to count;
+    /// any other is an event no queue took, logged here.
     pub async fn confirm(
         &self,
         target: &str,
         confirm: PublisherConfirm,
-    ) -> Result<(), PublishError> {
-        if let Some(returned) = self.wait(target, confirm).await? {
-            let d = &returned.delivery;
-            tracing::warn!(
-                exchange = %d.exchange,
-                routing_key = %d.routing_key,
-                "an event reached no queue (nothing bound to that routing key, or the reply_to queue is gone)"
-            );
+    ) -> Result<Option<ReturnedReply>, PublishError> {
+        let Some(returned) = self.wait(target, confirm).await? else {
+            return Ok(None);
+        };
+        let d = &returned.delivery;
+        if d.exchange.as_str().is_empty() {
+            return Ok(Some(ReturnedReply {
+                queue: d.routing_key.as_str().to_owned(),
+            }));
         }
-        Ok(())
+        tracing::warn!(
+            exchange = %d.exchange,
+            routing_key = %d.routing_key,
+            "an event reached no queue (nothing is bound to that routing key)"
+        );
+        Ok(None)
     }
 
     async fn wait(

@@ -145,7 +145,89 @@ pub struct ResultEvent {
     pub reconciled: bool,
 }
 
+/// What the worker keeps of an outcome decided but not yet confirmed, on
+/// the copy that waits for its event: the facts only. The event is rebuilt
+/// from the command's own body ([`ResultEvent::restored`]), so no header, not
+/// even a verified one, can put another command's ids or another customer
+/// into an event. The event id and time are kept so the event published
+/// later is the same event (consumers dedupe on it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeFacts {
+    /// The event's id.
+    pub event_id: Uuid,
+    /// When the outcome was decided.
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    /// Succeeded or failed.
+    pub kind: EventKind,
+    /// The invoice (succeeded only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<String>,
+    /// The balance after the purchase (succeeded only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_credit_balance: Option<u64>,
+    /// Found in the credit transactions (succeeded only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
+    /// Why it failed (failed only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+}
+
+#[cfg(test)]
+impl OutcomeFacts {
+    /// A failed outcome, for tests to adjust.
+    pub fn example() -> Self {
+        OutcomeFacts {
+            event_id: Uuid::nil(),
+            occurred_at: OffsetDateTime::UNIX_EPOCH,
+            kind: EventKind::Failed,
+            invoice_id: None,
+            new_credit_balance: None,
+            reconciled: false,
+            error: Some(EventError {
+                code: ErrorCode::UnexpectedResponse,
+                message: "m".into(),
+                http_status: Some(201),
+            }),
+        }
+    }
+}
+
 impl ResultEvent {
+    /// The facts of this event's outcome, to keep on a copy.
+    pub fn facts(&self) -> OutcomeFacts {
+        OutcomeFacts {
+            event_id: self.event_id,
+            occurred_at: self.occurred_at,
+            kind: self.kind,
+            invoice_id: self.invoice_id.clone(),
+            new_credit_balance: self.new_credit_balance,
+            reconciled: self.reconciled,
+            error: self.error.clone(),
+        }
+    }
+
+    /// The event of a stored outcome, on `base`: the event built from the
+    /// command's own body (or the invalid message's raw ids).
+    pub fn restored(base: ResultEvent, facts: OutcomeFacts) -> Self {
+        ResultEvent {
+            event_id: facts.event_id,
+            occurred_at: facts.occurred_at,
+            kind: facts.kind,
+            invoice_id: facts.invoice_id,
+            new_credit_balance: facts.new_credit_balance,
+            reconciled: facts.reconciled,
+            error: facts.error,
+            ..base
+        }
+    }
+
+    /// The event of `kind` for a command, before its outcome's facts.
+    pub fn base(kind: EventKind, command: &Command, attempts: u32) -> Self {
+        Self::for_command(kind, command, attempts)
+    }
+
     fn new(kind: EventKind, attempts: u32) -> Self {
         let now = OffsetDateTime::now_utc();
         ResultEvent {

@@ -10,5 +10,5 @@ mod event;
 mod ids;
 
 pub use command::{Command, InvalidCommand, InvalidReason, MAX_BODY_BYTES, Pricing, RawIds};
-pub use event::{ErrorCode, EventError, EventKind, ResultEvent, SCHEMA_VERSION};
+pub use event::{ErrorCode, EventError, EventKind, OutcomeFacts, ResultEvent, SCHEMA_VERSION};
 pub use ids::{CommandId, CreditCount, CustomerId, IdError, MAX_JSON_INTEGER, PriceId, ProductId};

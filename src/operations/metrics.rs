@@ -126,6 +126,10 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Acks, nacks and rejects that had no effect (channel gone).
     pub settlements_lost: Counter,
+    /// Deliveries carrying `cpw-*` headers the worker did not write.
+    pub history_rejected: Counter,
+    /// `reply_to` copies given up on, by reason.
+    pub replies_dropped: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -157,6 +161,8 @@ impl Metrics {
             credentials_refused: Gauge::default(),
             ready: Gauge::default(),
             settlements_lost: Counter::default(),
+            history_rejected: Counter::default(),
+            replies_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -251,6 +257,16 @@ impl Metrics {
             "settlements_lost",
             "Acks, nacks or rejects that had no effect because the channel was gone",
             m.settlements_lost.clone(),
+        );
+        registry.register(
+            "history_rejected",
+            "Deliveries whose worker headers (cpw-*) did not verify: handled as new commands",
+            m.history_rejected.clone(),
+        );
+        registry.register(
+            "replies_dropped",
+            "Events not delivered to a command's reply_to after bounded tries (the results exchange has them)",
+            m.replies_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

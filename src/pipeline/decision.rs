@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use crate::broker::DeliveryHistory;
-use crate::contract::{ErrorCode, ResultEvent};
+use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
 use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Verdict, window_open};
 
@@ -31,9 +31,9 @@ const MAX_HOLD: Duration = Duration::from_secs(30);
 pub enum Input {
     /// The body is not a valid command.
     Invalid,
-    /// An event decided on an earlier delivery that the broker did not
-    /// confirm then.
-    Stored(ResultEvent),
+    /// An outcome decided on an earlier delivery whose event the broker did
+    /// not confirm then.
+    Stored(OutcomeFacts),
     /// The delivery used half the broker's delivery limit.
     Worn,
     /// The purchase attempts of this delivery.
@@ -79,8 +79,9 @@ pub enum EventPlan {
         /// The deciding HTTP status.
         http_status: Option<u16>,
     },
-    /// The event decided earlier, byte for byte.
-    Stored(ResultEvent),
+    /// The outcome decided earlier: the same event id and facts, on the
+    /// command's own fields.
+    Stored(OutcomeFacts),
     /// `succeeded` with `"reconciled": true`: the charge found among the
     /// credit transactions.
     Reconciled {
@@ -176,7 +177,7 @@ impl Plan {
             }
             (Some(EventPlan::Invalid), _) => Outcome::Failed(ErrorCode::InvalidCommand),
             (Some(EventPlan::Failed { code, .. }), _) => Outcome::Failed(*code),
-            (Some(EventPlan::Stored(event)), _) => match &event.error {
+            (Some(EventPlan::Stored(facts)), _) => match &facts.error {
                 Some(error) => Outcome::Failed(error.code),
                 None => Outcome::Succeeded,
             },
@@ -287,21 +288,17 @@ fn learn(history: &DeliveryHistory, attempted: &Attempted) -> DeliveryHistory {
     }
 }
 
-fn stored_json(event: &ResultEvent) -> Option<String> {
-    serde_json::to_string(event).ok()
-}
-
 /// The plan for a delivery.
 pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Plan {
     match input {
         Input::Invalid => Plan::new(Some(EventPlan::Invalid), Route::Reject, history.clone()),
-        Input::Stored(event) => {
-            let route = match event.error.as_ref().map(|e| e.code) {
+        Input::Stored(facts) => {
+            let route = match facts.error.as_ref().map(|e| e.code) {
                 Some(ErrorCode::InvalidCommand) => Route::Reject,
                 Some(code) if code.dead_letters() => Route::DeadLetter(code),
                 _ => Route::Ack,
             };
-            Plan::new(Some(EventPlan::Stored(event)), route, history.clone())
+            Plan::new(Some(EventPlan::Stored(facts)), route, history.clone())
         }
         Input::Worn if history.refreshes >= MAX_REFRESHES => {
             let deliveries = history
@@ -338,7 +335,7 @@ pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Pl
         Input::EventRefused(event) => {
             let h = DeliveryHistory {
                 setbacks: history.setbacks.saturating_add(1),
-                outcome: stored_json(&event),
+                outcome: Some(event.facts()),
                 ..history.clone()
             };
             set_back(h, history.setbacks, policy).returned("event_refused")
@@ -354,7 +351,7 @@ pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Pl
                 setbacks: history.setbacks.saturating_add(1),
                 outcome: published
                     .as_ref()
-                    .and_then(stored_json)
+                    .map(ResultEvent::facts)
                     .or(history.outcome.clone()),
                 ..history.clone()
             };

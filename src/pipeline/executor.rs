@@ -15,11 +15,19 @@ use tracing::Instrument;
 use super::Pipeline;
 use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
 use crate::broker::history::DeathMark;
-use crate::broker::{PublishError, Publisher, Received, Settle};
+use crate::broker::{
+    Message, PublishError, Publisher, Received, ReturnedReply, Settle, copy_properties,
+};
 use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
 use crate::hyperline::retry::now_ms;
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
+
+/// Tries of a `reply_to` copy before it is dropped.
+const REPLY_TRIES: u32 = 3;
+
+/// The pause before the next try of a `reply_to` copy, times the tries so far.
+const REPLY_PAUSE: Duration = Duration::from_millis(200);
 
 /// What an event can be built from.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +88,8 @@ impl Pipeline {
                 }
                 published = Some(event);
             }
-            let original = delivery.properties.headers().as_ref();
+            let original = Message::of(&delivery.properties, &delivery.data);
+            let keys = &self.history_keys;
             let (to, headers) = match plan.route {
                 Route::Ack => return self.settle(delivery, Settle::Ack, plan.outcome),
                 Route::Reject => {
@@ -94,17 +103,17 @@ impl Pipeline {
                         queue: &self.topology.queue,
                     };
                     let dlx = Copy::Exchange(&self.topology.dlx);
-                    (dlx, plan.history.stamp_dead(original, &mark))
+                    (dlx, plan.history.stamp_dead(original, &mark, keys))
                 }
                 Route::Delay(step) => {
                     let queue = self.topology.retry_queues.get(step).map(|(_, q)| q);
                     // The steps and their queues come from the same setting.
                     let queue = queue.unwrap_or(&self.topology.queue);
-                    (Copy::Queue(queue), plan.history.stamp(original))
+                    (Copy::Queue(queue), plan.history.stamp(original, keys))
                 }
                 Route::Return => (
                     Copy::Queue(&self.topology.queue),
-                    plan.history.stamp(original),
+                    plan.history.stamp(original, keys),
                 ),
             };
             let copied = self.copy(delivery, publisher, to, headers).await;
@@ -137,11 +146,7 @@ impl Pipeline {
         to: Copy<'_>,
         headers: lapin::types::FieldTable,
     ) -> Result<(), PublishError> {
-        let props = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
+        let props = copy_properties(&delivery.properties, headers);
         let (exchange, key) = match to {
             Copy::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
             Copy::Queue(queue) => ("", queue),
@@ -169,20 +174,21 @@ impl Pipeline {
             .map(|r| r.as_str())
             .filter(|r| !r.is_empty());
         // The properties (a dozen headers) are copied only when a second
-        // publish needs them.
+        // publish needs them. The reply is sent before the event's confirm
+        // is awaited, so a requester costs no extra round trip.
         let published = async {
-            match reply_to {
-                None => {
-                    let sent = publisher.send(exchange, key, &body, props).await?;
-                    publisher.confirm(exchange, sent).await
-                }
-                Some(queue) => {
-                    let sent = publisher.send(exchange, key, &body, props.clone()).await?;
-                    let replied = publisher.send("", queue, &body, props).await?;
-                    publisher.confirm(exchange, sent).await?;
-                    publisher.confirm(queue, replied).await
-                }
+            let reply_props = reply_to.map(|_| props.clone());
+            let sent = publisher.send(exchange, key, &body, props).await?;
+            let replied = match (reply_to, &reply_props) {
+                (Some(queue), Some(p)) => Some(publisher.send("", queue, &body, p.clone()).await),
+                _ => None,
+            };
+            let returned = publisher.confirm(exchange, sent).await?;
+            self.count_returned(returned);
+            if let (Some(queue), Some(props), Some(replied)) = (reply_to, reply_props, replied) {
+                self.reply(publisher, queue, &body, props, replied).await;
             }
+            Ok::<_, PublishError>(())
         }
         .instrument(span.clone())
         .await;
@@ -193,6 +199,58 @@ impl Pipeline {
             span.record("otel.status_code", "error");
         }
         published
+    }
+
+    /// Delivers the event to the command's `reply_to`, a courtesy: the
+    /// event on the results exchange is the record and is already
+    /// confirmed. A queue that does not exist, or refuses the copy (full,
+    /// `reject-publish`), gets [`REPLY_TRIES`] tries, then a WARN line and a
+    /// count; it never holds the command nor sends it round again (where an
+    /// unconfirmed reply once kept a charged command circling for good).
+    async fn reply(
+        &self,
+        publisher: &Publisher,
+        queue: &str,
+        body: &[u8],
+        props: lapin::BasicProperties,
+        first: Result<lapin::PublisherConfirm, PublishError>,
+    ) {
+        let mut sent = first;
+        let mut tries = 1;
+        let error = loop {
+            let result = match sent {
+                Ok(confirm) => publisher.confirm(queue, confirm).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(returned) => return self.count_returned(returned),
+                Err(e) if tries >= REPLY_TRIES => break e,
+                Err(_) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(REPLY_PAUSE * tries) => {}
+                () = self.stop_requests.cancelled() => {}
+            }
+            tries += 1;
+            sent = publisher.send("", queue, body, props.clone()).await;
+        };
+        tracing::warn!(reply_to = queue, tries, error = %error, "the event could not be delivered to the command's reply_to: dropped (the results exchange has it)");
+        self.drop_reply(error.kind());
+    }
+
+    /// Counts a `reply_to` copy the broker returned (no such queue).
+    fn count_returned(&self, returned: Option<ReturnedReply>) {
+        if let Some(returned) = returned {
+            tracing::warn!(reply_to = %returned.queue, "no queue named by a command's reply_to: its event copy was dropped (the results exchange has it)");
+            self.drop_reply("unroutable");
+        }
+    }
+
+    fn drop_reply(&self, reason: &'static str) {
+        self.metrics
+            .replies_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Acks or requeues, and counts the outcome. A settlement that fails at
@@ -250,7 +308,12 @@ fn producer_span(exchange: &str, key: &str, event: &ResultEvent) -> tracing::Spa
 /// The event of a plan, for its subject.
 fn build_event(plan: EventPlan, subject: Subject<'_>, attempts: u32) -> ResultEvent {
     match (plan, subject) {
-        (EventPlan::Stored(event), _) => event,
+        (EventPlan::Stored(facts), Subject::Command(c)) => {
+            ResultEvent::restored(ResultEvent::base(facts.kind, c, attempts), facts)
+        }
+        (EventPlan::Stored(facts), Subject::Invalid(invalid)) => {
+            ResultEvent::restored(ResultEvent::invalid(invalid), facts)
+        }
         (_, Subject::Invalid(invalid)) => ResultEvent::invalid(invalid),
         (
             EventPlan::Succeeded {
@@ -335,8 +398,8 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
                 _ => tracing::warn!(code, ?http_status, detail = %message, attempts, "failed"),
             }
         }
-        (Some(EventPlan::Stored(event)), _) => {
-            tracing::info!(event_id = %event.event_id, "publishing the outcome decided on an earlier delivery");
+        (Some(EventPlan::Stored(facts)), _) => {
+            tracing::info!(event_id = %facts.event_id, "publishing the outcome decided on an earlier delivery");
         }
         (None, Route::Delay(_)) => {
             let outcome = plan.outcome.label();

@@ -12,8 +12,8 @@ use tracing::Instrument;
 use super::Pipeline;
 use super::decision::{Input, Outcome, Policy, decide};
 use super::executor::Subject;
-use crate::broker::{DeliveryHistory, Publisher, Received, header_str};
-use crate::contract::{Command, ErrorCode, InvalidCommand, ResultEvent};
+use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
+use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
 use crate::hyperline::matching::{ChargeLookup, Span, candidates};
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
 use crate::hyperline::{MAX_PAGES, ReadBounds};
@@ -58,22 +58,24 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     }
 }
 
-/// An outcome decided on an earlier delivery, if it belongs to this one: the
-/// event of the same command, or an `invalid_command` event for a body that
-/// still does not parse.
+/// An outcome decided on an earlier delivery, if it fits this one. The
+/// memory is sealed to the body, so it is this message's; what is checked
+/// is that the outcome is one the body can have: an invalid body's only
+/// outcome is `invalid_command`, and a valid command never gets one.
 fn stored(
     history: &DeliveryHistory,
     parsed: &Result<Command, InvalidCommand>,
-) -> Option<ResultEvent> {
-    let event: ResultEvent = serde_json::from_str(history.outcome.as_deref()?).ok()?;
-    let belongs = match parsed {
-        Ok(command) => event.command_id.as_deref() == Some(command.id.as_str()),
-        Err(_) => event
-            .error
-            .as_ref()
-            .is_some_and(|e| e.code == ErrorCode::InvalidCommand),
+) -> Option<OutcomeFacts> {
+    let facts = history.outcome.clone()?;
+    let invalid = facts
+        .error
+        .as_ref()
+        .is_some_and(|e| e.code == ErrorCode::InvalidCommand);
+    let fits = match parsed {
+        Ok(_) => !invalid && (facts.kind == EventKind::Failed) == facts.error.is_some(),
+        Err(_) => invalid,
     };
-    belongs.then_some(event)
+    fits.then_some(facts)
 }
 
 impl Pipeline {
@@ -88,9 +90,10 @@ impl Pipeline {
         let _in_flight = InFlight::new(&self.metrics);
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
-        let history = DeliveryHistory::read(headers);
+        let message = Message::of(props, &delivery.data);
+        let (history, provenance) = DeliveryHistory::read(message, Some(&self.history_keys));
         let incoming = header_str(headers, "traceparent");
-        let message_id = props.message_id().as_ref().map(|m| m.as_str());
+        let message_id = message.message_id;
         let parsed = Command::parse(&delivery.data, message_id);
         let ids = parsed
             .as_ref()
@@ -124,9 +127,16 @@ impl Pipeline {
             redelivered = delivery.redelivered,
         );
         let outcome = async {
+            if provenance == Provenance::Rejected {
+                self.metrics.history_rejected.inc();
+                tracing::warn!(
+                    "the delivery carries worker headers (cpw-*) that the worker did not write \
+                     (no valid MAC): ignoring them, the command is handled as new"
+                );
+            }
             let mut attempted = None;
             let input = match (&parsed, stored(&history, &parsed)) {
-                (_, Some(event)) => Input::Stored(event),
+                (_, Some(facts)) => Input::Stored(facts),
                 (Err(_), None) => Input::Invalid,
                 (Ok(_), None) if self.worn(&history) => Input::Worn,
                 (Ok(command), None) => {

@@ -48,6 +48,9 @@ pub struct Pipeline {
     pub limits: Limits,
     /// This replica's name, stamped on its dead letters.
     pub replica: String,
+    /// The keys that seal the memory on this replica's copies and verify
+    /// it on the deliveries.
+    pub history_keys: crate::broker::HistoryKeys,
     /// Cancelled when the drain period is over: requests still out are
     /// abandoned and their commands put back with what was learned.
     pub stop_requests: CancellationToken,

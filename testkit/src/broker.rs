@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use credit_purchase_worker::broker::{ConnectError, Topology, private_queue};
+use credit_purchase_worker::broker::{ConnectError, HistoryKeys, Topology, private_queue};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -61,6 +61,19 @@ pub fn worker_env(queue: &str, hyperline_url: &str, api_key: &str) -> BTreeMap<S
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// `properties` with their `cpw-*` headers sealed as a replica holding
+/// `api_key` seals its copies (the key derived from the API key): for a test
+/// that places the worker's memory on a message by hand, as the worker would.
+pub fn sealed(properties: BasicProperties, body: &[u8], api_key: &str) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let message_id = properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned());
+    HistoryKeys::derived(api_key.as_bytes()).seal(&mut headers, body, message_id.as_deref());
+    properties.with_headers(headers)
 }
 
 /// `properties` as a producer following the contract sends a command:

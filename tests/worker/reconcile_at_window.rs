@@ -12,7 +12,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::json;
 
-use crate::helpers::{Options, TestApp, command, command_id, spawn_app_with};
+use cpw_testkit::broker::sealed;
+
+use crate::helpers::{Options, SIM_KEY, TestApp, command, command_id, spawn_app_with};
 
 /// Hyperline forgets a key after this many seconds here, and the worker knows it.
 const WINDOW_SECS: u64 = 14;
@@ -44,11 +46,9 @@ async fn publish_first_attempted(app: &TestApp, id: &str, ago_ms: i64) {
         AMQPValue::LongLongInt(now_ms() - ago_ms),
     );
     let body = command(id).to_string();
-    app.publish_raw(
-        body.as_bytes(),
-        BasicProperties::default().with_headers(headers),
-    )
-    .await;
+    let props = BasicProperties::default().with_headers(headers);
+    let props = sealed(props, body.as_bytes(), SIM_KEY);
+    app.publish_raw(body.as_bytes(), props).await;
 }
 
 #[tokio::test]

@@ -402,16 +402,16 @@ fn a_refused_event_waits_in_a_delay_queue_with_its_outcome() {
 fn a_stored_outcome_is_published_again_and_routed_by_its_code() {
     for case in CASES {
         let h = history(case);
-        let ok = decide(Input::Stored(event(None)), &h, policy());
+        let ok = decide(Input::Stored(event(None).facts()), &h, policy());
         assert_eq!((ok.route, ok.outcome), (Route::Ack, Outcome::Succeeded));
         let rejected = decide(
-            Input::Stored(event(Some(ErrorCode::Rejected))),
+            Input::Stored(event(Some(ErrorCode::Rejected)).facts()),
             &h,
             policy(),
         );
         assert_eq!(rejected.route, Route::Ack);
         let dead = decide(
-            Input::Stored(event(Some(ErrorCode::UnexpectedResponse))),
+            Input::Stored(event(Some(ErrorCode::UnexpectedResponse)).facts()),
             &h,
             policy(),
         );
