@@ -1,4 +1,4 @@
-//! The command line of CONTRACT section 7.
+//! The command line of docs/contract.md section 7.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,7 +101,7 @@ pub struct ReconcileArgs {
     pub json: bool,
 }
 
-/// `publish` flags: the fields of a command (CONTRACT section 2).
+/// `publish` flags: the fields of a command (docs/contract.md section 2).
 #[derive(Debug, Args)]
 #[command(group(
     clap::ArgGroup::new("pricing")
@@ -220,7 +220,7 @@ pub struct DemoArgs {
     pub seed: Option<u64>,
 }
 
-/// `simulator` flags (CONTRACT section 8).
+/// `simulator` flags (docs/contract.md section 8).
 #[derive(Debug, Args)]
 pub struct SimulatorArgs {
     /// Address to listen on.

@@ -369,7 +369,7 @@ pub struct RetrySettings {
     /// Longest 429 wait spent in process.
     pub max_rate_limit_wait_secs: u64,
     /// Broker-side delay steps, in order. A delay may repeat: steps with the
-    /// same delay share its queue (CONTRACT section 5).
+    /// same delay share its queue (docs/contract.md section 5).
     #[serde(deserialize_with = "delay_list")]
     pub redelivery_delays_secs: Vec<u64>,
 }

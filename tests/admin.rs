@@ -876,6 +876,19 @@ async fn demo_runs_to_completion_with_one_charge_per_success() {
     );
     assert!(stdout.contains("✓ one per succeeded command"), "{stdout}");
     assert_eq!(number("invalid_command"), 3, "{stdout}");
+    // The worker's lines, its ERROR for the garbled answer included, are in
+    // the file named at the end, not on stderr across the progress bar.
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    let log = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("worker log: "))
+        .expect("the summary names the worker's log");
+    let lines = std::fs::read_to_string(log).expect("the worker's log");
+    assert!(
+        lines.contains("failed: dead-lettering for an operator"),
+        "{lines}"
+    );
+    let _ = std::fs::remove_file(log);
 
     // Its throwaway queue is gone.
     let queue = stderr

@@ -1,4 +1,4 @@
-//! Property tests of `Command::parse` (CONTRACT.md section 2).
+//! Property tests of `Command::parse` (docs/contract.md section 2).
 //!
 //! Whatever the bytes and the `message_id`, the parser answers a valid
 //! [`Command`] or an `InvalidCommand`, and never panics. Its verdict is

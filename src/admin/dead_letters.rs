@@ -2,7 +2,7 @@
 //! dead-letter queue (`<queue>.dead`).
 //!
 //! Invalid commands, exhausted ones and unexpected answers end there "for an
-//! operator to look" (CONTRACT section 3); these are the looking and the
+//! operator to look" (docs/contract.md section 3); these are the looking and the
 //! putting back. AMQP 0-9-1 has no peek, so both read with `basic.get`
 //! without auto-ack, holding every message unacknowledged until the queue
 //! (as it was when they started) is read, then settle each one: `list` puts

@@ -9,7 +9,7 @@
 //! against the simulator's ledger. The throwaway queues and exchanges are
 //! removed at the end, on failure and on Ctrl-C alike.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,11 @@ use crate::startup::{Application, StartupError};
 /// The key the embedded simulator accepts; it guards nothing.
 const DEMO_KEY: &str = "sim_demo_key";
 
-/// The demo's log filter: broker and startup errors only.
+/// The level of the worker's log file: the whole story of every command.
+const DEMO_LOG_LEVEL: &str = "info";
+
+/// The demo's log filter when no log file can be made: broker and startup
+/// errors only, on stderr.
 const DEMO_LOG_FILTER: &str = "error,credit_purchase_worker::pipeline::handler=off";
 
 /// How long the worker may take to stop once the results are in.
@@ -99,13 +103,9 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Erro
     .await
     .map_err(Error::Simulator)?;
     let settings = demo_settings(Settings::load(config)?, &tag, &simulator.base_url())?;
-    // Only errors, and none about single commands: the demo's failures
-    // (invalid commands, 404s, garbled answers, 5xx) are deliberate, their
-    // events tell the story, and log lines would drown the progress bar.
-    // RUST_LOG still wins.
-    crate::telemetry::init(LogFormat::Pretty, DEMO_LOG_FILTER);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "demo").await?;
+    let log = log_to_file(&tag);
     eprintln!(
         "demo: simulator at {}, worker on {} (queue {}), {} commands",
         simulator.base_url(),
@@ -155,11 +155,37 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<ExitCode, Erro
     }
     let summary = card.summary(&ledger, &requests);
     super::output::block(&summary);
+    if let Some(path) = log {
+        super::output::block(format_args!("worker log: {}\n", path.display()));
+    }
     Ok(if summary.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Sends the worker's log lines to a file, named with the summary. The
+/// demo's failures (invalid commands, 404s, garbled answers, 5xx) are
+/// deliberate and its summary counts them; on a terminal their ERROR lines
+/// would cut across the progress bar and read as the demo breaking. Without
+/// a file, only errors reach stderr, as before. RUST_LOG still wins.
+fn log_to_file(tag: &str) -> Option<PathBuf> {
+    let path = std::env::temp_dir().join(format!("cpw-demo-{tag}.log"));
+    match std::fs::File::create(&path) {
+        Ok(file) => {
+            crate::telemetry::init_to_file(LogFormat::Pretty, DEMO_LOG_LEVEL, file);
+            Some(path)
+        }
+        Err(e) => {
+            eprintln!(
+                "demo: cannot write {}: {e}; errors only, here",
+                path.display()
+            );
+            crate::telemetry::init(LogFormat::Pretty, DEMO_LOG_FILTER);
+            None
+        }
+    }
 }
 
 /// The user's settings (broker URL, queue type, prefetch) with everything

@@ -196,6 +196,7 @@ impl Scorecard {
             failed,
             missing: self.published.saturating_sub(self.results.len()),
             requests: requests.len(),
+            faults: ledger.faults,
             retried: requests.len().saturating_sub(keys.len()),
             charges: ledger.charges.len(),
             charges_match: once_each && ledger.charges.len() == succeeded.len(),
@@ -215,6 +216,18 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[rank.min(sorted.len()) - 1]
 }
 
+/// Why the batch holds commands that fail, by error code: the demo's own
+/// doing, so the summary says so instead of leaving them to read as faults
+/// of the worker.
+fn on_purpose(code: &str) -> Option<&'static str> {
+    match code {
+        "invalid_command" => Some("malformed samples"),
+        "rejected" => Some("an unknown customer (404)"),
+        "unexpected_response" => Some("a garbled 201, kept for an operator"),
+        _ => None,
+    }
+}
+
 /// The demo's result, printed as an aligned table.
 pub struct Summary {
     published: usize,
@@ -222,6 +235,8 @@ pub struct Summary {
     failed: BTreeMap<String, usize>,
     missing: usize,
     requests: usize,
+    /// The simulator's injected 5xx answers (its `fail_rate`).
+    faults: u64,
     retried: usize,
     charges: usize,
     charges_match: bool,
@@ -248,10 +263,24 @@ impl fmt::Display for Summary {
         row(f, "commands published", self.published.to_string(), "")?;
         row(f, "succeeded", self.succeeded.to_string(), "")?;
         let failed: usize = self.failed.values().sum();
-        row(f, "failed", failed.to_string(), "")?;
+        let all_on_purpose = self.failed.keys().all(|code| on_purpose(code).is_some());
+        let note = if failed > 0 && all_on_purpose {
+            "all on purpose:"
+        } else {
+            ""
+        };
+        row(f, "failed", failed.to_string(), note)?;
         for (code, n) in &self.failed {
-            row(f, &format!("  {code}"), n.to_string(), "")?;
+            let why = on_purpose(code).map(|why| format!("  {why}"));
+            row(
+                f,
+                &format!("  {code}"),
+                n.to_string(),
+                &why.unwrap_or_default(),
+            )?;
         }
+        let faults = "5xx answers from the simulator, retried";
+        row(f, "injected faults", self.faults.to_string(), faults)?;
         if self.missing > 0 {
             row(f, "no result", self.missing.to_string(), "✗")?;
         }
@@ -293,6 +322,45 @@ mod tests {
         assert_eq!(invalid, 15);
         let ids: HashSet<&str> = batch.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids.len(), 300, "ids are unique");
+    }
+
+    /// The summary's lines with the alignment folded to one space.
+    fn summary(failed: &[(&str, usize)]) -> Vec<String> {
+        let text = Summary {
+            published: 10,
+            succeeded: 7,
+            failed: failed.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
+            missing: 0,
+            requests: 12,
+            faults: 2,
+            retried: 2,
+            charges: 7,
+            charges_match: true,
+            throughput: 1.0,
+            p50: Duration::ZERO,
+            p99: Duration::ZERO,
+        }
+        .to_string();
+        text.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+
+    #[test]
+    fn the_summary_counts_the_demos_own_failures_as_such() {
+        let designed = summary(&[("invalid_command", 2), ("unexpected_response", 1)]);
+        for line in [
+            "failed 3 all on purpose:",
+            "invalid_command 2 malformed samples",
+            "unexpected_response 1 a garbled 201, kept for an operator",
+            "injected faults 2 5xx answers from the simulator, retried",
+        ] {
+            assert!(designed.iter().any(|l| l == line), "{line}: {designed:#?}");
+        }
+        // A failure the batch does not make is not passed off as one.
+        let real = summary(&[("invalid_command", 2), ("retries_exhausted", 1)]);
+        assert!(real.iter().any(|l| l == "failed 3"), "{real:#?}");
+        assert!(real.iter().any(|l| l == "retries_exhausted 1"), "{real:#?}");
     }
 
     #[test]

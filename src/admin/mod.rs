@@ -1,4 +1,4 @@
-//! The operator subcommands of CONTRACT section 7: `publish`, `dead-letters
+//! The operator subcommands of docs/contract.md section 7: `publish`, `dead-letters
 //! list` / `show` / `purge` / `replay` / `reconcile`, `check` and `demo`.
 //!
 //! The worker is the product; these are the tools a person on call reaches for

@@ -6,7 +6,7 @@
 //! first (a command the worker would dead-letter is refused here, with the
 //! reason), then publishes it persistent, mandatory and publisher-confirmed,
 //! so "published" means the broker has it in the commands queue. With
-//! `--wait` it listens on a private reply queue (`reply_to`, CONTRACT section
+//! `--wait` it listens on a private reply queue (`reply_to`, docs/contract.md section
 //! 3) and prints the result event.
 
 use std::path::Path;
@@ -141,7 +141,7 @@ fn pretty(event: &Value) -> String {
     text.unwrap_or_else(|_| event.to_string())
 }
 
-/// The JSON body of CONTRACT section 2. The pricing the flags did not give is
+/// The JSON body of docs/contract.md section 2. The pricing the flags did not give is
 /// written as `null`, as the contract's example does.
 fn command_body(args: &PublishArgs, id: &str) -> Value {
     json!({

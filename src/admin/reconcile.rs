@@ -1,5 +1,5 @@
 //! `dead-letters reconcile`: for each dead letter whose charge is uncertain,
-//! ask Hyperline's credit transactions whether it was charged (CONTRACT
+//! ask Hyperline's credit transactions whether it was charged (docs/contract.md
 //! section 7).
 //!
 //! Uncertain means: dead-lettered by the worker as `unexpected_response` (a

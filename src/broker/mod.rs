@@ -1,4 +1,4 @@
-//! The RabbitMQ side: connecting, the topology of CONTRACT section 5,
+//! The RabbitMQ side: connecting, the topology of docs/contract.md section 5,
 //! publishing with confirms, settling deliveries, and the history a command
 //! carries from one delivery to the next.
 //!

@@ -1,4 +1,4 @@
-//! The queues and exchanges of CONTRACT section 5, derived from one queue name.
+//! The queues and exchanges of docs/contract.md section 5, derived from one queue name.
 //!
 //! Declarations run on a channel of their own: a refused declaration (an
 //! existing queue with other arguments) closes its channel, and it must not

@@ -139,7 +139,7 @@ pub struct ResultEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
     /// Succeeded only: the charge was found in Hyperline's credit
-    /// transactions, not in a purchase answer (CONTRACT sections 3 and 7).
+    /// transactions, not in a purchase answer (docs/contract.md sections 3 and 7).
     /// Absent when false, so every other event is byte for byte as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reconciled: bool,
@@ -357,7 +357,7 @@ impl ResultEvent {
         // The raw id of an invalid command may hold control characters. A
         // bridge to the CloudEvents HTTP binding copies the subject into an
         // HTTP header (`ce-subject`), where CR/LF would inject another one,
-        // so the subject is left out for such an id (CONTRACT section 3).
+        // so the subject is left out for such an id (docs/contract.md section 3).
         if let Some(id) = self
             .command_id
             .as_deref()

@@ -1,4 +1,4 @@
-//! The message contract of CONTRACT.md sections 2 and 3, as types.
+//! The message contract of docs/contract.md sections 2 and 3, as types.
 //!
 //! Publishers in other languages write the commands and downstream teams read
 //! the events, so this is the one place where their shapes live: a command is

@@ -1,5 +1,5 @@
 //! Classification of Hyperline's answers: one function that knows the status
-//! table of CONTRACT section 4, separate from the loop that sleeps.
+//! table of docs/contract.md section 4, separate from the loop that sleeps.
 
 use std::time::Duration;
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{HyperlineClient, ProbeResult};
 
-/// First and longest wait between probes of a refused key (CONTRACT section 4).
+/// First and longest wait between probes of a refused key (docs/contract.md section 4).
 const PROBE_FIRST: Duration = Duration::from_secs(1);
 const PROBE_MAX: Duration = Duration::from_secs(60);
 

@@ -110,7 +110,7 @@ pub enum Step {
     Retry(Retry),
 }
 
-/// Maps an answer to a step: the status table of CONTRACT section 4.
+/// Maps an answer to a step: the status table of docs/contract.md section 4.
 pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
     match answer {
         PurchaseAnswer::Succeeded(r) => Step::Done(Verdict::Succeeded(r)),

@@ -1,5 +1,5 @@
 //! What becomes of a delivery: one pure function from what the worker
-//! learned to a plan, read as the table of CONTRACT section 4.
+//! learned to a plan, read as the table of docs/contract.md section 4.
 //!
 //! Every way a command leaves the worker is decided here and nowhere else:
 //! which event is published, where the command goes (acked, copied to a delay

@@ -1,6 +1,6 @@
 //! Span export over OTLP (HTTP/protobuf), configured only by OpenTelemetry's
 //! own environment variables, so an operator sets it up the way they set up
-//! every other service (CONTRACT section 6):
+//! every other service (docs/contract.md section 6):
 //!
 //! - `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) or
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended) turns export on;

@@ -39,8 +39,24 @@ type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 /// the simulator.
 pub fn init(format: LogFormat, level: &str) {
     let _ = Registry::default()
-        .with(log_layer(format, level, std::io::stderr))
+        .with(log_layer(format, level, std::io::stderr, stderr_colours()))
         .try_init();
+}
+
+/// Installs the global subscriber, logs only, written to `file` without
+/// colour codes: for the demo, whose progress bar owns the terminal (log
+/// lines written across it would break it).
+pub fn init_to_file(format: LogFormat, level: &str, file: std::fs::File) {
+    let writer = std::sync::Mutex::new(file);
+    let _ = Registry::default()
+        .with(log_layer(format, level, writer, false))
+        .try_init();
+}
+
+/// Colour codes only when stderr is a terminal: a pretty log sent to a file
+/// or a pipe stays plain text.
+fn stderr_colours() -> bool {
+    std::io::stderr().is_terminal()
 }
 
 /// What the worker's telemetry holds until the end: the span exporter and
@@ -72,8 +88,14 @@ impl Telemetry {
 pub fn init_with_export(format: LogFormat, level: &str) -> Result<Telemetry, ExportError> {
     let exporter = Exporter::from_env()?;
     let (log, logs) = match batched::stderr() {
-        Ok((writer, flush)) => (log_layer(format, level, writer), Some(flush)),
-        Err(_) => (log_layer(format, level, std::io::stderr), None),
+        Ok((writer, flush)) => (
+            log_layer(format, level, writer, stderr_colours()),
+            Some(flush),
+        ),
+        Err(_) => (
+            log_layer(format, level, std::io::stderr, stderr_colours()),
+            None,
+        ),
     };
     let mut layers = vec![log];
     if let Some(tracer) = exporter.tracer() {
@@ -91,11 +113,8 @@ pub fn init_with_export(format: LogFormat, level: &str) -> Result<Telemetry, Exp
 }
 
 /// The log layer: everything `level` (or `RUST_LOG`) enables, except the
-/// export spans.
-///
-/// Colour codes only when stderr is a terminal: a pretty log sent to a file
-/// or a pipe stays plain text.
-fn log_layer<W>(format: LogFormat, level: &str, writer: W) -> BoxedLayer
+/// export spans; pretty lines carry colour codes when `ansi` says so.
+fn log_layer<W>(format: LogFormat, level: &str, writer: W, ansi: bool) -> BoxedLayer
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -112,7 +131,7 @@ where
             .with_filter(filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(ansi)
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),

@@ -1,4 +1,4 @@
-//! Valid commands, as a publisher following CONTRACT.md section 2 writes
+//! Valid commands, as a publisher following docs/contract.md section 2 writes
 //! them: the contract's example with an id of the caller's.
 
 use credit_purchase_worker::contract::Command;

@@ -9,7 +9,7 @@
 //!   observer of result events, queue depths, removing a test's topology;
 //! - [`cluster`]: a real three-node RabbitMQ cluster started by a test;
 //! - [`commands`]: valid command bodies with fresh ids;
-//! - [`rules`]: the command rules of CONTRACT.md section 2 restated byte by
+//! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
 //!   `Command::parse`;
 //! - [`hostile`]: the hostile inputs (strings, ids, numbers, dates, JSON

@@ -1,4 +1,4 @@
-//! The command rules of CONTRACT.md section 2, restated from the contract's
+//! The command rules of docs/contract.md section 2, restated from the contract's
 //! text alone with byte-level predicates of their own, and what holds of
 //! every verdict of `Command::parse`.
 //!

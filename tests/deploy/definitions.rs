@@ -10,7 +10,7 @@ use credit_purchase_worker::configuration::{QueueType, Settings};
 use serde_json::{Value, json};
 
 /// The arguments the worker declares on each of its queues, derived from
-/// CONTRACT section 5 and the settings (the same rules as
+/// docs/contract.md section 5 and the settings (the same rules as
 /// `Topology::declare`, whose argument tables are private; the broker test
 /// below checks this against the real declaration).
 pub(crate) fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, Value> {

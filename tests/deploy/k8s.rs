@@ -403,12 +403,12 @@ fn the_image_comes_from_a_registry_the_kustomization_sets() {
                 .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
         "{tag} is not a valid image tag"
     );
-    // The README tells how to set both, in the commands kustomize takes: in
+    // docs/deploying.md tells how to set both, in the commands kustomize takes: in
     // place, and in an overlay, which sees the name this file produced.
-    let readme = read("README.md");
+    let guide = read("docs/deploying.md");
     for name in [container_image.as_str(), new_name] {
         let command = format!("kustomize edit set image {name}=");
-        assert!(readme.contains(&command), "README: `{command}…`");
+        assert!(guide.contains(&command), "docs/deploying.md: `{command}…`");
     }
 }
 

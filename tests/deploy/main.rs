@@ -13,10 +13,10 @@
 //!
 //! Expected values are read from the code or from `config/default.toml`, so
 //! changing either side alone fails a test. Two exceptions: the queue
-//! arguments (private to `Topology`) are derived here from CONTRACT section 5,
+//! arguments (private to `Topology`) are derived here from docs/contract.md section 5,
 //! and one test against the broker (CPW_TEST_AMQP_URL, default
 //! guest@127.0.0.1, as CI provides) checks them against the real declaration;
-//! the command example is CONTRACT section 2's, verbatim.
+//! the command example is docs/contract.md section 2's, verbatim.
 //!
 //! One module per subject; `common` holds the helpers they share.
 

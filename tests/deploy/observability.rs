@@ -1,6 +1,6 @@
 //! The observability files (`deploy/prometheus`, `deploy/grafana`): the
 //! rules pass `promtool` and their unit tests, the `PrometheusRule` holds
-//! exactly the plain rules, every alert has a runbook in the README, and the
+//! exactly the plain rules, every alert has a runbook in docs/operations.md, and the
 //! dashboard is one Grafana can provision. (That every metric they use is
 //! exposed is checked against a live `/metrics` in tests/worker/operations.rs.)
 
@@ -50,8 +50,8 @@ fn the_prometheus_rule_holds_exactly_the_plain_rules() {
 }
 
 #[test]
-fn every_alert_says_what_to_do_and_has_a_runbook_in_the_readme() {
-    let readme = read("README.md");
+fn every_alert_says_what_to_do_and_has_a_runbook_in_the_operations_guide() {
+    let guide = read("docs/operations.md");
     let alerts = alerts();
     assert_eq!(alerts.len(), 7, "the alerts of the issue");
     for alert in alerts {
@@ -63,10 +63,13 @@ fn every_alert_says_what_to_do_and_has_a_runbook_in_the_readme() {
         let severity = text(&alert, "/labels/severity");
         assert!(["page", "ticket"].contains(&severity), "{name}: {severity}");
         let runbook = text(&alert, "/annotations/runbook");
-        assert_eq!(runbook, format!("README.md#{}", name.to_lowercase()));
+        assert_eq!(
+            runbook,
+            format!("docs/operations.md#{}", name.to_lowercase())
+        );
         assert!(
-            readme.contains(&format!("\n#### {name}\n")),
-            "README has no runbook section for {name}"
+            guide.contains(&format!("\n### {name}\n")),
+            "docs/operations.md has no runbook section for {name}"
         );
     }
 }
@@ -107,12 +110,12 @@ fn the_dashboard_is_provisionable_and_its_panels_query_the_worker() {
 }
 
 /// Every `status` label a Hyperline request can carry is documented in the
-/// README's metrics table (`other` was not).
+/// metrics table of docs/operations.md (`other` was not).
 #[test]
 fn every_request_status_label_is_documented() {
     use credit_purchase_worker::hyperline::{PurchaseAnswer, PurchaseResponse};
-    let readme = read("README.md");
-    let row = readme
+    let guide = read("docs/operations.md");
+    let row = guide
         .lines()
         .find(|l| l.starts_with("| `cpw_hyperline_requests_total{status}`"))
         .expect("the metrics row");

@@ -35,7 +35,7 @@ pub(crate) fn errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
         .collect()
 }
 
-/// The example of CONTRACT section 2, verbatim.
+/// The example of docs/contract.md section 2, verbatim.
 pub(crate) const CONTRACT_EXAMPLE: &str = r#"{
   "command_id": "6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10",
   "customer_id": "cus_Typ0px2W0aiEtl",

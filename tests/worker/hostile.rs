@@ -623,7 +623,7 @@ async fn thousands_of_hostile_messages_do_not_stop_the_worker() {
             ("credit_purchase.failed", "invalid_command") => {
                 assert_eq!(e.body["attempts"], 0, "{}", e.body);
                 let echo = e.body["command_id"].as_str().map(str::to_owned);
-                // CONTRACT section 3: correlation_id is the echoed id byte for
+                // docs/contract.md section 3: correlation_id is the echoed id byte for
                 // byte, control characters included; only the subject may go.
                 let correlation = e.properties.correlation_id().as_ref();
                 assert_eq!(

@@ -1,4 +1,4 @@
-//! Every invalid-command rule of CONTRACT section 2 ends in the dead-letter
+//! Every invalid-command rule of docs/contract.md section 2 ends in the dead-letter
 //! queue with an `invalid_command` event, and never reaches the API.
 
 use std::collections::HashSet;
@@ -158,7 +158,7 @@ async fn message_id_stands_in_for_a_missing_command_id() {
 }
 
 /// The identity properties carry an invalid command's raw id byte for byte,
-/// control characters included (CONTRACT section 3): AMQP short strings are
+/// control characters included (docs/contract.md section 3): AMQP short strings are
 /// length-prefixed, so the broker and lapin pass them through intact. Only
 /// `cloudEvents:subject` is left out for such an id; an id over 255 bytes is
 /// not echoed at all.

@@ -1,4 +1,4 @@
-//! Every row of CONTRACT section 4: the event, the ack (queue empty), the
+//! Every row of docs/contract.md section 4: the event, the ack (queue empty), the
 //! charges in the ledger and the Idempotency-Key on every request.
 
 use std::time::Duration;

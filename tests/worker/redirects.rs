@@ -1,4 +1,4 @@
-//! Redirects are never followed (CONTRACT section 4): a 307 would re-send the
+//! Redirects are never followed (docs/contract.md section 4): a 307 would re-send the
 //! purchase, its key and body to wherever `Location` points, and a 302 would
 //! turn it into a GET. Either answer is undocumented, so the command fails
 //! with `unexpected_response` and is dead-lettered for an operator.

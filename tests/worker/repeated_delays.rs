@@ -1,4 +1,4 @@
-//! Steps with the same delay share one delay queue (CONTRACT section 5), so
+//! Steps with the same delay share one delay queue (docs/contract.md section 5), so
 //! `retry.redelivery_delays_secs = [1, 1, 1]` is a valid budget of three
 //! broker-side steps through `<queue>.retry.1s`.
 

@@ -1,4 +1,4 @@
-//! The table of CONTRACT section 4, row by row, for every kind of history:
+//! The table of docs/contract.md section 4, row by row, for every kind of history:
 //! a first delivery, one after delay steps, and one whose idempotency
 //! window is over by the time it could come back.
 
