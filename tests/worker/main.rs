@@ -5,6 +5,7 @@ mod chaos;
 mod cluster;
 mod cluster_chaos;
 mod credentials;
+mod examples;
 mod helpers;
 mod hostile;
 mod invalid;
