@@ -109,18 +109,22 @@ def request(connection, args, command):
         return NOT_SENT
     print(f"sent {command['command_id']}, waiting for its event", file=sys.stderr)
 
-    deadline = time.monotonic() + args.timeout
-    for method, _properties, body in channel.consume(
-        reply_queue, auto_ack=True, inactivity_timeout=args.timeout
-    ):
-        if method is None or time.monotonic() > deadline:
-            break
+    replies = []
+
+    def on_reply(_channel, _method, _properties, body):
         try:
             event = json.loads(body)
         except ValueError:
-            continue
-        if not isinstance(event, dict) or event.get("command_id") != command["command_id"]:
-            continue
+            return
+        if isinstance(event, dict) and event.get("command_id") == command["command_id"]:
+            replies.append(event)
+
+    channel.basic_consume(reply_queue, on_reply, auto_ack=True)
+    deadline = time.monotonic() + args.timeout
+    while not replies and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=max(0.0, deadline - time.monotonic()))
+    if replies:
+        event = replies[0]
         print(json.dumps(event))
         return SUCCEEDED if event.get("type") == "credit_purchase.succeeded" else FAILED
     print(f"no event for {command['command_id']} within {args.timeout} s", file=sys.stderr)
