@@ -61,6 +61,15 @@ impl Language {
                 (python, examples_dir().join("python"))
             }
             Language::Node => {
+                let has_node = std::process::Command::new("node")
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(
+                    has_node,
+                    "no `node` on the PATH: install Node.js as .ci/run does"
+                );
                 let dir = examples_dir().join("node");
                 assert!(
                     dir.join("node_modules/amqplib/package.json").exists(),
