@@ -90,10 +90,6 @@ impl Options {
 /// One worker with its own queue names, simulator and observers.
 pub struct TestApp {
     pub queue: String,
-    #[allow(
-        dead_code,
-        reason = "the test API (a test may publish or bind to it); no test here reads it"
-    )]
     pub results_exchange: String,
     pub connection_name: String,
     pub sim: Simulator,

@@ -1,10 +1,12 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
+mod alerts;
 mod broker_refusals;
 mod chaos;
 mod cluster;
 mod cluster_chaos;
 mod credentials;
+mod examples;
 mod helpers;
 mod hostile;
 mod invalid;

@@ -1,0 +1,210 @@
+#!/usr/bin/env node
+// A downstream service's consumer of credit-purchase result events.
+//
+// It binds a durable queue of its own to the results exchange, so events
+// published while it is down wait for it; it handles each command's outcome
+// once, deduplicated by `command_id`: delivery is at least once, and a worker
+// that crashes between the broker's confirm and its ack publishes a second
+// event for the same command, with a new `event_id`. It acks each event only
+// after handling it and recording its `command_id`, so a crash redelivers
+// rather than loses.
+//
+// With --from-log it first replays the results log (the stream
+// `<exchange>.log`) from the given offset, then takes the live events from
+// its queue. The queue is bound before the log is read, so nothing falls
+// between the two; what is in both is deduplicated. Where the broker has no
+// results log, it says so and consumes its queue only.
+//
+// "Handling" here prints one line; put your own effect in `handle()`. The
+// seen file stands in for your database: record the `command_id` in the same
+// transaction as the effect, and a crash between them cannot handle one twice.
+//
+//   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
+//     node consume.js --queue billing.credit-purchases --from-log first
+'use strict';
+
+const fs = require('node:fs');
+const { parseArgs } = require('node:util');
+const amqp = require('amqplib');
+
+const EVENT_TYPES = 'credit_purchase.*';
+
+function options() {
+  const { values } = parseArgs({
+    options: {
+      exchange: { type: 'string', default: 'credit-purchase-results' },
+      // This service's own durable queue.
+      queue: { type: 'string' },
+      // File of the command ids already handled (one a line).
+      seen: { type: 'string', default: 'handled-command-ids.txt' },
+      // Replay the results log first: first, last, next, an offset, or an
+      // age such as 2h or 7D.
+      'from-log': { type: 'string' },
+      // Seconds without a log entry after which the log counts as read.
+      'log-idle': { type: 'string', default: '1' },
+    },
+  });
+  if (values.queue === undefined) {
+    throw new Error(
+      'usage: consume.js --queue Q [--exchange X] [--seen FILE] [--from-log OFFSET] [--log-idle SECONDS]',
+    );
+  }
+  return values;
+}
+
+/** The command ids already handled, kept in an append-only file. */
+class Seen {
+  constructor(path) {
+    this.ids = new Set();
+    if (fs.existsSync(path)) {
+      for (const line of fs.readFileSync(path, 'utf8').split('\n')) {
+        if (line.trim() !== '') this.ids.add(line);
+      }
+    }
+    this.fd = fs.openSync(path, 'a');
+  }
+
+  has(key) {
+    return this.ids.has(key);
+  }
+
+  add(key) {
+    fs.writeSync(this.fd, `${key}\n`);
+    fs.fsyncSync(this.fd);
+    this.ids.add(key);
+  }
+}
+
+/** This service's effect of one outcome (here: a line on stdout). */
+function handle(event, via) {
+  const code = event.error?.code ?? '-';
+  console.log(
+    `handled command_id=${event.command_id} type=${event.type} ` +
+      `code=${code} event_id=${event.event_id} via=${via}`,
+  );
+}
+
+// Synchronous from end to end: Node runs no other callback, a signal's
+// included, between the effect, its record and the ack.
+function onEvent(seen, channel, message, via) {
+  let event;
+  try {
+    event = JSON.parse(message.content.toString('utf8'));
+    if (event === null || typeof event !== 'object' || Array.isArray(event)) {
+      throw new Error('not a JSON object');
+    }
+  } catch (e) {
+    // Not an event: dropping it beats redelivering it for ever.
+    console.error(`skipped an unreadable message: ${e.message}`);
+    channel.reject(message, false);
+    return;
+  }
+  // An invalid command whose id could not be read has a null command_id:
+  // its event is then its own key.
+  const key = event.command_id ?? `event:${event.event_id}`;
+  if (seen.has(key)) {
+    console.log(`duplicate command_id=${event.command_id} event_id=${event.event_id} via=${via}`);
+  } else {
+    handle(event, via);
+    seen.add(key);
+  }
+  channel.ack(message);
+}
+
+/** A passive declare, on a channel of its own: a missing queue closes it. */
+async function logExists(connection, name) {
+  const probe = await connection.createChannel();
+  probe.on('error', () => {});
+  try {
+    await probe.checkQueue(name);
+  } catch (e) {
+    if (e.code === 404) return false;
+    throw e;
+  }
+  await probe.close();
+  return true;
+}
+
+function streamOffset(text) {
+  return /^[0-9]+$/.test(text) ? Number(text) : text;
+}
+
+async function replayLog(connection, seen, log, offset, idleMs, stopped) {
+  const channel = await connection.createChannel();
+  // A stream is read with acks and a prefetch: the acks are its credit.
+  await channel.prefetch(100);
+  let read = 0;
+  let timer;
+  const caughtUp = new Promise((resolve, reject) => {
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(resolve, idleMs);
+    };
+    arm();
+    channel
+      .consume(
+        log,
+        (message) => {
+          if (message === null) return;
+          onEvent(seen, channel, message, 'log');
+          read += 1;
+          arm();
+        },
+        { noAck: false, arguments: { 'x-stream-offset': streamOffset(offset) } },
+      )
+      .catch(reject);
+  });
+  await Promise.race([caughtUp, stopped]);
+  clearTimeout(timer);
+  await channel.close();
+  console.log(`read ${read} entries of the results log`);
+}
+
+async function main() {
+  const args = options();
+  const seen = new Seen(args.seen);
+  const url = process.env.AMQP_URL ?? 'amqp://guest:guest@127.0.0.1:5672/%2f';
+  const connection = await amqp.connect(url);
+  const channel = await connection.createChannel();
+  await channel.assertQueue(args.queue, { durable: true, arguments: { 'x-queue-type': 'quorum' } });
+  await channel.bindQueue(args.queue, args.exchange, EVENT_TYPES);
+
+  let stopping = false;
+  const stopped = new Promise((resolve) => {
+    const stop = () => {
+      stopping = true;
+      resolve();
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+  });
+
+  if (args['from-log'] !== undefined) {
+    const log = `${args.exchange}.log`;
+    if (await logExists(connection, log)) {
+      console.log(`replaying the results log ${log} from ${args['from-log']}`);
+      await replayLog(connection, seen, log, args['from-log'], Number(args['log-idle']) * 1000, stopped);
+    } else {
+      console.log(`no results log ${log} on this broker: consuming ${args.queue} only`);
+    }
+  }
+  if (!stopping) {
+    await channel.prefetch(10);
+    const { consumerTag } = await channel.consume(args.queue, (message) => {
+      if (message === null) {
+        console.error(`the broker cancelled the consumer of ${args.queue}`);
+        process.exit(1);
+      }
+      onEvent(seen, channel, message, 'queue');
+    });
+    console.log(`consuming ${args.queue}`);
+    await stopped;
+    await channel.cancel(consumerTag);
+  }
+  await connection.close();
+}
+
+main().catch((e) => {
+  console.error(e.message);
+  process.exitCode = 1;
+});
