@@ -323,12 +323,7 @@ impl HyperlineClient {
     /// Texts from the network go into events and logs: make sure the key is
     /// not among them, even if a server echoes it.
     pub(super) fn redact(&self, text: &str) -> String {
-        let key = self.key.expose();
-        if key.is_empty() || !text.contains(key) {
-            text.to_owned()
-        } else {
-            text.replace(key, "[REDACTED]")
-        }
+        redact_key(text, self.key.expose())
     }
 
     fn scrub(&self, answer: PurchaseAnswer) -> PurchaseAnswer {
@@ -353,6 +348,44 @@ impl HyperlineClient {
     }
 }
 
+/// `text` with `key` replaced. A key as long as a real one is replaced
+/// wherever it appears: no unrelated text contains it by chance. A shorter
+/// one (a test key, a mistake) only where it stands whole, not inside a
+/// longer run of key characters: it would otherwise cut unrelated words that
+/// merely contain it (`https://sandbo[REDACTED].api…`), while a key echoed
+/// by a server stands apart (quoted, after `Bearer `, in a URL).
+fn redact_key(text: &str, key: &str) -> String {
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if key.is_empty() || !text.contains(key) {
+        return text.to_owned();
+    }
+    if key.len() >= REAL_KEY_LEN {
+        return text.replace(key, "[REDACTED]");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (at, _) in text.match_indices(key) {
+        if at < rest {
+            continue;
+        }
+        let end = at + key.len();
+        let before = text[..at].chars().next_back();
+        let after = text[end..].chars().next();
+        let whole = !before.is_some_and(is_key_char) && !after.is_some_and(is_key_char);
+        if whole {
+            out.push_str(&text[rest..at]);
+            out.push_str("[REDACTED]");
+            rest = end;
+        }
+    }
+    out.push_str(&text[rest..]);
+    out
+}
+
+/// The length from which a key is taken for a real one (Hyperline's keys
+/// are far longer).
+const REAL_KEY_LEN: usize = 16;
+
 /// An error with all its causes, as one line.
 pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -363,4 +396,29 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_key;
+
+    #[test]
+    fn a_short_key_is_redacted_only_where_it_stands_whole() {
+        let text = "https://sandbox.api.hyperline.co: key x echoed: \"x\", Bearer x";
+        assert_eq!(
+            redact_key(text, "x"),
+            "https://sandbox.api.hyperline.co: key [REDACTED] echoed: \"[REDACTED]\", Bearer [REDACTED]"
+        );
+        assert_eq!(redact_key("sandbox", "sand"), "sandbox");
+    }
+
+    #[test]
+    fn a_real_key_is_redacted_wherever_it_appears() {
+        let key = "sk_live_0123456789abcdef";
+        let text = format!("prefix{key}suffix and {key}");
+        assert_eq!(
+            redact_key(&text, key),
+            "prefix[REDACTED]suffix and [REDACTED]"
+        );
+    }
 }

@@ -111,7 +111,13 @@ impl Credentials {
                     return true;
                 }
                 ProbeResult::Refused(status) => {
-                    tracing::warn!(status, next_probe_in = ?*self.next_probe(), "the Hyperline API key is still refused");
+                    let next_probe_in_ms =
+                        u64::try_from(self.next_probe().as_millis()).unwrap_or(u64::MAX);
+                    tracing::warn!(
+                        status,
+                        next_probe_in_ms,
+                        "the Hyperline API key is still refused"
+                    );
                 }
                 ProbeResult::Unknown(why) => {
                     tracing::warn!(%why, "credential probe inconclusive");

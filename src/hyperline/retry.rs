@@ -248,6 +248,8 @@ struct Tally {
     first_sent_ms: Mutex<Option<u64>>,
     last: Mutex<(Option<u64>, Option<u16>)>,
     last_failure: Mutex<Option<(Option<u16>, String)>>,
+    /// The latest answer was a 429.
+    rate_limited: std::sync::atomic::AtomicBool,
 }
 
 impl Tally {
@@ -260,8 +262,15 @@ impl Tally {
         *Self::lock(&self.first_sent_ms)
     }
 
-    /// The verdict of a delivery whose deadline came before its next request.
+    /// The verdict of a delivery whose deadline came before its next
+    /// request. Waiting on a 429 is not a failure: such a delivery waits in
+    /// the broker without using a step.
     fn out_of_time(&self, gate: &Gate) -> Verdict {
+        if self.rate_limited.load(Ordering::Relaxed) {
+            return Verdict::Held {
+                paused_for: gate.paused_for(),
+            };
+        }
         match Self::lock(&self.last_failure).clone() {
             Some((last_status, last_error)) => Verdict::Exhausted {
                 last_status,
@@ -313,7 +322,19 @@ fn record_answer(span: &tracing::Span, response: &PurchaseResponse) {
     }
 }
 
-/// Attempts the purchase up to `retry.attempts` times, within `bounds`.
+/// One line and one count per retry.
+fn note_retry(ctx: &RetryContext<'_>, retry: &Retry) {
+    tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
+    ctx.metrics
+        .retries
+        .get_or_create(&ReasonLabel {
+            reason: retry.reason,
+        })
+        .inc();
+}
+
+/// Attempts the purchase up to `retry.attempts` times, within `bounds`;
+/// 429s are waited on apart from those attempts, within the same bounds.
 pub async fn purchase_with_retry(
     ctx: &RetryContext<'_>,
     command: &Command,
@@ -335,103 +356,113 @@ pub async fn purchase_with_retry(
         .with_max_times(ctx.settings.attempts.saturating_sub(1) as usize);
 
     let attempt = || async {
-        if ctx.credentials.is_faulted() {
-            return Ok(Verdict::CredentialFault);
-        }
-        if let Some(first) = bounds.first_attempt_ms.or_else(|| tally.first_sent())
-            && !window_open(first, now_ms(), bounds.window, ctx.request_timeout)
-        {
-            return Ok(Verdict::WindowClosed {
-                first_attempt_ms: first,
-            });
-        }
-        if Instant::now() >= latest_start {
-            return Ok(tally.out_of_time(ctx.gate));
-        }
-        // After a refused key came back, one request proves it first.
-        let Ok(_trial) = tokio::time::timeout_at(latest_start, ctx.credentials.trial()).await
-        else {
-            return Ok(tally.out_of_time(ctx.gate));
-        };
-        let Ok(permit) = tokio::time::timeout_at(latest_start, ctx.gate.admit()).await else {
-            return Ok(tally.out_of_time(ctx.gate));
-        };
-        if ctx.credentials.is_faulted() {
-            return Ok(Verdict::CredentialFault);
-        }
-        // A gate open at once is admitted even past the instant: look again.
-        if Instant::now() > latest_start {
-            drop(permit);
-            return Ok(tally.out_of_time(ctx.gate));
-        }
-        let attempt = tally.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let sent_ms = now_ms();
-        let sent = std::time::Instant::now();
-        // Counted as the window's start before the request leaves: if the
-        // replica stops while it is out, it may have charged.
-        let opens_window = {
-            let mut first = Tally::lock(&tally.first_sent_ms);
-            let opens = first.is_none();
-            if opens {
-                *first = Some(sent_ms);
+        // A 429 goes round this loop, not backon's: waiting on the rate limit
+        // is Hyperline asking to wait, not a failed attempt, so it never uses
+        // one up (nor, past the deadline, a delay step: see `out_of_time`).
+        loop {
+            if ctx.credentials.is_faulted() {
+                return Ok(Verdict::CredentialFault);
             }
-            opens
-        };
-        let span = client_span(attempt);
-        let exported = telemetry::exported_traceparent(&span);
-        let response = ctx
-            .client
-            .purchase(command, exported.as_deref().or(traceparent))
-            .instrument(span.clone())
-            .await;
-        record_answer(&span, &response);
-        let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
-        ctx.metrics
-            .hyperline_request(response.status_class(), sent.elapsed(), exemplar);
-        *Tally::lock(&tally.last) = (Some(sent_ms), response.status);
-        if opens_window && !may_have_charged(&response) {
-            *Tally::lock(&tally.first_sent_ms) = None;
-        }
-        if let Some(status) = response.status {
-            ctx.credentials.heard(status);
-        }
-        // What the answer announced paces the replica's next requests (never
-        // for longer than a rate-limit wait may last in process). An answer
-        // without rate-limit headers says the API announces none, unless it
-        // may not come from the API itself (a gateway's 5xx, an auth failure).
-        match (response.status, response.quota) {
-            (Some(_), Some(quota)) => permit.answered(Some(Quota {
-                reset_after: quota.reset_after.min(max_rate_wait),
-                ..quota
-            })),
-            (Some(status @ 200..=499), None) if !matches!(status, 401 | 403 | 429) => {
-                permit.answered(None);
+            if let Some(first) = bounds.first_attempt_ms.or_else(|| tally.first_sent())
+                && !window_open(first, now_ms(), bounds.window, ctx.request_timeout)
+            {
+                return Ok(Verdict::WindowClosed {
+                    first_attempt_ms: first,
+                });
             }
-            _ => drop(permit),
-        }
-        if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
-            // The window is spent: wait for its reset instead of collecting 429s.
-            let wait = quota.reset_after.min(max_rate_wait);
-            ctx.gate.pause_for(wait);
-            ctx.metrics.rate_limit_wait(wait);
-        }
-        match step(response.answer, conflict_delay) {
-            Step::Done(verdict) => Ok(verdict),
-            Step::Retry(retry) => {
-                if retry.reason == "rate_limited" {
-                    // The quota is the account's: every request of the
-                    // replica holds back for as long as the answer asks.
-                    let wait = retry.wait.unwrap_or(floor);
-                    ctx.gate.pause_for(wait);
-                    ctx.metrics.rate_limit_wait(wait);
-                    if wait > max_rate_wait {
-                        // Too long to hold the delivery: RabbitMQ's consumer
-                        // timeout would close the channel. A delay queue waits.
-                        return Ok(Verdict::RateLimited { wait });
-                    }
+            if Instant::now() >= latest_start {
+                return Ok(tally.out_of_time(ctx.gate));
+            }
+            // After a refused key came back, one request proves it first.
+            let Ok(_trial) = tokio::time::timeout_at(latest_start, ctx.credentials.trial()).await
+            else {
+                return Ok(tally.out_of_time(ctx.gate));
+            };
+            let Ok(permit) = tokio::time::timeout_at(latest_start, ctx.gate.admit()).await else {
+                return Ok(tally.out_of_time(ctx.gate));
+            };
+            if ctx.credentials.is_faulted() {
+                return Ok(Verdict::CredentialFault);
+            }
+            // A gate open at once is admitted even past the instant: look again.
+            if Instant::now() > latest_start {
+                drop(permit);
+                return Ok(tally.out_of_time(ctx.gate));
+            }
+            let attempt = tally.requests.fetch_add(1, Ordering::Relaxed) + 1;
+            let sent_ms = now_ms();
+            let sent = std::time::Instant::now();
+            // Counted as the window's start before the request leaves: if the
+            // replica stops while it is out, it may have charged.
+            let opens_window = {
+                let mut first = Tally::lock(&tally.first_sent_ms);
+                let opens = first.is_none();
+                if opens {
+                    *first = Some(sent_ms);
                 }
-                *Tally::lock(&tally.last_failure) = Some((retry.status, retry.detail.clone()));
-                Err(retry)
+                opens
+            };
+            let span = client_span(attempt);
+            let exported = telemetry::exported_traceparent(&span);
+            let response = ctx
+                .client
+                .purchase(command, exported.as_deref().or(traceparent))
+                .instrument(span.clone())
+                .await;
+            record_answer(&span, &response);
+            let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
+            ctx.metrics
+                .hyperline_request(response.status_class(), sent.elapsed(), exemplar);
+            *Tally::lock(&tally.last) = (Some(sent_ms), response.status);
+            if opens_window && !may_have_charged(&response) {
+                *Tally::lock(&tally.first_sent_ms) = None;
+            }
+            if let Some(status) = response.status {
+                ctx.credentials.heard(status);
+            }
+            // What the answer announced paces the replica's next requests (never
+            // for longer than a rate-limit wait may last in process). An answer
+            // without rate-limit headers says the API announces none, unless it
+            // may not come from the API itself (a gateway's 5xx, an auth failure).
+            match (response.status, response.quota) {
+                (Some(_), Some(quota)) => permit.answered(Some(Quota {
+                    reset_after: quota.reset_after.min(max_rate_wait),
+                    ..quota
+                })),
+                (Some(status @ 200..=499), None) if !matches!(status, 401 | 403 | 429) => {
+                    permit.answered(None);
+                }
+                _ => drop(permit),
+            }
+            if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
+                // The window is spent: wait for its reset instead of collecting 429s.
+                let wait = quota.reset_after.min(max_rate_wait);
+                ctx.gate.pause_for(wait);
+                ctx.metrics.rate_limit_wait(wait);
+            }
+            match step(response.answer, conflict_delay) {
+                Step::Done(verdict) => return Ok(verdict),
+                Step::Retry(retry) => {
+                    let limited = retry.reason == "rate_limited";
+                    tally.rate_limited.store(limited, Ordering::Relaxed);
+                    if limited {
+                        // The quota is the account's: every request of the
+                        // replica holds back for as long as the answer asks.
+                        let wait = retry.wait.unwrap_or(floor);
+                        ctx.gate.pause_for(wait);
+                        ctx.metrics.rate_limit_wait(wait);
+                        if wait > max_rate_wait {
+                            // Too long to hold the delivery: RabbitMQ's consumer
+                            // timeout would close the channel. A delay queue waits.
+                            return Ok(Verdict::RateLimited { wait });
+                        }
+                        // The gate holds the next request until the wait is over.
+                        note_retry(ctx, &retry);
+                        continue;
+                    }
+                    *Tally::lock(&tally.last_failure) = Some((retry.status, retry.detail.clone()));
+                    return Err(retry);
+                }
             }
         }
     };
@@ -443,24 +474,13 @@ pub async fn purchase_with_retry(
             let left = bounds.deadline.saturating_duration_since(Instant::now());
             next.map(|ceiling| {
                 let wait = match retry.reason {
-                    // The gate already holds every request until the window
-                    // resets; the command only needs to queue behind it.
-                    "rate_limited" => Duration::ZERO,
                     "in_progress" => retry.wait.unwrap_or(ceiling),
                     _ => full_jitter(floor, ceiling),
                 };
                 wait.min(left)
             })
         })
-        .notify(|retry: &Retry, _| {
-            tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
-            ctx.metrics
-                .retries
-                .get_or_create(&ReasonLabel {
-                    reason: retry.reason,
-                })
-                .inc();
-        });
+        .notify(|retry: &Retry, _| note_retry(ctx, retry));
     let verdict = tokio::select! {
         result = retried => result.unwrap_or_else(|last| Verdict::Exhausted {
             last_status: last.status,

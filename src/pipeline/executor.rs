@@ -393,9 +393,9 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
             let code = code.as_str();
             match route {
                 Route::DeadLetter(_) => {
-                    tracing::error!(code, ?http_status, detail = %message, attempts, "failed: dead-lettering for an operator")
+                    tracing::error!(code, http_status, detail = %message, attempts, "failed: dead-lettering for an operator")
                 }
-                _ => tracing::warn!(code, ?http_status, detail = %message, attempts, "failed"),
+                _ => tracing::warn!(code, http_status, detail = %message, attempts, "failed"),
             }
         }
         (Some(EventPlan::Stored(facts)), _) => {
@@ -413,10 +413,10 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
             );
         }
         (None, _) => {
-            let hold: Duration = plan.hold;
+            let hold_ms = u64::try_from(plan.hold.as_millis()).unwrap_or(u64::MAX);
             tracing::warn!(
                 outcome = plan.outcome.label(),
-                ?hold,
+                hold_ms,
                 attempts,
                 "putting the command back on its queue"
             );

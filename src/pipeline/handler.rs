@@ -268,7 +268,7 @@ impl Pipeline {
             ),
             ChargeLookup::Uncertain { reason, candidates } => tracing::error!(
                 %reason,
-                transactions = ?candidates.iter().map(|c| c.transaction_id.as_str()).collect::<Vec<_>>(),
+                transactions = %candidates.iter().map(|c| c.transaction_id.as_str()).collect::<Vec<_>>().join(","),
                 "window closed and the credit transactions cannot tell whether the command was charged"
             ),
         }

@@ -345,8 +345,19 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     }
 }
 
+/// A connection or channel already closing or closed (the broker or lapin
+/// got there first, as it often does at shutdown) is the goal reached, not
+/// a fault: only another error is worth an operator's WARN.
 async fn close(connection: &Connection) {
-    if let Err(e) = connection.close(200, "shutting down".into()).await {
-        tracing::warn!(error = %e, "closing the broker connection");
+    use lapin::{ChannelState, ConnectionState, ErrorKind};
+    let Err(e) = connection.close(200, "shutting down".into()).await else {
+        return;
+    };
+    match e.kind() {
+        ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
+        | ErrorKind::InvalidConnectionState(ConnectionState::Closing | ConnectionState::Closed) => {
+            tracing::debug!(error = %e, "the broker connection was already closing");
+        }
+        _ => tracing::warn!(error = %e, "closing the broker connection"),
     }
 }
