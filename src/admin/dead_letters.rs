@@ -148,14 +148,18 @@ struct Tally {
 /// Reads the dead letters, republishes the selected ones (acking each dead
 /// letter only once its copy is confirmed), and puts the rest back.
 async fn replay_on(
-    connection: &Connection,
+    connection: &std::sync::Arc<Connection>,
     settings: &Settings,
     topology: &Topology,
     args: &ReplayArgs,
 ) -> Result<Tally, Error> {
     let keys = &HistoryKeys::require(settings)?;
     let channel = connection.create_channel().await?;
-    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let publisher = Publisher::open(
+        std::sync::Arc::clone(connection),
+        settings.amqp.confirm_timeout(),
+    )
+    .await?;
     let held = take_all(&channel, &topology.dead).await?;
     let mut tally = Tally {
         seen: held.len(),

@@ -221,7 +221,7 @@ fn demo_settings(mut s: Settings, tag: &str, base_url: &str) -> Result<Settings,
 /// Declares, observes, starts the worker, publishes, and collects results
 /// until every command has one or the time is up.
 async fn drive(
-    connection: &Connection,
+    connection: &std::sync::Arc<Connection>,
     settings: &Settings,
     topology: &Topology,
     args: &DemoArgs,
@@ -235,7 +235,11 @@ async fn drive(
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let batch = demo_batch::batch(args.commands);
-    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let publisher = Publisher::open(
+        std::sync::Arc::clone(connection),
+        settings.amqp.confirm_timeout(),
+    )
+    .await?;
     let mut card = Scorecard::new(batch.len());
     for sample in &batch {
         let properties = BasicProperties::default()

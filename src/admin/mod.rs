@@ -21,6 +21,7 @@ pub mod purge;
 pub mod reconcile;
 pub mod show;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::Connection;
@@ -60,7 +61,8 @@ pub enum ConnectError {
 /// answers, in order) under a name that says which tool it is
 /// (`credit-purchase-worker@host (publish)`), so an operator reading the
 /// management UI can tell a stray admin connection from a replica.
-pub async fn connect(amqp: &AmqpSettings, tool: &str) -> Result<Connection, ConnectError> {
+/// Shared, so a [`crate::broker::Publisher`] can open a channel again.
+pub async fn connect(amqp: &AmqpSettings, tool: &str) -> Result<Arc<Connection>, ConnectError> {
     connect_node(amqp, tool, amqp.url.nodes()).await
 }
 
@@ -69,7 +71,7 @@ pub async fn connect_node(
     amqp: &AmqpSettings,
     tool: &str,
     urls: &[String],
-) -> Result<Connection, ConnectError> {
+) -> Result<Arc<Connection>, ConnectError> {
     let url = urls
         .iter()
         .map(|u| redacted_url(u))
@@ -78,7 +80,7 @@ pub async fn connect_node(
     let name = format!("{} ({tool})", amqp.connection_name());
     let ca_file = amqp.ca_file.as_deref();
     match broker::connect_first(urls, 0, &name, ca_file, CONNECT_TIMEOUT).await {
-        Ok((connection, _)) => Ok(connection),
+        Ok((connection, _)) => Ok(Arc::new(connection)),
         Err(broker::ConnectError::Timeout(_)) => Err(ConnectError::Timeout {
             url,
             secs: CONNECT_TIMEOUT.as_secs(),

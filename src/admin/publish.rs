@@ -78,7 +78,7 @@ pub async fn run(config: Option<&Path>, args: PublishArgs) -> Result<ExitCode, E
 }
 
 async fn publish_and_wait(
-    connection: &Connection,
+    connection: &std::sync::Arc<Connection>,
     settings: &Settings,
     args: &PublishArgs,
     id: &str,
@@ -90,7 +90,11 @@ async fn publish_and_wait(
         true => Some(ReplyQueue::open(connection).await?),
         false => None,
     };
-    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let publisher = Publisher::open(
+        std::sync::Arc::clone(connection),
+        settings.amqp.confirm_timeout(),
+    )
+    .await?;
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)

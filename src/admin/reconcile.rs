@@ -204,7 +204,7 @@ pub async fn run(config: Option<&Path>, args: ReconcileArgs) -> Result<ExitCode,
 /// Reads the dead letters, looks the uncertain ones up, acts (with `apply`)
 /// and puts back everything not acted on.
 async fn reconcile_on(
-    connection: &Connection,
+    connection: &std::sync::Arc<Connection>,
     settings: &Settings,
     topology: &Topology,
     client: &HyperlineClient,
@@ -212,7 +212,11 @@ async fn reconcile_on(
 ) -> Result<Report, Error> {
     let keys = &HistoryKeys::require(settings)?;
     let channel = connection.create_channel().await?;
-    let publisher = Publisher::open(connection, settings.amqp.confirm_timeout()).await?;
+    let publisher = Publisher::open(
+        std::sync::Arc::clone(connection),
+        settings.amqp.confirm_timeout(),
+    )
+    .await?;
     let held = take_all(&channel, &topology.dead).await?;
     let mut report = Report::default();
     let mut keep = Vec::new();

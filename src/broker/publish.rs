@@ -66,10 +66,14 @@ pub struct Publisher {
 }
 
 struct Inner {
+    /// Where a closed copies channel is opened again.
+    connection: Arc<Connection>,
     events: Channel,
-    copies: Channel,
-    /// Held from a copy's publish to its confirm.
-    one_copy: tokio::sync::Mutex<()>,
+    /// Held from a copy's publish to its confirm. A copy carries the
+    /// publisher's properties; should the broker refuse one and close the
+    /// channel, the next copy opens a new one: a refused copy is that
+    /// delivery's problem, never the session's.
+    copies: tokio::sync::Mutex<Channel>,
     confirm_timeout: Duration,
 }
 
@@ -106,22 +110,25 @@ async fn send(
 impl Publisher {
     /// Opens the two channels in confirm mode.
     pub async fn open(
-        connection: &Connection,
+        connection: Arc<Connection>,
         confirm_timeout: Duration,
     ) -> Result<Self, lapin::Error> {
+        let events = confirm_channel(&connection).await?;
+        let copies = tokio::sync::Mutex::new(confirm_channel(&connection).await?);
         Ok(Publisher {
             inner: Arc::new(Inner {
-                events: confirm_channel(connection).await?,
-                copies: confirm_channel(connection).await?,
-                one_copy: tokio::sync::Mutex::new(()),
+                connection,
+                events,
+                copies,
                 confirm_timeout,
             }),
         })
     }
 
-    /// Whether both channels can still publish.
+    /// Whether events can still be published (a closed copies channel is
+    /// opened again by the next copy).
     pub fn is_open(&self) -> bool {
-        self.inner.events.status().connected() && self.inner.copies.status().connected()
+        self.inner.events.status().connected() && self.inner.connection.status().connected()
     }
 
     /// Sends a persistent, mandatory event; confirm it with [`Publisher::confirm`].
@@ -194,12 +201,20 @@ impl Publisher {
             exchange
         };
         let limit = self.inner.confirm_timeout;
-        let Ok(_alone) = tokio::time::timeout(limit, self.inner.one_copy.lock()).await else {
+        let Ok(mut channel) = tokio::time::timeout(limit, self.inner.copies.lock()).await else {
             // The copies before it are not confirmed either: the broker is
             // in trouble, and waiting in line would outlast any deadline.
             return Err(PublishError::Timeout(target.to_owned(), limit));
         };
-        let confirm = send(&self.inner.copies, exchange, routing_key, body, properties).await?;
+        if !channel.status().connected() {
+            let reopened = tokio::time::timeout(limit, confirm_channel(&self.inner.connection));
+            *channel = match reopened.await {
+                Ok(reopened) => reopened?,
+                Err(_) => return Err(PublishError::Timeout(target.to_owned(), limit)),
+            };
+            tracing::info!("the copies channel was closed (a refused copy): opened a new one");
+        }
+        let confirm = send(&channel, exchange, routing_key, body, properties).await?;
         match self.wait(target, confirm).await? {
             None => Ok(()),
             Some(_) => Err(PublishError::Unroutable(target.to_owned())),

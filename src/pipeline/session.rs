@@ -128,6 +128,7 @@ pub async fn run(ctx: &SessionContext<'_>, node: &mut usize) -> Result<(), Sessi
         BROKER_CALL_TIMEOUT,
     );
     let (connection, on) = beating(health, connect).await?;
+    let connection = std::sync::Arc::new(connection);
     *node = on;
     let label = broker::node_label(&urls[on]);
     // A handle of its own: the family's guard must not be held across awaits.
@@ -150,7 +151,7 @@ pub async fn run(ctx: &SessionContext<'_>, node: &mut usize) -> Result<(), Sessi
 /// The session on an open connection to the node `label`.
 async fn run_on(
     ctx: &SessionContext<'_>,
-    connection: &Connection,
+    connection: &std::sync::Arc<Connection>,
     label: &str,
 ) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
@@ -170,7 +171,7 @@ async fn run_on(
     let publisher = call(
         health,
         "open the publisher",
-        Publisher::open(connection, amqp.confirm_timeout()),
+        Publisher::open(std::sync::Arc::clone(connection), amqp.confirm_timeout()),
     )
     .await?;
     let channel = call(health, "open a channel", connection.create_channel()).await?;

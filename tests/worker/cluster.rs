@@ -44,17 +44,6 @@ async fn consuming_on(app: &TestApp) -> u16 {
         .unwrap_or_else(|| panic!("/readyz names the node: {body:?}"))
 }
 
-/// The worker's `/metrics` text.
-async fn metrics(app: &TestApp) -> String {
-    let addr = app.ops_addr.expect("worker started");
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("a body")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_node_dies_moves_to_another_and_charges_once() {
     let _one = ONE_CLUSTER.lock().await;
@@ -108,7 +97,7 @@ async fn a_worker_whose_node_dies_moves_to_another_and_charges_once() {
         "cluster: node {node} killed with 50 purchases in flight; consuming again after {moved:?}"
     );
     assert!(moved < FAILOVER, "consuming again after {moved:?}");
-    let metrics = metrics(&app).await;
+    let metrics = app.metrics().await;
     let gauge = |i: usize| {
         format!(
             "cpw_broker_node{{node=\"127.0.0.1:{}\"}}",

@@ -429,6 +429,28 @@ impl TestApp {
         .await;
     }
 
+    /// The worker's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let addr = self.ops_addr.expect("worker started");
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("a body")
+    }
+
+    /// The value of one sample of `/metrics` (`name{labels}` as printed), 0
+    /// when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Waits until the simulator saw at least `n` purchase requests.
     pub async fn wait_requests(&self, n: usize) {
         wait_until(

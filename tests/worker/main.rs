@@ -22,3 +22,4 @@ mod resilience;
 mod time_bounds;
 mod topology_upgrade;
 mod traces;
+mod trust;
