@@ -1122,6 +1122,47 @@ mod tests {
     }
 
     #[test]
+    fn history_keys_are_secrets_refused_when_unusable() {
+        let long = "k".repeat(MIN_HISTORY_KEY_LEN);
+        let other = "o".repeat(MIN_HISTORY_KEY_LEN + 8);
+        let both = format!("{other},{long}");
+        let s = load(&[("CPW__WORKER__HISTORY_KEYS", both.as_str())]).expect("two keys");
+        let keys: Vec<&str> = s.worker.history_keys.iter().map(Secret::expose).collect();
+        assert_eq!(keys, [other.as_str(), long.as_str()], "the first signs");
+        assert!(!format!("{s:?}").contains(&long), "redacted in Debug");
+        refused(
+            &[("CPW__WORKER__HISTORY_KEYS", "short")],
+            "worker.history_keys",
+        );
+        let twice = format!("{long},{long}");
+        refused(
+            &[("CPW__WORKER__HISTORY_KEYS", twice.as_str())],
+            "worker.history_keys",
+        );
+
+        let dir = std::env::temp_dir().join(format!("cpw-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("keys");
+        std::fs::write(&file, format!("# rotated 2026-12-01\n{other}\n\n{long}\n")).expect("write");
+        let path = file.to_string_lossy().into_owned();
+        let s = load(&[("CPW__WORKER__HISTORY_KEYS_FILE", path.as_str())]).expect("a key file");
+        assert_eq!(s.worker.history_keys.len(), 2);
+        refused(
+            &[
+                ("CPW__WORKER__HISTORY_KEYS_FILE", path.as_str()),
+                ("CPW__WORKER__HISTORY_KEYS", long.as_str()),
+            ],
+            "worker.history_keys_file",
+        );
+        std::fs::write(&file, "# nothing yet\n").expect("write");
+        refused(
+            &[("CPW__WORKER__HISTORY_KEYS_FILE", path.as_str())],
+            "worker.history_keys_file",
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn plain_http_only_on_loopback_unless_allowed() {
         for url in [
             "http://127.0.0.1:8089",
