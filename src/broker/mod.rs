@@ -9,13 +9,15 @@
 pub mod history;
 mod mismatch;
 mod publish;
+mod received;
 mod settlement;
 mod topology;
 
 pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory};
 pub use mismatch::{Finding, Mismatch};
 pub use publish::{PublishError, Publisher, header_str, header_u64};
-pub use settlement::{Received, Settle, Settlements};
+pub use received::{Received, Settlements};
+pub use settlement::Settle;
 pub use topology::{Object, Shape, Topology, TopologyError};
 
 use std::path::Path;

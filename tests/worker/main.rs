@@ -5,6 +5,7 @@ mod chaos;
 mod cluster;
 mod cluster_chaos;
 mod credentials;
+mod held_acks;
 mod helpers;
 mod hostile;
 mod invalid;
