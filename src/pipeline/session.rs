@@ -44,8 +44,9 @@ pub enum SessionError {
     /// The topology could not be declared.
     #[error(transparent)]
     Topology(TopologyError),
-    /// An existing queue or exchange differs from what the worker declares:
-    /// no reconnection can fix it.
+    /// An existing queue or exchange differs from what the worker declares,
+    /// or one is missing where the worker declares nothing: no
+    /// reconnection can fix it.
     #[error(transparent)]
     Mismatch(#[from] Mismatch),
     /// The broker cancelled our consumer (queue deleted, node down...).
@@ -166,6 +167,17 @@ async fn run_on(
         )
         .await?;
         call(health, "declare", topology.declare(connection)).await?;
+    } else {
+        // Declaring nothing, the worker would meet a missing object only
+        // through what it does to each publish (a copy to a missing delay
+        // queue is unroutable, again and again, until the window closes).
+        let topology = &ctx.pipeline.topology;
+        call(
+            health,
+            "look for the topology",
+            topology.first_missing(connection),
+        )
+        .await?;
     }
     let publisher = call(
         health,
