@@ -1,5 +1,6 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
+mod blocked;
 mod broker_refusals;
 mod chaos;
 mod cluster;
