@@ -69,3 +69,55 @@ pub fn clear(health: &Health, metrics: &Metrics) {
     health.set_blocked(None);
     metrics.broker_blocked.set(0);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_block_makes_the_replica_unready_until_it_is_lifted() {
+        let (health, metrics) = (Health::default(), Metrics::new());
+        let (events, stream) = event_stream();
+        let (blocks, mut blocked) = watch::channel(false);
+        let following = follow(stream, false, &health, &metrics, blocks);
+        tokio::pin!(following);
+        let mut step = async |event: Event| {
+            events.send(event).expect("listened");
+            tokio::select! {
+                never = &mut following => match never {},
+                changed = blocked.changed() => changed.expect("sender alive"),
+            }
+            *blocked.borrow_and_update()
+        };
+        assert!(step(Event::ConnectionBlocked("low on memory".into())).await);
+        assert_eq!(health.blocked().as_deref(), Some("low on memory"));
+        assert!(health.readiness().blocked);
+        assert!(metrics.encode().contains("cpw_broker_blocked 1"));
+        assert!(!step(Event::ConnectionUnblocked).await);
+        assert_eq!(health.blocked(), None);
+        assert!(!health.readiness().blocked);
+        assert!(metrics.encode().contains("cpw_broker_blocked 0"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_blocked_before_it_was_followed_counts() {
+        let (health, metrics) = (Health::default(), Metrics::new());
+        let (_events, stream) = event_stream();
+        let (blocks, blocked) = watch::channel(false);
+        let following = follow(stream, true, &health, &metrics, blocks);
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(10), following).await;
+        assert!(*blocked.borrow());
+        assert!(health.readiness().blocked);
+        clear(&health, &metrics);
+        assert!(!health.readiness().blocked);
+    }
+
+    fn event_stream() -> (
+        tokio::sync::mpsc::UnboundedSender<Event>,
+        impl Stream<Item = Event>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (tx, stream)
+    }
+}
