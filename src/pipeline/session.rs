@@ -254,6 +254,12 @@ async fn consume(
         };
         let paused = run_consumer(ctx, feed, tasks).await?;
         ctx.health.set_consuming(false);
+        if !paused && *blocked.borrow() {
+            // Stopping while blocked: a cancel could not be written, and
+            // would only time out and skip the drain. What the broker pushed
+            // goes back when the connection closes.
+            return Ok(());
+        }
         // Stop the flow, then put back what the broker had already pushed.
         let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
         call(ctx.health, "basic.cancel", cancel).await?;
@@ -393,8 +399,14 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
 }
 
 /// Bounded: lapin writes nothing while the broker blocks the connection,
-/// and a close that never returns would keep the replica from exiting.
+/// and a close that never returns would keep the replica from exiting. A
+/// connection blocked now is left as it is: the broker requeues what it
+/// delivered on it when the process exits.
 async fn close(connection: &Connection) {
+    if connection.status().blocked() {
+        tracing::info!("the broker blocks the connection: leaving it without a close");
+        return;
+    }
     let closing = connection.close(200, "shutting down".into());
     match tokio::time::timeout(BROKER_CALL_TIMEOUT, closing).await {
         Ok(Ok(())) => {}

@@ -88,16 +88,20 @@ async fn holding_queue(app: &TestApp) -> String {
     name
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_clears() {
-    let _one = ONE_CLUSTER.lock().await;
-    let cluster = match tokio::task::block_in_place(|| Cluster::start(1)) {
-        Ok(cluster) => cluster,
+/// A node of the test's own, or `None` (printed) where there can be none.
+fn one_node() -> Option<Cluster> {
+    match tokio::task::block_in_place(|| Cluster::start(1)) {
+        Ok(cluster) => Some(cluster),
         Err(skip) => {
             println!("skipped: {skip}");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// A ready worker on that node, whose purchases take [`LATENCY_MS`], with
+/// short confirm waits.
+async fn on_node(cluster: &Cluster) -> TestApp {
     let faults = Faults {
         latency_ms: LATENCY_MS,
         rate_limit: 0,
@@ -115,6 +119,68 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
     .await;
     app.start_worker().await;
     app.wait_readyz(200).await;
+    app
+}
+
+async fn wait_blocked(app: &TestApp) {
+    wait_until(
+        "/readyz to say the broker blocked the connection",
+        Duration::from_millis(100),
+        async || {
+            app.readyz_body()
+                .await
+                .contains("the broker blocked the connection: resource alarm")
+        },
+    )
+    .await;
+}
+
+/// The worker is stopped while blocked: it stops within its bounds (its
+/// in-flight commands go back unacked, the connection's close cannot be
+/// written and is given up on), and a worker started after the alarm
+/// answers every command, charged once. Before, the publishes waited for
+/// the alarm to end, and so did the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_blocked_stops_and_nothing_is_lost() {
+    let _one = ONE_CLUSTER.lock().await;
+    let Some(cluster) = one_node() else {
+        return;
+    };
+    let mut app = on_node(&cluster).await;
+    let ids = app.publish_commands(4).await;
+    app.wait_requests(4).await;
+    let alarm = MemoryAlarm::raise(&cluster);
+    wait_blocked(&app).await;
+    let stopping = std::time::Instant::now();
+    app.stop_worker().await;
+    println!("blocked: stopped in {:?}", stopping.elapsed());
+    drop(alarm);
+
+    app.start_worker().await;
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let events = app
+        .events_until(WAIT, |events| {
+            let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
+            wanted.iter().all(|id| answered.contains(id))
+        })
+        .await;
+    let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
+    assert!(
+        wanted.iter().all(|id| answered.contains(id)),
+        "every command answered"
+    );
+    app.assert_charged_once(&ids);
+    app.cleanup().await;
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_clears() {
+    let _one = ONE_CLUSTER.lock().await;
+    let Some(cluster) = one_node() else {
+        return;
+    };
+    let mut app = on_node(&cluster).await;
     let holding = holding_queue(&app).await;
 
     let in_flight = app.publish_commands(4).await;
@@ -135,16 +201,7 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
 
     // The purchases answer; their events are the worker's first publishes
     // under the alarm, and the broker blocks the connection.
-    wait_until(
-        "/readyz to say the broker blocked the connection",
-        Duration::from_millis(100),
-        async || {
-            app.readyz_body()
-                .await
-                .contains("the broker blocked the connection: resource alarm")
-        },
-    )
-    .await;
+    wait_blocked(&app).await;
     let body = app.readyz_body().await;
     println!("blocked: /readyz {:?}", body);
     assert_eq!(app.readyz().await, 503, "{body}");
