@@ -624,13 +624,41 @@ impl Settings {
                 ),
             ));
         }
-        // Room for the event and the copy after the deadline, each bounded
-        // by the confirm timeout.
-        let settle = deadline.saturating_add(self.amqp.confirm_timeout_secs.saturating_mul(2));
+        // Everything a delivery may still wait for once its deadline has
+        // come, in the worst case (RabbitMQ closes the channel, with every
+        // delivery on it, when one outlasts the consumer timeout):
+        // - the credit-transaction lookup at the closed window
+        //   (`hyperline.reconcile_at_window`), up to one request's deadline;
+        // - in `pipeline/executor.rs`, each bounded by the confirm timeout:
+        //   the event, written then confirmed (2 waits); its `reply_to`
+        //   copy, up to REPLY_TRIES tries each written then confirmed, with
+        //   pauses between them; then the command's copy (to a delay queue
+        //   or the dead-letter exchange) and, when that is refused, its copy
+        //   back to the commands queue, each waiting its turn on the copies
+        //   channel, opening it again after a refusal, written, confirmed
+        //   (2 × 4 waits);
+        // - one in-process hold before the copy back, at most MAX_HOLD.
+        use crate::pipeline::executor::{REPLY_PAUSE, REPLY_TRIES};
+        const CONFIRM_WAITS: u64 = 2 + 2 * REPLY_TRIES as u64 + 2 * 4;
+        let reply_pauses = (1..REPLY_TRIES).map(|t| REPLY_PAUSE * t).sum::<Duration>();
+        let lookup = match self.hyperline.reconcile_at_window {
+            true => self.hyperline.timeout_secs,
+            false => 0,
+        };
+        let after = lookup
+            .saturating_add(self.amqp.confirm_timeout_secs.saturating_mul(CONFIRM_WAITS))
+            .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
+            .saturating_add(reply_pauses.as_secs_f64().ceil() as u64);
+        let settle = deadline.saturating_add(after);
         if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
             return Err(invalid(
                 "worker.delivery_deadline_secs",
-                "with two confirm timeouts must stay well below RabbitMQ's 30 min consumer timeout",
+                format!(
+                    "({deadline} s) with the {after} s a delivery may wait after it ({CONFIRM_WAITS} \
+                     waits of amqp.confirm_timeout_secs for its event and copies, an in-process \
+                     hold, and the lookup of hyperline.reconcile_at_window) must stay well below \
+                     RabbitMQ's 30 min consumer timeout"
+                ),
             ));
         }
         let window = self.hyperline.idempotency_window_secs;
@@ -981,6 +1009,43 @@ mod tests {
                 "{key}: {outcome:?}"
             );
         }
+    }
+
+    /// Each of these passed when only two confirm timeouts were counted
+    /// after the deadline; the executor can wait for sixteen, and a hold, and
+    /// the lookup at the window.
+    #[test]
+    fn the_consumer_timeout_budget_counts_everything_after_the_deadline() {
+        let deadline = |secs: &str| [("CPW__WORKER__DELIVERY_DEADLINE_SECS", secs.to_owned())];
+        let with = |pairs: &[(&str, String)]| {
+            load(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // 988 + 16 × 30 + 30 + 1 = 1499: just inside 1500 (5/6 of 30 min).
+        with(&deadline("988")).expect("the worst case fits");
+        let line = with(&deadline("989")).expect_err("refused").to_string();
+        assert!(line.contains("worker.delivery_deadline_secs"), "{line}");
+        assert!(line.contains("511 s"), "says what it counted: {line}");
+        with(&deadline("1400")).expect_err("two confirm timeouts fit, sixteen do not");
+        let confirms = [
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "600".to_owned()),
+            ("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "60".to_owned()),
+        ];
+        with(&confirms).expect_err("600 + 16 × 60 + 31");
+        // The lookup at the window counts only when it is on.
+        let lookup = |on: &str| {
+            [
+                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "950".to_owned()),
+                ("CPW__HYPERLINE__TIMEOUT_SECS", "60".to_owned()),
+                ("CPW__HYPERLINE__RECONCILE_AT_WINDOW", on.to_owned()),
+            ]
+        };
+        with(&lookup("false")).expect("950 + 511");
+        with(&lookup("true")).expect_err("950 + 60 + 511");
     }
 
     #[test]

@@ -114,7 +114,8 @@ impl Application {
     /// Runs until `shutdown` is cancelled and in-flight commands are drained
     /// (or the grace period is over); or stops at once, with the line that
     /// says what differs, when an existing queue or exchange does not match
-    /// what the worker declares.
+    /// what the worker declares (or, with `amqp.declare_topology = false`,
+    /// when one is missing).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), Mismatch> {
         let stop_ops = CancellationToken::new();
         let ops = tokio::spawn(operations::serve(

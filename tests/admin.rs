@@ -727,6 +727,53 @@ async fn a_queue_with_other_arguments_is_named_by_check_and_stops_run() {
     admin.cleanup().await;
 }
 
+/// With `amqp.declare_topology = false` a delay queue that does not exist
+/// stops `run` at start with one line naming it (exit 2), as a queue with
+/// other arguments does, and `check` names the same queue. Before, the
+/// worker started, and every copy to that queue came back unroutable until
+/// the command's window closed.
+#[tokio::test]
+async fn a_missing_delay_queue_stops_run_when_the_worker_declares_nothing() {
+    let admin = setup(false, Faults::default()).await;
+    let (_, missing) = admin.topology.retry_queues[1].clone();
+    admin
+        .channel
+        .queue_delete(missing.as_str().into(), Default::default())
+        .await
+        .expect("the 2 s delay queue deleted");
+    let env = [("CPW__AMQP__DECLARE_TOPOLOGY", "false")];
+    let (code, stdout, _) = admin.cli(&["check"], &env).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("✗ delay queue `{missing}` is missing")),
+        "{stdout}"
+    );
+
+    let (code, _, stderr) = admin.cli(&["run"], &env).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!(
+            "error: delay queue `{missing}` is missing and amqp.declare_topology = false, so the \
+             worker declares nothing: declare the queue where the topology is managed (`check` \
+             lists what is missing), or set amqp.declare_topology = true"
+        ),
+        "{stderr}"
+    );
+    // It declared nothing either.
+    let probe = admin.connection.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = probe
+        .queue_declare(missing.as_str().into(), passive, FieldTable::default())
+        .await;
+    assert!(declared.is_err(), "the missing queue was declared");
+    admin.cleanup().await;
+}
+
 /// A wrong broker password in `demo` is one line of ours, not lapin's
 /// three ERROR lines first; and a pretty log written to a pipe has no
 /// colour codes.

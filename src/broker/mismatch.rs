@@ -12,6 +12,8 @@
 //! different one is refused with the broker's words naming the first
 //! argument that differs, its value on the broker and the value declared.
 //! Objects that do not exist are left alone (`check` never creates one).
+//! A worker that declares nothing (`amqp.declare_topology = false`) only
+//! asks whether each object exists, and stops on the first missing one.
 //! Between the passive and the active declaration another client could
 //! delete the object, and the active one would then create it: the only
 //! window in which `check` declares anything.
@@ -27,7 +29,9 @@ const PRECONDITION_FAILED: u16 = 406;
 /// The broker's code for an object that does not exist.
 const NOT_FOUND: u16 = 404;
 
-/// An existing object that differs from what the worker declares.
+/// An object of the topology that differs from what the worker declares:
+/// it exists with other arguments, or (when the worker declares nothing) it
+/// is missing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mismatch {
     /// What it is for (`commands queue`).
@@ -41,9 +45,26 @@ pub struct Mismatch {
     pub on_broker: String,
     /// The value the worker declares.
     pub declared: String,
+    /// The object does not exist, and `amqp.declare_topology` is false.
+    pub missing: bool,
 }
 
 impl Mismatch {
+    /// An object that does not exist where the worker declares nothing: a
+    /// missing delay queue makes every copy to it unroutable, and the
+    /// command goes round until its window closes; a missing exchange
+    /// closes the channel of every publish to it.
+    pub fn missing(object: &Object) -> Mismatch {
+        Mismatch {
+            what: object.what,
+            name: object.name.clone(),
+            argument: None,
+            on_broker: "missing".to_owned(),
+            declared: String::new(),
+            missing: true,
+        }
+    }
+
     /// Reads a refusal: `Some` only for PRECONDITION_FAILED.
     pub fn from_refusal(what: &'static str, name: &str, e: &lapin::Error) -> Option<Mismatch> {
         let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
@@ -62,6 +83,7 @@ impl Mismatch {
                 .as_ref()
                 .map_or_else(|| text.to_owned(), |p| p.2.clone()),
             declared: parsed.map(|p| p.1).unwrap_or_default(),
+            missing: false,
         })
     }
 
@@ -98,6 +120,19 @@ impl Mismatch {
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.missing {
+            let kind = match self.what.ends_with("exchange") {
+                true => "exchange",
+                false => "queue",
+            };
+            return write!(
+                f,
+                "{} `{}` is missing and amqp.declare_topology = false, so the worker declares \
+                 nothing: declare the {kind} where the topology is managed (`check` lists what \
+                 is missing), or set amqp.declare_topology = true",
+                self.what, self.name
+            );
+        }
         match &self.argument {
             Some(argument) => write!(
                 f,
@@ -172,6 +207,21 @@ impl Topology {
         findings
     }
 
+    /// The first object that does not exist, for a worker that declares
+    /// nothing: `run` stops on it rather than loop on what it makes of
+    /// every publish to it. Only asks (passive declarations); an object the
+    /// broker would not say anything about is left to fail where it is used.
+    pub async fn first_missing(&self, connection: &Connection) -> Result<(), Mismatch> {
+        for object in self.objects() {
+            if let Err(e) = exists(connection, &object).await
+                && is(&e, NOT_FOUND)
+            {
+                return Err(Mismatch::missing(&object));
+            }
+        }
+        Ok(())
+    }
+
     /// The first object that exists with other arguments, before anything
     /// is declared: `run` stops on it rather than loop on the refusal.
     pub async fn first_mismatch(&self, connection: &Connection) -> Result<(), Mismatch> {
@@ -184,22 +234,31 @@ impl Topology {
     }
 }
 
+/// A passive declaration of `object`, on a channel of its own (a missing
+/// object closes the channel it is asked on).
+async fn exists(connection: &Connection, object: &Object) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    object.declare(&channel, true).await?;
+    let _ = channel.close(200, "looked".into()).await;
+    Ok(())
+}
+
 async fn compare(connection: &Connection, object: &Object) -> Finding {
-    // Each on a channel of its own: a refusal closes the channel.
-    let declare = |passive: bool| async move {
+    match exists(connection, object).await {
+        Ok(_) => {}
+        Err(e) if is(&e, NOT_FOUND) => return Finding::Missing,
+        Err(e) => return Finding::Unknown(e),
+    }
+    // On a channel of its own: a refusal closes the channel.
+    let declare = async {
         let channel = connection.create_channel().await?;
-        let out = object.declare(&channel, passive).await;
+        let out = object.declare(&channel, false).await;
         if out.is_ok() {
             let _ = channel.close(200, "compared".into()).await;
         }
         out
     };
-    match declare(true).await {
-        Ok(_) => {}
-        Err(e) if is(&e, NOT_FOUND) => return Finding::Missing,
-        Err(e) => return Finding::Unknown(e),
-    }
-    match declare(false).await {
+    match declare.await {
         Ok(ready) => Finding::Matches(match object.shape {
             Shape::Queue(_) => ready,
             Shape::Exchange(_) => 0,

@@ -9,6 +9,7 @@
 pub mod history;
 mod mismatch;
 mod publish;
+mod received;
 pub mod seal;
 mod settlement;
 mod topology;
@@ -16,8 +17,9 @@ mod topology;
 pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory, Message, copy_properties};
 pub use mismatch::{Finding, Mismatch};
 pub use publish::{PublishError, Publisher, ReturnedReply, header_str, header_u64};
+pub use received::{Received, Settlements};
 pub use seal::{HistoryKeys, Provenance};
-pub use settlement::{Received, Settle, Settlements};
+pub use settlement::Settle;
 pub use topology::{Object, Shape, Topology, TopologyError};
 
 use std::path::Path;

@@ -36,6 +36,13 @@ pub enum PublishError {
     /// No confirm arrived in time.
     #[error("no confirm for the message to `{0}` within {1:?}")]
     Timeout(String, Duration),
+    /// The message could not even be written in time: the broker blocks the
+    /// connection (a resource alarm), or the socket does not drain. lapin
+    /// keeps it queued and writes it when it can, so it may still arrive.
+    #[error(
+        "the message to `{0}` could not be written within {1:?} (the broker blocks the connection?)"
+    )]
+    Unwritten(String, Duration),
 }
 
 impl PublishError {
@@ -46,6 +53,7 @@ impl PublishError {
             PublishError::Nacked(_) => "nacked",
             PublishError::Unroutable(_) => "unroutable",
             PublishError::Timeout(..) => "confirm_timeout",
+            PublishError::Unwritten(..) => "publish_timeout",
         }
     }
 }
@@ -85,26 +93,41 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Erro
     Ok(channel)
 }
 
+/// Publishes one message, bounded by `limit`. lapin's `basic_publish`
+/// returns only once the message is written, and lapin writes nothing while
+/// the broker blocks the connection (`connection.blocked`, a resource
+/// alarm): unbounded, a publish would wait as long as the alarm lasts, and
+/// its command with it.
 async fn send(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
+    limit: Duration,
 ) -> Result<PublisherConfirm, PublishError> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    Ok(channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            options,
-            body,
-            properties,
-        )
-        .await?)
+    let publish = channel.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        options,
+        body,
+        properties,
+    );
+    match tokio::time::timeout(limit, publish).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => {
+            let target = if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            };
+            Err(PublishError::Unwritten(target.to_owned(), limit))
+        }
+    }
 }
 
 impl Publisher {
@@ -131,7 +154,8 @@ impl Publisher {
         self.inner.events.status().connected() && self.inner.connection.status().connected()
     }
 
-    /// Sends a persistent, mandatory event; confirm it with [`Publisher::confirm`].
+    /// Sends a persistent, mandatory event, bounded by the confirm timeout;
+    /// confirm it with [`Publisher::confirm`].
     pub async fn send(
         &self,
         exchange: &str,
@@ -139,7 +163,16 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, PublishError> {
-        send(&self.inner.events, exchange, routing_key, body, properties).await
+        let limit = self.inner.confirm_timeout;
+        send(
+            &self.inner.events,
+            exchange,
+            routing_key,
+            body,
+            properties,
+            limit,
+        )
+        .await
     }
 
     /// Waits, bounded, for the broker's confirm of one sent event. A return
@@ -214,7 +247,7 @@ impl Publisher {
             };
             tracing::info!("the copies channel was closed (a refused copy): opened a new one");
         }
-        let confirm = send(&channel, exchange, routing_key, body, properties).await?;
+        let confirm = send(&channel, exchange, routing_key, body, properties, limit).await?;
         match self.wait(target, confirm).await? {
             None => Ok(()),
             Some(_) => Err(PublishError::Unroutable(target.to_owned())),

@@ -1,4 +1,7 @@
-//! Settling deliveries on the consuming channel, with acks merged.
+//! When to settle deliveries on the consuming channel, with acks merged: a
+//! pure state machine, with no channel and no clock of its own (the caller
+//! passes the time), so every rule can be tested frame by frame.
+//! [`Settlements`](super::Settlements) puts its frames on the wire.
 //!
 //! At instant-API rates the broker is the bottleneck, and every ack is a
 //! frame it parses and applies to the queue on its own. Commands finish out
@@ -21,18 +24,13 @@
 //! settled. At instant-API rates that is a few milliseconds; behind a slow
 //! one (an API that takes seconds, with answers out of order) it idled up to
 //! a quarter of the prefetch. So acks are held only behind a young delivery
-//! ([`HOLD_BEHIND`]), and those already held go out on their own as soon as
-//! the delivery they wait for has grown old.
+//! ([`HOLD_BEHIND`]), and those already held go out on their own once the
+//! delivery they wait for has grown old: at the next settlement, or at
+//! [`Runs::next_release`], when the caller's timer asks, whichever comes
+//! first (with no settlement after them, they would wait for the slow one).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use futures_util::FutureExt;
-use lapin::Channel;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 /// How a delivery leaves the queue once its output is confirmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +45,7 @@ pub enum Settle {
 
 /// One settlement frame to put on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Frame {
+pub(super) enum Frame {
     Ack { tag: u64, multiple: bool },
     Reject(u64),
     Requeue(u64),
@@ -82,7 +80,7 @@ struct Open {
 
 /// The open deliveries of a channel, in tag order, and the acks held back.
 #[derive(Debug)]
-struct Runs {
+pub(super) struct Runs {
     /// Taken and not yet settled towards the broker, oldest first.
     open: VecDeque<Open>,
     /// How many of `open` are acks held back.
@@ -94,7 +92,7 @@ struct Runs {
 }
 
 impl Runs {
-    fn new(max_held: usize) -> Runs {
+    pub(super) fn new(max_held: usize) -> Runs {
         Runs {
             open: VecDeque::new(),
             held: 0,
@@ -103,7 +101,7 @@ impl Runs {
     }
 
     /// Delivery tags only grow on a channel, so `open` stays sorted.
-    fn take(&mut self, tag: u64, now: Instant) {
+    pub(super) fn take(&mut self, tag: u64, now: Instant) {
         self.open.push_back(Open {
             tag,
             held: false,
@@ -120,7 +118,7 @@ impl Runs {
 
     /// The held acks, taken out of the runs, once the delivery they wait for
     /// has grown old: each goes out alone.
-    fn release_stale(&mut self, now: Instant) -> Vec<u64> {
+    pub(super) fn release_stale(&mut self, now: Instant) -> Vec<u64> {
         if self.held == 0 || self.front_is_young(now) {
             return Vec::new();
         }
@@ -130,9 +128,31 @@ impl Runs {
         released
     }
 
+    /// Whether any ack is held back.
+    pub(super) fn holding(&self) -> bool {
+        self.held > 0
+    }
+
+    /// When the held acks are due to go out on their own, if any is held:
+    /// once the oldest open delivery, which they wait for, has grown old.
+    /// The oldest is never held itself (a held ack at the front would have
+    /// gone out with the one before it), and a later settlement can only
+    /// make the oldest younger, so this is the earliest release.
+    pub(super) fn next_release(&self) -> Option<Instant> {
+        match self.held {
+            0 => None,
+            _ => self.open.front().map(|o| o.taken + HOLD_BEHIND),
+        }
+    }
+
     /// The frames that settle `tag` (none while its ack is held back), after
     /// the single acks of held ones released because they waited too long.
-    fn settle(&mut self, tag: u64, settle: Settle, now: Instant) -> (Vec<u64>, [Option<Frame>; 2]) {
+    pub(super) fn settle(
+        &mut self,
+        tag: u64,
+        settle: Settle,
+        now: Instant,
+    ) -> (Vec<u64>, [Option<Frame>; 2]) {
         let released = self.release_stale(now);
         (released, self.settle_one(tag, settle, now))
     }
@@ -191,118 +211,6 @@ impl Runs {
             last = Some(tag);
         }
         last
-    }
-}
-
-/// The settlements of one consuming channel. One per channel: delivery tags
-/// are the channel's own.
-pub struct Settlements {
-    channel: Channel,
-    runs: Mutex<Runs>,
-}
-
-impl Settlements {
-    /// At most a quarter of the prefetch is held back, so a command that
-    /// retries for minutes keeps three quarters of the replica working.
-    pub fn new(channel: Channel, prefetch: u16) -> Arc<Settlements> {
-        Arc::new(Settlements {
-            channel,
-            runs: Mutex::new(Runs::new(usize::from(prefetch / 4))),
-        })
-    }
-
-    /// Registers a delivery as open; every delivery of the channel must come
-    /// through here, in the order they arrive.
-    pub fn take(self: &Arc<Self>, delivery: Delivery) -> Received {
-        self.lock().take(delivery.delivery_tag, Instant::now());
-        Received {
-            delivery,
-            settlements: Arc::clone(self),
-            settled: AtomicBool::new(false),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Runs> {
-        // Each update is complete under the lock, so a panic elsewhere
-        // cannot leave the runs inconsistent.
-        self.runs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Decides and queues the frames under the lock, so they reach the wire
-    /// in the order they were decided.
-    fn settle(&self, tag: u64, settle: Settle) -> Result<(), lapin::Error> {
-        let mut runs = self.lock();
-        let mut result = Ok(());
-        let (released, frames) = runs.settle(tag, settle, Instant::now());
-        let released = released.into_iter().map(|tag| Frame::Ack {
-            tag,
-            multiple: false,
-        });
-        for frame in released.chain(frames.into_iter().flatten()) {
-            let sent = match frame {
-                Frame::Ack { tag, multiple } => {
-                    hand_over(self.channel.basic_ack(tag, BasicAckOptions { multiple }))
-                }
-                Frame::Reject(tag) => hand_over(
-                    self.channel
-                        .basic_reject(tag, BasicRejectOptions { requeue: false }),
-                ),
-                Frame::Requeue(tag) => {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    };
-                    hand_over(self.channel.basic_nack(tag, requeue))
-                }
-            };
-            result = result.and(sent);
-        }
-        result
-    }
-}
-
-/// Queues a settlement frame without waiting for lapin to write it. AMQP
-/// gives a settlement no answer, so the write proves nothing more (a written
-/// ack can still die with the connection, and the broker then redelivers,
-/// which is safe), and waiting for it cost a cross-thread wake-up per
-/// command. lapin checks the channel and queues the frame on the first poll;
-/// only the wait for the write is dropped.
-fn hand_over(settlement: impl Future<Output = lapin::Result<()>>) -> lapin::Result<()> {
-    settlement.now_or_never().unwrap_or(Ok(()))
-}
-
-/// A delivery taken from the consuming channel, settled exactly once.
-pub struct Received {
-    delivery: Delivery,
-    settlements: Arc<Settlements>,
-    settled: AtomicBool,
-}
-
-impl Received {
-    /// Settles the delivery. An `Err` means the channel is gone: the broker
-    /// will redeliver. An ack may be held back for a moment (see the module).
-    pub fn settle(&self, settle: Settle) -> Result<(), lapin::Error> {
-        if self.settled.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        self.settlements.settle(self.delivery.delivery_tag, settle)
-    }
-}
-
-impl Drop for Received {
-    fn drop(&mut self) {
-        if !*self.settled.get_mut() {
-            let tag = self.delivery.delivery_tag;
-            let _ = self.settlements.settle(tag, Settle::Requeue);
-        }
-    }
-}
-
-impl std::ops::Deref for Received {
-    type Target = Delivery;
-
-    fn deref(&self) -> &Delivery {
-        &self.delivery
     }
 }
 
@@ -435,5 +343,41 @@ mod tests {
         let (released, frames) = r.settle(1, Settle::Ack, later);
         assert!(released.is_empty());
         assert_eq!(frames, [ack(1, false), None]);
+    }
+
+    #[test]
+    fn held_acks_are_due_when_the_delivery_they_wait_for_grows_old_without_a_settlement() {
+        let mut r = runs(4, 1..=3);
+        assert_eq!(r.next_release(), None, "nothing held, no timer");
+        assert_eq!(r.young(2, Settle::Ack), [None, None]);
+        assert_eq!(r.young(3, Settle::Ack), [None, None]);
+        let due = r.open[0].taken + HOLD_BEHIND;
+        assert_eq!(r.next_release(), Some(due));
+        // The timer wakes early (another delivery's due time): nothing yet.
+        let early = due - Duration::from_millis(1);
+        assert!(r.release_stale(early).is_empty());
+        assert_eq!(r.next_release(), Some(due));
+        // Due, with delivery 1 still open and nothing else settled: the
+        // held acks go out alone, and no timer is left.
+        assert_eq!(r.release_stale(due), [2, 3]);
+        assert_eq!((r.tags(), r.held), (vec![(1, false)], 0));
+        assert_eq!(r.next_release(), None);
+    }
+
+    #[test]
+    fn the_next_release_follows_the_oldest_open_delivery() {
+        let t0 = Instant::now();
+        let mut r = Runs::new(4);
+        r.take(1, t0);
+        r.take(2, t0 + Duration::from_millis(40));
+        r.take(3, t0 + Duration::from_millis(60));
+        let (_, frames) = r.settle(3, Settle::Ack, t0 + Duration::from_millis(70));
+        assert_eq!(frames, [None, None], "held behind 1");
+        assert_eq!(r.next_release(), Some(t0 + HOLD_BEHIND));
+        // 1 is requeued: 3 now waits behind 2, which is younger.
+        let (_, frames) = r.settle(1, Settle::Requeue, t0 + Duration::from_millis(80));
+        assert_eq!(frames, [Some(Frame::Requeue(1)), None]);
+        let later = t0 + Duration::from_millis(40) + HOLD_BEHIND;
+        assert_eq!(r.next_release(), Some(later));
     }
 }

@@ -3,7 +3,8 @@
 //! Liveness and readiness answer different questions. `/healthz` fails only
 //! when the supervising loop itself is stuck (restart the pod); `/readyz`
 //! fails while the replica cannot do useful work (broker down, consumer
-//! paused, key refused), which a restart would not fix.
+//! paused, key refused, connection blocked by a resource alarm), which a
+//! restart would not fix.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +20,8 @@ pub struct Health {
     consuming: AtomicBool,
     credentials_refused: AtomicBool,
     shutting_down: AtomicBool,
+    /// Why the broker blocks the connection (its words), while it does.
+    blocked: Mutex<Option<String>>,
     last_beat_ms: AtomicU64,
     /// `host:port` of the broker node of the open connection.
     node: Mutex<Option<String>>,
@@ -42,12 +45,19 @@ pub struct Readiness {
     pub credentials_ok: bool,
     /// SIGTERM received.
     pub shutting_down: bool,
+    /// The broker blocks the connection (a resource alarm): no event can be
+    /// published, so no new delivery is taken.
+    pub blocked: bool,
 }
 
 impl Readiness {
     /// Whether the replica should receive work.
     pub fn ready(&self) -> bool {
-        self.connected && self.consuming && self.credentials_ok && !self.shutting_down
+        self.connected
+            && self.consuming
+            && self.credentials_ok
+            && !self.shutting_down
+            && !self.blocked
     }
 }
 
@@ -88,6 +98,19 @@ impl Health {
         self.credentials_refused.store(refused, Ordering::Relaxed);
     }
 
+    /// The broker blocks the connection, for this reason (its words), or
+    /// no longer does (`None`).
+    pub fn set_blocked(&self, reason: Option<String>) {
+        if let Ok(mut current) = self.blocked.lock() {
+            *current = reason;
+        }
+    }
+
+    /// Why the broker blocks the connection, while it does.
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.lock().ok().and_then(|reason| reason.clone())
+    }
+
     /// From SIGTERM on, the replica takes no new work.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
@@ -100,6 +123,7 @@ impl Health {
             consuming: self.consuming.load(Ordering::Relaxed),
             credentials_ok: !self.credentials_refused.load(Ordering::Relaxed),
             shutting_down: self.shutting_down.load(Ordering::Relaxed),
+            blocked: self.blocked.lock().is_ok_and(|reason| reason.is_some()),
         }
     }
 

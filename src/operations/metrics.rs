@@ -122,6 +122,8 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// 1 while Hyperline refuses the key.
     pub credentials_refused: Gauge,
+    /// 1 while the broker blocks this replica's connection (a resource alarm).
+    pub broker_blocked: Gauge,
     /// 1 while `/readyz` says ready; set at each scrape.
     pub ready: Gauge,
     /// Acks, nacks and rejects that had no effect (channel gone).
@@ -159,6 +161,7 @@ impl Metrics {
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
             credentials_refused: Gauge::default(),
+            broker_blocked: Gauge::default(),
             ready: Gauge::default(),
             settlements_lost: Counter::default(),
             history_rejected: Counter::default(),
@@ -249,6 +252,11 @@ impl Metrics {
             m.credentials_refused.clone(),
         );
         registry.register(
+            "broker_blocked",
+            "1 while the broker blocks this replica's connection (a memory or disk alarm)",
+            m.broker_blocked.clone(),
+        );
+        registry.register(
             "ready",
             "1 while this replica is ready (what /readyz answers)",
             m.ready.clone(),
@@ -331,6 +339,7 @@ mod tests {
             "cpw_rate_limit_wait_seconds_total 2.0",
             "cpw_in_flight_commands 0",
             "cpw_credentials_refused 0",
+            "cpw_broker_blocked 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

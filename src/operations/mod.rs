@@ -37,13 +37,20 @@ async fn healthz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
     }
 }
 
+/// One line of `key=value` fields; while the broker blocks the connection,
+/// a second line says why, in the broker's words.
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, String) {
     let r = ops.health.readiness();
     let node = ops.health.node().unwrap_or_else(|| "none".to_owned());
-    let text = format!(
-        "connected={} consuming={} credentials_ok={} shutting_down={} node={node}\n",
-        r.connected, r.consuming, r.credentials_ok, r.shutting_down
+    let mut text = format!(
+        "connected={} consuming={} credentials_ok={} shutting_down={} blocked={} node={node}\n",
+        r.connected, r.consuming, r.credentials_ok, r.shutting_down, r.blocked
     );
+    if let Some(reason) = ops.health.blocked() {
+        text.push_str(&format!(
+            "the broker blocked the connection: resource alarm ({reason})\n"
+        ));
+    }
     let status = if r.ready() {
         StatusCode::OK
     } else {

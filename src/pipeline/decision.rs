@@ -23,8 +23,9 @@ use crate::hyperline::retry::{Attempted, Verdict, window_open};
 pub const MAX_REFRESHES: u32 = 3;
 
 /// The longest wait in process before a command refused by the broker is
-/// put back (the wait doubles with each setback).
-const MAX_HOLD: Duration = Duration::from_secs(30);
+/// put back (the wait doubles with each setback). The start-up check of the
+/// consumer-timeout budget counts it.
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// What the worker learned about a delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,10 +24,10 @@ use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
 
 /// Tries of a `reply_to` copy before it is dropped.
-const REPLY_TRIES: u32 = 3;
+pub const REPLY_TRIES: u32 = 3;
 
 /// The pause before the next try of a `reply_to` copy, times the tries so far.
-const REPLY_PAUSE: Duration = Duration::from_millis(200);
+pub const REPLY_PAUSE: Duration = Duration::from_millis(200);
 
 /// What an event can be built from.
 #[derive(Clone, Copy, Debug)]

@@ -2,11 +2,13 @@
 //!
 //! - [`supervisor`] keeps a connection alive and rebuilds everything after a loss;
 //! - [`session`] consumes on one connection and runs one task per delivery;
+//! - [`alarm`] stops taking deliveries while the broker blocks the connection;
 //! - [`handler`] takes one delivery from command to plan: delivery → command
 //!   → purchase → outcome;
 //! - [`decision`] is the one place that decides what becomes of a delivery;
 //! - [`executor`] carries the plan out: event → copy → ack.
 
+pub mod alarm;
 pub mod decision;
 pub mod executor;
 pub mod handler;

@@ -13,11 +13,12 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::Pipeline;
 use super::decision::Outcome;
+use super::{Pipeline, alarm};
 use crate::broker::{self, Mismatch, Publisher, Settle, Settlements, TopologyError};
 use crate::configuration::Settings;
 use crate::operations::metrics::NodeLabel;
@@ -44,8 +45,9 @@ pub enum SessionError {
     /// The topology could not be declared.
     #[error(transparent)]
     Topology(TopologyError),
-    /// An existing queue or exchange differs from what the worker declares:
-    /// no reconnection can fix it.
+    /// An existing queue or exchange differs from what the worker declares,
+    /// or one is missing where the worker declares nothing: no
+    /// reconnection can fix it.
     #[error(transparent)]
     Mismatch(#[from] Mismatch),
     /// The broker cancelled our consumer (queue deleted, node down...).
@@ -156,6 +158,9 @@ async fn run_on(
 ) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
     let health = ctx.health;
+    // Taken first: lapin reports blocks only to listeners that exist.
+    let events = connection.events_listener();
+    let initially_blocked = connection.status().blocked();
     if amqp.declare_topology {
         // Compared before anything is declared, so a mismatch leaves no
         // half-made topology behind.
@@ -167,6 +172,17 @@ async fn run_on(
         )
         .await?;
         call(health, "declare", topology.declare(connection)).await?;
+    } else {
+        // Declaring nothing, the worker would meet a missing object only
+        // through what it does to each publish (a copy to a missing delay
+        // queue is unroutable, again and again, until the window closes).
+        let topology = &ctx.pipeline.topology;
+        call(
+            health,
+            "look for the topology",
+            topology.first_missing(connection),
+        )
+        .await?;
     }
     let publisher = call(
         health,
@@ -182,11 +198,16 @@ async fn run_on(
 
     ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
     let mut tasks = JoinSet::new();
-    let depths = depths::sample(connection, &ctx.pipeline.topology, &ctx.pipeline.metrics);
+    let metrics = &ctx.pipeline.metrics;
+    let depths = depths::sample(connection, &ctx.pipeline.topology, metrics);
+    let (blocks, mut blocked) = watch::channel(false);
+    let alarm = alarm::follow(events, initially_blocked, health, metrics, blocks);
     let result = tokio::select! {
-        result = consume(ctx, &channel, &publisher, &mut tasks) => result,
+        result = consume(ctx, &channel, &publisher, &mut tasks, &mut blocked) => result,
         never = depths => match never {},
+        never = alarm => match never {},
     };
+    alarm::clear(health, metrics);
     ctx.health.set_connected(false);
     if result.is_ok() {
         drain(ctx, &mut tasks).await;
@@ -195,12 +216,14 @@ async fn run_on(
     result
 }
 
-/// Consumes until shutdown, pausing while the key is refused.
+/// Consumes until shutdown, pausing while the key is refused, and taking
+/// no deliveries while the broker blocks the connection.
 async fn consume(
     ctx: &SessionContext<'_>,
     channel: &Channel,
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
+    blocked: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let tag = format!("{}-{}", ctx.name, uuid::Uuid::new_v4().simple());
     let settlements = Settlements::new(channel.clone(), ctx.settings.amqp.prefetch);
@@ -224,8 +247,20 @@ async fn consume(
         );
         let mut consumer = call(ctx.health, "basic.consume", consume).await?;
         ctx.health.set_consuming(true);
-        let paused = run_consumer(ctx, &settlements, &mut consumer, publisher, tasks).await?;
+        let feed = Feed {
+            settlements: &settlements,
+            consumer: &mut consumer,
+            publisher,
+            blocked,
+        };
+        let paused = run_consumer(ctx, feed, tasks).await?;
         ctx.health.set_consuming(false);
+        if !paused && *blocked.borrow() {
+            // Stopping while blocked: a cancel could not be written, and
+            // would only time out and skip the drain. What the broker pushed
+            // goes back when the connection closes.
+            return Ok(());
+        }
         // Stop the flow, then put back what the broker had already pushed.
         let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
         call(ctx.health, "basic.cancel", cancel).await?;
@@ -236,15 +271,30 @@ async fn consume(
     }
 }
 
+/// What [`run_consumer`] feeds tasks from, and with.
+struct Feed<'a> {
+    settlements: &'a Arc<Settlements>,
+    consumer: &'a mut Consumer,
+    publisher: &'a Publisher,
+    /// True while the broker blocks the connection: deliveries stay in the
+    /// consumer's buffer (lapin cannot even send `basic.cancel` then), and
+    /// are taken once the block is lifted.
+    blocked: &'a mut watch::Receiver<bool>,
+}
+
 /// Feeds deliveries to tasks. `Ok(true)`: paused for a credential fault;
 /// `Ok(false)`: shutdown.
 async fn run_consumer(
     ctx: &SessionContext<'_>,
-    settlements: &Arc<Settlements>,
-    consumer: &mut Consumer,
-    publisher: &Publisher,
+    feed: Feed<'_>,
     tasks: &mut JoinSet<Outcome>,
 ) -> Result<bool, SessionError> {
+    let Feed {
+        settlements,
+        consumer,
+        publisher,
+        blocked,
+    } = feed;
     // Every second: is the publisher still open, and which tasks finished.
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     // Built once, not on every turn of the loop: each would register a
@@ -253,9 +303,12 @@ async fn run_consumer(
     let faulted = ctx.pipeline.credentials.faulted();
     tokio::pin!(shutdown, faulted);
     loop {
+        let taking = !*blocked.borrow_and_update();
         tokio::select! {
             () = &mut shutdown => return Ok(false),
             () = &mut faulted => return Ok(true),
+            // Only marks the change: `taking` is read again at the top.
+            Ok(()) = blocked.changed() => {}
             _ = housekeeping.tick() => {
                 ctx.health.beat();
                 reap(tasks);
@@ -263,7 +316,7 @@ async fn run_consumer(
                     return Err(SessionError::PublisherClosed);
                 }
             }
-            next = consumer.next() => match next {
+            next = consumer.next(), if taking => match next {
                 Some(Ok(delivery)) => {
                     let delivery = settlements.take(delivery);
                     let pipeline = Arc::clone(ctx.pipeline);
@@ -346,19 +399,33 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     }
 }
 
-/// A connection or channel already closing or closed (the broker or lapin
-/// got there first, as it often does at shutdown) is the goal reached, not
-/// a fault: only another error is worth an operator's WARN.
+/// Bounded: lapin writes nothing while the broker blocks the connection,
+/// and a close that never returns would keep the replica from exiting. A
+/// connection blocked now is left as it is: the broker requeues what it
+/// delivered on it when the process exits. A connection or channel already
+/// closing or closed (the broker or lapin got there first, as it often does
+/// at shutdown) is the goal reached, not a fault: only another error is
+/// worth an operator's WARN.
 async fn close(connection: &Connection) {
     use lapin::{ChannelState, ConnectionState, ErrorKind};
-    let Err(e) = connection.close(200, "shutting down".into()).await else {
+    if connection.status().blocked() {
+        tracing::info!("the broker blocks the connection: leaving it without a close");
         return;
-    };
-    match e.kind() {
-        ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
-        | ErrorKind::InvalidConnectionState(ConnectionState::Closing | ConnectionState::Closed) => {
-            tracing::debug!(error = %e, "the broker connection was already closing");
-        }
-        _ => tracing::warn!(error = %e, "closing the broker connection"),
+    }
+    let closing = connection.close(200, "shutting down".into());
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => match e.kind() {
+            ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
+            | ErrorKind::InvalidConnectionState(
+                ConnectionState::Closing | ConnectionState::Closed,
+            ) => {
+                tracing::debug!(error = %e, "the broker connection was already closing");
+            }
+            _ => tracing::warn!(error = %e, "closing the broker connection"),
+        },
+        Err(_) => tracing::warn!(
+            "the broker connection did not close within {BROKER_CALL_TIMEOUT:?}; leaving it"
+        ),
     }
 }

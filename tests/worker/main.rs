@@ -1,12 +1,14 @@
 //! Integration tests of the worker against the real broker and the simulator.
 
 mod alerts;
+mod blocked;
 mod broker_refusals;
 mod chaos;
 mod cluster;
 mod cluster_chaos;
 mod credentials;
 mod examples;
+mod held_acks;
 mod helpers;
 mod hostile;
 mod invalid;
