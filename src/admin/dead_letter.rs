@@ -399,7 +399,7 @@ mod tests {
         let names = forced.headers().clone().unwrap_or_default();
         assert_eq!(
             names.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            vec!["cpw-mac", "traceparent"]
+            vec!["traceparent"]
         );
     }
 }

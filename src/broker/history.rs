@@ -238,9 +238,13 @@ impl DeliveryHistory {
     /// The headers of a copy: the original's own headers (a `traceparent`,
     /// a publisher's), without the broker's history, with this history,
     /// sealed.
+    /// A history with nothing to remember writes no header of ours at all:
+    /// the copy reads as a command never seen, which it is.
     pub fn stamp(&self, original: Message<'_>, keys: &HistoryKeys) -> FieldTable {
         let mut headers = self.unsealed(original.headers);
-        keys.seal(&mut headers, original.body, original.message_id);
+        if headers.inner().keys().any(|k| is_ours(k.as_str())) {
+            keys.seal(&mut headers, original.body, original.message_id);
+        }
         headers
     }
 
