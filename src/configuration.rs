@@ -250,6 +250,9 @@ pub struct AmqpSettings {
     /// hold a replica when the queue is created. RabbitMQ caps it at the
     /// nodes running then, so the default (3) means "every node, up to 3".
     pub quorum_initial_group_size: u32,
+    /// How long the results log (`<results_exchange>.log`) keeps events:
+    /// `7d`, `12h`, `90m`, `3600s`; `0` declares no log.
+    pub results_log_retention: String,
 }
 
 /// The node URLs of `amqp.url`, at least one, each `amqp://` or `amqps://`.
@@ -611,6 +614,42 @@ fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<
     Ok(())
 }
 
+/// `7d`, `12h`, `90m`, `3600s` or `0`: a whole number and one unit, as
+/// RabbitMQ's `x-max-age` takes it (which is why months and years, whose
+/// length RabbitMQ fixes its own way, are not accepted).
+fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(None);
+    }
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = (
+        text.get(..split).unwrap_or(""),
+        text.get(split..).unwrap_or(""),
+    );
+    let seconds = match unit {
+        "d" | "D" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration: write e.g. 7d, 12h, 90m, 3600s, or 0 for no log"
+            ));
+        }
+    };
+    match number.parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(n) => n
+            .checked_mul(seconds)
+            .map(|s| Some(Duration::from_secs(s)))
+            .ok_or_else(|| format!("`{text}` is too long")),
+        Err(_) => Err(format!(
+            "`{text}` is not a duration: write e.g. 7d, 12h, 90m, 3600s, or 0 for no log"
+        )),
+    }
+}
+
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.url.validate()?;
@@ -638,7 +677,14 @@ impl AmqpSettings {
         if let Some(path) = &self.ca_file {
             read_pem("amqp.ca_file", path)?;
         }
+        parse_retention(&self.results_log_retention)
+            .map_err(|reason| invalid("amqp.results_log_retention", reason))?;
         Ok(())
+    }
+
+    /// The results log's retention; `None` when no log is kept (`0`).
+    pub fn results_log_retention(&self) -> Option<Duration> {
+        parse_retention(&self.results_log_retention).ok().flatten()
     }
 
     /// The connection's name on the broker, so an operator can tell the

@@ -1,5 +1,6 @@
 //! The operator subcommands of CONTRACT section 7: `publish`, `dead-letters
-//! list` / `show` / `purge` / `replay` / `reconcile`, `check` and `demo`.
+//! list` / `show` / `purge` / `replay` / `reconcile`, `events`, `check` and
+//! `demo`.
 //!
 //! The worker is the product; these are the tools a person on call reaches for
 //! when it misbehaves: send one command by hand and see its answer, look at
@@ -15,6 +16,7 @@ pub mod dead_letters;
 pub mod demo;
 mod demo_batch;
 mod demo_queues;
+pub mod events;
 pub mod output;
 pub mod publish;
 pub mod purge;

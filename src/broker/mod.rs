@@ -9,6 +9,7 @@
 pub mod history;
 mod mismatch;
 mod publish;
+pub mod results_log;
 mod settlement;
 mod topology;
 
@@ -16,7 +17,7 @@ pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory};
 pub use mismatch::{Finding, Mismatch};
 pub use publish::{PublishError, Publisher, header_str, header_u64};
 pub use settlement::{Received, Settle, Settlements};
-pub use topology::{Object, Shape, Topology, TopologyError};
+pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 
 use std::path::Path;
 use std::time::Duration;

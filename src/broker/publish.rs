@@ -163,6 +163,36 @@ impl Publisher {
         }
     }
 
+    /// Publishes an event to the results exchange and, when its command
+    /// named one, to the `reply_to` queue, and waits for both confirms: the
+    /// one way every event goes out (the worker's and `dead-letters
+    /// reconcile`'s alike).
+    pub async fn publish_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        reply_to: Option<&str>,
+    ) -> Result<(), PublishError> {
+        // The properties (a dozen headers) are copied only when a second
+        // publish needs them.
+        match reply_to {
+            None => {
+                let sent = self.send(exchange, routing_key, body, properties).await?;
+                self.confirm(exchange, sent).await
+            }
+            Some(queue) => {
+                let sent = self
+                    .send(exchange, routing_key, body, properties.clone())
+                    .await?;
+                let replied = self.send("", queue, body, properties).await?;
+                self.confirm(exchange, sent).await?;
+                self.confirm(queue, replied).await
+            }
+        }
+    }
+
     /// Publishes one message that must land in a queue (a copy of a
     /// command), and waits for its confirm before the next one may go.
     pub async fn publish_routed(

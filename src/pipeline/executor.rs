@@ -168,24 +168,10 @@ impl Pipeline {
             .as_ref()
             .map(|r| r.as_str())
             .filter(|r| !r.is_empty());
-        // The properties (a dozen headers) are copied only when a second
-        // publish needs them.
-        let published = async {
-            match reply_to {
-                None => {
-                    let sent = publisher.send(exchange, key, &body, props).await?;
-                    publisher.confirm(exchange, sent).await
-                }
-                Some(queue) => {
-                    let sent = publisher.send(exchange, key, &body, props.clone()).await?;
-                    let replied = publisher.send("", queue, &body, props).await?;
-                    publisher.confirm(exchange, sent).await?;
-                    publisher.confirm(queue, replied).await
-                }
-            }
-        }
-        .instrument(span.clone())
-        .await;
+        let published = publisher
+            .publish_event(exchange, key, &body, props, reply_to)
+            .instrument(span.clone())
+            .await;
         if let Err(e) = &published
             && !span.is_disabled()
         {
