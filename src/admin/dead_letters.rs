@@ -385,11 +385,11 @@ pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
     let rows: Vec<[String; 9]> = infos
         .iter()
         .map(|i| {
-            let detail = match (&i.invalid_reason, i.reason.as_deref()) {
-                (Some(reason), _) => reason.clone(),
+            let detail = match (&i.detail, i.broker_reason.as_deref()) {
+                (Some(detail), _) => detail.clone(),
                 // Dead-lettered by the broker itself, not by the worker.
-                (None, Some(reason)) if i.replica.is_none() => format!("broker: {reason}"),
-                _ => "-".to_owned(),
+                (None, Some(reason)) => format!("broker: {reason}"),
+                (None, None) => "-".to_owned(),
             };
             [
                 dash(i.command_id.as_deref()),

@@ -42,6 +42,7 @@ super::wrap_error!(Error::Config(ConfigError));
 pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Error> {
     let settings = Settings::load(config)?;
     let retention = settings.amqp.results_log_retention().ok_or(Error::NoLog)?;
+    let kept = settings.amqp.results_log_retention.trim().to_owned();
     let log = format!("{}.log", settings.amqp.results_exchange);
     let now = super::now_ms();
     let from_ms = match (args.since, args.from) {
@@ -55,9 +56,8 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
     {
         incomplete = true;
         eprintln!(
-            "the results log keeps {} of events: what was published before {} is gone; \
-             printing what it still holds",
-            super::human(retention),
+            "the results log keeps {kept} of events (amqp.results_log_retention): what was \
+             published before {} is gone; printing what it still holds",
             super::rfc3339_ms(now.saturating_sub(millis(retention))).unwrap_or_default()
         );
     }
@@ -68,9 +68,8 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
     let missing = args.command_id.as_ref().filter(|_| printed == 0);
     if let Some(id) = missing {
         eprintln!(
-            "no event of command {id} in {log} (it keeps {}): not published yet, or not a \
-             command this worker saw",
-            super::human(retention)
+            "no event of command {id} in {log} (it keeps {kept}): not published yet, or not a \
+             command this worker saw"
         );
     }
     Ok(match incomplete || missing.is_some() {

@@ -27,7 +27,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::Connection;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::broker::{self, redacted_url};
 use crate::configuration::AmqpSettings;
@@ -132,15 +131,22 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Unix milliseconds as RFC 3339 (UTC), or `None` for a value no calendar
-/// holds (a corrupt header must not stop a listing).
+/// Unix milliseconds as RFC 3339 (UTC) with three digits of milliseconds,
+/// always (`…51.180Z`, never `…51.18Z`: every time a tool prints lines up),
+/// or `None` for a value no calendar holds (a corrupt header must not stop a
+/// listing).
 pub fn rfc3339_ms(ms: u64) -> Option<String> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()?
-        .format(&Rfc3339)
+        .format(MILLIS)
         .ok()
 }
+
+/// RFC 3339 in UTC with milliseconds.
+const MILLIS: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
 
 /// A duration as people say it: `25h 3m`, `4m 10s`, `12s`.
 pub fn human(d: Duration) -> String {
@@ -158,7 +164,11 @@ mod tests {
 
     #[test]
     fn times_read_as_people_write_them() {
-        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(
+            rfc3339_ms(1_700_000_000_180).as_deref(),
+            Some("2023-11-14T22:13:20.180Z")
+        );
         assert_eq!(
             rfc3339_ms(1_700_000_000_123).as_deref(),
             Some("2023-11-14T22:13:20.123Z")
