@@ -33,9 +33,9 @@ pub struct DeadLetterInfo {
     /// The body's `command_id`, else the `message_id`.
     pub command_id: Option<String>,
     /// Why the broker dead-lettered it on its own (`expired`,
-    /// `delivery_limit`, `maxlen`, or `rejected` by another consumer), from
-    /// the latest `x-death` entry. Absent for a letter the worker
-    /// dead-lettered: its `error_code` says why, in one field.
+    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry. Absent
+    /// for a letter the worker rejected or dead-lettered: its `error_code`
+    /// says why, in one field.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_reason: Option<String>,
     /// The queue it was consumed from (the worker's stamp) or died in.
@@ -111,10 +111,11 @@ pub fn inspect(body: &[u8], properties: &BasicProperties, delay_steps: usize) ->
     });
     DeadLetterInfo {
         command_id,
+        // `rejected` is the worker's own reject, whose why is the code.
         broker_reason: latest
             .and_then(|d| d.reason.clone())
             .or_else(|| header_str(headers, "x-first-death-reason"))
-            .filter(|_| !stamped),
+            .filter(|r| !stamped && r != "rejected"),
         queue: header_str(headers, QUEUE_HEADER)
             .or_else(|| latest.and_then(|d| d.queue.clone()))
             .or_else(|| header_str(headers, "x-first-death-queue")),
@@ -298,7 +299,10 @@ mod tests {
             info.command_id.as_deref(),
             Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
         );
-        assert_eq!(info.broker_reason.as_deref(), Some("rejected"));
+        assert_eq!(
+            info.broker_reason, None,
+            "the worker's reject: its code says why"
+        );
         assert_eq!(info.queue.as_deref(), Some("credit-purchases"));
         // The first death, not the latest.
         assert_eq!(info.died_at.as_deref(), Some("2023-11-14T21:56:40.000Z"));
