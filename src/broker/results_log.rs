@@ -62,6 +62,8 @@ pub enum LogError {
 pub enum Start {
     /// The oldest event the log still keeps.
     First,
+    /// The last chunk the log wrote (its newest events).
+    Last,
     /// The first chunk holding an event stored at or after this Unix second
     /// (a chunk may begin a little earlier: filter on [`Entry::at_ms`]).
     At(u64),
@@ -168,6 +170,7 @@ impl Reader {
         let mut arguments = FieldTable::default();
         let offset = match start {
             Start::First => AMQPValue::LongString(LongString::from("first")),
+            Start::Last => AMQPValue::LongString(LongString::from("last")),
             Start::At(secs) => AMQPValue::Timestamp(secs),
         };
         arguments.insert(ShortString::from("x-stream-offset"), offset);
@@ -242,6 +245,29 @@ pub async fn oldest_ms(connection: &Connection, log: &str) -> Result<Option<u64>
     reader.close().await;
     Ok(first?.and_then(|e| e.at_ms))
 }
+
+/// How many events the log keeps: from its oldest offset to its newest,
+/// which only a read can tell (a stream's `queue.declare-ok` reports 0
+/// messages). `None` when it is empty.
+pub async fn kept(connection: &Connection, log: &str) -> Result<Option<u64>, LogError> {
+    let mut oldest = Reader::open(connection, log, Start::First).await?;
+    let first = oldest.next(Some(LAST_CHUNK)).await;
+    oldest.close().await;
+    let Some(first) = first?.and_then(|e| e.offset) else {
+        return Ok(None);
+    };
+    let mut newest = Reader::open(connection, log, Start::Last).await?;
+    let mut last = first;
+    // The last chunk comes at once: a short pause ends it.
+    while let Some(entry) = newest.next(Some(LAST_CHUNK)).await? {
+        last = last.max(entry.offset.unwrap_or(last));
+    }
+    newest.close().await;
+    Ok(Some(last.saturating_sub(first).saturating_add(1)))
+}
+
+/// Enough for the broker to push what it has at once (one chunk).
+const LAST_CHUNK: Duration = Duration::from_millis(300);
 
 /// What the log says about the charges claimed from `from_ms` on: every
 /// `succeeded` event's invoice, and from when the log is complete.
