@@ -1063,7 +1063,11 @@ async fn events_tells_what_happened_to_a_command_after_a_restart_and_stops_by_it
         })
         .collect();
     assert_eq!(ids, [lost.clone(), bought.clone(), after.clone()]);
+    println!("events --since 1h --json:\n{stdout}");
 
+    let (code, stdout, stderr) = admin.cli(&["events", "--since", "2h"], &[]).await;
+    assert_eq!((code, stdout.lines().count()), (Some(0), 3), "{stderr}");
+    println!("events --since 2h:\n{stdout}{stderr}");
     let (code, _, stderr) = admin
         .cli(&["events", "--command-id", &command_id()], &[])
         .await;

@@ -551,6 +551,18 @@ async fn a_transaction_that_could_be_two_letters_charge_settles_neither() {
     world.wait_depth(&dead, 3).await;
     let before = world.state().await;
 
+    // What a person reads: every transaction that could be a charge.
+    let (code, table, stderr) = world.reconcile(&[]).await;
+    assert_eq!(code, Some(1), "left for a person:\n{table}\n{stderr}");
+    for t in world
+        .sim
+        .transactions()
+        .iter()
+        .filter(|t| t.customer_id != "cus_warmup")
+    {
+        assert!(table.contains(&format!("candidate {}", t.id)), "{table}");
+    }
+    println!("{table}");
     let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
     assert_eq!(code, Some(1), "left for a person:\n{stdout}\n{stderr}");
     let rows: Vec<Value> = stdout
