@@ -661,7 +661,8 @@ impl AmqpSettings {
         }
         // Room for ".retry.<seconds>s".
         check_amqp_name("amqp.queue", &self.queue, 32)?;
-        check_amqp_name("amqp.results_exchange", &self.results_exchange, 0)?;
+        // Room for ".log", the results log.
+        check_amqp_name("amqp.results_exchange", &self.results_exchange, 4)?;
         if self.prefetch == 0 {
             return Err(invalid(
                 "amqp.prefetch",
@@ -1121,5 +1122,27 @@ mod tests {
         let debug = format!("{s:?} {}", ApiKey::new("sk_live_secret_value"));
         assert!(!debug.contains("sk_live_secret_value"), "{debug}");
         assert!(debug.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn the_results_log_retention_is_a_duration_or_zero() {
+        let week = load(&[]).expect("valid");
+        assert_eq!(
+            week.amqp.results_log_retention(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let hours = load(&[("CPW__AMQP__RESULTS_LOG_RETENTION", "12h")]).expect("valid");
+        assert_eq!(
+            hours.amqp.results_log_retention(),
+            Some(Duration::from_secs(12 * 3_600))
+        );
+        let none = load(&[("CPW__AMQP__RESULTS_LOG_RETENTION", "0")]).expect("valid");
+        assert_eq!(none.amqp.results_log_retention(), None);
+        for bad in ["7w", "d", "-1d", "seven days"] {
+            refused(
+                &[("CPW__AMQP__RESULTS_LOG_RETENTION", bad)],
+                "amqp.results_log_retention",
+            );
+        }
     }
 }

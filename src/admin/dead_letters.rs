@@ -15,8 +15,8 @@
 //! queue drops a message at its 20th (`<queue>.dead` has no dead-letter
 //! exchange: it would be lost). So a letter is put back as a fresh copy,
 //! confirmed, and only then is the read one acked: the copy carries the same
-//! body, properties and headers (the broker's `x-delivery-count` aside) and
-//! has never been delivered. Only when the copy cannot be made is the letter
+//! body, properties and headers (but for what would get it refused or lost,
+//! see [`fresh_copy`]) and has never been delivered. Only when the copy cannot be made is the letter
 //! returned with `nack`, which keeps it at the cost of one delivery.
 
 use std::path::Path;
@@ -345,21 +345,55 @@ pub(super) async fn put_back(
 }
 
 /// A dead letter's properties for its copy: as they were, without the
-/// broker's delivery count (the copy has not been delivered).
-pub(super) fn fresh_copy(properties: &BasicProperties) -> BasicProperties {
-    let headers = properties.headers().as_ref().map(|h| {
+/// broker's delivery count (the copy has not been delivered), a `user_id`
+/// (RabbitMQ refuses one that is not the publishing user's, and the refusal
+/// closes the channel) or an `expiration` (the dead-letter queue has no
+/// dead-letter exchange: an expired letter would be lost).
+pub(super) fn fresh_copy(p: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    if let Some(headers) = p.headers() {
         let mut kept = FieldTable::default();
-        for (k, v) in h.inner() {
+        for (k, v) in headers.inner() {
             if k.as_str() != DELIVERY_COUNT {
                 kept.insert(k.clone(), v.clone());
             }
         }
-        kept
-    });
-    match headers {
-        Some(headers) => properties.clone().with_headers(headers),
-        None => properties.clone(),
+        copy = copy.with_headers(kept);
     }
+    if let Some(v) = p.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        copy = copy.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy
 }
 
 /// The header a quorum queue adds to a message it delivers again.
@@ -429,4 +463,48 @@ fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::AMQPValue;
+
+    #[test]
+    fn a_copy_put_back_keeps_everything_but_what_would_lose_or_refuse_it() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+        headers.insert("cpw-error-code".into(), AMQPValue::LongLongInt(1));
+        let letter = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m".into())
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_delivery_mode(2)
+            .with_timestamp(7)
+            .with_user_id("publisher".into())
+            .with_expiration("60000".into());
+        let copy = fresh_copy(&letter);
+        let kept = copy.headers().clone().unwrap_or_default();
+        assert_eq!(
+            kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["cpw-error-code"]
+        );
+        assert_eq!(
+            (copy.user_id(), copy.expiration()),
+            (&None, &None),
+            "refused or lost otherwise"
+        );
+        let without = |p: &BasicProperties| {
+            p.clone()
+                .with_headers(FieldTable::default())
+                .with_user_id("-".into())
+                .with_expiration("-".into())
+        };
+        assert_eq!(
+            without(&copy),
+            without(&letter),
+            "everything else as it was"
+        );
+    }
 }

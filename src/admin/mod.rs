@@ -139,14 +139,9 @@ pub fn rfc3339_ms(ms: u64) -> Option<String> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()?
-        .format(MILLIS)
+        .format(crate::contract::RFC3339_MILLIS)
         .ok()
 }
-
-/// RFC 3339 in UTC with milliseconds.
-const MILLIS: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
 
 /// A duration as people say it: `25h 3m`, `4m 10s`, `12s`.
 pub fn human(d: Duration) -> String {

@@ -45,9 +45,19 @@ pub struct Candidate {
     pub invoice_id: String,
     /// The balance after it: the event's `new_credit_balance`.
     pub balance_after: u64,
-    /// When Hyperline recorded it (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    /// When Hyperline recorded it (RFC 3339, UTC, milliseconds: the one
+    /// format every time the tools print is in).
+    #[serde(serialize_with = "rfc3339_millis")]
     pub created_at: OffsetDateTime,
+}
+
+/// `2026-12-06T02:05:10.567Z`.
+fn rfc3339_millis<S: serde::Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+    let text = at
+        .to_offset(time::UtcOffset::UTC)
+        .format(crate::contract::RFC3339_MILLIS)
+        .map_err(serde::ser::Error::custom)?;
+    s.serialize_str(&text)
 }
 
 impl Candidate {
