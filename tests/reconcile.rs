@@ -146,11 +146,21 @@ fn long(n: u64) -> AMQPValue {
 impl World {
     /// Runs `dead-letters reconcile` with `args`, bounded.
     async fn reconcile(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        self.reconcile_with(args, &[]).await
+    }
+
+    /// [`World::reconcile`] with `extra` settings for the run.
+    async fn reconcile_with(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> (Option<i32>, String, String) {
         let child = tokio::process::Command::new(BIN)
             .args(["dead-letters", "reconcile"])
             .args(args)
             .env_clear()
             .envs(&self.env)
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -322,6 +332,15 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
     let id = command_id();
     world.garbled_dead_letter(&id).await;
     let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+
+    // Without a results log nothing is settled as charged, and it says so.
+    let no_log = [("CPW__AMQP__RESULTS_LOG_RETENTION", "0")];
+    let (code, stdout, stderr) = world.reconcile_with(&["--apply"], &no_log).await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("note: no results log"), "{stdout}");
+    assert!(stdout.contains("no results log covers"), "{stdout}");
+    assert!(world.events.no_event_for(Duration::from_secs(1)).await);
     world.wait_depth(&dead, 1).await;
 
     let (code, stdout, stderr) = world.reconcile(&["--apply"]).await;
