@@ -1073,6 +1073,11 @@ async fn events_tells_what_happened_to_a_command_after_a_restart_and_stops_by_it
         .await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("no event of command"), "{stderr}");
+    // A start after every event: nothing, at once, not a wait for more.
+    let (code, stdout, stderr) = admin
+        .cli(&["events", "--from", "2099-01-01T00:00:00Z"], &[])
+        .await;
+    assert_eq!((code, stdout.as_str()), (Some(0), ""), "{stderr}");
     let (code, stdout, stderr) = admin.cli(&["events", "--since", "30d"], &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("keeps 7d of events"), "{stderr}");

@@ -4,8 +4,9 @@
 //! command (`--command-id`), after the worker that handled it restarted and
 //! its logs scrolled away; a downstream team replays the results it missed
 //! during an outage (`--since 2h`, `--from <time>`, `--json`). Both want the
-//! command to end by itself once it has read everything there is, which a
-//! stream never says: see [`results_log`](crate::broker::results_log).
+//! command to end by itself once it has read everything there is, and not
+//! before, which a stream never says: see
+//! [`results_log`](crate::broker::results_log).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{ConnectError, output};
-use crate::broker::results_log::{CAUGHT_UP, LogError, Reader, Start};
+use crate::broker::results_log::{Entry, LogError, Reader, Start, read_to_end};
 use crate::cli::EventsArgs;
 use crate::configuration::{ConfigError, Settings};
 
@@ -82,8 +83,8 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Prints the selected entries until caught up (or forever, following);
-/// gives how many were printed.
+/// Prints the selected entries to the end of the log, then (following)
+/// every new one; gives how many were printed.
 async fn read(
     connection: &lapin::Connection,
     log: &str,
@@ -91,37 +92,49 @@ async fn read(
     args: &EventsArgs,
 ) -> Result<usize, Error> {
     let start = from_ms.map_or(Start::First, |ms| Start::At(ms / 1000));
-    let mut reader = Reader::open(connection, log, start).await?;
-    let idle = (!args.follow).then_some(CAUGHT_UP);
+    let entries = read_to_end(connection, log, start).await?;
+    let next = entries
+        .last()
+        .and_then(|e| e.offset)
+        .map_or(Start::Next, |o| Start::Offset(o.saturating_add(1)));
     let mut printed = 0;
-    while let Some(entry) = reader.next(idle).await? {
-        // A timestamp starts at the chunk that holds it, which may begin
-        // a little earlier.
-        if from_ms.is_some_and(|from| entry.at_ms.is_some_and(|at| at < from)) {
-            continue;
+    for entry in &entries {
+        printed += usize::from(print(entry, from_ms, args));
+    }
+    if !args.json {
+        eprintln!("{printed} event(s); caught up with {log}");
+    }
+    if args.follow {
+        let mut reader = Reader::open(connection, log, next).await?;
+        while let Some(entry) = reader.next(None).await? {
+            printed += usize::from(print(&entry, from_ms, args));
         }
-        let wanted = match &args.command_id {
-            None => true,
-            Some(id) => entry
-                .event
-                .as_ref()
-                .and_then(|e| e.command_id.as_deref())
-                .is_some_and(|c| c == id),
-        };
-        if !wanted {
-            continue;
-        }
-        printed += 1;
+    }
+    Ok(printed)
+}
+
+/// Prints `entry` when it is selected; whether it was.
+fn print(entry: &Entry, from_ms: Option<u64>, args: &EventsArgs) -> bool {
+    // A timestamp starts at the chunk that holds it, which may begin a
+    // little earlier.
+    if from_ms.is_some_and(|from| entry.at_ms.is_some_and(|at| at < from)) {
+        return false;
+    }
+    let wanted = match &args.command_id {
+        None => true,
+        Some(id) => entry
+            .event
+            .as_ref()
+            .and_then(|e| e.command_id.as_deref())
+            .is_some_and(|c| c == id),
+    };
+    if wanted {
         match args.json {
             true => output::line(String::from_utf8_lossy(&entry.body)),
             false => output::line(describe(&entry.body, entry.at_ms)),
         }
     }
-    reader.close().await;
-    if !args.json {
-        eprintln!("{printed} event(s); caught up with {log}");
-    }
-    Ok(printed)
+    wanted
 }
 
 /// One event on one line: when, what, which command, and the outcome.

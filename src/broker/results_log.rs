@@ -3,12 +3,17 @@
 //! order the broker took them.
 //!
 //! A stream is read by a consumer that names where to start
-//! (`x-stream-offset`: `first`, or a timestamp) and never drains: the
-//! reader must decide when it has caught up. Over AMQP 0-9-1 nothing says
-//! where the end is, so a reader stops when the broker, which pushes a
-//! stream's messages as fast as the prefetch allows, has had nothing more
-//! to give for [`CAUGHT_UP`]. Reading never changes the stream: it is not a
-//! queue, and an ack only grants the broker credit for the next messages.
+//! (`x-stream-offset`: `first`, `last`, an offset, or a timestamp) and never
+//! drains: the reader must decide when it has caught up. Over AMQP 0-9-1
+//! nothing says where the end is (a stream's `queue.declare-ok` reports 0
+//! messages), and a pause in the broker's deliveries is no proof: a reader
+//! that stopped at a pause would miss the claims after it, and a charge
+//! claimed by another command would look free. So [`read_to_end`] first
+//! learns the newest offset (a consumer at `last` gets the newest chunk at
+//! once), reads until it has passed it, and only then takes a pause of
+//! [`CAUGHT_UP`] as the end; a longer silence before it is an error, never
+//! an end. Reading never changes the stream: it is not a queue, and an ack
+//! only grants the broker credit for the next messages.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,10 +29,14 @@ use time::OffsetDateTime;
 use crate::configuration::AmqpSettings;
 use crate::hyperline::evidence::LogEvidence;
 
-/// A stream has caught up when the broker gives nothing more for this long.
-/// It pushes what is stored without waiting, so a pause this long means the
-/// end, also on a loaded broker; longer would only make every read slower.
+/// Past the newest offset known at the start, a read has caught up when the
+/// broker gives nothing more for this long (the broker pushes what is
+/// stored without waiting; longer would only make every read slower).
 pub const CAUGHT_UP: Duration = Duration::from_millis(1_500);
+
+/// Before the newest offset known at the start, a silence this long is a
+/// broker in trouble: the read fails rather than pass for complete.
+const STALLED: Duration = Duration::from_secs(30);
 
 /// Messages the broker may push ahead of the reader.
 const PREFETCH: u16 = 500;
@@ -52,6 +61,9 @@ pub enum LogError {
     /// The broker could not be reached.
     #[error("cannot reach the broker to read the results log: {0}")]
     Connect(#[from] super::ConnectError),
+    /// The broker stopped delivering before the end of the log.
+    #[error("the results log `{0}` stopped coming before its end: it could not be read whole")]
+    Stalled(String),
     /// The broker ended the read (the stream was deleted, or its node left).
     #[error("the broker ended the read of the results log `{0}`")]
     Cancelled(String),
@@ -64,6 +76,10 @@ pub enum Start {
     First,
     /// The last chunk the log wrote (its newest events).
     Last,
+    /// This offset.
+    Offset(u64),
+    /// The events written from now on.
+    Next,
     /// The first chunk holding an event stored at or after this Unix second
     /// (a chunk may begin a little earlier: filter on [`Entry::at_ms`]).
     At(u64),
@@ -171,6 +187,8 @@ impl Reader {
         let offset = match start {
             Start::First => AMQPValue::LongString(LongString::from("first")),
             Start::Last => AMQPValue::LongString(LongString::from("last")),
+            Start::Next => AMQPValue::LongString(LongString::from("next")),
+            Start::Offset(n) => AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
             Start::At(secs) => AMQPValue::Timestamp(secs),
         };
         arguments.insert(ShortString::from("x-stream-offset"), offset);
@@ -220,16 +238,6 @@ impl Reader {
         }
     }
 
-    /// Every entry from the start to the end as it is now.
-    pub async fn read_to_end(mut self) -> Result<Vec<Entry>, LogError> {
-        let mut entries = Vec::new();
-        while let Some(entry) = self.next(Some(CAUGHT_UP)).await? {
-            entries.push(entry);
-        }
-        self.close().await;
-        Ok(entries)
-    }
-
     /// Ends the read; what is not read yet stays in the log, as everything does.
     pub async fn close(self) {
         let _ = self.channel.close(200, "results log read".into()).await;
@@ -246,9 +254,92 @@ pub async fn oldest_ms(connection: &Connection, log: &str) -> Result<Option<u64>
     Ok(first?.and_then(|e| e.at_ms))
 }
 
+/// The offset of the newest event, and when it occurred; `None` when the
+/// log is empty.
+async fn newest(
+    connection: &Connection,
+    log: &str,
+) -> Result<Option<(u64, Option<u64>)>, LogError> {
+    let mut reader = Reader::open(connection, log, Start::Last).await?;
+    let mut newest: Option<(u64, Option<u64>)> = None;
+    // The last chunk comes at once: a short pause ends it.
+    let read = loop {
+        match reader.next(Some(LAST_CHUNK)).await {
+            Ok(Some(entry)) => {
+                if let Some(offset) = entry.offset
+                    && newest.is_none_or(|(known, _)| offset > known)
+                {
+                    newest = Some((offset, entry.at_ms));
+                }
+            }
+            Ok(None) => break Ok(newest),
+            Err(e) => break Err(e),
+        }
+    };
+    reader.close().await;
+    read
+}
+
+/// Every entry from `start` to the end of the log: at least up to its
+/// newest event when the read began, then whatever follows without a pause
+/// of [`CAUGHT_UP`]. A start past the newest event gives none.
+pub async fn read_to_end(
+    connection: &Connection,
+    log: &str,
+    start: Start,
+) -> Result<Vec<Entry>, LogError> {
+    let Some((end, _)) = newest(connection, log).await? else {
+        return Ok(Vec::new());
+    };
+    // A timestamp past the newest chunk attaches after the end, where
+    // nothing comes: then the whole log is read and nothing is lost.
+    let first_wait = match start {
+        Start::At(_) => CAUGHT_UP,
+        _ => STALLED,
+    };
+    match read_until(connection, log, start, end, first_wait).await? {
+        Some(entries) => Ok(entries),
+        None => Ok(read_until(connection, log, Start::First, end, STALLED)
+            .await?
+            .unwrap_or_default()),
+    }
+}
+
+/// Reads from `start` past offset `end`; `None` when nothing came within
+/// `first_wait`.
+async fn read_until(
+    connection: &Connection,
+    log: &str,
+    start: Start,
+    end: u64,
+    first_wait: Duration,
+) -> Result<Option<Vec<Entry>>, LogError> {
+    let mut reader = Reader::open(connection, log, start).await?;
+    let mut entries: Vec<Entry> = Vec::new();
+    let read = loop {
+        let passed = entries
+            .last()
+            .and_then(|e| e.offset)
+            .is_some_and(|o| o >= end);
+        let wait = match (entries.is_empty(), passed) {
+            (true, _) => first_wait,
+            (false, false) => STALLED,
+            (false, true) => CAUGHT_UP,
+        };
+        match reader.next(Some(wait)).await {
+            Ok(Some(entry)) => entries.push(entry),
+            Ok(None) if entries.is_empty() => break Ok(None),
+            Ok(None) if passed => break Ok(Some(entries)),
+            Ok(None) => break Err(LogError::Stalled(log.to_owned())),
+            Err(e) => break Err(e),
+        }
+    };
+    reader.close().await;
+    read
+}
+
 /// How many events the log keeps: from its oldest offset to its newest,
-/// which only a read can tell (a stream's `queue.declare-ok` reports 0
-/// messages). `None` when it is empty.
+/// which only a read can tell. `None` when it is empty.
 pub async fn kept(connection: &Connection, log: &str) -> Result<Option<u64>, LogError> {
     let mut oldest = Reader::open(connection, log, Start::First).await?;
     let first = oldest.next(Some(LAST_CHUNK)).await;
@@ -256,13 +347,7 @@ pub async fn kept(connection: &Connection, log: &str) -> Result<Option<u64>, Log
     let Some(first) = first?.and_then(|e| e.offset) else {
         return Ok(None);
     };
-    let mut newest = Reader::open(connection, log, Start::Last).await?;
-    let mut last = first;
-    // The last chunk comes at once: a short pause ends it.
-    while let Some(entry) = newest.next(Some(LAST_CHUNK)).await? {
-        last = last.max(entry.offset.unwrap_or(last));
-    }
-    newest.close().await;
+    let last = newest(connection, log).await?.map_or(first, |(n, _)| n);
     Ok(Some(last.saturating_sub(first).saturating_add(1)))
 }
 
@@ -277,11 +362,7 @@ pub async fn evidence(
     from_ms: u64,
 ) -> Result<LogEvidence, LogError> {
     let complete_since_ms = oldest_ms(connection, log).await?;
-    let start = Start::At(from_ms / 1000);
-    let entries = Reader::open(connection, log, start)
-        .await?
-        .read_to_end()
-        .await?;
+    let entries = read_to_end(connection, log, Start::At(from_ms / 1000)).await?;
     let claims = entries
         .into_iter()
         .filter_map(|e| e.event)
