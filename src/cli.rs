@@ -41,9 +41,20 @@ pub enum Command {
     /// confirmed by the broker to the commands queue. Prints the command id;
     /// with `--wait`, then the result event.
     Publish(PublishArgs),
-    /// Inspect or replay the dead-letter queue (`<queue>.dead`).
+    /// List, show, replay, purge or reconcile the dead letters (`<queue>.dead`).
+    ///
+    /// Reading them never wears them out: a letter read is put back as a
+    /// fresh copy, so no broker delivery limit is ever reached by looking.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Read the results log: what happened to a command, or every event since a time.
+    ///
+    /// The log (`<results_exchange>.log`, a RabbitMQ stream kept for
+    /// `amqp.results_log_retention`) holds every event the worker published.
+    /// Reading stops by itself once it has caught up, unless `--follow`.
+    /// Exit status: 0; 1 when `--command-id` found no event or the start is
+    /// older than the log's retention; 2 when the log is missing or cannot be read.
+    Events(EventsArgs),
     /// Check the configuration, the broker, the topology and the API key.
     ///
     /// One ✓/✗ line each; exits 1 when any check fails. Nothing is consumed
@@ -78,14 +89,27 @@ pub enum DeadLetters {
     /// `--all` leaves them and says how many; naming one is a skip.
     /// Exit status 1 when a selected command was skipped or not found.
     Replay(ReplayArgs),
-    /// Ask Hyperline's credit transactions whether uncertain dead letters were charged.
+    /// Settle uncertain dead letters from Hyperline's credit transactions.
     ///
     /// Uncertain: `unexpected_response`, or `retries_exhausted` with a first
-    /// request that may have charged. One matching transaction: publish the
-    /// command's `succeeded` event ("reconciled": true), then remove the dead
-    /// letter. None: replay it with its history reset. Several: leave it and
-    /// list them. A dry run unless `--apply`. Exit status 1 when a dead letter
-    /// is left for a person.
+    /// request that may have charged. Its window runs from that request to
+    /// its dead-lettering, widened by the worker's clock margin (1/96 of the
+    /// idempotency window: 15 min). A candidate is a `topup` from `api` of
+    /// that customer and product, count and amount (or price), in the window.
+    /// A candidate whose invoice a `succeeded` event of another command in
+    /// the results log carries is that command's, not a candidate.
+    ///
+    /// Not charged (no candidate): replay it with its history reset.
+    /// Charged (exactly one candidate, no other letter's, and the results log
+    /// covers it): publish its `succeeded` event ("reconciled": true), then
+    /// remove the letter. Its command's `succeeded` event already in the log:
+    /// remove the letter. Anything else (several candidates, one shared, a
+    /// transaction missing a field, no log, a listing unreadable) is left for
+    /// a person, with the candidates.
+    ///
+    /// A dry run unless `--apply`. Exit status: 0 when nothing is left for a
+    /// person, 1 when a letter is left, 2 on an error (an action not done: a
+    /// second run is safe).
     Reconcile(ReconcileArgs),
 }
 
@@ -99,6 +123,51 @@ pub struct ReconcileArgs {
     /// One JSON object per uncertain dead letter and line, for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `events` flags.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("start").multiple(false).args(["since", "from"])))]
+pub struct EventsArgs {
+    /// Only the events of this command.
+    #[arg(long = "command-id", value_name = "ID")]
+    pub command_id: Option<String>,
+    /// Start this long ago: `90s`, `30m`, `2h`, `7d`. Default: the oldest event kept.
+    #[arg(long, value_name = "AGO", value_parser = ago)]
+    pub since: Option<std::time::Duration>,
+    /// Start at this time (RFC 3339, e.g. `2026-12-06T03:00:00Z`).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339)]
+    pub from: Option<time::OffsetDateTime>,
+    /// Keep reading new events as they are published (Ctrl-C to stop).
+    #[arg(long)]
+    pub follow: bool,
+    /// Each event as published, one JSON object a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ago(s: &str) -> Result<std::time::Duration, String> {
+    let split = s.len().saturating_sub(1);
+    let unit = match s.get(split..) {
+        Some("s") => 1,
+        Some("m") => 60,
+        Some("h") => 3_600,
+        Some("d") => 86_400,
+        _ => return Err("write a number and a unit: 90s, 30m, 2h, 7d".into()),
+    };
+    let n: u64 = s
+        .get(..split)
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| "write a number and a unit: 90s, 30m, 2h, 7d".to_owned())?;
+    n.checked_mul(unit)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| "too long".into())
+}
+
+fn rfc3339(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-12-06T03:00:00Z"))
 }
 
 /// `publish` flags: the fields of a command (docs/contract.md section 2).

@@ -256,6 +256,9 @@ pub struct AmqpSettings {
     /// hold a replica when the queue is created. RabbitMQ caps it at the
     /// nodes running then, so the default (3) means "every node, up to 3".
     pub quorum_initial_group_size: u32,
+    /// How long the results log (`<results_exchange>.log`) keeps events:
+    /// `7d`, `12h`, `90m`, `3600s`; `0` declares no log.
+    pub results_log_retention: String,
 }
 
 /// The node URLs of `amqp.url`, at least one, each `amqp://` or `amqps://`.
@@ -638,7 +641,7 @@ impl Settings {
         //   channel, opening it again after a refusal, written, confirmed
         //   (2 × 4 waits);
         // - one in-process hold before the copy back, at most MAX_HOLD.
-        use crate::pipeline::executor::{REPLY_PAUSE, REPLY_TRIES};
+        use crate::broker::{REPLY_PAUSE, REPLY_TRIES};
         const CONFIRM_WAITS: u64 = 2 + 2 * REPLY_TRIES as u64 + 2 * 4;
         let reply_pauses = (1..REPLY_TRIES).map(|t| REPLY_PAUSE * t).sum::<Duration>();
         let lookup = match self.hyperline.reconcile_at_window {
@@ -734,6 +737,42 @@ fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<
     Ok(())
 }
 
+/// `7d`, `12h`, `90m`, `3600s` or `0`: a whole number and one unit, as
+/// RabbitMQ's `x-max-age` takes it (which is why months and years, whose
+/// length RabbitMQ fixes its own way, are not accepted).
+fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(None);
+    }
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = (
+        text.get(..split).unwrap_or(""),
+        text.get(split..).unwrap_or(""),
+    );
+    let seconds = match unit {
+        "d" | "D" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration: write e.g. 7d, 12h, 90m, 3600s, or 0 for no log"
+            ));
+        }
+    };
+    match number.parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(n) => n
+            .checked_mul(seconds)
+            .map(|s| Some(Duration::from_secs(s)))
+            .ok_or_else(|| format!("`{text}` is too long")),
+        Err(_) => Err(format!(
+            "`{text}` is not a duration: write e.g. 7d, 12h, 90m, 3600s, or 0 for no log"
+        )),
+    }
+}
+
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.url.validate()?;
@@ -745,7 +784,8 @@ impl AmqpSettings {
         }
         // Room for ".retry.<seconds>s".
         check_amqp_name("amqp.queue", &self.queue, 32)?;
-        check_amqp_name("amqp.results_exchange", &self.results_exchange, 0)?;
+        // Room for ".log", the results log.
+        check_amqp_name("amqp.results_exchange", &self.results_exchange, 4)?;
         if self.prefetch == 0 {
             return Err(invalid(
                 "amqp.prefetch",
@@ -761,7 +801,14 @@ impl AmqpSettings {
         if let Some(path) = &self.ca_file {
             read_pem("amqp.ca_file", path)?;
         }
+        parse_retention(&self.results_log_retention)
+            .map_err(|reason| invalid("amqp.results_log_retention", reason))?;
         Ok(())
+    }
+
+    /// The results log's retention; `None` when no log is kept (`0`).
+    pub fn results_log_retention(&self) -> Option<Duration> {
+        parse_retention(&self.results_log_retention).ok().flatten()
     }
 
     /// The connection's name on the broker, so an operator can tell the
@@ -1276,5 +1323,27 @@ mod tests {
         let debug = format!("{s:?} {}", ApiKey::new("sk_live_secret_value"));
         assert!(!debug.contains("sk_live_secret_value"), "{debug}");
         assert!(debug.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn the_results_log_retention_is_a_duration_or_zero() {
+        let week = load(&[]).expect("valid");
+        assert_eq!(
+            week.amqp.results_log_retention(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let hours = load(&[("CPW__AMQP__RESULTS_LOG_RETENTION", "12h")]).expect("valid");
+        assert_eq!(
+            hours.amqp.results_log_retention(),
+            Some(Duration::from_secs(12 * 3_600))
+        );
+        let none = load(&[("CPW__AMQP__RESULTS_LOG_RETENTION", "0")]).expect("valid");
+        assert_eq!(none.amqp.results_log_retention(), None);
+        for bad in ["7w", "d", "-1d", "seven days"] {
+            refused(
+                &[("CPW__AMQP__RESULTS_LOG_RETENTION", bad)],
+                "amqp.results_log_retention",
+            );
+        }
     }
 }

@@ -68,6 +68,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::reconcile::run(config, args).await?
         }
         Command::Check => admin::check::run(config).await,
+        Command::Events(args) => admin::events::run(config, args).await?,
     })
 }
 

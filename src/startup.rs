@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::results_log::LogSource;
 use crate::broker::{HistoryKeys, Mismatch, Topology};
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::credentials::Credentials;
@@ -71,6 +72,7 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Listen { addr, source })?;
         let request_timeout = settings.hyperline.timeout();
+        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
         let pipeline = Arc::new(Pipeline {
             client,
             gate: Gate::new(
@@ -80,8 +82,12 @@ impl Application {
             credentials: Credentials::default(),
             reads: Gate::new(READS_PER_SECOND, probe_patience(request_timeout)),
             reconcile_at_window: settings.hyperline.reconcile_at_window,
+            results_log: LogSource::new(
+                &settings.amqp,
+                topology.results_log.as_ref().map(|l| l.name.as_str()),
+            ),
             settings: settings.retry.clone(),
-            topology: Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs),
+            topology,
             metrics: Arc::new(Metrics::new()),
             limits: Limits {
                 deadline: settings.worker.delivery_deadline(),

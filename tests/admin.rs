@@ -200,6 +200,18 @@ impl Admin {
         .await;
     }
 
+    /// Stops the worker and starts a new one on the same settings: what
+    /// the first one knew in memory is gone.
+    async fn restart_worker(&mut self) {
+        let (token, task) = self.worker.take().expect("a worker");
+        token.cancel();
+        let _ = tokio::time::timeout(WAIT, task).await;
+        let settings = Settings::load_from(None, self.env.clone()).expect("valid settings");
+        let app = Application::build(settings).await.expect("worker builds");
+        let token = CancellationToken::new();
+        self.worker = Some((token.clone(), tokio::spawn(app.run_until_stopped(token))));
+    }
+
     async fn cleanup(mut self) {
         if let Some((token, task)) = self.worker.take() {
             token.cancel();
@@ -334,11 +346,21 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
     assert_eq!(code, Some(0));
     let line: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     assert_eq!(line["command_id"], id.as_str());
-    assert_eq!(line["reason"], "rejected");
+    // One field says why: the worker's code, not also the broker's "rejected".
+    assert!(line.get("broker_reason").is_none(), "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("credit_count")),
+        "{line}"
+    );
     assert_eq!(line["queue"], admin.queue.as_str());
     assert_eq!(line["error_code"], "invalid_command");
+    // One format for every time: milliseconds always with three digits.
     assert!(
-        line["died_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        line["died_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == "2026-01-01T00:00:00.000Z".len() && t.ends_with('Z')),
         "{line}"
     );
     // Listing removes nothing. Polled: the broker puts back what the closed
@@ -953,4 +975,188 @@ async fn demo_runs_to_completion_with_one_charge_per_success() {
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await;
     assert!(gone.is_err(), "{queue} was removed");
+}
+
+/// The `x-delivery-count` line of `show`'s output, if any.
+fn delivery_count(shown: &str) -> Option<String> {
+    shown
+        .lines()
+        .find(|l| l.trim_start().starts_with("x-delivery-count"))
+        .map(str::to_owned)
+}
+
+/// Everything `show` prints for `id`, and every letter as `list --json` has it.
+async fn read_letters(admin: &Admin, id: &str) -> (String, Vec<Value>) {
+    let (code, shown, stderr) = admin
+        .cli(&["dead-letters", "show", "--command-id", id], &[])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, listed, stderr) = admin.cli(&["dead-letters", "list", "--json"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut rows: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    rows.sort_by_key(|r| r["command_id"].to_string());
+    (shown, rows)
+}
+
+#[tokio::test]
+async fn reading_the_dead_letters_thirty_times_wears_none_of_them() {
+    let mut admin = setup(true, Faults::default()).await;
+    let ids: Vec<String> = (0..3).map(|_| command_id()).collect();
+    for id in &ids {
+        let mut body = command_for(id, "cus_admin");
+        body["credit_count"] = json!(0);
+        admin
+            .publish_to(
+                &admin.queue,
+                body.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+        admin.event_for(id).await;
+    }
+    admin.wait_depth(&admin.dead(), 3).await;
+
+    let first = read_letters(&admin, &ids[0]).await;
+    assert_eq!(first.1.len(), 3, "{:?}", first.1);
+    for round in 1..30 {
+        let again = read_letters(&admin, &ids[round % 3]).await;
+        assert_eq!(again.1, first.1, "round {round}: the letters as listed");
+        if round % 3 == 0 {
+            assert_eq!(again.0, first.0, "round {round}: the letter as shown");
+        }
+        assert_eq!(
+            delivery_count(&again.0),
+            delivery_count(&first.0),
+            "round {round}: a delivery was counted:\n{}",
+            again.0
+        );
+    }
+    let counted = delivery_count(&first.0);
+    println!("x-delivery-count after 30 lists and shows: {counted:?}");
+    admin.wait_depth(&admin.dead(), 3).await;
+    // The letters themselves, as the broker gives them next: never
+    // redelivered, so no quorum queue limit comes any closer.
+    let channel = admin.connection.create_channel().await.expect("channel");
+    for _ in 0..3 {
+        let got = channel
+            .basic_get(
+                admin.dead().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .expect("basic.get")
+            .expect("a letter");
+        let headers = got
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let count = headers
+            .inner()
+            .get("x-delivery-count")
+            .map(|v| format!("{v:?}"));
+        assert!(
+            matches!(
+                count.as_deref(),
+                None | Some("LongLongInt(0)" | "LongInt(0)")
+            ),
+            "{headers:?}"
+        );
+        assert!(!got.delivery.redelivered, "never returned");
+    }
+    let _ = channel.close(200, "read".into()).await;
+    admin.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_tells_what_happened_to_a_command_after_a_restart_and_stops_by_itself() {
+    let garbled = Faults {
+        after_charge: vec![ScriptedResponse {
+            customer_id: Some("cus_garbled".into()),
+            status: 201,
+            body: json!({"status": "ok"}),
+            headers: BTreeMap::new(),
+            times: None,
+        }],
+        ..Faults::default()
+    };
+    let mut admin = setup(true, garbled).await;
+    let (lost, bought) = (command_id(), command_id());
+    for (id, customer) in [(&lost, "cus_garbled"), (&bought, "cus_admin")] {
+        let body = command_for(id, customer).to_string();
+        admin
+            .publish_to(&admin.queue, body.as_bytes(), BasicProperties::default())
+            .await;
+        admin.event_for(id).await;
+    }
+    admin.restart_worker().await;
+    let after = command_id();
+    let body = command_for(&after, "cus_admin").to_string();
+    admin
+        .publish_to(&admin.queue, body.as_bytes(), BasicProperties::default())
+        .await;
+    admin.event_for(&after).await;
+
+    // 3 a.m.: what happened to it? The worker that handled it is gone.
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = admin.cli(&["events", "--command-id", &lost], &[]).await;
+    let took = started.elapsed();
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    for part in [lost.as_str(), "failed", "unexpected_response", "HTTP 201"] {
+        assert!(lines[0].contains(part), "{part} in {stdout}");
+    }
+    println!("events --command-id ended by itself after {took:?}:\n{stdout}{stderr}");
+
+    // After an outage: everything since a time, as published, in order.
+    let (code, stdout, stderr) = admin.cli(&["events", "--since", "1h", "--json"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let ids: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            let event: Value = serde_json::from_str(l).expect("one event a line");
+            event["command_id"].as_str().expect("an id").to_owned()
+        })
+        .collect();
+    assert_eq!(ids, [lost.clone(), bought.clone(), after.clone()]);
+    println!("events --since 1h --json:\n{stdout}");
+
+    let (code, stdout, stderr) = admin.cli(&["events", "--since", "2h"], &[]).await;
+    assert_eq!((code, stdout.lines().count()), (Some(0), 3), "{stderr}");
+    println!("events --since 2h:\n{stdout}{stderr}");
+    let (code, _, stderr) = admin
+        .cli(&["events", "--command-id", &command_id()], &[])
+        .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no event of command"), "{stderr}");
+    // A start after every event: nothing, at once, not a wait for more.
+    let (code, stdout, stderr) = admin
+        .cli(&["events", "--from", "2099-01-01T00:00:00Z"], &[])
+        .await;
+    assert_eq!((code, stdout.as_str()), (Some(0), ""), "{stderr}");
+    let (code, stdout, stderr) = admin.cli(&["events", "--since", "30d"], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("keeps 7d of events"), "{stderr}");
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "what it holds is printed: {stdout}"
+    );
+    let (code, _, stderr) = admin
+        .cli(
+            &["events"],
+            &[("CPW__AMQP__RESULTS_EXCHANGE", "cpw-admin-no-such-exchange")],
+        )
+        .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the results log `cpw-admin-no-such-exchange.log` does not exist"),
+        "{stderr}"
+    );
+    admin.cleanup().await;
 }

@@ -12,16 +12,21 @@ use cpw_testkit::broker::{
 };
 use cpw_testkit::commands::{command, command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
+use credit_purchase_worker::admin::reconcile::act::Acting;
+use credit_purchase_worker::admin::reconcile::judge::{Judged, Verdict};
+use credit_purchase_worker::admin::reconcile::render::Status;
+use credit_purchase_worker::admin::reconcile::select;
 use credit_purchase_worker::broker::history::{
     ATTEMPTS_HEADER, DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, FIRST_ATTEMPT_HEADER,
 };
-use credit_purchase_worker::broker::{Mismatch, Topology};
+use credit_purchase_worker::broker::{HistoryKeys, Mismatch, Publisher, Topology};
 use credit_purchase_worker::configuration::Settings;
+use credit_purchase_worker::hyperline::matching::ChargeLookup;
 use credit_purchase_worker::simulator::{
-    Faults, Ledger, ScriptedResponse, Simulator, SimulatorSettings,
+    Faults, FaultsPatch, Ledger, ScriptedResponse, Simulator, SimulatorSettings,
 };
 use credit_purchase_worker::startup::Application;
-use lapin::options::ConfirmSelectOptions;
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
@@ -61,6 +66,14 @@ fn garbled_after_charge() -> Faults {
 }
 
 async fn setup(faults: Faults) -> World {
+    setup_with(faults, &[]).await
+}
+
+/// The clock margin of these tests' settings: 1/96 of a 96 s idempotency
+/// window, short enough that the results log can be older than a charge by it.
+const MARGIN_MS: u64 = 1_000;
+
+async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
     let queue = format!("cpw-reconcile-{}", uuid::Uuid::new_v4().simple());
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
@@ -84,8 +97,15 @@ async fn setup(faults: Faults) -> World {
             ("CPW__RETRY__MAX_BACKOFF_MS", "50"),
             ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1"),
             ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5"),
+            ("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", "96"),
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "20"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
     let settings = Settings::load_from(None, env.clone()).expect("valid settings");
     let connection = connect("cpw-reconcile-test")
@@ -128,11 +148,21 @@ fn long(n: u64) -> AMQPValue {
 impl World {
     /// Runs `dead-letters reconcile` with `args`, bounded.
     async fn reconcile(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        self.reconcile_with(args, &[]).await
+    }
+
+    /// [`World::reconcile`] with `extra` settings for the run.
+    async fn reconcile_with(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> (Option<i32>, String, String) {
         let child = tokio::process::Command::new(BIN)
             .args(["dead-letters", "reconcile"])
             .args(args)
             .env_clear()
             .envs(&self.env)
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -180,6 +210,57 @@ impl World {
         let props = BasicProperties::default().with_headers(headers);
         let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
         self.publish_to(&dead, body, props).await;
+    }
+
+    /// A dead letter as the worker leaves one for `retries_exhausted`,
+    /// whose window ran from `first_ms` to `died_ms`.
+    async fn exhausted_between(&self, body: &Value, first_ms: u64, died_ms: u64) {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(ERROR_CODE_HEADER),
+            AMQPValue::LongString(LongString::from("retries_exhausted")),
+        );
+        headers.insert(ShortString::from(FIRST_ATTEMPT_HEADER), long(first_ms));
+        headers.insert(ShortString::from(DEAD_LETTERED_HEADER), long(died_ms));
+        headers.insert(ShortString::from(ATTEMPTS_HEADER), long(6));
+        let dead = self.topology.dead.clone();
+        let props = BasicProperties::default().with_headers(headers);
+        let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
+        self.publish_to(&dead, body, props).await;
+    }
+
+    /// Gives the results log an event older than what follows by the clock
+    /// margin: from then on it covers every charge (a fresh log covers
+    /// nothing before its first event).
+    async fn warm_log(&mut self) {
+        let id = command_id();
+        self.publish(&command_for(&id, "cus_warmup")).await;
+        let event = self.event_for(&id).await;
+        assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
+        let logged = now_ms();
+        wait_until(
+            "the clock to pass the log's first event by the margin",
+            Duration::from_millis(50),
+            async || now_ms() > logged + MARGIN_MS + 200,
+        )
+        .await;
+    }
+
+    /// A purchase made straight at the simulator under `key`, as another
+    /// command's would be.
+    async fn buy_directly(&self, key: &str) {
+        let answer = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
+                self.sim.base_url()
+            ))
+            .bearer_auth(SIM_KEY)
+            .header("Idempotency-Key", key)
+            .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 201);
     }
 
     /// The next event about `id`, bounded.
@@ -243,16 +324,30 @@ impl World {
 #[tokio::test]
 async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_event() {
     let mut world = setup(garbled_after_charge()).await;
+    world.warm_log().await;
     let id = command_id();
     world.garbled_dead_letter(&id).await;
     let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+
+    // Without a results log nothing is settled as charged, and it says so.
+    let no_log = [("CPW__AMQP__RESULTS_LOG_RETENTION", "0")];
+    let (code, stdout, stderr) = world.reconcile_with(&["--apply"], &no_log).await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("note: no results log"), "{stdout}");
+    assert!(stdout.contains("no results log covers"), "{stdout}");
+    assert!(world.events.no_event_for(Duration::from_secs(1)).await);
     world.wait_depth(&dead, 1).await;
 
     let (code, stdout, stderr) = world.reconcile(&["--apply"]).await;
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let event = world.event_for(&id).await;
     let ledger = world.sim.ledger();
-    let charge = &ledger.charges[0];
+    let charge = ledger
+        .charges
+        .iter()
+        .find(|c| c.idempotency_key.as_deref() == Some(id.as_str()))
+        .expect("its charge");
     assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
     assert_eq!(event["reconciled"], true, "{event}");
     assert_eq!(
@@ -265,7 +360,12 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
         json!(charge.new_credit_balance)
     );
     assert_eq!(event["attempts"], 1);
-    let transaction = &world.sim.transactions()[0];
+    let transaction = world
+        .sim
+        .transactions()
+        .into_iter()
+        .find(|t| t.invoice_id == charge.invoice_id)
+        .expect("its transaction");
     assert!(
         stderr.contains(&format!(
             "command_id={id} transaction_id={}",
@@ -275,7 +375,11 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
     );
     world.wait_depth(&dead, 0).await;
     assert!(world.events.no_event_for(Duration::from_secs(2)).await);
-    assert_eq!(world.sim.ledger().charges.len(), 1, "nothing charged again");
+    assert_eq!(
+        world.sim.ledger().charges_for(&id),
+        1,
+        "nothing charged again"
+    );
     assert_eq!(world.depth(&world.queue).await, 0);
     world.cleanup().await;
 }
@@ -314,12 +418,13 @@ async fn a_never_charged_exhausted_dead_letter_is_replayed_and_charged_exactly_o
 }
 
 #[tokio::test]
-async fn two_identical_purchases_in_the_span_are_ambiguous_and_left_alone() {
+async fn the_answered_twin_claims_its_charge_and_the_garbled_one_is_settled_with_its_own() {
     let mut faults = garbled_after_charge();
     faults.after_charge[0].times = Some(1);
     let mut world = setup(faults).await;
+    world.warm_log().await;
     // The same customer, product, count and amount, bought together: one
-    // answer is garbled, the other arrives.
+    // answer is garbled, the other arrives and its event claims its charge.
     let ids = [command_id(), command_id()];
     for id in &ids {
         world.publish(&command_for(id, GARBLED)).await;
@@ -328,31 +433,277 @@ async fn two_identical_purchases_in_the_span_are_ambiguous_and_left_alone() {
         .events
         .events_until(WAIT, |events| events.len() == 2)
         .await;
-    let mut kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
-    kinds.sort_unstable();
+    let garbled = events
+        .iter()
+        .find(|e| e.kind() == "credit_purchase.failed")
+        .expect("one failed")
+        .command_id()
+        .to_owned();
+    let answered = events
+        .iter()
+        .find(|e| e.kind() == "credit_purchase.succeeded")
+        .expect("one succeeded")
+        .body
+        .clone();
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let event = world.event_for(&garbled).await;
+    let own = world
+        .sim
+        .ledger()
+        .charges
+        .into_iter()
+        .find(|c| c.idempotency_key.as_deref() == Some(garbled.as_str()))
+        .expect("its own charge");
+    assert_eq!(event["reconciled"], true, "{event}");
+    assert_eq!(event["invoice_id"], json!(own.invoice_id), "{event}");
+    assert_ne!(event["invoice_id"], answered["invoice_id"]);
+    world.wait_depth(&dead, 0).await;
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn another_commands_charge_in_the_window_is_never_taken_for_the_letters() {
+    const SHARED: &str = "cus_shared";
+    let unavailable = || ScriptedResponse {
+        customer_id: Some(SHARED.into()),
+        status: 503,
+        body: json!({"message": "unavailable"}),
+        headers: BTreeMap::new(),
+        times: None,
+    };
+    let faults = Faults {
+        scripted: vec![unavailable()],
+        ..Faults::default()
+    };
+    let mut world = setup_with(faults, &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "5")]).await;
+    let (wa, wb) = (command_id(), command_id());
+    world.publish(&command_for(&wa, SHARED)).await;
+    // Wa's first delivery gets two 503s and waits 5 s in the delay queue;
+    // meanwhile Wb, the same purchase, goes through.
+    wait_until(
+        "Wa's first two requests",
+        Duration::from_millis(20),
+        async || world.sim.ledger().requests >= 2,
+    )
+    .await;
+    world.sim.set_faults(FaultsPatch {
+        scripted: Some(Vec::new()),
+        ..FaultsPatch::default()
+    });
+    world.publish(&command_for(&wb, SHARED)).await;
+    let b = world.event_for(&wb).await;
+    assert_eq!(b["type"], "credit_purchase.succeeded", "{b}");
+    world.sim.set_faults(FaultsPatch {
+        scripted: Some(vec![unavailable()]),
+        ..FaultsPatch::default()
+    });
+    let a = world.event_for(&wa).await;
+    assert_eq!(a["error"]["code"], "retries_exhausted", "{a}");
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
     assert_eq!(
-        kinds,
-        ["credit_purchase.failed", "credit_purchase.succeeded"]
+        world.sim.ledger().charges_for(&wa),
+        0,
+        "Wa was never bought"
     );
-    assert_eq!(world.sim.ledger().charges.len(), 2);
+
+    world.sim.set_faults(FaultsPatch {
+        scripted: Some(Vec::new()),
+        ..FaultsPatch::default()
+    });
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        (&row["found"], &row["status"]),
+        (&json!("not_charged"), &json!("done")),
+        "Wb's charge is Wb's (its event is in the results log): {row}"
+    );
+    let bought = world.event_for(&wa).await;
+    assert_eq!(bought["type"], "credit_purchase.succeeded", "{bought}");
+    assert!(
+        bought.get("reconciled").is_none(),
+        "bought, not reconciled: {bought}"
+    );
+    assert_ne!(bought["invoice_id"], b["invoice_id"], "never Wb's invoice");
+    world.wait_depth(&dead, 0).await;
+    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    let ledger = world.sim.ledger();
+    assert_eq!((ledger.charges_for(&wa), ledger.charges_for(&wb)), (1, 1));
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_transaction_that_could_be_two_letters_charge_settles_neither() {
+    let mut world = setup(Faults::default()).await;
+    world.warm_log().await;
+    // t1, then t2 well apart (further than the 5 s clock skew the old
+    // rules allowed): a's window holds t1, b's t2, c's both.
+    let t1_at = now_ms();
+    world.buy_directly(&command_id()).await;
+    wait_until(
+        "t2 to be apart from t1",
+        Duration::from_millis(50),
+        async || now_ms() > t1_at + 12_000,
+    )
+    .await;
+    let t2_at = now_ms();
+    world.buy_directly(&command_id()).await;
+    let (a, b, c) = (command_id(), command_id(), command_id());
+    world
+        .exhausted_between(&command(&a), t1_at - 500, t1_at + 500)
+        .await;
+    world
+        .exhausted_between(&command(&b), t2_at - 500, t2_at + 500)
+        .await;
+    world
+        .exhausted_between(&command(&c), t1_at - 500, t2_at + 500)
+        .await;
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 3).await;
+    let before = world.state().await;
+
+    // What a person reads: every transaction that could be a charge.
+    let (code, table, stderr) = world.reconcile(&[]).await;
+    assert_eq!(code, Some(1), "left for a person:\n{table}\n{stderr}");
+    for t in world
+        .sim
+        .transactions()
+        .iter()
+        .filter(|t| t.customer_id != "cus_warmup")
+    {
+        assert!(table.contains(&format!("candidate {}", t.id)), "{table}");
+    }
+    println!("{table}");
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(1), "left for a person:\n{stdout}\n{stderr}");
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for row in &rows {
+        assert_eq!(
+            (&row["found"], &row["status"]),
+            (&json!("uncertain"), &json!("left")),
+            "{row}"
+        );
+    }
+    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert_eq!(
+        world.state().await,
+        before,
+        "c never replayed, nothing settled"
+    );
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_possible_charge_without_an_invoice_is_uncertain_never_not_charged() {
+    let mut faults = garbled_after_charge();
+    faults.listing_omits_invoices = true;
+    let mut world = setup(faults).await;
+    world.warm_log().await;
+    let id = command_id();
+    world.garbled_dead_letter(&id).await;
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 1).await;
     let before = world.state().await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply"]).await;
-    assert_eq!(code, Some(1), "left for a person:\n{stdout}\n{stderr}");
-    for t in world.sim.transactions() {
-        assert!(stdout.contains(&format!("candidate {}", t.id)), "{stdout}");
-    }
-    assert!(stdout.contains("1 ambiguous"), "{stdout}");
-    assert_eq!(world.state().await, before, "nothing changed");
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(row["found"], "uncertain", "{row}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lack a field")),
+        "{row}"
+    );
     assert!(world.events.no_event_for(Duration::from_secs(1)).await);
+    assert_eq!(world.state().await, before, "not replayed");
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_removal_that_fails_mid_run_is_not_done_and_a_second_run_buys_nothing_again() {
+    // Hyperline forgets a key after 2 s here: a second replay would be a
+    // second charge.
+    let mut world = setup(Faults {
+        replay_ttl_secs: 2,
+        ..Faults::default()
+    })
+    .await;
+    let id = command_id();
+    world
+        .exhausted_dead_letter(&command(&id), now_ms() - 25 * HOUR_MS)
+        .await;
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+
+    // The run's channel is lost between the replay's confirm and the ack.
+    let channel = world.connection.create_channel().await.expect("channel");
+    let got = channel
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")
+        .expect("the letter");
+    channel.close(200, "lost".into()).await.expect("closed");
+    let keys = HistoryKeys::derived(SIM_KEY.as_bytes());
+    let letter = select::uncertain(got.delivery, &keys).expect("an uncertain letter");
+    let publishing = connect("cpw-reconcile-publisher")
+        .await
+        .expect("broker reachable");
+    let publisher = Publisher::open(std::sync::Arc::new(publishing), Duration::from_secs(5))
+        .await
+        .expect("publisher");
+    let acting = Acting {
+        publisher: &publisher,
+        topology: &world.topology,
+        apply: true,
+        keys: &keys,
+    };
+    let judged = Judged {
+        letter,
+        verdict: Verdict::Lookup(ChargeLookup::NotCharged),
+    };
+    let (row, stays) = acting.act(judged).await;
+    assert_eq!(row.status, Status::NotDone, "{row:?}");
+    assert!(!row.applied && stays.is_none(), "{row:?}");
+    let bought = world.event_for(&id).await;
+    assert_eq!(bought["type"], "credit_purchase.succeeded", "{bought}");
+    world.wait_depth(&dead, 1).await;
+    let replayed_at = now_ms();
+    wait_until(
+        "Hyperline to forget the key",
+        Duration::from_millis(50),
+        async || now_ms() > replayed_at + 2_500,
+    )
+    .await;
+
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        (&row["found"], &row["status"]),
+        (&json!("already_succeeded"), &json!("done")),
+        "{row}"
+    );
+    world.wait_depth(&dead, 0).await;
+    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert_eq!(world.sim.ledger().charges_for(&id), 1, "replayed once");
+    assert_eq!(world.depth(&world.queue).await, 0);
     world.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_dry_run_changes_nothing() {
     let mut world = setup(garbled_after_charge()).await;
+    world.warm_log().await;
     let charged = command_id();
     world.garbled_dead_letter(&charged).await;
     let never = command_id();
@@ -382,5 +733,9 @@ async fn a_dry_run_changes_nothing() {
         "queues and ledger as they were"
     );
     assert_eq!(world.sim.ledger().reads, 2, "one listing per customer");
+    assert!(
+        stderr.contains("dry run: ") && stderr.contains(": would publish succeeded"),
+        "the dry run says what it would do, not what it did:\n{stderr}"
+    );
     world.cleanup().await;
 }

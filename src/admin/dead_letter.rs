@@ -34,10 +34,12 @@ pub const REPLAY_MARGIN: Duration = Duration::from_secs(60 * 60);
 pub struct DeadLetterInfo {
     /// The body's `command_id`, else the `message_id`.
     pub command_id: Option<String>,
-    /// Why the broker dead-lettered it (`rejected`, `expired`,
-    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry; a letter
-    /// the worker dead-lettered itself reads `rejected`.
-    pub reason: Option<String>,
+    /// Why the broker dead-lettered it on its own (`expired`,
+    /// `delivery_limit`, `maxlen`), from the latest `x-death` entry. Absent
+    /// for a letter the worker rejected or dead-lettered: its `error_code`
+    /// says why, in one field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_reason: Option<String>,
     /// The queue it was consumed from (the worker's stamp) or died in.
     pub queue: Option<String>,
     /// When it first died (RFC 3339, UTC): the worker's stamp, else the
@@ -51,6 +53,9 @@ pub struct DeadLetterInfo {
     pub error_code: Option<&'static str>,
     /// Why the body is not a valid command, when it is not.
     pub invalid_reason: Option<String>,
+    /// What the code means for this letter, in words: what went wrong and
+    /// which tool settles it.
+    pub detail: Option<String>,
     /// The HTTP status of the latest answer (`cpw-last-status`).
     pub last_status: Option<u16>,
     /// HTTP requests made for it, per the worker (`cpw-attempts`).
@@ -116,10 +121,11 @@ pub fn inspect(
     });
     DeadLetterInfo {
         command_id,
-        reason: latest
+        // `rejected` is the worker's own reject, whose why is the code.
+        broker_reason: latest
             .and_then(|d| d.reason.clone())
             .or_else(|| header_str(headers, "x-first-death-reason"))
-            .or_else(|| stamped.then(|| "rejected".to_owned())),
+            .filter(|r| !stamped && r != "rejected"),
         queue: header_str(headers, QUEUE_HEADER)
             .or_else(|| latest.and_then(|d| d.queue.clone()))
             .or_else(|| header_str(headers, "x-first-death-queue")),
@@ -130,6 +136,13 @@ pub fn inspect(
             .min()
             .and_then(super::rfc3339_ms),
         count: latest.and_then(|d| d.count),
+        detail: invalid_reason.clone().or_else(|| {
+            explain(
+                error_code?,
+                history.last_status,
+                history.first_attempt_ms.is_some(),
+            )
+        }),
         error_code,
         invalid_reason,
         last_status: history.last_status,
@@ -139,6 +152,30 @@ pub fn inspect(
         replica: header_str(headers, REPLICA_HEADER),
         first_attempt_ms,
         stamped,
+    }
+}
+
+/// What a worker's code means for its letter, with the tool that settles it.
+fn explain(code: &str, status: Option<u16>, may_have_charged: bool) -> Option<String> {
+    let http = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
+    match (code, status) {
+        ("unexpected_response", Some(200..=299)) => Some(format!(
+            "{http} whose body is not the documented one: the charge may have happened \
+             (dead-letters reconcile)"
+        )),
+        ("unexpected_response", _) => Some(format!(
+            "{http}, an answer Hyperline does not document: the charge may have happened \
+             (dead-letters reconcile)"
+        )),
+        ("retries_exhausted", _) if may_have_charged => Some(format!(
+            "transient failures outlasted the retry budget (last: {http}); a request may have \
+             charged (dead-letters reconcile)"
+        )),
+        ("retries_exhausted", _) => Some(format!(
+            "transient failures outlasted the retry budget (last: {http}); no request could have \
+             charged (dead-letters replay)"
+        )),
+        _ => None,
     }
 }
 
@@ -279,10 +316,13 @@ mod tests {
             info.command_id.as_deref(),
             Some("6f1c1f0e-4c1a-4a51-9d7e-3f5d2b8e9a10")
         );
-        assert_eq!(info.reason.as_deref(), Some("rejected"));
+        assert_eq!(
+            info.broker_reason, None,
+            "the worker's reject: its code says why"
+        );
         assert_eq!(info.queue.as_deref(), Some("credit-purchases"));
         // The first death, not the latest.
-        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T21:56:40Z"));
+        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T21:56:40.000Z"));
         assert_eq!(info.count, Some(1));
         assert_eq!(info.error_code, Some("retries_exhausted"));
         assert_eq!(info.attempts, Some(9));
@@ -329,9 +369,15 @@ mod tests {
         assert_eq!(info.error_code, Some("unexpected_response"));
         assert_eq!(info.last_status, Some(200));
         assert_eq!(info.attempts, Some(3));
-        assert_eq!(info.first_attempt.as_deref(), Some("2023-11-14T22:13:20Z"));
-        assert_eq!(info.last_attempt.as_deref(), Some("2023-11-14T22:14:50Z"));
-        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T22:14:51Z"));
+        assert_eq!(
+            info.first_attempt.as_deref(),
+            Some("2023-11-14T22:13:20.000Z")
+        );
+        assert_eq!(
+            info.last_attempt.as_deref(),
+            Some("2023-11-14T22:14:50.000Z")
+        );
+        assert_eq!(info.died_at.as_deref(), Some("2023-11-14T22:14:51.000Z"));
         assert_eq!(
             info.replica.as_deref(),
             Some("credit-purchase-worker@pod-a")
@@ -357,7 +403,7 @@ mod tests {
         assert_eq!(info.error_code, Some("invalid_command"));
         assert!(info.invalid_reason.is_some());
         assert_eq!(
-            (info.command_id, info.reason, info.first_attempt_ms),
+            (info.command_id, info.broker_reason, info.first_attempt_ms),
             (None, None, None)
         );
     }

@@ -9,13 +9,23 @@
 //! all of them back, `replay` acks only what it has republished and had
 //! confirmed, and puts the rest back. A crash in between loses nothing: the
 //! broker requeues what a closed channel held.
+//!
+//! Reading never wears a letter out. A letter returned with `nack` (or by a
+//! closed channel) counts one more delivery, and from RabbitMQ 4.0 a quorum
+//! queue drops a message at its 20th (`<queue>.dead` has no dead-letter
+//! exchange: it would be lost). So a letter is put back as a fresh copy,
+//! confirmed, and only then is the read one acked: the copy carries the same
+//! body, properties and headers (but for what would get it refused or lost,
+//! see [`fresh_copy`]) and has never been delivered. Only when the copy cannot be made is the letter
+//! returned with `nack`, which keeps it at the cost of one delivery.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use lapin::{Channel, Connection};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
 
 use super::dead_letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
 use super::{ConnectError, output};
@@ -46,6 +56,15 @@ pub enum Error {
     /// A channel operation failed.
     #[error("broker error: {}", super::broker_says(.0))]
     Broker(lapin::Error),
+    /// A letter read could not be put back cleanly: it may appear twice.
+    #[error(
+        "a dead letter read could not be settled after its copy was put back ({0}): it may now \
+         appear twice in the queue; run the command again to see the queue as it is"
+    )]
+    PutBack(String),
+    /// A letter chosen for removal could not be removed.
+    #[error("a dead letter could not be removed ({0}): it stays in the queue; run again")]
+    NotRemoved(String),
     /// A replayed copy was not confirmed (its dead letter stays where it was).
     #[error("could not replay {id}: {cause}; it stays in the dead-letter queue")]
     Replay {
@@ -67,13 +86,18 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let result = async {
         let channel = connection.create_channel().await?;
+        let publisher = Publisher::open(
+            std::sync::Arc::clone(&connection),
+            settings.amqp.confirm_timeout(),
+        )
+        .await?;
         let held = take_all(&channel, &topology.dead).await?;
         let steps = topology.retry_queues.len();
         let infos: Vec<DeadLetterInfo> = held
             .iter()
             .map(|d| inspect(&d.data, &d.properties, steps, keys.as_ref()))
             .collect();
-        put_back(&held).await?;
+        put_back(&publisher, &topology.dead, &held).await?;
         let _ = channel.close(200, "listed".into()).await;
         Ok::<_, Error>(infos)
     }
@@ -220,9 +244,13 @@ async fn replay_on(
             // Acked only now: until the copy is confirmed, the dead letter is
             // the only copy there is.
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => tally.replayed += 1,
+                Ok(true) => tally.replayed += 1,
                 // The copy is queued and the dead letter will come back: a
-                // duplicate, which the Idempotency-Key makes harmless.
+                // duplicate, which the Idempotency-Key makes harmless, but
+                // the replay is not done as asked.
+                Ok(false) => {
+                    failure = Some(Error::PutBack("the channel was already closed".into()))
+                }
                 Err(e) => failure = Some(Error::Broker(e)),
             },
             Err(cause) => {
@@ -231,7 +259,7 @@ async fn replay_on(
             }
         }
     }
-    put_back(&keep).await?;
+    put_back(&publisher, &topology.dead, &keep).await?;
     let _ = channel.close(200, "replayed".into()).await;
     if let Some(e) = failure {
         return Err(e);
@@ -296,19 +324,97 @@ pub(super) async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Deliv
     Ok(held)
 }
 
-/// Requeues what was read, in the order it was read.
-pub(super) async fn put_back(held: &[Delivery]) -> Result<(), lapin::Error> {
+/// Puts back what was read, in the order it was read, without wearing it:
+/// each letter as a fresh, confirmed copy, then the read one acked (see the
+/// module). A letter whose copy failed is returned with `nack`; an ack that
+/// failed after its copy was confirmed leaves the letter twice in the queue,
+/// which is reported, never hidden.
+pub(super) async fn put_back(
+    publisher: &Publisher,
+    dead: &str,
+    held: &[Delivery],
+) -> Result<(), Error> {
+    let mut failure = None;
     for delivery in held {
-        delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await?;
+        let copy = publisher
+            .publish_routed("", dead, &delivery.data, fresh_copy(&delivery.properties))
+            .await;
+        let settled = match copy {
+            Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "a dead letter could not be copied back: returned as it was");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await
+            }
+        };
+        match settled {
+            Ok(true) => {}
+            Ok(false) => failure = Some(Error::PutBack("the channel was already closed".into())),
+            Err(e) => failure = Some(Error::PutBack(super::broker_says(&e))),
+        }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
+
+/// A dead letter's properties for its copy: as they were, without the
+/// broker's delivery count (the copy has not been delivered), a `user_id`
+/// (RabbitMQ refuses one that is not the publishing user's, and the refusal
+/// closes the channel) or an `expiration` (the dead-letter queue has no
+/// dead-letter exchange: an expired letter would be lost).
+pub(super) fn fresh_copy(p: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    if let Some(headers) = p.headers() {
+        let mut kept = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if k.as_str() != DELIVERY_COUNT {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+        copy = copy.with_headers(kept);
+    }
+    if let Some(v) = p.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        copy = copy.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy
+}
+
+/// The header a quorum queue adds to a message it delivers again.
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// The aligned table of `list` (and of `purge`): why (the code and the last HTTP status),
 /// how hard the worker tried, when, and which replica gave up.
@@ -330,11 +436,11 @@ pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
     let rows: Vec<[String; 9]> = infos
         .iter()
         .map(|i| {
-            let detail = match (&i.invalid_reason, i.reason.as_deref()) {
-                (Some(reason), _) => reason.clone(),
+            let detail = match (&i.detail, i.broker_reason.as_deref()) {
+                (Some(detail), _) => detail.clone(),
                 // Dead-lettered by the broker itself, not by the worker.
-                (None, Some(reason)) if i.replica.is_none() => format!("broker: {reason}"),
-                _ => "-".to_owned(),
+                (None, Some(reason)) => format!("broker: {reason}"),
+                (None, None) => "-".to_owned(),
             };
             [
                 dash(i.command_id.as_deref()),
@@ -374,4 +480,48 @@ fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::AMQPValue;
+
+    #[test]
+    fn a_copy_put_back_keeps_everything_but_what_would_lose_or_refuse_it() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+        headers.insert("cpw-error-code".into(), AMQPValue::LongLongInt(1));
+        let letter = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m".into())
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_delivery_mode(2)
+            .with_timestamp(7)
+            .with_user_id("publisher".into())
+            .with_expiration("60000".into());
+        let copy = fresh_copy(&letter);
+        let kept = copy.headers().clone().unwrap_or_default();
+        assert_eq!(
+            kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["cpw-error-code"]
+        );
+        assert_eq!(
+            (copy.user_id(), copy.expiration()),
+            (&None, &None),
+            "refused or lost otherwise"
+        );
+        let without = |p: &BasicProperties| {
+            p.clone()
+                .with_headers(FieldTable::default())
+                .with_user_id("-".into())
+                .with_expiration("-".into())
+        };
+        assert_eq!(
+            without(&copy),
+            without(&letter),
+            "everything else as it was"
+        );
+    }
 }

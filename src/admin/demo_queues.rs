@@ -54,6 +54,7 @@ pub async fn observe(
 pub async fn remove(connection: &Connection, topology: &Topology) {
     let mut queues = vec![topology.queue.clone(), topology.dead.clone()];
     queues.extend(topology.delay_queues().map(|(_, q)| q.clone()));
+    queues.extend(topology.results_log.iter().map(|log| log.name.clone()));
     let exchanges = [
         topology.queue.clone(),
         topology.dlx.clone(),

@@ -1,5 +1,6 @@
 //! The operator subcommands of docs/contract.md section 7: `publish`, `dead-letters
-//! list` / `show` / `purge` / `replay` / `reconcile`, `check` and `demo`.
+//! list` / `show` / `purge` / `replay` / `reconcile`, `events`, `check` and
+//! `demo`.
 //!
 //! The worker is the product; these are the tools a person on call reaches for
 //! when it misbehaves: send one command by hand and see its answer, look at
@@ -15,6 +16,7 @@ pub mod dead_letters;
 pub mod demo;
 mod demo_batch;
 mod demo_queues;
+pub mod events;
 pub mod output;
 pub mod publish;
 pub mod purge;
@@ -26,7 +28,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::Connection;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::broker::{self, redacted_url};
 use crate::configuration::AmqpSettings;
@@ -132,13 +133,15 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Unix milliseconds as RFC 3339 (UTC), or `None` for a value no calendar
-/// holds (a corrupt header must not stop a listing).
+/// Unix milliseconds as RFC 3339 (UTC) with three digits of milliseconds,
+/// always (`…51.180Z`, never `…51.18Z`: every time a tool prints lines up),
+/// or `None` for a value no calendar holds (a corrupt header must not stop a
+/// listing).
 pub fn rfc3339_ms(ms: u64) -> Option<String> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()?
-        .format(&Rfc3339)
+        .format(crate::contract::RFC3339_MILLIS)
         .ok()
 }
 
@@ -158,7 +161,11 @@ mod tests {
 
     #[test]
     fn times_read_as_people_write_them() {
-        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(
+            rfc3339_ms(1_700_000_000_180).as_deref(),
+            Some("2023-11-14T22:13:20.180Z")
+        );
         assert_eq!(
             rfc3339_ms(1_700_000_000_123).as_deref(),
             Some("2023-11-14T22:13:20.123Z")

@@ -18,7 +18,7 @@ use lapin::options::BasicAckOptions;
 use super::dead_letter::inspect;
 use super::dead_letters::{Error, put_back, table, take_all};
 use super::output;
-use crate::broker::{HistoryKeys, Topology};
+use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::PurgeArgs;
 use crate::configuration::Settings;
 
@@ -30,7 +30,7 @@ pub async fn purge(config: Option<&Path>, args: PurgeArgs) -> Result<ExitCode, E
     let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
-    let result = purge_on(&connection, &topology, &args, keys.as_ref()).await;
+    let result = purge_on(&connection, &settings, &topology, &args, keys.as_ref()).await;
     super::close(&connection).await;
     let (removed, missing) = result?;
     for id in &missing {
@@ -47,12 +47,18 @@ pub async fn purge(config: Option<&Path>, args: PurgeArgs) -> Result<ExitCode, E
 /// nothing was removed on purpose (a dry run, no confirmation); the ids
 /// named but not found.
 async fn purge_on(
-    connection: &lapin::Connection,
+    connection: &std::sync::Arc<lapin::Connection>,
+    settings: &Settings,
     topology: &Topology,
     args: &PurgeArgs,
     keys: Option<&HistoryKeys>,
 ) -> Result<(Option<usize>, Vec<String>), Error> {
     let channel = connection.create_channel().await?;
+    let publisher = Publisher::open(
+        std::sync::Arc::clone(connection),
+        settings.amqp.confirm_timeout(),
+    )
+    .await?;
     let held = take_all(&channel, &topology.dead).await?;
     let steps = topology.retry_queues.len();
     let (selected, kept): (Vec<_>, Vec<_>) = held
@@ -78,7 +84,8 @@ async fn purge_on(
         })
         .cloned()
         .collect();
-    put_back(&kept.into_iter().map(|(d, _)| d).collect::<Vec<_>>()).await?;
+    let kept: Vec<Delivery> = kept.into_iter().map(|(d, _)| d).collect();
+    put_back(&publisher, &topology.dead, &kept).await?;
     let (letters, infos): (Vec<Delivery>, Vec<_>) = selected.into_iter().unzip();
     if letters.is_empty() {
         output::line(format_args!("no dead letter selected in {}", topology.dead));
@@ -95,20 +102,28 @@ async fn purge_on(
         None
     } else if args.yes || confirmed(letters.len(), &topology.dead).await {
         for letter in &letters {
-            letter.acker.ack(BasicAckOptions::default()).await?;
+            if !letter.acker.ack(BasicAckOptions::default()).await? {
+                return Err(Error::NotRemoved("the channel was already closed".into()));
+            }
         }
+        // The close answers after every ack before it: only then are the
+        // letters known to be gone.
+        channel
+            .close(200, "purged".into())
+            .await
+            .map_err(|e| Error::NotRemoved(super::broker_says(&e)))?;
         output::line(format_args!(
             "removed {} dead letter(s) from {}",
             letters.len(),
             topology.dead
         ));
-        Some(letters.len())
+        return Ok((Some(letters.len()), missing));
     } else {
         output::line("not confirmed: nothing removed");
         None
     };
     if removed.is_none() {
-        put_back(&letters).await?;
+        put_back(&publisher, &topology.dead, &letters).await?;
     }
     let _ = channel.close(200, "purged".into()).await;
     Ok((removed, missing))

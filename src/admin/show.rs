@@ -5,8 +5,8 @@
 //! `unexpected_response` (the customer may have been charged), the operator
 //! needs the whole story: what the worker concluded, what Hyperline last
 //! answered, when the idempotency window opened, every header, and the
-//! body (pretty-printed when it is JSON, as it came otherwise). The letter is read like `list` reads the
-//! queue, and put back.
+//! body (pretty-printed when it is JSON, as it came otherwise). The letter is
+//! read like `list` reads the queue, and put back without wearing it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -19,7 +19,7 @@ use lapin::types::AMQPValue;
 use super::dead_letter::{DeadLetterInfo, Window, inspect, window};
 use super::dead_letters::{Error, put_back, take_all};
 use super::output;
-use crate::broker::{HistoryKeys, Topology};
+use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::ShowArgs;
 use crate::configuration::Settings;
 
@@ -34,6 +34,11 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
     let steps = topology.retry_queues.len();
     let result = async {
         let channel = connection.create_channel().await?;
+        let publisher = Publisher::open(
+            std::sync::Arc::clone(&connection),
+            settings.amqp.confirm_timeout(),
+        )
+        .await?;
         let held = take_all(&channel, &topology.dead).await?;
         let shown: Vec<String> = held
             .iter()
@@ -41,7 +46,7 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
             .filter(|(_, info)| info.command_id.as_deref() == Some(args.command_id.as_str()))
             .map(|(d, info)| render(d, &info, &settings))
             .collect();
-        put_back(&held).await?;
+        put_back(&publisher, &topology.dead, &held).await?;
         let _ = channel.close(200, "shown".into()).await;
         Ok::<_, Error>(shown)
     }

@@ -10,17 +10,20 @@ pub mod history;
 mod mismatch;
 mod publish;
 mod received;
+pub mod results_log;
 pub mod seal;
 mod settlement;
 mod topology;
 
 pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory, Message, copy_properties};
 pub use mismatch::{Finding, Mismatch};
-pub use publish::{PublishError, Publisher, ReturnedReply, header_str, header_u64};
+pub use publish::{
+    DroppedReply, PublishError, Publisher, REPLY_PAUSE, REPLY_TRIES, header_str, header_u64,
+};
 pub use received::{Received, Settlements};
 pub use seal::{HistoryKeys, Provenance};
 pub use settlement::Settle;
-pub use topology::{Object, Shape, Topology, TopologyError};
+pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 
 use std::path::Path;
 use std::time::Duration;

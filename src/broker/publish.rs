@@ -58,11 +58,23 @@ impl PublishError {
     }
 }
 
-/// A `reply_to` copy the broker returned: its queue does not exist.
+/// Tries of a `reply_to` copy before it is dropped.
+pub const REPLY_TRIES: u32 = 3;
+
+/// The pause before the next try of a `reply_to` copy, times the tries so far.
+pub const REPLY_PAUSE: Duration = Duration::from_millis(200);
+
+/// A `reply_to` copy of an event given up on: the event itself is on the
+/// results exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReturnedReply {
+pub struct DroppedReply {
     /// The `reply_to` it was sent to.
     pub queue: String,
+    /// Why, for a metric label: `unroutable` (no such queue), `nacked`,
+    /// `confirm_timeout`, `channel`, ...
+    pub reason: &'static str,
+    /// What happened, for the log.
+    pub detail: String,
 }
 
 /// Confirm-mode channels for events and copies. Clone it freely: publishes
@@ -185,14 +197,16 @@ impl Publisher {
         &self,
         target: &str,
         confirm: PublisherConfirm,
-    ) -> Result<Option<ReturnedReply>, PublishError> {
+    ) -> Result<Option<DroppedReply>, PublishError> {
         let Some(returned) = self.wait(target, confirm).await? else {
             return Ok(None);
         };
         let d = &returned.delivery;
         if d.exchange.as_str().is_empty() {
-            return Ok(Some(ReturnedReply {
+            return Ok(Some(DroppedReply {
                 queue: d.routing_key.as_str().to_owned(),
+                reason: "unroutable",
+                detail: "no queue by that name".to_owned(),
             }));
         }
         tracing::warn!(
@@ -216,6 +230,73 @@ impl Publisher {
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked(target.to_owned())),
             // Only without confirm_select, which `open` always does.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked(target.to_owned())),
+        }
+    }
+
+    /// Publishes an event to the results exchange, confirmed, and, when its
+    /// command named one, to the `reply_to` queue: the one way every event
+    /// goes out (the worker's and `dead-letters reconcile`'s alike).
+    ///
+    /// The event on the results exchange is the record and alone decides
+    /// the result. The `reply_to` copy is a courtesy: a queue that does not
+    /// exist, or refuses the copy (full, `reject-publish`), gets
+    /// [`REPLY_TRIES`] tries and is then reported as dropped, never as an
+    /// error (an unconfirmed reply once kept a charged command circling for
+    /// good). The reply is sent before the event's confirm is awaited, so a
+    /// requester costs no extra round trip.
+    pub async fn publish_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        reply_to: Option<&str>,
+    ) -> Result<Vec<DroppedReply>, PublishError> {
+        // The properties (a dozen headers) are copied only when a second
+        // publish needs them.
+        let reply = reply_to.map(|queue| (queue, properties.clone()));
+        let sent = self.send(exchange, routing_key, body, properties).await?;
+        let replied = match &reply {
+            Some((queue, props)) => Some(self.send("", queue, body, props.clone()).await),
+            None => None,
+        };
+        let mut dropped: Vec<DroppedReply> =
+            self.confirm(exchange, sent).await?.into_iter().collect();
+        if let (Some((queue, props)), Some(replied)) = (reply, replied) {
+            dropped.extend(self.reply(queue, body, props, replied).await);
+        }
+        Ok(dropped)
+    }
+
+    /// The tries of one `reply_to` copy; what was dropped, if anything.
+    async fn reply(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+        first: Result<PublisherConfirm, PublishError>,
+    ) -> Vec<DroppedReply> {
+        let mut sent = first;
+        let mut tries = 1;
+        loop {
+            let result = match sent {
+                Ok(confirm) => self.confirm(queue, confirm).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(returned) => return returned.into_iter().collect(),
+                Err(e) if tries >= REPLY_TRIES => {
+                    return vec![DroppedReply {
+                        queue: queue.to_owned(),
+                        reason: e.kind(),
+                        detail: format!("{e} (after {tries} tries)"),
+                    }];
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(REPLY_PAUSE * tries).await;
+            tries += 1;
+            sent = self.send("", queue, body, props.clone()).await;
         }
     }
 

@@ -44,9 +44,38 @@ pub struct Topology {
     pub dlx: String,
     /// Queue of dead letters, bound to the DLX.
     pub dead: String,
+    /// The results log (`<results_exchange>.log`), a stream bound to the
+    /// results exchange with `#`; `None` when `amqp.results_log_retention`
+    /// is `0`.
+    pub results_log: Option<ResultsLogName>,
     queue_type: QueueType,
     delivery_limit: u32,
     quorum_initial_group_size: u32,
+}
+
+/// The results log's name and retention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultsLogName {
+    /// `<results_exchange>.log`.
+    pub name: String,
+    /// How long the stream keeps an event (RabbitMQ truncates whole
+    /// segments, so at least this long).
+    pub retention: std::time::Duration,
+}
+
+impl ResultsLogName {
+    /// The retention as RabbitMQ's `x-max-age` takes it, in the largest unit
+    /// that divides it: the same text on every declaration, since RabbitMQ
+    /// compares the argument as declared.
+    pub fn max_age(&self) -> String {
+        let s = self.retention.as_secs();
+        match s {
+            s if s % 86_400 == 0 => format!("{}D", s / 86_400),
+            s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
 }
 
 /// The argument that sets how many nodes replicate a new quorum queue. Only
@@ -76,6 +105,12 @@ impl Topology {
                 .collect(),
             dlx: format!("{queue}.dlx"),
             dead: format!("{queue}.dead"),
+            results_log: amqp
+                .results_log_retention()
+                .map(|retention| ResultsLogName {
+                    name: format!("{}.log", amqp.results_exchange),
+                    retention,
+                }),
             results_exchange: amqp.results_exchange.clone(),
             queue_type: amqp.queue_type,
             delivery_limit: amqp.delivery_limit,
@@ -189,6 +224,13 @@ impl Topology {
         for (secs, name) in self.delay_queues() {
             objects.push(queue("delay queue", name, self.delay_arguments(*secs)));
         }
+        if let Some(log) = &self.results_log {
+            let arguments = table(&[
+                ("x-queue-type", text("stream")),
+                ("x-max-age", text(&log.max_age())),
+            ]);
+            objects.push(queue("results log", &log.name, arguments));
+        }
         objects
     }
 
@@ -213,10 +255,15 @@ impl Topology {
                     source,
                 })?;
         }
-        for (queue, exchange, key) in [
+        let mut bindings = vec![
             (&self.dead, &self.dlx, ""),
             (&self.queue, &self.queue, self.queue.as_str()),
-        ] {
+        ];
+        // Every event lands in the log by this binding: no second publish.
+        if let Some(log) = &self.results_log {
+            bindings.push((&log.name, &self.results_exchange, "#"));
+        }
+        for (queue, exchange, key) in bindings {
             channel
                 .queue_bind(
                     queue.as_str().into(),

@@ -12,3 +12,10 @@ mod ids;
 pub use command::{Command, InvalidCommand, InvalidReason, MAX_BODY_BYTES, Pricing, RawIds};
 pub use event::{ErrorCode, EventError, EventKind, OutcomeFacts, ResultEvent, SCHEMA_VERSION};
 pub use ids::{CommandId, CreditCount, CustomerId, IdError, MAX_JSON_INTEGER, PriceId, ProductId};
+
+/// How the operator tools print a time: RFC 3339 in UTC with three digits of
+/// milliseconds, always (`…51.180Z`, never `…51.18Z`), so the times of one
+/// listing line up and sort as text.
+pub const RFC3339_MILLIS: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);

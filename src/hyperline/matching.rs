@@ -5,8 +5,9 @@
 //! same customer and product (the listing is already scoped to both), the same
 //! `credit_count`, the same amount (or price id), recorded after the command's
 //! first request could reach Hyperline and before the command stopped
-//! sending. One such transaction is the charge; none means no charge; more
-//! than one cannot be told apart here and is left for a person.
+//! sending, the span widened by the clock margin on both sides. What such a
+//! transaction means for the command is decided by
+//! [`evidence`](super::evidence), with what else is known.
 
 use std::time::Duration;
 
@@ -15,11 +16,15 @@ use time::OffsetDateTime;
 use super::transactions::CreditTransaction;
 use crate::contract::{Command, Pricing};
 
-/// Allowed disagreement between this host's clock, which stamped the first
-/// request, and Hyperline's, which stamped the transaction. Larger, it would
-/// take an earlier identical purchase for this command's; smaller, it would
-/// miss a charge made by a host whose clock runs ahead.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(5);
+/// Allowed disagreement between the clocks that stamp a command's requests
+/// and Hyperline's, which stamps the transaction: 1/96 of the idempotency
+/// window (15 minutes of 24 hours), the margin the worker keeps at the
+/// window's end (`retry::window_open`). Smaller, it would miss a charge
+/// stamped by a clock that runs ahead; the same margin as the guard, so a
+/// charge the guard allowed is always searched.
+pub fn clock_margin(window: Duration) -> Duration {
+    window / 96
+}
 
 /// When the command's charge, if any, was recorded: from its first request
 /// that may have charged to the last moment one could still complete.
@@ -40,85 +45,116 @@ pub struct Candidate {
     pub invoice_id: String,
     /// The balance after it: the event's `new_credit_balance`.
     pub balance_after: u64,
-    /// When Hyperline recorded it (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    /// When Hyperline recorded it (RFC 3339, UTC, milliseconds: the one
+    /// format every time the tools print is in).
+    #[serde(serialize_with = "rfc3339_millis")]
     pub created_at: OffsetDateTime,
 }
 
-/// What the transactions say about a command.
+/// `2026-12-06T02:05:10.567Z`.
+fn rfc3339_millis<S: serde::Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+    let text = at
+        .to_offset(time::UtcOffset::UTC)
+        .format(crate::contract::RFC3339_MILLIS)
+        .map_err(serde::ser::Error::custom)?;
+    s.serialize_str(&text)
+}
+
+impl Candidate {
+    /// [`Candidate::created_at`] in Unix ms (0 before the epoch).
+    pub fn created_ms(&self) -> u64 {
+        u64::try_from(unix_ms(self.created_at)).unwrap_or(0)
+    }
+}
+
+/// What a listing offers one command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matches {
+    /// Transactions that could be its charge, with every field the rules need.
+    pub candidates: Vec<Candidate>,
+    /// Transactions that could be its charge but lack a field the rules
+    /// need (the invoice, the balance, the amount or price): their ids.
+    /// Dropping them would turn a possible charge into "not charged".
+    pub incomplete: Vec<String>,
+}
+
+/// What the evidence says about a command's charge (the verdict of
+/// [`evidence::judge`](super::evidence::judge)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChargeLookup {
-    /// No transaction matches: Hyperline holds no charge of the command.
+    /// Hyperline holds no charge that could be the command's.
     NotCharged,
-    /// Exactly one matches: the command was charged, by that transaction.
+    /// Charged, by this transaction, and it is nobody else's.
     Charged(Candidate),
-    /// Several match, or the transactions could not be read.
+    /// The evidence does not prove either: left for a person.
     Uncertain {
         /// Why, for the event and the operator.
         reason: String,
-        /// The matching transactions, when it is for that.
+        /// The transactions that could be its charge.
         candidates: Vec<Candidate>,
     },
-}
-
-impl ChargeLookup {
-    /// The verdict on a command's candidates (those no other command claims).
-    pub fn judge(mut candidates: Vec<Candidate>) -> ChargeLookup {
-        match candidates.len() {
-            0 => ChargeLookup::NotCharged,
-            1 => ChargeLookup::Charged(candidates.remove(0)),
-            n => ChargeLookup::Uncertain {
-                reason: format!("{n} matching transactions: cannot tell which is this command's"),
-                candidates,
-            },
-        }
-    }
 }
 
 fn unix_ms(at: OffsetDateTime) -> i128 {
     at.unix_timestamp_nanos() / 1_000_000
 }
 
-/// The transactions that could be `command`'s charge within `span`.
+/// Whether a transaction's price fits the command: `Some(true)` it does,
+/// `Some(false)` it does not, `None` the transaction does not say.
+fn priced_alike(command: &Command, t: &CreditTransaction) -> Option<bool> {
+    let amount = t.amount_excluding_tax.and_then(|a| u64::try_from(a).ok());
+    let price = t.price.as_ref().and_then(|p| p.id.as_deref());
+    match (&command.pricing, amount, price) {
+        (Pricing::Amount(want), Some(amount), _) => Some(amount == *want),
+        (Pricing::PriceId(want), _, Some(price)) => Some(price == want.as_str()),
+        // Priced the other way: a purchase of another kind.
+        (Pricing::Amount(_), None, Some(_)) | (Pricing::PriceId(_), Some(_), None) => Some(false),
+        (_, None, None) => None,
+    }
+}
+
+/// The transactions that could be `command`'s charge within `span` widened
+/// by `margin`.
 pub fn candidates(
     command: &Command,
     transactions: &[CreditTransaction],
     span: Span,
-) -> Vec<Candidate> {
-    let skew = i128::try_from(CLOCK_SKEW.as_millis()).unwrap_or(i128::MAX);
+    margin: Duration,
+) -> Matches {
+    let skew = i128::try_from(margin.as_millis()).unwrap_or(i128::MAX);
     let from = i128::from(span.from_ms) - skew;
     let until = i128::from(span.until_ms) + skew;
     let count = i64::try_from(command.credit_count.get()).ok();
-    transactions
+    let mut matches = Matches::default();
+    for t in transactions
         .iter()
         .filter(|t| t.kind == "topup" && t.source == "api")
         .filter(|t| Some(t.credit_count) == count)
-        .filter(|t| match &command.pricing {
-            Pricing::Amount(amount) => {
-                t.amount_excluding_tax.and_then(|a| u64::try_from(a).ok()) == Some(*amount)
-            }
-            Pricing::PriceId(price) => t
-                .price
-                .as_ref()
-                .and_then(|p| p.id.as_deref())
-                .is_some_and(|id| id == price.as_str()),
-        })
         .filter(|t| (from..=until).contains(&unix_ms(t.created_at)))
-        .filter_map(|t| {
+    {
+        let candidate = || {
             Some(Candidate {
                 transaction_id: t.id.clone(),
                 invoice_id: t.invoice_id.clone().filter(|i| !i.is_empty())?,
                 balance_after: u64::try_from(t.balance_after?).ok()?,
                 created_at: t.created_at,
             })
-        })
-        .collect()
+        };
+        match (priced_alike(command, t), candidate()) {
+            (Some(false), _) => {}
+            (Some(true), Some(c)) => matches.candidates.push(c),
+            _ => matches.incomplete.push(t.id.clone()),
+        }
+    }
+    matches
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hyperline::TransactionPrice;
+
+    const SKEW: Duration = Duration::from_secs(5);
 
     const T0: u64 = 1_790_000_000_000;
 
@@ -144,8 +180,12 @@ mod tests {
         }
     }
 
-    fn ids(found: &[Candidate]) -> Vec<&str> {
-        found.iter().map(|c| c.transaction_id.as_str()).collect()
+    fn ids(found: &Matches) -> Vec<&str> {
+        found
+            .candidates
+            .iter()
+            .map(|c| c.transaction_id.as_str())
+            .collect()
     }
 
     #[test]
@@ -164,17 +204,17 @@ mod tests {
         let mut manual = transaction("manual", T0 + 1);
         manual.source = "manual".into();
         let listing = [
-            transaction("before", T0 - CLOCK_SKEW.as_millis() as u64 - 1),
+            transaction("before", T0 - SKEW.as_millis() as u64 - 1),
             transaction("skewed", T0 - 1_000),
             transaction("inside", T0 + 30_000),
-            transaction("after", T0 + 60_000 + CLOCK_SKEW.as_millis() as u64 + 1),
+            transaction("after", T0 + 60_000 + SKEW.as_millis() as u64 + 1),
             other_count,
             other_amount,
             consumption,
             manual,
         ];
         assert_eq!(
-            ids(&candidates(&by_amount, &listing, span)),
+            ids(&candidates(&by_amount, &listing, span, SKEW)),
             ["skewed", "inside"]
         );
 
@@ -188,28 +228,33 @@ mod tests {
             ids(&candidates(
                 &by_price,
                 &[priced, transaction("unpriced", T0 + 1)],
-                span
+                span,
+                SKEW
             )),
             ["priced"]
         );
     }
 
     #[test]
-    fn one_candidate_is_a_charge_none_is_none_several_are_for_a_person() {
+    fn a_possible_charge_missing_a_field_is_incomplete_not_dropped() {
         let span = Span {
             from_ms: T0,
             until_ms: T0 + 1,
         };
         let c = command(r#""amount_excluding_tax":24000"#);
-        let one = candidates(&c, &[transaction("a", T0)], span);
-        assert!(
-            matches!(ChargeLookup::judge(one), ChargeLookup::Charged(x) if x.invoice_id == "inv_a" && x.balance_after == 64)
+        let mut no_invoice = transaction("no_invoice", T0);
+        no_invoice.invoice_id = None;
+        let mut no_balance = transaction("no_balance", T0);
+        no_balance.balance_after = None;
+        let mut no_amount = transaction("no_amount", T0);
+        no_amount.amount_excluding_tax = None;
+        let found = candidates(
+            &c,
+            &[no_invoice, no_balance, no_amount, transaction("whole", T0)],
+            span,
+            SKEW,
         );
-        assert_eq!(ChargeLookup::judge(Vec::new()), ChargeLookup::NotCharged);
-        let two = candidates(&c, &[transaction("a", T0), transaction("b", T0)], span);
-        assert!(matches!(
-            ChargeLookup::judge(two),
-            ChargeLookup::Uncertain { candidates, .. } if candidates.len() == 2
-        ));
+        assert_eq!(ids(&found), ["whole"]);
+        assert_eq!(found.incomplete, ["no_invoice", "no_balance", "no_amount"]);
     }
 }

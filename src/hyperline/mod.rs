@@ -15,6 +15,7 @@
 mod answer;
 mod client;
 pub mod credentials;
+pub mod evidence;
 pub mod gate;
 pub mod matching;
 pub mod retry;

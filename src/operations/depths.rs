@@ -1,5 +1,5 @@
-//! The depth of the commands queue and of the dead-letter queue, as this
-//! replica sees them, so the dashboard and the alerts ("dead letters
+//! The depth of the commands queue and of the dead-letter queue, and the
+//! events the results log keeps, as this replica sees them, so the dashboard and the alerts ("dead letters
 //! growing", "no progress while commands wait") need nothing but the
 //! worker's own `/metrics`: no broker exporter, no per-queue metrics to turn
 //! on in RabbitMQ.
@@ -15,7 +15,7 @@ use lapin::{Channel, Connection};
 
 use super::Metrics;
 use super::metrics::QueueLabel;
-use crate::broker::Topology;
+use crate::broker::{Topology, results_log};
 
 /// How often the depths are read: about one scrape interval.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(15);
@@ -47,6 +47,18 @@ pub async fn sample(connection: &Connection, topology: &Topology, metrics: &Metr
                     tracing::debug!(queue = %name, "cannot read the queue's depth");
                     channel = None;
                 }
+            }
+        }
+        if let Some(log) = &topology.results_log {
+            let kept = tokio::time::timeout(CALL_TIMEOUT, results_log::kept(connection, &log.name));
+            match kept.await {
+                Ok(Ok(kept)) => {
+                    let gauge = metrics.queue_messages.get_or_create(&QueueLabel {
+                        queue: "results_log",
+                    });
+                    gauge.set(i64::try_from(kept.unwrap_or(0)).unwrap_or(i64::MAX));
+                }
+                _ => tracing::debug!(log = %log.name, "cannot read the results log's size"),
             }
         }
     }

@@ -8,26 +8,18 @@
 //! back to the commands queue is refused is the delivery requeued as it came
 //! (the broker is then in trouble, and that copy was itself held back first).
 
-use std::time::Duration;
-
 use tracing::Instrument;
 
 use super::Pipeline;
 use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
 use crate::broker::history::DeathMark;
 use crate::broker::{
-    Message, PublishError, Publisher, Received, ReturnedReply, Settle, copy_properties,
+    DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
 };
 use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
 use crate::hyperline::retry::now_ms;
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
-
-/// Tries of a `reply_to` copy before it is dropped.
-pub const REPLY_TRIES: u32 = 3;
-
-/// The pause before the next try of a `reply_to` copy, times the tries so far.
-pub const REPLY_PAUSE: Duration = Duration::from_millis(200);
 
 /// What an event can be built from.
 #[derive(Clone, Copy, Debug)]
@@ -173,25 +165,11 @@ impl Pipeline {
             .as_ref()
             .map(|r| r.as_str())
             .filter(|r| !r.is_empty());
-        // The properties (a dozen headers) are copied only when a second
-        // publish needs them. The reply is sent before the event's confirm
-        // is awaited, so a requester costs no extra round trip.
-        let published = async {
-            let reply_props = reply_to.map(|_| props.clone());
-            let sent = publisher.send(exchange, key, &body, props).await?;
-            let replied = match (reply_to, &reply_props) {
-                (Some(queue), Some(p)) => Some(publisher.send("", queue, &body, p.clone()).await),
-                _ => None,
-            };
-            let returned = publisher.confirm(exchange, sent).await?;
-            self.count_returned(returned);
-            if let (Some(queue), Some(props), Some(replied)) = (reply_to, reply_props, replied) {
-                self.reply(publisher, queue, &body, props, replied).await;
-            }
-            Ok::<_, PublishError>(())
-        }
-        .instrument(span.clone())
-        .await;
+        let published = publisher
+            .publish_event(exchange, key, &body, props, reply_to)
+            .instrument(span.clone())
+            .await
+            .map(|dropped| dropped.iter().for_each(|d| self.drop_reply(d)));
         if let Err(e) = &published
             && !span.is_disabled()
         {
@@ -201,55 +179,20 @@ impl Pipeline {
         published
     }
 
-    /// Delivers the event to the command's `reply_to`, a courtesy: the
-    /// event on the results exchange is the record and is already
-    /// confirmed. A queue that does not exist, or refuses the copy (full,
-    /// `reject-publish`), gets [`REPLY_TRIES`] tries, then a WARN line and a
-    /// count; it never holds the command nor sends it round again (where an
-    /// unconfirmed reply once kept a charged command circling for good).
-    async fn reply(
-        &self,
-        publisher: &Publisher,
-        queue: &str,
-        body: &[u8],
-        props: lapin::BasicProperties,
-        first: Result<lapin::PublisherConfirm, PublishError>,
-    ) {
-        let mut sent = first;
-        let mut tries = 1;
-        let error = loop {
-            let result = match sent {
-                Ok(confirm) => publisher.confirm(queue, confirm).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(returned) => return self.count_returned(returned),
-                Err(e) if tries >= REPLY_TRIES => break e,
-                Err(_) => {}
-            }
-            tokio::select! {
-                () = tokio::time::sleep(REPLY_PAUSE * tries) => {}
-                () = self.stop_requests.cancelled() => {}
-            }
-            tries += 1;
-            sent = publisher.send("", queue, body, props.clone()).await;
-        };
-        tracing::warn!(reply_to = queue, tries, error = %error, "the event could not be delivered to the command's reply_to: dropped (the results exchange has it)");
-        self.drop_reply(error.kind());
-    }
-
-    /// Counts a `reply_to` copy the broker returned (no such queue).
-    fn count_returned(&self, returned: Option<ReturnedReply>) {
-        if let Some(returned) = returned {
-            tracing::warn!(reply_to = %returned.queue, "no queue named by a command's reply_to: its event copy was dropped (the results exchange has it)");
-            self.drop_reply("unroutable");
-        }
-    }
-
-    fn drop_reply(&self, reason: &'static str) {
+    /// A `reply_to` copy given up on: the event is on the results
+    /// exchange and the command is settled; the requester is told nothing.
+    fn drop_reply(&self, dropped: &DroppedReply) {
+        tracing::warn!(
+            reply_to = %dropped.queue,
+            reason = dropped.reason,
+            detail = %dropped.detail,
+            "the event could not be delivered to the command's reply_to: dropped (the results exchange has it)"
+        );
         self.metrics
             .replies_dropped
-            .get_or_create(&ReasonLabel { reason })
+            .get_or_create(&ReasonLabel {
+                reason: dropped.reason,
+            })
             .inc();
     }
 

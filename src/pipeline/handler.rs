@@ -14,7 +14,7 @@ use super::decision::{Input, Outcome, Policy, decide};
 use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
-use crate::hyperline::matching::{ChargeLookup, Span, candidates};
+use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
 use crate::hyperline::{MAX_PAGES, ReadBounds};
 use crate::operations::Metrics;
@@ -236,22 +236,27 @@ impl Pipeline {
             max_pages: MAX_PAGES,
         };
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
-        let read = self.client.transactions(
-            &command.customer_id,
-            &command.product_id,
-            &self.reads,
-            bounds,
-        );
+        let read = async {
+            let listing = self
+                .client
+                .transactions(
+                    &command.customer_id,
+                    &command.product_id,
+                    &self.reads,
+                    bounds,
+                )
+                .await?;
+            Ok::<_, crate::hyperline::TransactionsError>(
+                self.judge_at_window(command, &listing, first_ms).await,
+            )
+        };
         let uncertain = |reason: String| ChargeLookup::Uncertain {
             reason,
             candidates: Vec::new(),
         };
         let lookup = tokio::select! {
             read = tokio::time::timeout_at(until, read) => match read {
-                Ok(Ok(listing)) => {
-                    let span = Span { from_ms: first_ms, until_ms: now_ms() };
-                    ChargeLookup::judge(candidates(command, &listing, span))
-                }
+                Ok(Ok(lookup)) => lookup,
                 Ok(Err(e)) => uncertain(e.to_string()),
                 Err(_) => uncertain("no answer before the delivery's deadline".into()),
             },

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod handler;
 pub mod session;
 pub mod supervisor;
+mod window;
 
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub struct Pipeline {
     /// `hyperline.reconcile_at_window`: read the credit transactions before
     /// failing a command for its closed window.
     pub reconcile_at_window: bool,
+    /// The results log that check reads for claimed charges, if one is kept.
+    pub results_log: Option<crate::broker::results_log::LogSource>,
     /// The retry budget.
     pub settings: RetrySettings,
     /// Queue and exchange names.

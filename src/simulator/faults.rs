@@ -53,6 +53,10 @@ pub struct Faults {
     /// happens once Hyperline has forgotten a key: the same request is a new
     /// purchase.
     pub replay_ttl_secs: u64,
+    /// List credit transactions without their `invoice_id`, as a Hyperline
+    /// answer missing a field would: a possible charge the reconciliation
+    /// must not take for "not charged".
+    pub listing_omits_invoices: bool,
 }
 
 impl Default for Faults {
@@ -71,6 +75,7 @@ impl Default for Faults {
             scripted: Vec::new(),
             after_charge: Vec::new(),
             replay_ttl_secs: 24 * 60 * 60,
+            listing_omits_invoices: false,
         }
     }
 }
@@ -114,6 +119,7 @@ pub struct FaultsPatch {
     pub scripted: Option<Vec<ScriptedResponse>>,
     pub after_charge: Option<Vec<ScriptedResponse>>,
     pub replay_ttl_secs: Option<u64>,
+    pub listing_omits_invoices: Option<bool>,
 }
 
 impl Faults {
@@ -133,6 +139,7 @@ impl Faults {
             scripted,
             after_charge,
             replay_ttl_secs,
+            listing_omits_invoices,
         } = patch;
         set(&mut self.latency_ms, latency_ms);
         set(&mut self.latency_jitter_ms, latency_jitter_ms);
@@ -147,6 +154,7 @@ impl Faults {
         set(&mut self.scripted, scripted);
         set(&mut self.after_charge, after_charge);
         set(&mut self.replay_ttl_secs, replay_ttl_secs);
+        set(&mut self.listing_omits_invoices, listing_omits_invoices);
     }
 
     /// Checks that every rate is a probability, so a typo in a `POST

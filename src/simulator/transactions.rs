@@ -103,7 +103,15 @@ pub(crate) async fn transactions(
         },
         data,
     };
-    let body = serde_json::to_vec(&page).unwrap_or_default();
+    let mut body = serde_json::to_value(&page).unwrap_or_default();
+    if inner.faults.listing_omits_invoices
+        && let Some(listed) = body["data"].as_array_mut()
+    {
+        for t in listed {
+            t["invoice_id"] = serde_json::Value::Null;
+        }
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
     reply::json(StatusCode::OK, Bytes::from(body), rate)
 }
 

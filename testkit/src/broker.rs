@@ -144,9 +144,11 @@ pub async fn delete_topology(connection: &Connection, topology: &Topology) {
     };
     // Each delay queue once, though steps with the same delay share one.
     let retry_queues = topology.delay_queues().map(|(_, q)| q);
+    let log = topology.results_log.as_ref().map(|l| &l.name);
     for queue in [&topology.queue, &topology.dead]
         .into_iter()
         .chain(retry_queues)
+        .chain(log)
     {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

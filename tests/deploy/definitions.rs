@@ -47,6 +47,13 @@ pub(crate) fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, 
             })),
         );
     }
+    // The results log: a stream, whatever the commands queue's type.
+    if let Some(log) = &topology.results_log {
+        queues.insert(
+            log.name.clone(),
+            json!({ "x-queue-type": "stream", "x-max-age": log.max_age() }),
+        );
+    }
     queues
 }
 
@@ -127,6 +134,16 @@ pub(crate) fn the_definitions_declare_exactly_the_workers_topology() {
             topology.queue.clone(),
         ),
         (topology.dlx.clone(), topology.dead.clone(), String::new()),
+        (
+            topology.results_exchange.clone(),
+            topology
+                .results_log
+                .as_ref()
+                .expect("a results log by default")
+                .name
+                .clone(),
+            "#".to_owned(),
+        ),
     ]
     .into();
     assert_eq!(bindings, expected_bindings);
@@ -240,6 +257,7 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
     let mut leftovers: BTreeSet<String> = queues.iter().cloned().collect();
     leftovers.extend([topology.queue.clone(), topology.dead.clone()]);
     leftovers.extend(topology.delay_queues().map(|(_, name)| name.clone()));
+    leftovers.extend(topology.results_log.iter().map(|log| log.name.clone()));
     let mut exchanges: BTreeSet<String> = exchanges.into_iter().collect();
     exchanges.extend([
         topology.queue.clone(),
@@ -259,7 +277,7 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
     let _ = connection.close(200, "done".into()).await;
 
     redeclared.expect("the worker's declaration agrees with deploy/rabbitmq-definitions.json");
-    assert_eq!(queues.len(), 2 + topology.delay_queues().count());
+    assert_eq!(queues.len(), 3 + topology.delay_queues().count());
 }
 // ---------------------------------------------------------------------------
 // The broker users of the definitions
@@ -315,10 +333,13 @@ fn permits(regex: &str, name: &str) -> bool {
 ///   which needs write on it (the DLX, or the default exchange for a delay
 ///   queue).
 /// - read: consuming the commands queue and the reply queue, reading the
-///   dead letters; the sources of the two bindings (the commands exchange,
-///   named like its queue, and the DLX); and creating a queue with a
-///   dead-letter exchange, which needs read on the queue itself (the
-///   commands queue and each delay queue).
+///   dead letters and the results log (`events`, `dead-letters reconcile`,
+///   the check at the window, the log's size); the sources of the three
+///   bindings (the commands exchange, named like its queue, the DLX and the
+///   results exchange); and creating a queue with a dead-letter exchange,
+///   which needs read on the queue itself (the commands queue and each
+///   delay queue).
+/// - write, also: binding the results log to the results exchange.
 ///
 /// Checked against RabbitMQ 3.10 with the user the definitions create: a
 /// delay queue the worker declares is refused without read on it, and
@@ -340,6 +361,11 @@ fn worker_needs(topology: &Topology) -> BTreeSet<(Access, String)> {
     needs.insert((Access::Write, DEFAULT_EXCHANGE.to_owned()));
     for name in [&topology.queue, &topology.dead, &topology.dlx] {
         needs.insert((Access::Read, name.clone()));
+    }
+    if let Some(log) = &topology.results_log {
+        needs.insert((Access::Write, log.name.clone()));
+        needs.insert((Access::Read, log.name.clone()));
+        needs.insert((Access::Read, topology.results_exchange.clone()));
     }
     for (_, name) in topology.delay_queues() {
         needs.insert((Access::Read, name.clone()));
@@ -366,6 +392,8 @@ fn candidate_names(topology: &Topology) -> BTreeSet<String> {
         format!("{queue}.retry.s"),
         format!("{queue}.dlx2"),
         format!("{results}.local"),
+        format!("{results}.log.old"),
+        format!("{results}.logs"),
         format!("x{results}"),
         "amq.direct".to_owned(),
         "amq.topic".to_owned(),

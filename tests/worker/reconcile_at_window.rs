@@ -2,7 +2,10 @@
 //! closed before it got an answer is looked up in Hyperline's credit
 //! transactions before it is failed. The window is shortened (the worker's
 //! setting and the simulator's replay TTL alike) and the command arrives with
-//! a first request already older than it, as after a long outage.
+//! a first request already older than it, as after a long outage. The
+//! check follows the evidence rules of `dead-letters reconcile`: a charge is
+//! proven only when the results log covers it and no other command's
+//! `succeeded` event claims it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +39,27 @@ async fn app(reconcile: bool) -> TestApp {
 fn now_ms() -> i64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
     i64::try_from(since.as_millis()).expect("ms")
+}
+
+/// The clock margin of a 14 s window (1/96 of it), rounded up.
+const MARGIN_MS: i64 = 146;
+
+/// A command bought through the worker, whose event gives the results log
+/// its first entry; returns once the clock has passed that entry by the
+/// margin, so the log covers every charge made from then on.
+async fn warm_log(app: &mut TestApp) -> serde_json::Value {
+    let id = command_id();
+    app.publish(&command(&id)).await;
+    let event = app.next_event().await;
+    assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+    let logged = now_ms();
+    cpw_testkit::wait_until(
+        "the clock to pass the log's first event by the margin",
+        Duration::from_millis(20),
+        async || now_ms() > logged + MARGIN_MS + 200,
+    )
+    .await;
+    event.body
 }
 
 /// Publishes `id` as a command whose first request left `ago_ms` ago.
@@ -88,6 +112,7 @@ async fn past_the_window_and_not_charged_it_is_refused_with_the_setting_off() {
 #[tokio::test]
 async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
     let mut app = app(true).await;
+    warm_log(&mut app).await;
     let id = command_id();
     // The first request charged, and its answer was lost.
     let charged = reqwest::Client::new()
@@ -104,7 +129,12 @@ async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
     assert_eq!(charged.status(), 201);
     publish_first_attempted(&app, &id, 2_000 + 1_000 * WINDOW_SECS as i64).await;
     let event = app.next_event().await;
-    let charge = app.ledger().charges[0].clone();
+    let charge = app
+        .ledger()
+        .charges
+        .into_iter()
+        .find(|c| c.idempotency_key.as_deref() == Some(id.as_str()))
+        .expect("its charge");
     assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
     assert_eq!(event.body["reconciled"], true);
     assert_eq!(event.body["attempts"], 1, "a charge took a request");
@@ -115,5 +145,26 @@ async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
     );
     assert!(app.no_event_for(Duration::from_secs(1)).await);
     assert_eq!(app.ledger().charges_for(&id), 1, "not charged again");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn past_the_window_another_commands_charge_is_never_taken_for_its_own() {
+    let mut app = app(true).await;
+    // Inside the window: the same purchase by another command, whose
+    // succeeded event claims its charge in the results log.
+    let other = warm_log(&mut app).await;
+    let id = command_id();
+    publish_first_attempted(&app, &id, 20_000).await;
+    let event = app.next_event().await;
+    assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+    assert!(
+        event.body.get("reconciled").is_none(),
+        "bought on its own, not settled with the other's charge: {}",
+        event.body
+    );
+    assert_ne!(event.body["invoice_id"], other["invoice_id"]);
+    assert_eq!(app.ledger().charges_for(&id), 1);
+    assert!(app.no_event_for(Duration::from_secs(1)).await);
     app.cleanup().await;
 }

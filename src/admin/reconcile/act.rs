@@ -1,0 +1,205 @@
+//! Act: carry out a verdict (with `--apply`), checking every broker answer.
+//!
+//! The letter is removed only after what replaces it (the `succeeded` event,
+//! or the replayed copy) is confirmed: until then it is the only trace of the
+//! command. The removal itself is an ack, which the broker never answers:
+//! an ack refused by a closed channel (`Ok(false)`) or failed is reported as
+//! not done, and the caller confirms the others by closing their channel
+//! (the close is answered after every ack before it). A letter whose removal
+//! failed comes back; the next run finds its command's `succeeded` event in
+//! the results log, or its replay in the commands queue, and never buys it
+//! twice (see [`judge`](super::judge)).
+
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+
+use super::judge::{Judged, Verdict};
+use super::render::{Found, Row, Status};
+use crate::broker::{
+    DeliveryHistory, HistoryKeys, Message, PublishError, Publisher, Topology, copy_properties,
+    header_str,
+};
+use crate::contract::ResultEvent;
+use crate::hyperline::matching::{Candidate, ChargeLookup};
+
+/// Where and whether to act.
+pub struct Acting<'a> {
+    /// The worker's publisher (confirm-mode channels).
+    pub publisher: &'a Publisher,
+    /// The names.
+    pub topology: &'a Topology,
+    /// Without it, nothing is done: the rows say what would be.
+    pub apply: bool,
+    /// Sign what a replay keeps of a letter's memory.
+    pub keys: &'a HistoryKeys,
+}
+
+/// What carrying a verdict out takes.
+enum Plan {
+    /// Publish the letter's `succeeded` event with this charge.
+    Publish(Candidate),
+    /// Replay the command with its history reset.
+    Replay,
+    /// Only remove the letter.
+    Remove,
+}
+
+impl Acting<'_> {
+    /// Acts on one letter; gives its row, and the delivery when it stays
+    /// in the queue (to be put back).
+    pub async fn act(&self, judged: Judged) -> (Row, Option<Delivery>) {
+        let Judged { letter, verdict } = judged;
+        let mut row = Row {
+            command_id: letter.command.id.as_str().to_owned(),
+            customer_id: letter.command.customer_id.as_str().to_owned(),
+            product_id: letter.command.product_id.as_str().to_owned(),
+            error_code: letter.code.as_str(),
+            first_attempt: letter
+                .history
+                .first_attempt_ms
+                .and_then(super::super::rfc3339_ms),
+            died_at: letter.died_ms.and_then(super::super::rfc3339_ms),
+            found: Found::Uncertain,
+            action: String::new(),
+            status: Status::Left,
+            applied: false,
+            transaction_id: None,
+            invoice_id: None,
+            new_credit_balance: None,
+            candidates: Vec::new(),
+            reason: None,
+        };
+        let (plan, found, words) = match verdict {
+            Verdict::AlreadySucceeded => (
+                Plan::Remove,
+                Found::AlreadySucceeded,
+                "remove the dead letter (its succeeded event is in the results log)",
+            ),
+            Verdict::Lookup(ChargeLookup::Charged(t)) => {
+                row.transaction_id = Some(t.transaction_id.clone());
+                row.invoice_id = Some(t.invoice_id.clone());
+                row.new_credit_balance = Some(t.balance_after);
+                (
+                    Plan::Publish(t),
+                    Found::Charged,
+                    "publish succeeded (reconciled), then remove the dead letter",
+                )
+            }
+            Verdict::Lookup(ChargeLookup::NotCharged) => (
+                Plan::Replay,
+                Found::NotCharged,
+                "replay with its history reset, then remove the dead letter",
+            ),
+            Verdict::Lookup(ChargeLookup::Uncertain { reason, candidates }) => {
+                row.action = "left for a person".into();
+                row.reason = Some(reason);
+                row.candidates = candidates;
+                self.say(&row, "left for a person");
+                return (row, Some(letter.delivery));
+            }
+        };
+        row.found = found;
+        if !self.apply {
+            row.status = Status::Would;
+            row.action = format!("would {words}");
+            self.say(&row, &row.action);
+            return (row, Some(letter.delivery));
+        }
+        row.action = words.to_owned();
+        let sent = match plan {
+            Plan::Publish(t) => {
+                let event = ResultEvent::reconciled(
+                    &letter.command,
+                    t.invoice_id,
+                    t.balance_after,
+                    letter.history.attempts.max(1),
+                );
+                self.publish(&letter.delivery, &event).await
+            }
+            Plan::Replay => {
+                let delivery = &letter.delivery;
+                let message = Message::of(&delivery.properties, &delivery.data);
+                let headers = DeliveryHistory::fresh_start(message, None, self.keys);
+                let properties = copy_properties(&delivery.properties, headers);
+                self.publisher
+                    .publish_routed("", &self.topology.queue, &letter.delivery.data, properties)
+                    .await
+            }
+            Plan::Remove => Ok(()),
+        };
+        if let Err(e) = sent {
+            row.status = Status::NotDone;
+            row.reason = Some(format!("{e}: nothing was done, the dead letter stays"));
+            self.say(&row, "not done");
+            return (row, Some(letter.delivery));
+        }
+        // Only now: until its event or copy is confirmed, the dead letter
+        // is the only trace of the command.
+        let removed = letter.delivery.acker.ack(BasicAckOptions::default()).await;
+        let failure = match removed {
+            Ok(true) => None,
+            Ok(false) => Some("the channel was already closed".to_owned()),
+            Err(e) => Some(super::super::broker_says(&e)),
+        };
+        match failure {
+            None => {
+                row.status = Status::Done;
+                row.applied = true;
+                self.say(&row, "done");
+            }
+            Some(why) => {
+                row.status = Status::NotDone;
+                row.reason = Some(format!(
+                    "the dead letter could not be removed ({why}): it comes back; a second run \
+                     finds it settled and only removes it"
+                ));
+                self.say(&row, "not done");
+            }
+        }
+        (row, None)
+    }
+
+    /// One line per letter on stderr, with both ids, for the record.
+    fn say(&self, row: &Row, what: &str) {
+        eprintln!(
+            "{}: command_id={} transaction_id={} {}: {what}",
+            match self.apply {
+                true => "apply",
+                false => "dry run",
+            },
+            row.command_id,
+            row.transaction_id.as_deref().unwrap_or("-"),
+            row.found.label(),
+        );
+    }
+
+    /// The event, as the worker publishes one: to the results exchange and
+    /// the command's `reply_to`, confirmed.
+    async fn publish(&self, delivery: &Delivery, event: &ResultEvent) -> Result<(), PublishError> {
+        let headers = delivery.properties.headers().as_ref();
+        let traceparent = header_str(headers, "traceparent");
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str())
+            .filter(|r| !r.is_empty());
+        self.publisher
+            .publish_event(
+                &self.topology.results_exchange,
+                event.routing_key(),
+                &event.to_json(),
+                event.amqp_properties(traceparent.as_deref()),
+                reply_to,
+            )
+            .await
+            .map(|dropped| {
+                for d in dropped {
+                    eprintln!(
+                        "note: the event could not be delivered to reply_to {}: {} (the results log has it)",
+                        d.queue, d.detail
+                    );
+                }
+            })
+    }
+}
