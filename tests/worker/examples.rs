@@ -375,7 +375,12 @@ async fn examples_run_against_a_real_worker(language: Language) {
         }],
         ..Faults::default()
     };
-    let mut app = spawn_app_with(Options::default().faults(faults)).await;
+    // A worker that declares no results log, so the test can show the
+    // consumer's fallback first and then add the log itself (deleted below).
+    let options = Options::default()
+        .faults(faults)
+        .env("CPW__AMQP__RESULTS_LOG_RETENTION", 0);
+    let mut app = spawn_app_with(options).await;
     let admin = cpw_testkit::broker::connect("cpw-test-examples-admin")
         .await
         .expect("broker reachable");
@@ -385,7 +390,7 @@ async fn examples_run_against_a_real_worker(language: Language) {
     let first_queue = format!("{}.example-billing", app.queue);
     let second_queue = format!("{}.example-ledger", app.queue);
     // The fallback first: a broker without the results log.
-    delete_queue(&admin, &log).await;
+    assert!(!stream_exists(&admin, &log).await, "no results log yet");
 
     let mut billing = Consumer::start(language, &app, &dir, &first_queue, true);
     billing.expect("no results log ").await;

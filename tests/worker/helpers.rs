@@ -12,7 +12,7 @@ use credit_purchase_worker::broker::history::STEP_HEADER;
 use credit_purchase_worker::broker::{Mismatch, Topology, header_u64};
 use credit_purchase_worker::configuration::Settings;
 use credit_purchase_worker::simulator::{
-    Faults, FaultsPatch, Ledger, Simulator, SimulatorSettings,
+    Faults, FaultsPatch, Ledger, ScriptedResponse, Simulator, SimulatorSettings,
 };
 use credit_purchase_worker::startup::Application;
 use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
@@ -39,6 +39,27 @@ pub fn init_tracing() {
             );
         }
     });
+}
+
+/// A canned answer of the simulator for `customer`'s purchases, `times`
+/// times (`None`: for good).
+pub fn scripted(
+    customer: &str,
+    status: u16,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+    times: Option<u32>,
+) -> ScriptedResponse {
+    ScriptedResponse {
+        customer_id: Some(customer.into()),
+        status,
+        body,
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        times,
+    }
 }
 
 /// Tunables of a test app.

@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
+use credit_purchase_worker::simulator::FaultsPatch;
 use serde_json::{Map, Value, json};
 
-use crate::helpers::{Event, Options, TestApp, command_for, command_id, spawn_without_worker};
+use crate::helpers::{
+    Event, Options, TestApp, command_for, command_id, scripted, spawn_without_worker,
+};
 
 /// The binary as operators run it, its log in a file of its own.
 struct Binary {
@@ -132,23 +134,11 @@ const NUMBERS: [&str; 8] = [
 #[tokio::test]
 async fn every_field_of_every_outcome_is_typed_and_a_clean_stop_warns_of_nothing() {
     let mut app = spawn_without_worker(Options::default()).await;
-    let script = |customer: &str, status: u16, body: Value, headers: &[(&str, &str)], times| {
-        ScriptedResponse {
-            customer_id: Some(customer.into()),
-            status,
-            body,
-            headers: headers
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            times,
-        }
-    };
     app.set_faults(FaultsPatch {
         scripted: Some(vec![
-            script("cus_rejected", 422, json!({"message": "no"}), &[], None),
-            script("cus_down", 503, json!({"message": "down"}), &[], None),
-            script(
+            scripted("cus_rejected", 422, json!({"message": "no"}), &[], None),
+            scripted("cus_down", 503, json!({"message": "down"}), &[], None),
+            scripted(
                 "cus_busy",
                 429,
                 json!({"message": "slow"}),
@@ -156,7 +146,7 @@ async fn every_field_of_every_outcome_is_typed_and_a_clean_stop_warns_of_nothing
                 Some(1),
             ),
         ]),
-        after_charge: Some(vec![script(
+        after_charge: Some(vec![scripted(
             "cus_garbled",
             201,
             json!("garbage"),

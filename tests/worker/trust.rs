@@ -5,40 +5,27 @@
 
 use std::time::Duration;
 
-use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
+use credit_purchase_worker::simulator::FaultsPatch;
 use lapin::BasicProperties;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::{
-    Options, TestApp, command, command_for, command_id, spawn_app, spawn_app_with,
+    Options, TestApp, command, command_for, command_id, scripted, spawn_app, spawn_app_with,
 };
-
-fn scripted(
-    customer: &str,
-    status: u16,
-    body: Value,
-    headers: &[(&str, &str)],
-    times: u32,
-) -> ScriptedResponse {
-    ScriptedResponse {
-        customer_id: Some(customer.into()),
-        status,
-        body,
-        headers: headers
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-        times: Some(times),
-    }
-}
 
 /// The customer's next purchase is charged, then answered with a garbled
 /// 201: the worker cannot tell and dead-letters it (`unexpected_response`).
 fn garbled_after_charge(customer: &str) -> FaultsPatch {
     FaultsPatch {
-        after_charge: Some(vec![scripted(customer, 201, json!("garbage"), &[], 1)]),
+        after_charge: Some(vec![scripted(
+            customer,
+            201,
+            json!("garbage"),
+            &[],
+            Some(1),
+        )]),
         ..FaultsPatch::default()
     }
 }
@@ -214,7 +201,7 @@ async fn sustained_rate_limiting_uses_no_attempt_and_no_step() {
         429,
         json!({"message": "Too many requests"}),
         &[("Retry-After", "1")],
-        6,
+        Some(6),
     );
     app.set_faults(FaultsPatch {
         scripted: Some(vec![limited]),
@@ -280,7 +267,7 @@ async fn a_publishers_user_id_does_not_make_the_command_skip_its_delay() {
         .expect("confirms");
 
     // Four attempts in process, all 503: the command goes to its 3-s step.
-    let down = scripted("cus_user", 503, json!({"message": "down"}), &[], 4);
+    let down = scripted("cus_user", 503, json!({"message": "down"}), &[], Some(4));
     app.set_faults(FaultsPatch {
         scripted: Some(vec![down]),
         ..FaultsPatch::default()
