@@ -79,7 +79,7 @@ pub async fn connect_node(
         .collect::<Vec<_>>()
         .join(", ");
     let name = format!("{} ({tool})", amqp.connection_name());
-    let ca_file = amqp.ca_file.as_deref();
+    let ca_file = amqp.ca_file.as_ref();
     match broker::connect_first(urls, 0, &name, ca_file, CONNECT_TIMEOUT).await {
         Ok((connection, _)) => Ok(Arc::new(connection)),
         Err(broker::ConnectError::Timeout(_)) => Err(ConnectError::Timeout {

@@ -25,7 +25,6 @@ pub use seal::{HistoryKeys, Provenance};
 pub use settlement::Settle;
 pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 
-use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
@@ -33,7 +32,7 @@ use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
-use crate::configuration::{ConfigError, read_pem};
+use crate::configuration::Pem;
 
 /// The largest frame asked of the broker, unless the URL sets `frame_max`.
 /// lapin keeps a send and a receive ring of 32 frames each, written in full
@@ -51,16 +50,13 @@ const FRAME_MAX: u32 = 16 * 1024;
 pub async fn connect(
     url: &str,
     name: &str,
-    ca_file: Option<&Path>,
+    ca_file: Option<&Pem>,
 ) -> Result<Connection, ConnectError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = match ca_file {
-        Some(path) => Some(lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain: Some(read_pem("amqp.ca_file", path)?),
-        }),
-        None => None,
-    };
+    let tls = ca_file.map(|pem| lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem.text().to_owned()),
+    });
     let Ok(mut uri) = url.parse::<AMQPUri>() else {
         // lapin reports an unparseable URL the way it always does.
         return Ok(Connection::connect(url, props).await?);
@@ -85,7 +81,7 @@ pub async fn connect_first(
     urls: &[String],
     start: usize,
     name: &str,
-    ca_file: Option<&Path>,
+    ca_file: Option<&Pem>,
     per_node: Duration,
 ) -> Result<(Connection, usize), ConnectError> {
     let mut last = ConnectError::NoNode;
@@ -94,7 +90,6 @@ pub async fn connect_first(
         let attempt = tokio::time::timeout(per_node, connect(url, name, ca_file)).await;
         let error = match attempt {
             Ok(Ok(connection)) => return Ok((connection, i)),
-            Ok(Err(ConnectError::CaFile(e))) => return Err(ConnectError::CaFile(e)),
             Ok(Err(e)) => e,
             Err(_) => ConnectError::Timeout(per_node),
         };
@@ -155,9 +150,6 @@ pub enum ConnectError {
     /// The broker refused or could not be reached.
     #[error(transparent)]
     Broker(#[from] lapin::Error),
-    /// `amqp.ca_file` is not usable.
-    #[error(transparent)]
-    CaFile(#[from] ConfigError),
     /// A node did not answer within the bound of one attempt.
     #[error("no answer within {0:?}")]
     Timeout(Duration),

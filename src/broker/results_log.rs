@@ -15,7 +15,6 @@
 //! an end. Reading never changes the stream: it is not a queue, and an ack
 //! only grants the broker credit for the next messages.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,7 +25,7 @@ use lapin::{Channel, Connection, Consumer};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::configuration::AmqpSettings;
+use crate::configuration::{AmqpSettings, Pem};
 use crate::hyperline::evidence::LogEvidence;
 
 /// Past the newest offset known at the start, a read has caught up when the
@@ -382,7 +381,7 @@ pub async fn evidence(
 #[derive(Clone, Debug)]
 pub struct LogSource {
     urls: Vec<String>,
-    ca_file: Option<PathBuf>,
+    ca_file: Option<Pem>,
     name: String,
     log: String,
 }
@@ -407,7 +406,7 @@ impl LogSource {
             &self.urls,
             0,
             &self.name,
-            self.ca_file.as_deref(),
+            self.ca_file.as_ref(),
             CONNECT_TIMEOUT,
         )
         .await?;

@@ -20,9 +20,6 @@ pub enum ClientError {
     /// reqwest refused the settings (TLS backend, ...).
     #[error("cannot build the HTTP client: {0}")]
     Build(#[source] reqwest::Error),
-    /// `hyperline.ca_file` is not usable.
-    #[error(transparent)]
-    CaFile(#[from] crate::configuration::ConfigError),
 }
 
 /// One attempt's answer plus the rate-limit quota the answer announced.
@@ -160,9 +157,8 @@ impl HyperlineClient {
         let mut default_headers = HeaderMap::new();
         default_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let mut builder = reqwest::Client::builder();
-        if let Some(path) = &settings.ca_file {
-            let pem = crate::configuration::read_pem("hyperline.ca_file", path)?;
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        if let Some(pem) = &settings.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.text().as_bytes())
                 .map_err(ClientError::Build)?;
             builder = builder.tls_certs_merge(certs);
         }

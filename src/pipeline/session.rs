@@ -126,7 +126,7 @@ pub async fn run(ctx: &SessionContext<'_>, node: &mut usize) -> Result<(), Sessi
         urls,
         *node,
         ctx.name,
-        amqp.ca_file.as_deref(),
+        amqp.ca_file.as_ref(),
         BROKER_CALL_TIMEOUT,
     );
     let (connection, on) = beating(health, connect).await?;

@@ -11,7 +11,6 @@
 //! is uncertain, and `dead-letters replay` is their tool.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use lapin::message::Delivery;
 
@@ -153,8 +152,8 @@ pub async fn read_listings(
     let gate = Gate::new(READS_PER_SECOND, settings.hyperline.timeout());
     let bounds = ReadBounds {
         attempts: settings.retry.attempts.max(1),
-        initial_backoff: Duration::from_millis(settings.retry.initial_backoff_ms),
-        max_backoff: Duration::from_millis(settings.retry.max_backoff_ms),
+        initial_backoff: settings.retry.initial_backoff(),
+        max_backoff: settings.retry.max_backoff(),
         max_pages: MAX_PAGES,
     };
     let mut listings = Listings::new();

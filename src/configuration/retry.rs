@@ -1,0 +1,251 @@
+//! `[retry]`, and the time budget every retry must fit in.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, IDEMPOTENCY_WINDOW, Settings, invalid};
+
+/// RabbitMQ closes the channel of a delivery left unacked this long (its
+/// default `consumer_timeout`); every delivery must be settled well before.
+const CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// `[retry]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RetrySettings {
+    /// HTTP attempts per delivery before a broker-side redelivery.
+    pub attempts: u32,
+    /// Lower bound of the exponential backoff.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of the exponential backoff.
+    pub max_backoff_ms: u64,
+    /// Wait after a 409.
+    pub conflict_delay_ms: u64,
+    /// Longest 429 wait spent in process.
+    pub max_rate_limit_wait_secs: u64,
+    /// Broker-side delay steps, in order. A delay may repeat: steps with the
+    /// same delay share its queue (docs/contract.md section 5).
+    #[serde(deserialize_with = "delay_list")]
+    pub redelivery_delays_secs: Vec<u64>,
+}
+
+/// `redelivery_delays_secs` as a TOML array, or from the environment as
+/// `30,300` — including a single step, which the `config` crate hands over as
+/// a scalar rather than a one-element list.
+fn delay_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Delays {
+        List(Vec<u64>),
+        TextList(Vec<String>),
+        One(u64),
+        Text(String),
+    }
+    let parse = |text: &str| {
+        text.trim().parse::<u64>().map_err(|e| {
+            serde::de::Error::custom(format!("`{text}` is not a whole number of seconds: {e}"))
+        })
+    };
+    match Delays::deserialize(d)? {
+        Delays::List(list) => Ok(list),
+        Delays::TextList(list) => list.iter().map(|t| parse(t)).collect(),
+        Delays::One(n) => Ok(vec![n]),
+        Delays::Text(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Delays::Text(text) => text.split(',').map(parse).collect(),
+    }
+}
+
+impl RetrySettings {
+    /// Applies the rules of `[retry]`.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.attempts == 0 {
+            return Err(invalid("retry.attempts", "must be at least 1"));
+        }
+        if self.initial_backoff_ms == 0 {
+            return Err(invalid("retry.initial_backoff_ms", "must be positive"));
+        }
+        if self.max_backoff_ms < self.initial_backoff_ms {
+            return Err(invalid(
+                "retry.max_backoff_ms",
+                "must not be below retry.initial_backoff_ms",
+            ));
+        }
+        if self.redelivery_delays_secs.contains(&0) {
+            return Err(invalid(
+                "retry.redelivery_delays_secs",
+                "has a step of 0 s: every step needs a delay",
+            ));
+        }
+        if self.max_rate_limit_wait_secs >= 25 * 60 {
+            return Err(invalid(
+                "retry.max_rate_limit_wait_secs",
+                "must stay well below RabbitMQ's 30 min consumer timeout",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Lower bound of the exponential backoff.
+    pub fn initial_backoff(&self) -> Duration {
+        Duration::from_millis(self.initial_backoff_ms)
+    }
+
+    /// Upper bound of the exponential backoff.
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+
+    /// Wait after a 409.
+    pub fn conflict_delay(&self) -> Duration {
+        Duration::from_millis(self.conflict_delay_ms)
+    }
+
+    /// Longest 429 wait spent in process.
+    pub fn max_rate_limit_wait(&self) -> Duration {
+        Duration::from_secs(self.max_rate_limit_wait_secs)
+    }
+}
+
+/// The deadline of a delivery and the life of a command against the
+/// two limits they must respect: RabbitMQ's consumer timeout, and
+/// Hyperline's idempotency window.
+pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigError> {
+    let deadline = settings.worker.delivery_deadline_secs;
+    if deadline <= settings.hyperline.timeout_secs {
+        return Err(invalid(
+            "worker.delivery_deadline_secs",
+            format!(
+                "must exceed hyperline.timeout_secs ({} s): no request could start",
+                settings.hyperline.timeout_secs
+            ),
+        ));
+    }
+    // Everything a delivery may still wait for once its deadline has
+    // come, in the worst case (RabbitMQ closes the channel, with every
+    // delivery on it, when one outlasts the consumer timeout):
+    // - the credit-transaction lookup at the closed window
+    //   (`hyperline.reconcile_at_window`), up to one request's deadline;
+    // - in `pipeline/executor.rs`, each bounded by the confirm timeout:
+    //   the event, written then confirmed (2 waits); its `reply_to`
+    //   copy, up to REPLY_TRIES tries each written then confirmed, with
+    //   pauses between them; then the command's copy (to a delay queue
+    //   or the dead-letter exchange) and, when that is refused, its copy
+    //   back to the commands queue, each waiting its turn on the copies
+    //   channel, opening it again after a refusal, written, confirmed
+    //   (2 × 4 waits);
+    // - one in-process hold before the copy back, at most MAX_HOLD.
+    use crate::broker::{REPLY_PAUSE, REPLY_TRIES};
+    const CONFIRM_WAITS: u64 = 2 + 2 * REPLY_TRIES as u64 + 2 * 4;
+    let reply_pauses = (1..REPLY_TRIES).map(|t| REPLY_PAUSE * t).sum::<Duration>();
+    let lookup = match settings.hyperline.reconcile_at_window {
+        true => settings.hyperline.timeout_secs,
+        false => 0,
+    };
+    let after = lookup
+        .saturating_add(
+            settings
+                .amqp
+                .confirm_timeout_secs
+                .saturating_mul(CONFIRM_WAITS),
+        )
+        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
+        .saturating_add(reply_pauses.as_secs_f64().ceil() as u64);
+    let settle = deadline.saturating_add(after);
+    if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
+        return Err(invalid(
+            "worker.delivery_deadline_secs",
+            format!(
+                "({deadline} s) with the {after} s a delivery may wait after it ({CONFIRM_WAITS} \
+                 waits of amqp.confirm_timeout_secs for its event and copies, an in-process \
+                 hold, and the lookup of hyperline.reconcile_at_window) must stay well below \
+                 RabbitMQ's 30 min consumer timeout"
+            ),
+        ));
+    }
+    let window = settings.hyperline.idempotency_window_secs;
+    if window == 0 || window > IDEMPOTENCY_WINDOW.as_secs() {
+        return Err(invalid(
+            "hyperline.idempotency_window_secs",
+            "must be between 1 and 86400 (Hyperline's documented 24 h)",
+        ));
+    }
+    // The whole life of a command must fit in the idempotency window, or
+    // a late retry could charge a second time: the broker-side delays
+    // plus one deadline per delivery.
+    let broker: u64 = settings.retry.redelivery_delays_secs.iter().sum();
+    let deliveries = settings.retry.redelivery_delays_secs.len() as u64 + 1;
+    if broker.saturating_add(deadline.saturating_mul(deliveries)) >= window {
+        return Err(invalid(
+            "retry.redelivery_delays_secs",
+            format!(
+                "sum to {broker} s, which with {deliveries} deliveries of up to \
+                 worker.delivery_deadline_secs ({deadline} s) reaches Hyperline's {window} s \
+                 idempotency window: a late retry could charge twice"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{load, refused};
+
+    #[test]
+    fn the_consumer_timeout_budget_counts_everything_after_the_deadline() {
+        let deadline = |secs: &str| [("CPW__WORKER__DELIVERY_DEADLINE_SECS", secs.to_owned())];
+        let with = |pairs: &[(&str, String)]| {
+            load(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // 988 + 16 × 30 + 30 + 1 = 1499: just inside 1500 (5/6 of 30 min).
+        with(&deadline("988")).expect("the worst case fits");
+        let line = with(&deadline("989")).expect_err("refused").to_string();
+        assert!(line.contains("worker.delivery_deadline_secs"), "{line}");
+        assert!(line.contains("511 s"), "says what it counted: {line}");
+        with(&deadline("1400")).expect_err("two confirm timeouts fit, sixteen do not");
+        let confirms = [
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "600".to_owned()),
+            ("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "60".to_owned()),
+        ];
+        with(&confirms).expect_err("600 + 16 × 60 + 31");
+        // The lookup at the window counts only when it is on.
+        let lookup = |on: &str| {
+            [
+                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "950".to_owned()),
+                ("CPW__HYPERLINE__TIMEOUT_SECS", "60".to_owned()),
+                ("CPW__HYPERLINE__RECONCILE_AT_WINDOW", on.to_owned()),
+            ]
+        };
+        with(&lookup("false")).expect("950 + 511");
+        with(&lookup("true")).expect_err("950 + 60 + 511");
+    }
+
+    #[test]
+    fn repeated_delays_are_separate_steps() {
+        for (text, steps) in [("30,30,30", vec![30, 30, 30]), ("1,1", vec![1, 1])] {
+            let s = load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", text)]).expect(text);
+            assert_eq!(s.retry.redelivery_delays_secs, steps);
+        }
+        let s = load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "30,300,30")]).expect("valid");
+        assert_eq!(s.retry.redelivery_delays_secs, vec![30, 300, 30]);
+    }
+
+    #[test]
+    fn a_redelivery_budget_of_24_hours_or_more_is_refused() {
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "86400")],
+            "retry.redelivery_delays_secs",
+        );
+        refused(
+            &[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "43200,43200")],
+            "retry.redelivery_delays_secs",
+        );
+        // Just under, once the in-process time of each delivery is counted.
+        assert!(load(&[("CPW__RETRY__REDELIVERY_DELAYS_SECS", "3600,36000,43200")]).is_ok());
+    }
+}
