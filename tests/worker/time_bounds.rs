@@ -43,7 +43,7 @@ async fn a_hanging_api_does_not_serialise_the_replica() {
         ..Faults::default()
     };
     let app = spawn_app_with(Options::default().faults(faults)).await;
-    let timeout = Duration::from_secs(app.settings().hyperline.timeout_secs);
+    let timeout = app.settings().hyperline.timeout();
     app.publish_commands(8).await;
     app.wait_requests(1).await;
     let first = Instant::now();
