@@ -27,7 +27,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use super::dead_letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
+use super::letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
 use super::{ConnectError, output};
 use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::{ListArgs, ReplayArgs};

@@ -11,12 +11,12 @@
 //! here re-implements a rule the worker already owns.
 
 pub mod check;
-mod dead_letter;
 pub mod dead_letters;
 pub mod demo;
 mod demo_batch;
 mod demo_queues;
 pub mod events;
+mod letter;
 pub mod output;
 pub mod publish;
 pub mod purge;

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
-use super::dead_letter::inspect;
 use super::dead_letters::{Error, put_back, table, take_all};
+use super::letter::inspect;
 use super::output;
 use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::PurgeArgs;

@@ -16,8 +16,8 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 
-use super::dead_letter::{DeadLetterInfo, Window, inspect, window};
 use super::dead_letters::{Error, put_back, take_all};
+use super::letter::{DeadLetterInfo, Window, inspect, window};
 use super::output;
 use crate::broker::{HistoryKeys, Publisher, Topology};
 use crate::cli::ShowArgs;

@@ -133,9 +133,13 @@ pub(crate) fn the_manifest_has_no_target_the_dockerfile_stub_build_would_miss() 
         .flatten()
     {
         let name = bench["name"].as_str().expect("bench name");
+        let path = bench
+            .get("path")
+            .and_then(|p| p.as_str())
+            .map_or_else(|| format!("benches/{name}.rs"), str::to_owned);
         assert!(
-            dockerfile.contains(&format!("> benches/{name}.rs")),
-            "deploy/Dockerfile's dependency layer lacks a stub for bench `{name}`"
+            dockerfile.contains(&format!("> {path}")),
+            "deploy/Dockerfile's dependency layer lacks a stub at {path} for bench `{name}`"
         );
         assert!(
             dockerfile.contains("COPY benches ./benches"),
