@@ -111,8 +111,7 @@ impl Credentials {
                     return true;
                 }
                 ProbeResult::Refused(status) => {
-                    let next_probe_in_ms =
-                        u64::try_from(self.next_probe().as_millis()).unwrap_or(u64::MAX);
+                    let next_probe_in_ms = crate::clock::millis(*self.next_probe());
                     tracing::warn!(
                         status,
                         next_probe_in_ms,

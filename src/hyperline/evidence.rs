@@ -52,7 +52,7 @@ impl LogEvidence {
     /// event is published after Hyperline recorded `t`, and their clocks
     /// may disagree by `margin`.
     fn covers(&self, t: &Candidate, margin: Duration) -> bool {
-        let margin = u64::try_from(margin.as_millis()).unwrap_or(u64::MAX);
+        let margin = crate::clock::millis(margin);
         self.complete_since_ms
             .is_some_and(|since| since.saturating_add(margin) <= t.created_ms())
     }

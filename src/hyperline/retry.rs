@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::credentials::Credentials;
 use super::gate::Gate;
 use super::{HyperlineClient, PurchaseAnswer, PurchaseResponse, Quota, Receipt, TransientCause};
+use crate::clock::{millis, now_ms};
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
 use crate::operations::Metrics;
@@ -222,22 +223,13 @@ fn full_jitter(floor: Duration, ceiling: Duration) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
-/// Unix milliseconds now, by the wall clock every replica shares.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// Whether a request sent at `at_ms`, lasting at most `request_timeout`,
 /// would still be inside the window opened at `first_ms`. A margin of 1/96
 /// of the window (15 minutes of 24 hours) covers clocks that disagree
 /// between replicas.
 pub fn window_open(first_ms: u64, at_ms: u64, window: Duration, request_timeout: Duration) -> bool {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let ends = first_ms.saturating_add(ms(window));
-    at_ms.saturating_add(ms(request_timeout + window / 96)) < ends
+    let ends = first_ms.saturating_add(millis(window));
+    at_ms.saturating_add(millis(request_timeout + window / 96)) < ends
 }
 
 /// What the attempts learned, kept outside the retried future so that an

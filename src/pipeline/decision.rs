@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use crate::broker::DeliveryHistory;
+use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
 use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Verdict, window_open};
@@ -237,9 +238,7 @@ impl Policy<'_> {
     /// Whether a command with this history, coming back after `delay` for
     /// another purchase, could still send one inside its window.
     fn window_open_after(&self, h: &DeliveryHistory, delay: Duration) -> bool {
-        let at = self
-            .now_ms
-            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        let at = self.now_ms.saturating_add(millis(delay));
         h.first_attempt_ms
             .is_none_or(|first| window_open(first, at, self.window, self.request_timeout))
     }
@@ -439,13 +438,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
 
 /// `retries_exhausted`: another request could charge a second time.
 fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
-    let at = i128::from(first_attempt_ms) * 1_000_000;
-    let first = time::OffsetDateTime::from_unix_timestamp_nanos(at)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+    let first = rfc3339_ms(first_attempt_ms)
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
     let message = format!(
         "its first request left at {first}: another request could reach Hyperline after it \

@@ -16,8 +16,8 @@ use crate::broker::history::DeathMark;
 use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
 };
+use crate::clock::{millis, now_ms};
 use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
-use crate::hyperline::retry::now_ms;
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
 
@@ -356,7 +356,7 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
             );
         }
         (None, _) => {
-            let hold_ms = u64::try_from(plan.hold.as_millis()).unwrap_or(u64::MAX);
+            let hold_ms = millis(plan.hold);
             tracing::warn!(
                 outcome = plan.outcome.label(),
                 hold_ms,
