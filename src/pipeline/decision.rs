@@ -104,11 +104,11 @@ pub enum Route {
     /// The original, unchanged, to the dead-letter queue (`basic.reject`):
     /// a message that is not a command has no history to keep, and a reject
     /// dead-letters it exactly once, even if the replica dies right after.
-    Reject,
+    RejectToDlx,
     /// A copy to the dead-letter exchange stamped with the history and why
     /// it died, then ack: an operator must look. (A crash between the two
     /// leaves a second dead letter of the command, never none.)
-    DeadLetter(ErrorCode),
+    CopyToDlx(ErrorCode),
     /// A copy to the delay queue of this step index, then ack.
     Delay(usize),
     /// A copy back to the commands queue, then ack.
@@ -209,7 +209,7 @@ impl Plan {
         h: DeliveryHistory,
     ) -> Plan {
         let route = match code.dead_letters() {
-            true => Route::DeadLetter(code),
+            true => Route::CopyToDlx(code),
             false => Route::Ack,
         };
         let event = EventPlan::Failed {
@@ -291,11 +291,15 @@ fn learn(history: &DeliveryHistory, attempted: &Attempted) -> DeliveryHistory {
 /// The plan for a delivery.
 pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Plan {
     match input {
-        Input::Invalid => Plan::new(Some(EventPlan::Invalid), Route::Reject, history.clone()),
+        Input::Invalid => Plan::new(
+            Some(EventPlan::Invalid),
+            Route::RejectToDlx,
+            history.clone(),
+        ),
         Input::Stored(facts) => {
             let route = match facts.error.as_ref().map(|e| e.code) {
-                Some(ErrorCode::InvalidCommand) => Route::Reject,
-                Some(code) if code.dead_letters() => Route::DeadLetter(code),
+                Some(ErrorCode::InvalidCommand) => Route::RejectToDlx,
+                Some(code) if code.dead_letters() => Route::CopyToDlx(code),
                 _ => Route::Ack,
             };
             Plan::new(Some(EventPlan::Stored(facts)), route, history.clone())

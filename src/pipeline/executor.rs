@@ -30,8 +30,8 @@ pub enum Subject<'a> {
     Invalid(&'a InvalidCommand),
 }
 
-/// Where a copy goes.
-enum Copy<'a> {
+/// Where a copy of the command goes.
+enum Destination<'a> {
     /// To an exchange, with the original's routing key.
     Exchange(&'a str),
     /// To a queue, through the default exchange.
@@ -84,27 +84,30 @@ impl Pipeline {
             let keys = &self.history_keys;
             let (to, headers) = match plan.route {
                 Route::Ack => return self.settle(delivery, Settle::Ack, plan.outcome),
-                Route::Reject => {
+                Route::RejectToDlx => {
                     return self.settle(delivery, Settle::DeadLetter, plan.outcome);
                 }
-                Route::DeadLetter(code) => {
+                Route::CopyToDlx(code) => {
                     let mark = DeathMark {
                         code: code.as_str(),
                         at_ms: now_ms(),
                         replica: &self.replica,
                         queue: &self.topology.queue,
                     };
-                    let dlx = Copy::Exchange(&self.topology.dlx);
+                    let dlx = Destination::Exchange(&self.topology.dlx);
                     (dlx, plan.history.stamp_dead(original, &mark, keys))
                 }
                 Route::Delay(step) => {
                     let queue = self.topology.retry_queues.get(step).map(|(_, q)| q);
                     // The steps and their queues come from the same setting.
                     let queue = queue.unwrap_or(&self.topology.queue);
-                    (Copy::Queue(queue), plan.history.stamp(original, keys))
+                    (
+                        Destination::Queue(queue),
+                        plan.history.stamp(original, keys),
+                    )
                 }
                 Route::Return => (
-                    Copy::Queue(&self.topology.queue),
+                    Destination::Queue(&self.topology.queue),
                     plan.history.stamp(original, keys),
                 ),
             };
@@ -135,13 +138,13 @@ impl Pipeline {
         &self,
         delivery: &Received,
         publisher: &Publisher,
-        to: Copy<'_>,
+        to: Destination<'_>,
         headers: lapin::types::FieldTable,
     ) -> Result<(), PublishError> {
         let props = copy_properties(&delivery.properties, headers);
         let (exchange, key) = match to {
-            Copy::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
-            Copy::Queue(queue) => ("", queue),
+            Destination::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
+            Destination::Queue(queue) => ("", queue),
         };
         Box::pin(publisher.publish_routed(exchange, key, &delivery.data, props)).await
     }
@@ -335,7 +338,7 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
         ) => {
             let code = code.as_str();
             match route {
-                Route::DeadLetter(_) => {
+                Route::CopyToDlx(_) => {
                     tracing::error!(code, http_status, detail = %message, attempts, "failed: dead-lettering for an operator")
                 }
                 _ => tracing::warn!(code, http_status, detail = %message, attempts, "failed"),

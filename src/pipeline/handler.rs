@@ -202,7 +202,7 @@ impl Pipeline {
     /// The settings and the moment a plan is made for.
     pub(super) fn policy(&self) -> Policy<'_> {
         Policy {
-            delays: &self.settings.redelivery_delays_secs,
+            delays: &self.retry.redelivery_delays_secs,
             window: self.limits.window,
             request_timeout: self.limits.request_timeout,
             now_ms: now_ms(),
@@ -231,9 +231,9 @@ impl Pipeline {
         deadline: tokio::time::Instant,
     ) -> ChargeLookup {
         let bounds = ReadBounds {
-            attempts: self.settings.attempts,
-            initial_backoff: Duration::from_millis(self.settings.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.settings.max_backoff_ms),
+            attempts: self.retry.attempts,
+            initial_backoff: Duration::from_millis(self.retry.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.retry.max_backoff_ms),
             max_pages: MAX_PAGES,
         };
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
@@ -294,7 +294,7 @@ impl Pipeline {
             client: &self.client,
             gate: &self.gate,
             credentials: &self.credentials,
-            settings: &self.settings,
+            settings: &self.retry,
             request_timeout: self.limits.request_timeout,
             metrics: &self.metrics,
             cancel: &self.stop_requests,

@@ -8,7 +8,7 @@ use crate::clock::{millis, now_ms};
 use crate::contract::Command;
 use crate::hyperline::CreditTransaction;
 use crate::hyperline::evidence::{Letter, LogEvidence, judge};
-use crate::hyperline::matching::{ChargeLookup, Span, candidates, clock_margin};
+use crate::hyperline::matching::{ChargeLookup, TimeSpan, candidates, clock_margin};
 
 impl Pipeline {
     /// The verdict on `command`, whose window opened at `first_ms`, from
@@ -22,7 +22,7 @@ impl Pipeline {
     ) -> ChargeLookup {
         let margin = clock_margin(self.limits.window);
         let margin_ms = millis(margin);
-        let span = Span {
+        let span = TimeSpan {
             from_ms: first_ms,
             until_ms: now_ms(),
         };

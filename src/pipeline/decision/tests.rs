@@ -73,7 +73,7 @@ fn assert_window_closed(plan: &Plan, case: Case) {
         Some(ErrorCode::RetriesExhausted),
         "{case:?}"
     );
-    assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+    assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
     let Some(EventPlan::Failed { message, .. }) = &plan.event else {
         unreachable!()
     };
@@ -167,7 +167,7 @@ fn undocumented_answers_dead_letter_with_their_status() {
                 (*code, *http_status),
                 (ErrorCode::UnexpectedResponse, Some(status))
             );
-            assert_eq!(plan.route, Route::DeadLetter(ErrorCode::UnexpectedResponse));
+            assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::UnexpectedResponse));
         }
     }
 }
@@ -218,7 +218,7 @@ fn transient_failures_use_the_next_step_then_dead_letter() {
                     (ErrorCode::RetriesExhausted, Some(503))
                 );
                 assert!(message.contains("gave up after 16 attempts"), "{message}");
-                assert_eq!(last.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+                assert_eq!(last.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
             }
             Case::PastWindow => assert_window_closed(&plan, case),
         }
@@ -328,7 +328,7 @@ fn an_invalid_command_dead_letters_with_its_event() {
     for case in CASES {
         let plan = decide(Input::Invalid, &history(case), policy());
         assert_eq!(plan.event, Some(EventPlan::Invalid));
-        assert_eq!(plan.route, Route::Reject, "the original, exactly once");
+        assert_eq!(plan.route, Route::RejectToDlx, "the original, exactly once");
     }
 }
 
@@ -415,7 +415,7 @@ fn a_stored_outcome_is_published_again_and_routed_by_its_code() {
             &h,
             policy(),
         );
-        assert_eq!(dead.route, Route::DeadLetter(ErrorCode::UnexpectedResponse));
+        assert_eq!(dead.route, Route::CopyToDlx(ErrorCode::UnexpectedResponse));
     }
 }
 
@@ -477,7 +477,7 @@ fn a_worn_delivery_is_refreshed_then_declared_poison_without_overflow() {
         ..h
     };
     let plan = decide(Input::Worn, &hostile, policy());
-    assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+    assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
 }
 
 mod at_the_window {
@@ -589,7 +589,7 @@ mod at_the_window {
             },
         };
         let plan = decide(input, &past(), policy());
-        assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+        assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
         let Some(EventPlan::Failed { message, .. }) = &plan.event else {
             panic!("a failed event: {plan:?}")
         };
