@@ -4,7 +4,10 @@
 //! Every way a command leaves the worker is decided here and nowhere else:
 //! which event is published, where the command goes (acked, copied to a delay
 //! queue, copied back to the commands queue, copied to the dead-letter
-//! exchange), what its copy remembers, and how the replica's gate changes.
+//! exchange), what its copy remembers, and whether the replica stops for
+//! its refused key. (A 429's pause of the replica's requests is the
+//! attempt's: [`hyperline::retry`](crate::hyperline::retry) pauses the gate
+//! as the answer arrives, for the long waits that end here too.)
 //! The executor only carries a plan out; when the broker refuses part of it
 //! (the event, a copy), the refusal comes back here as an input, so that a
 //! path that returns a command to the broker can never forget its history nor
@@ -115,15 +118,6 @@ pub enum Route {
     Return,
 }
 
-/// A change of the replica's gate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateChange {
-    /// No request of the replica before this wait is over.
-    Pause(Duration),
-    /// The key is refused: stop consuming until it is accepted.
-    CredentialFault,
-}
-
 /// What became of a delivery: the label of metrics and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -161,8 +155,8 @@ pub struct Plan {
     /// A wait in process before any of it: the broker refused something,
     /// and coming back at once would spin.
     pub hold: Duration,
-    /// The replica's gate.
-    pub gate: Option<GateChange>,
+    /// The key is refused: the replica stops consuming until it is accepted.
+    pub credential_fault: bool,
     /// The label.
     pub outcome: Outcome,
     /// Set when the plan fails the command for its closed idempotency window
@@ -191,7 +185,7 @@ impl Plan {
             route,
             history,
             hold: Duration::ZERO,
-            gate: None,
+            credential_fault: false,
             outcome,
             closed_window: None,
         }
@@ -406,7 +400,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
         ),
         Verdict::CredentialFault => {
             let mut plan = Plan::new(None, Route::Return, h).returned("credential_fault");
-            plan.gate = Some(GateChange::CredentialFault);
+            plan.credential_fault = true;
             plan
         }
         Verdict::Exhausted {
@@ -429,11 +423,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
                 Plan::failed(ErrorCode::RetriesExhausted, message, *last_status, h)
             }
         },
-        Verdict::RateLimited { wait } => {
-            let mut plan = park(h, *wait, policy).returned("rate_limited");
-            plan.gate = Some(GateChange::Pause(*wait));
-            plan
-        }
+        Verdict::RateLimited { wait } => park(h, *wait, policy).returned("rate_limited"),
         Verdict::Held { paused_for } => park(h, *paused_for, policy).returned("held"),
         Verdict::WindowClosed { first_attempt_ms } => window_closed(*first_attempt_ms, h),
         Verdict::Interrupted => Plan::new(None, Route::Return, h).returned("interrupted"),

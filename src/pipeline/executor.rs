@@ -1,4 +1,5 @@
-//! Carries a [`Plan`] out: the gate, the event, the copy, the settlement.
+//! Carries a [`Plan`] out: the credential fault, the event, the copy, the
+//! settlement.
 //!
 //! The order is the promise: a command is acked only after what it produced
 //! (its event, its copy in a delay queue, the commands queue or the
@@ -11,7 +12,7 @@
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
+use super::decision::{EventPlan, Input, Outcome, Plan, Route, decide};
 use crate::broker::history::DeathMark;
 use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
@@ -59,15 +60,10 @@ impl Pipeline {
                     () = self.stop_requests.cancelled() => {}
                 }
             }
-            match plan.gate {
-                Some(GateChange::Pause(wait)) => self.gate.pause_for(wait),
-                Some(GateChange::CredentialFault) if self.credentials.report_fault() => {
-                    tracing::error!(
-                        "Hyperline refuses the API key: pausing consumption until it is accepted"
-                    );
-                }
-                Some(GateChange::CredentialFault) => {}
-                None => {}
+            if plan.credential_fault && self.credentials.report_fault() {
+                tracing::error!(
+                    "Hyperline refuses the API key: pausing consumption until it is accepted"
+                );
             }
             if let Some(event_plan) = plan.event.take() {
                 let event = build_event(event_plan, subject, plan.history.attempts);
