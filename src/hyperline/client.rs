@@ -7,7 +7,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, Header
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::answer::{PurchaseAnswer, Quota, TransientCause, classify};
+use super::answer::{FinalAnswer, PurchaseAnswer, Quota, TransientCause, classify};
 use crate::configuration::{ApiKey, HyperlineSettings};
 use crate::contract::{Command, CustomerId, Pricing, ProductId};
 
@@ -364,24 +364,23 @@ impl HyperlineClient {
     }
 
     fn scrub(&self, answer: PurchaseAnswer) -> PurchaseAnswer {
-        match answer {
-            PurchaseAnswer::Rejected { status, message } => PurchaseAnswer::Rejected {
+        let PurchaseAnswer::Final(answer) = answer else {
+            return answer;
+        };
+        PurchaseAnswer::Final(match answer {
+            FinalAnswer::Rejected { status, message } => FinalAnswer::Rejected {
                 status,
                 message: self.redact(&message),
             },
-            PurchaseAnswer::IdempotencyConflict { message } => {
-                PurchaseAnswer::IdempotencyConflict {
-                    message: self.redact(&message),
-                }
-            }
-            PurchaseAnswer::UnexpectedResponse { status, detail } => {
-                PurchaseAnswer::UnexpectedResponse {
-                    status,
-                    detail: self.redact(&detail),
-                }
-            }
-            other => other,
-        }
+            FinalAnswer::IdempotencyConflict { message } => FinalAnswer::IdempotencyConflict {
+                message: self.redact(&message),
+            },
+            FinalAnswer::UnexpectedResponse { status, detail } => FinalAnswer::UnexpectedResponse {
+                status,
+                detail: self.redact(&detail),
+            },
+            succeeded @ FinalAnswer::Succeeded(_) => succeeded,
+        })
     }
 }
 

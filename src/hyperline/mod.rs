@@ -23,7 +23,9 @@ pub mod matching;
 pub mod retry;
 mod transactions;
 
-pub use answer::{PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait};
+pub use answer::{
+    FinalAnswer, PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait,
+};
 pub use client::{ClientError, HyperlineClient, ProbeResult, PurchaseResponse, purchase_path};
 pub use transactions::{
     CreditTransaction, MAX_PAGES, PAGE_SIZE, READS_PER_SECOND, ReadBounds, TransactionPrice,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::{Attempt, note_retry};
 use super::credentials::Credentials;
 use super::gate::Gate;
-use super::{HyperlineClient, PurchaseAnswer, Receipt, TransientCause};
+use super::{FinalAnswer, HyperlineClient, PurchaseAnswer, TransientCause};
 use crate::clock::millis;
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
@@ -33,27 +33,9 @@ use crate::operations::Metrics;
 /// How the in-process attempts of a delivery ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Bought (or replayed).
-    Succeeded(Receipt),
-    /// 400/404/422.
-    Rejected {
-        /// The status.
-        status: u16,
-        /// Hyperline's message.
-        message: String,
-    },
-    /// 417.
-    IdempotencyConflict {
-        /// Hyperline's message.
-        message: String,
-    },
-    /// An undocumented answer.
-    Unexpected {
-        /// The status.
-        status: u16,
-        /// What was unexpected.
-        detail: String,
-    },
+    /// Hyperline's final answer about the command: bought, refused, a
+    /// reused key or an undocumented answer.
+    Answered(FinalAnswer),
     /// 401/403, or the replica already knows its key is refused.
     CredentialFault,
     /// Transient failures outlasted this delivery's attempts or deadline.
@@ -152,16 +134,7 @@ pub enum Step {
 /// Maps an answer to a step: the status table of docs/contract.md section 4.
 pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
     match answer {
-        PurchaseAnswer::Succeeded(r) => Step::Done(Verdict::Succeeded(r)),
-        PurchaseAnswer::Rejected { status, message } => {
-            Step::Done(Verdict::Rejected { status, message })
-        }
-        PurchaseAnswer::IdempotencyConflict { message } => {
-            Step::Done(Verdict::IdempotencyConflict { message })
-        }
-        PurchaseAnswer::UnexpectedResponse { status, detail } => {
-            Step::Done(Verdict::Unexpected { status, detail })
-        }
+        PurchaseAnswer::Final(answer) => Step::Done(Verdict::Answered(answer)),
         PurchaseAnswer::CredentialFault { .. } => Step::Done(Verdict::CredentialFault),
         PurchaseAnswer::InProgress => Step::Retry(Retry {
             reason: RetryReason::InProgress,
@@ -294,6 +267,7 @@ pub async fn purchase_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hyperline::Receipt;
 
     const DELAY: Duration = Duration::from_millis(500);
 
@@ -303,39 +277,25 @@ mod tests {
             invoice_id: "inv".into(),
             new_credit_balance: 1,
         };
-        assert_eq!(
-            step(PurchaseAnswer::Succeeded(receipt.clone()), DELAY),
-            Step::Done(Verdict::Succeeded(receipt))
-        );
-        assert!(matches!(
-            step(
-                PurchaseAnswer::Rejected {
-                    status: 404,
-                    message: "m".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::Rejected { status: 404, .. })
-        ));
-        assert!(matches!(
-            step(
-                PurchaseAnswer::IdempotencyConflict {
-                    message: "m".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::IdempotencyConflict { .. })
-        ));
-        assert!(matches!(
-            step(
-                PurchaseAnswer::UnexpectedResponse {
-                    status: 201,
-                    detail: "d".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::Unexpected { .. })
-        ));
+        for answer in [
+            FinalAnswer::Succeeded(receipt),
+            FinalAnswer::Rejected {
+                status: 404,
+                message: "m".into(),
+            },
+            FinalAnswer::IdempotencyConflict {
+                message: "m".into(),
+            },
+            FinalAnswer::UnexpectedResponse {
+                status: 201,
+                detail: "d".into(),
+            },
+        ] {
+            assert_eq!(
+                step(PurchaseAnswer::Final(answer.clone()), DELAY),
+                Step::Done(Verdict::Answered(answer))
+            );
+        }
         assert_eq!(
             step(PurchaseAnswer::CredentialFault { status: 401 }, DELAY),
             Step::Done(Verdict::CredentialFault)

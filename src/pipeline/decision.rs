@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::broker::DeliveryHistory;
 use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
+use crate::hyperline::FinalAnswer;
 use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Verdict, window_open};
 
@@ -375,7 +376,7 @@ fn set_back(h: DeliveryHistory, setbacks: u32, policy: Policy<'_>) -> Plan {
 
 fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>) -> Plan {
     match &attempted.verdict {
-        Verdict::Succeeded(receipt) => Plan::new(
+        Verdict::Answered(FinalAnswer::Succeeded(receipt)) => Plan::new(
             Some(EventPlan::Succeeded {
                 invoice_id: receipt.invoice_id.clone(),
                 new_credit_balance: receipt.new_credit_balance,
@@ -383,16 +384,16 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
             Route::Ack,
             h,
         ),
-        Verdict::Rejected { status, message } => {
+        Verdict::Answered(FinalAnswer::Rejected { status, message }) => {
             Plan::failed(ErrorCode::Rejected, message.clone(), Some(*status), h)
         }
-        Verdict::IdempotencyConflict { message } => Plan::failed(
+        Verdict::Answered(FinalAnswer::IdempotencyConflict { message }) => Plan::failed(
             ErrorCode::IdempotencyConflict,
             message.clone(),
             Some(417),
             h,
         ),
-        Verdict::Unexpected { status, detail } => Plan::failed(
+        Verdict::Answered(FinalAnswer::UnexpectedResponse { status, detail }) => Plan::failed(
             ErrorCode::UnexpectedResponse,
             detail.clone(),
             Some(*status),

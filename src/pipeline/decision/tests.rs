@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::contract::{EventError, EventKind};
-use crate::hyperline::Receipt;
+use crate::hyperline::{FinalAnswer, Receipt};
 
 const NOW: u64 = 1_800_000_000_000;
 const HOUR: u64 = 3_600_000;
@@ -89,7 +89,11 @@ fn a_201_publishes_succeeded_then_acks() {
             new_credit_balance: 32,
         };
         let plan = decide(
-            attempted(Verdict::Succeeded(receipt), 1, Some(201)),
+            attempted(
+                Verdict::Answered(FinalAnswer::Succeeded(receipt)),
+                1,
+                Some(201),
+            ),
             &h,
             policy(),
         );
@@ -115,10 +119,10 @@ fn a_201_publishes_succeeded_then_acks() {
 fn final_refusals_publish_failed_then_ack() {
     for case in CASES {
         for status in [400, 404, 422] {
-            let verdict = Verdict::Rejected {
+            let verdict = Verdict::Answered(FinalAnswer::Rejected {
                 status,
                 message: "customer not found".into(),
-            };
+            });
             let plan = decide(
                 attempted(verdict, 1, Some(status)),
                 &history(case),
@@ -135,9 +139,9 @@ fn final_refusals_publish_failed_then_ack() {
             );
             assert_eq!(plan.route, Route::Ack);
         }
-        let verdict = Verdict::IdempotencyConflict {
+        let verdict = Verdict::Answered(FinalAnswer::IdempotencyConflict {
             message: "reused".into(),
-        };
+        });
         let plan = decide(attempted(verdict, 1, Some(417)), &history(case), policy());
         assert_eq!(failed_code(&plan), Some(ErrorCode::IdempotencyConflict));
         assert_eq!(plan.route, Route::Ack);
@@ -148,10 +152,10 @@ fn final_refusals_publish_failed_then_ack() {
 fn undocumented_answers_dead_letter_with_their_status() {
     for case in CASES {
         for status in [201, 302, 307, 418] {
-            let verdict = Verdict::Unexpected {
+            let verdict = Verdict::Answered(FinalAnswer::UnexpectedResponse {
                 status,
                 detail: "an undocumented status".into(),
-            };
+            });
             let plan = decide(
                 attempted(verdict, 1, Some(status)),
                 &history(case),
@@ -510,10 +514,10 @@ mod at_the_window {
         assert_eq!(plan.closed_window, Some(NOW - 25 * HOUR));
         let ok = decide(
             attempted(
-                Verdict::Succeeded(Receipt {
+                Verdict::Answered(FinalAnswer::Succeeded(Receipt {
                     invoice_id: "inv_1".into(),
                     new_credit_balance: 1,
-                }),
+                })),
                 1,
                 Some(201),
             ),
