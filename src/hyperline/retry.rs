@@ -2,9 +2,10 @@
 //!
 //! [`step`] is the retry decision as data: it maps each answer to "done with
 //! this verdict" or "retry, for this reason". [`purchase_with_retry`] is the
-//! loop that sleeps. Every attempt sends the same Idempotency-Key and body,
-//! so a retry after a lost answer replays the first charge instead of making
-//! a second one.
+//! loop that sleeps, around one attempt at a time (`attempt.rs`: admit,
+//! send, take in the quota). Every attempt sends the same Idempotency-Key
+//! and body, so a retry after a lost answer replays the first charge
+//! instead of making a second one.
 //!
 //! Three bounds hold whatever Hyperline does:
 //! - the delivery's deadline: no request starts that could end after it, and
