@@ -340,3 +340,69 @@ pub(super) fn note_retry(ctx: &RetryContext<'_>, retry: &Retry) {
         .get_or_create(&ReasonLabel { reason })
         .inc();
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::configuration::{ApiKey, Settings};
+    use crate::hyperline::credentials::Credentials;
+    use crate::hyperline::gate::Gate;
+    use crate::hyperline::{HyperlineClient, PurchaseAnswer};
+    use crate::operations::Metrics;
+
+    const BODY: &[u8] = br#"{"command_id":"cmd_attempt_unit_test","customer_id":"cus_Typ0px2W0aiEtl","product_id":"itm_3kXODDF42QXtnL","credit_count":32,"amount_excluding_tax":24000}"#;
+
+    /// The pause a 429 asks for is the attempt's to make: the whole replica
+    /// holds back, and a wait too long for the delivery ends its attempts.
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_pauses_the_replica_and_a_long_one_ends_the_attempts() {
+        let settings = Settings::load_from(None, []).expect("defaults");
+        let client = HyperlineClient::new(&settings.hyperline, ApiKey::new("unit-test-key"))
+            .expect("client");
+        let (gate, credentials, metrics) = (
+            Gate::new(0, Duration::from_secs(5)),
+            Credentials::default(),
+            Metrics::new(),
+        );
+        let cancel = CancellationToken::new();
+        let ctx = RetryContext {
+            client: &client,
+            gate: &gate,
+            credentials: &credentials,
+            settings: &settings.retry,
+            request_timeout: Duration::from_secs(30),
+            metrics: &metrics,
+            cancel: &cancel,
+        };
+        let command = Command::parse(BODY, None).expect("a valid command");
+        let bounds = Bounds {
+            deadline: Instant::now() + Duration::from_secs(600),
+            first_attempt_ms: None,
+            window: Duration::from_secs(24 * 3600),
+        };
+        let attempt = Attempt::new(&ctx, &command, None, bounds);
+        let retry_for = |wait| match step(
+            PurchaseAnswer::RateLimited { wait: Some(wait) },
+            attempt.conflict_delay,
+        ) {
+            Step::Retry(retry) => retry,
+            Step::Done(verdict) => panic!("a 429 ended the attempts: {verdict:?}"),
+        };
+        let short = Duration::from_secs(2);
+        assert_eq!(
+            attempt.hold_back(&retry_for(short)),
+            None,
+            "waited in process"
+        );
+        assert_eq!(gate.paused_for(), short);
+        let long = attempt.max_rate_wait + Duration::from_secs(10);
+        assert_eq!(
+            attempt.hold_back(&retry_for(long)),
+            Some(Verdict::RateLimited { wait: long })
+        );
+        assert_eq!(gate.paused_for(), long, "the replica is paused as asked");
+        assert_eq!(metrics.rate_limit_waits.get(), 2);
+    }
+}
