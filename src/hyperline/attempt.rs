@@ -13,8 +13,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::gate::Permit;
-use super::retry::{Bounds, Retry, RetryContext, RetryReason, Step, Verdict, step, window_open};
+use super::gate::{Gate, Permit};
+use super::retry::{
+    Attempted, Bounds, Retry, RetryContext, RetryReason, Step, Verdict, step, window_open,
+};
 use super::{PurchaseResponse, Quota};
 use crate::clock::now_ms;
 use crate::contract::Command;
@@ -226,9 +228,9 @@ impl<'a> Attempt<'a> {
     }
 
     /// What the attempts learned, with how they ended.
-    pub(super) fn finish(&self, verdict: Verdict) -> super::retry::Attempted {
+    pub(super) fn finish(&self, verdict: Verdict) -> Attempted {
         let (last_sent_ms, last_status) = *Tally::lock(&self.tally.last);
-        super::retry::Attempted {
+        Attempted {
             verdict,
             requests: self.tally.requests.load(Ordering::Relaxed),
             first_sent_ms: self.tally.first_sent(),
@@ -274,7 +276,7 @@ impl Tally {
     /// The verdict of a delivery whose deadline came before its next
     /// request. Waiting on a 429 is not a failure: such a delivery waits in
     /// the broker without using a step.
-    fn out_of_time(&self, gate: &super::gate::Gate) -> Verdict {
+    fn out_of_time(&self, gate: &Gate) -> Verdict {
         if self.rate_limited.load(Ordering::Relaxed) {
             return Verdict::Held {
                 paused_for: gate.paused_for(),
@@ -348,7 +350,6 @@ mod tests {
     use super::*;
     use crate::configuration::{ApiKey, Settings};
     use crate::hyperline::credentials::Credentials;
-    use crate::hyperline::gate::Gate;
     use crate::hyperline::{HyperlineClient, PurchaseAnswer};
     use crate::operations::Metrics;
 
