@@ -231,12 +231,33 @@ mod tests {
 
     #[test]
     fn every_rule_with_and_without_a_results_log_covering_the_window() {
+        for (row, letters, claims, with_log, without) in rows() {
+            assert_eq!(
+                verdict(&letters, &log(true, &claims)),
+                with_log,
+                "{row}, log covers"
+            );
+            assert_eq!(
+                verdict(&letters, &log(false, &claims)),
+                without,
+                "{row}, log too young"
+            );
+            let none = LogEvidence {
+                complete_since_ms: None,
+                ..log(false, &claims)
+            };
+            assert_eq!(verdict(&letters, &none), without, "{row}, no log");
+        }
+    }
+
+    /// Every rule: (row, letters (the first is judged), log claims, the
+    /// verdict with a log covering the window, without one).
+    fn rows() -> Vec<Row<'static>> {
         let incomplete = Ok(Matches {
             candidates: vec![t("t1")],
             incomplete: vec!["t2".into()],
         });
-        // (row, letters (the first is judged), log claims, with log, without)
-        let rows: Vec<Row<'_>> = vec![
+        vec![
             (
                 "no candidate",
                 vec![("a", offered(&[]))],
@@ -327,24 +348,7 @@ mod tests {
                 "person []",
                 "person []",
             ),
-        ];
-        for (row, letters, claims, with_log, without) in rows {
-            assert_eq!(
-                verdict(&letters, &log(true, &claims)),
-                with_log,
-                "{row}, log covers"
-            );
-            assert_eq!(
-                verdict(&letters, &log(false, &claims)),
-                without,
-                "{row}, log too young"
-            );
-            let none = LogEvidence {
-                complete_since_ms: None,
-                ..log(false, &claims)
-            };
-            assert_eq!(verdict(&letters, &none), without, "{row}, no log");
-        }
+        ]
     }
 
     #[test]
