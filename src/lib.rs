@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod configuration;
 pub mod contract;
 pub mod hyperline;

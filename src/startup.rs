@@ -86,7 +86,7 @@ impl Application {
                 &settings.amqp,
                 topology.results_log.as_ref().map(|l| l.name.as_str()),
             ),
-            settings: settings.retry.clone(),
+            retry: settings.retry.clone(),
             topology,
             metrics: Arc::new(Metrics::new()),
             limits: Limits {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use credit_purchase_worker::configuration::{ApiKey, Settings};
 use credit_purchase_worker::contract::Command;
 use credit_purchase_worker::hyperline::{
-    HyperlineClient, ProbeResult, PurchaseAnswer, TransientCause,
+    FinalAnswer, HyperlineClient, ProbeResult, PurchaseAnswer, TransientCause,
 };
 use credit_purchase_worker::simulator::{Faults, FaultsPatch, Simulator, SimulatorSettings};
 
@@ -55,11 +55,15 @@ fn no_limit() -> Faults {
 async fn success_then_replay_charges_once() {
     let (sim, client) = setup(no_limit(), KEY, 5).await;
     let c = command("client-test-000000000001", 7);
-    let PurchaseAnswer::Succeeded(first) = client.purchase(&c, None).await.answer else {
+    let PurchaseAnswer::Final(FinalAnswer::Succeeded(first)) =
+        client.purchase(&c, None).await.answer
+    else {
         panic!("not a success")
     };
     assert_eq!(first.new_credit_balance, 7);
-    let PurchaseAnswer::Succeeded(again) = client.purchase(&c, None).await.answer else {
+    let PurchaseAnswer::Final(FinalAnswer::Succeeded(again)) =
+        client.purchase(&c, None).await.answer
+    else {
         panic!("not a success")
     };
     assert_eq!(first, again, "the replay returns the same invoice");
@@ -100,12 +104,12 @@ async fn in_progress_is_409_and_mismatch_is_417() {
     );
     assert!(matches!(
         first.await.expect("join").answer,
-        PurchaseAnswer::Succeeded(_)
+        PurchaseAnswer::Final(FinalAnswer::Succeeded(_))
     ));
     let other = command("client-test-000000000002", 2);
     assert!(matches!(
         client.purchase(&other, None).await.answer,
-        PurchaseAnswer::IdempotencyConflict { .. }
+        PurchaseAnswer::Final(FinalAnswer::IdempotencyConflict { .. })
     ));
     assert_eq!(sim.ledger().charges.len(), 1);
 }
@@ -125,7 +129,10 @@ async fn the_write_limit_answers_429_with_its_wait() {
         let r = client
             .purchase(&command(&format!("client-test-limit-00000{n}"), 1), None)
             .await;
-        assert!(matches!(r.answer, PurchaseAnswer::Succeeded(_)));
+        assert!(matches!(
+            r.answer,
+            PurchaseAnswer::Final(FinalAnswer::Succeeded(_))
+        ));
         assert_eq!(r.quota.map(|q| q.remaining), Some(1 - n));
     }
     let r = client
@@ -181,7 +188,7 @@ async fn a_hang_ends_in_a_timeout_classified_transient() {
     });
     assert!(matches!(
         client.purchase(&c, None).await.answer,
-        PurchaseAnswer::Succeeded(_)
+        PurchaseAnswer::Final(FinalAnswer::Succeeded(_))
     ));
     assert_eq!(sim.ledger().charges_for(c.id.as_str()), 1);
 }
@@ -259,7 +266,10 @@ mod transactions {
         for i in 0..n {
             let c = command(&format!("client-tx-{i:016}"), 1);
             let answer = client.purchase(&c, None).await.answer;
-            assert!(matches!(answer, PurchaseAnswer::Succeeded(_)), "{answer:?}");
+            assert!(
+                matches!(answer, PurchaseAnswer::Final(FinalAnswer::Succeeded(_))),
+                "{answer:?}"
+            );
             last = Some(c);
         }
         last.expect("at least one purchase")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use credit_purchase_worker::configuration::{ApiKey, Settings};
 use credit_purchase_worker::contract::Command;
-use credit_purchase_worker::hyperline::{HyperlineClient, PurchaseAnswer};
+use credit_purchase_worker::hyperline::{FinalAnswer, HyperlineClient, PurchaseAnswer};
 use credit_purchase_worker::simulator::{Faults, Simulator, SimulatorSettings};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
@@ -116,7 +116,10 @@ async fn a_private_ca_is_trusted_only_when_configured() {
     let trusting = client(&base, Some(&ca_path));
     let bought = trusting.purchase(&command(), None).await;
     assert!(
-        matches!(bought.answer, PurchaseAnswer::Succeeded(_)),
+        matches!(
+            bought.answer,
+            PurchaseAnswer::Final(FinalAnswer::Succeeded(_))
+        ),
         "{bought:?}"
     );
     assert_eq!(sim.ledger().charges.len(), 1);

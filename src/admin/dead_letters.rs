@@ -192,7 +192,7 @@ async fn replay_on(
     let mut found = Vec::new();
     let mut keep = Vec::new();
     let mut failure = None;
-    let now = super::now_ms();
+    let now = crate::clock::now_ms();
     let budget = settings.worker.delivery_deadline();
     for delivery in held {
         let info = inspect(

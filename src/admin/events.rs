@@ -10,13 +10,13 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{ConnectError, output};
 use crate::broker::results_log::{Entry, LogError, Reader, Start, read_to_end};
 use crate::cli::EventsArgs;
+use crate::clock::{millis, now_ms, rfc3339_ms};
 use crate::configuration::{ConfigError, Settings};
 
 /// Why the log could not be read.
@@ -45,7 +45,7 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
     let retention = settings.amqp.results_log_retention().ok_or(Error::NoLog)?;
     let kept = settings.amqp.results_log_retention.trim().to_owned();
     let log = format!("{}.log", settings.amqp.results_exchange);
-    let now = super::now_ms();
+    let now = now_ms();
     let from_ms = match (args.since, args.from) {
         (Some(ago), _) => Some(now.saturating_sub(millis(ago))),
         (None, Some(at)) => Some(u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)),
@@ -59,7 +59,7 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
         eprintln!(
             "the results log keeps {kept} of events (amqp.results_log_retention): what was \
              published before {} is gone; printing what it still holds",
-            super::rfc3339_ms(now.saturating_sub(millis(retention))).unwrap_or_default()
+            rfc3339_ms(now.saturating_sub(millis(retention))).unwrap_or_default()
         );
     }
     let connection = super::connect(&settings.amqp, "events").await?;
@@ -77,10 +77,6 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
         true => ExitCode::from(1),
         false => ExitCode::SUCCESS,
     })
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Prints the selected entries to the end of the log, then (following)
@@ -139,9 +135,7 @@ fn print(entry: &Entry, from_ms: Option<u64>, args: &EventsArgs) -> bool {
 
 /// One event on one line: when, what, which command, and the outcome.
 fn describe(body: &[u8], at_ms: Option<u64>) -> String {
-    let at = at_ms
-        .and_then(super::rfc3339_ms)
-        .unwrap_or_else(|| "-".into());
+    let at = at_ms.and_then(rfc3339_ms).unwrap_or_else(|| "-".into());
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return format!("{at}  (not an event: {} bytes)", body.len());
     };

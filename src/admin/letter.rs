@@ -134,7 +134,7 @@ pub fn inspect(
             .into_iter()
             .chain(dead_lettered_ms)
             .min()
-            .and_then(super::rfc3339_ms),
+            .and_then(crate::clock::rfc3339_ms),
         count: latest.and_then(|d| d.count),
         detail: invalid_reason.clone().or_else(|| {
             explain(
@@ -147,8 +147,8 @@ pub fn inspect(
         invalid_reason,
         last_status: history.last_status,
         attempts: (history.attempts > 0 || stamped).then_some(u64::from(history.attempts)),
-        first_attempt: first_attempt_ms.and_then(super::rfc3339_ms),
-        last_attempt: history.last_attempt_ms.and_then(super::rfc3339_ms),
+        first_attempt: first_attempt_ms.and_then(crate::clock::rfc3339_ms),
+        last_attempt: history.last_attempt_ms.and_then(crate::clock::rfc3339_ms),
         replica: header_str(headers, REPLICA_HEADER),
         first_attempt_ms,
         stamped,

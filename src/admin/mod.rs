@@ -24,10 +24,9 @@ pub mod reconcile;
 pub mod show;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lapin::Connection;
-use time::OffsetDateTime;
 
 use crate::broker::{self, redacted_url};
 use crate::configuration::AmqpSettings;
@@ -125,26 +124,6 @@ pub async fn close(connection: &Connection) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// Milliseconds since the Unix epoch, the unit of `cpw-first-attempt-ms`.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Unix milliseconds as RFC 3339 (UTC) with three digits of milliseconds,
-/// always (`…51.180Z`, never `…51.18Z`: every time a tool prints lines up),
-/// or `None` for a value no calendar holds (a corrupt header must not stop a
-/// listing).
-pub fn rfc3339_ms(ms: u64) -> Option<String> {
-    let nanos = i128::from(ms).checked_mul(1_000_000)?;
-    OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()?
-        .format(crate::contract::RFC3339_MILLIS)
-        .ok()
-}
-
 /// A duration as people say it: `25h 3m`, `4m 10s`, `12s`.
 pub fn human(d: Duration) -> String {
     let s = d.as_secs();
@@ -160,17 +139,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn times_read_as_people_write_them() {
-        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
-        assert_eq!(
-            rfc3339_ms(1_700_000_000_180).as_deref(),
-            Some("2023-11-14T22:13:20.180Z")
-        );
-        assert_eq!(
-            rfc3339_ms(1_700_000_000_123).as_deref(),
-            Some("2023-11-14T22:13:20.123Z")
-        );
-        assert_eq!(rfc3339_ms(u64::MAX), None);
+    fn durations_read_as_people_say_them() {
         assert_eq!(human(Duration::from_secs(12)), "12s");
         assert_eq!(human(Duration::from_secs(250)), "4m 10s");
         assert_eq!(human(Duration::from_secs(25 * 3600 + 180)), "25h 3m");

@@ -99,7 +99,7 @@ async fn publish_and_wait(
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(id.into())
-        .with_timestamp(super::now_ms() / 1000);
+        .with_timestamp(crate::clock::now_ms() / 1000);
     if let Some(reply) = &reply {
         properties = properties.with_reply_to(reply.name.as_str().into());
     }

@@ -99,7 +99,7 @@ fn render(delivery: &Delivery, info: &DeadLetterInfo, settings: &Settings) -> St
         field("invalid", reason.clone());
     }
     let budget = settings.worker.delivery_deadline();
-    let window = match window(info, super::now_ms(), budget) {
+    let window = match window(info, crate::clock::now_ms(), budget) {
         Window::Open => match info.first_attempt_ms {
             Some(_) => {
                 "open: a replay reuses the Idempotency-Key within Hyperline's 24 h".to_owned()
@@ -157,7 +157,7 @@ fn properties(p: &BasicProperties) -> Vec<(&'static str, String)> {
         (
             "timestamp",
             p.timestamp()
-                .and_then(|s| super::rfc3339_ms(s.saturating_mul(1000))),
+                .and_then(|s| crate::clock::rfc3339_ms(s.saturating_mul(1000))),
         ),
         ("delivery_mode", p.delivery_mode().map(|m| m.to_string())),
     ]
@@ -181,12 +181,12 @@ fn value(v: &AMQPValue) -> String {
         AMQPValue::LongUInt(n) => n.to_string(),
         AMQPValue::LongLongInt(n) => {
             match u64::try_from(*n).ok().filter(|ms| *ms > 1_000_000_000_000) {
-                Some(ms) => format!("{n} ({})", super::rfc3339_ms(ms).unwrap_or_default()),
+                Some(ms) => format!("{n} ({})", crate::clock::rfc3339_ms(ms).unwrap_or_default()),
                 None => n.to_string(),
             }
         }
         AMQPValue::Timestamp(s) => {
-            super::rfc3339_ms(s.saturating_mul(1000)).unwrap_or_else(|| s.to_string())
+            crate::clock::rfc3339_ms(s.saturating_mul(1000)).unwrap_or_else(|| s.to_string())
         }
         AMQPValue::FieldTable(t) => {
             let mut entries: Vec<String> = t

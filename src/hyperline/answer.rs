@@ -11,20 +11,8 @@ use time::format_description::well_known::Rfc3339;
 /// What Hyperline returned for a purchase, as the worker must treat it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PurchaseAnswer {
-    /// 2xx with the documented body: the credits are bought (maybe a replay).
-    Succeeded(Receipt),
-    /// 400, 404, 422: the purchase is refused for good.
-    Rejected {
-        /// The HTTP status.
-        status: u16,
-        /// Hyperline's `message`.
-        message: String,
-    },
-    /// 417: the key was already used for another purchase.
-    IdempotencyConflict {
-        /// Hyperline's `message`.
-        message: String,
-    },
+    /// An answer that ends the command's attempts, as it is.
+    Final(FinalAnswer),
     /// 409: a request with this key is still running; ask again shortly.
     InProgress,
     /// 429: wait at least `wait` (when the headers said) before any request.
@@ -43,6 +31,26 @@ pub enum PurchaseAnswer {
     CredentialFault {
         /// The HTTP status.
         status: u16,
+    },
+}
+
+/// An answer about the command itself, which no retry changes: it becomes
+/// the command's event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinalAnswer {
+    /// 2xx with the documented body: the credits are bought (maybe a replay).
+    Succeeded(Receipt),
+    /// 400, 404, 422: the purchase is refused for good.
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// Hyperline's `message`.
+        message: String,
+    },
+    /// 417: the key was already used for another purchase.
+    IdempotencyConflict {
+        /// Hyperline's `message`.
+        message: String,
     },
     /// Anything undocumented (a 2xx with another body, a 3xx, an unknown
     /// 4xx): the charge may have happened, so an operator must look.
@@ -166,6 +174,21 @@ pub(super) fn quota(headers: &HeaderMap, now: OffsetDateTime) -> Option<Quota> {
     })
 }
 
+/// A 2xx: bought, if its body is the documented one.
+fn success(status: u16, body: &[u8]) -> FinalAnswer {
+    match serde_json::from_slice::<Receipt>(body) {
+        Ok(receipt) if !receipt.invoice_id.is_empty() => FinalAnswer::Succeeded(receipt),
+        Ok(_) => FinalAnswer::UnexpectedResponse {
+            status,
+            detail: "a success without an invoice_id".into(),
+        },
+        Err(e) => FinalAnswer::UnexpectedResponse {
+            status,
+            detail: format!("a success whose body is not the documented shape: {e}"),
+        },
+    }
+}
+
 /// Classifies one HTTP answer, and reads its rate-limit quota if it has one.
 pub fn classify(
     status: u16,
@@ -174,26 +197,16 @@ pub fn classify(
     now: OffsetDateTime,
 ) -> (PurchaseAnswer, Option<Quota>) {
     let answer = match status {
-        200..=299 => match serde_json::from_slice::<Receipt>(body) {
-            Ok(receipt) if !receipt.invoice_id.is_empty() => PurchaseAnswer::Succeeded(receipt),
-            Ok(_) => PurchaseAnswer::UnexpectedResponse {
-                status,
-                detail: "a success without an invoice_id".into(),
-            },
-            Err(e) => PurchaseAnswer::UnexpectedResponse {
-                status,
-                detail: format!("a success whose body is not the documented shape: {e}"),
-            },
-        },
-        400 | 404 | 422 => PurchaseAnswer::Rejected {
+        200..=299 => PurchaseAnswer::Final(success(status, body)),
+        400 | 404 | 422 => PurchaseAnswer::Final(FinalAnswer::Rejected {
             status,
             message: message_of(body),
-        },
+        }),
         401 | 403 => PurchaseAnswer::CredentialFault { status },
         409 => PurchaseAnswer::InProgress,
-        417 => PurchaseAnswer::IdempotencyConflict {
+        417 => PurchaseAnswer::Final(FinalAnswer::IdempotencyConflict {
             message: message_of(body),
-        },
+        }),
         429 => PurchaseAnswer::RateLimited {
             wait: rate_limit_wait(headers, now),
         },
@@ -201,10 +214,10 @@ pub fn classify(
             status: Some(status),
             cause: TransientCause::ServerError,
         },
-        _ => PurchaseAnswer::UnexpectedResponse {
+        _ => PurchaseAnswer::Final(FinalAnswer::UnexpectedResponse {
             status,
             detail: format!("an undocumented status: {}", message_of(body)),
-        },
+        }),
     };
     (answer, quota(headers, now))
 }
@@ -221,6 +234,14 @@ mod tests {
         classify(status, &HeaderMap::new(), body.as_bytes(), NOW).0
     }
 
+    /// The final answer of `status` and `body`, if it is one.
+    fn final_answer(status: u16, body: &str) -> Option<FinalAnswer> {
+        match answer(status, body) {
+            PurchaseAnswer::Final(answer) => Some(answer),
+            _ => None,
+        }
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -231,16 +252,16 @@ mod tests {
 
     #[test]
     fn success_with_the_documented_body() {
-        let want = PurchaseAnswer::Succeeded(Receipt {
+        let want = Some(FinalAnswer::Succeeded(Receipt {
             invoice_id: "inv_1".into(),
             new_credit_balance: 2032,
-        });
+        }));
         assert_eq!(
-            answer(201, r#"{"invoice_id":"inv_1","new_credit_balance":2032}"#),
+            final_answer(201, r#"{"invoice_id":"inv_1","new_credit_balance":2032}"#),
             want
         );
         assert_eq!(
-            answer(
+            final_answer(
                 200,
                 r#"{"invoice_id":"inv_1","new_credit_balance":2032,"extra":1}"#
             ),
@@ -260,15 +281,15 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    answer(201, body),
-                    PurchaseAnswer::UnexpectedResponse { status: 201, .. }
+                    final_answer(201, body),
+                    Some(FinalAnswer::UnexpectedResponse { status: 201, .. })
                 ),
                 "{body}"
             );
         }
         assert!(matches!(
-            answer(204, ""),
-            PurchaseAnswer::UnexpectedResponse { status: 204, .. }
+            final_answer(204, ""),
+            Some(FinalAnswer::UnexpectedResponse { status: 204, .. })
         ));
     }
 
@@ -276,21 +297,22 @@ mod tests {
     fn rejections_carry_hyperline_message() {
         for status in [400, 404, 422] {
             assert_eq!(
-                answer(status, r#"{"message":"customer not found"}"#),
-                PurchaseAnswer::Rejected {
+                final_answer(status, r#"{"message":"customer not found"}"#),
+                Some(FinalAnswer::Rejected {
                     status,
                     message: "customer not found".into()
-                }
+                })
             );
         }
         assert_eq!(
-            answer(400, "plain"),
-            PurchaseAnswer::Rejected {
+            final_answer(400, "plain"),
+            Some(FinalAnswer::Rejected {
                 status: 400,
                 message: "plain".into()
-            }
+            })
         );
-        let PurchaseAnswer::Rejected { message, .. } = answer(400, &"x".repeat(10_000)) else {
+        let Some(FinalAnswer::Rejected { message, .. }) = final_answer(400, &"x".repeat(10_000))
+        else {
             panic!("not rejected")
         };
         assert_eq!(message.len(), MAX_MESSAGE_CHARS);
@@ -299,10 +321,10 @@ mod tests {
     #[test]
     fn idempotency_conflict_and_in_progress() {
         assert_eq!(
-            answer(417, r#"{"message":"key reused"}"#),
-            PurchaseAnswer::IdempotencyConflict {
+            final_answer(417, r#"{"message":"key reused"}"#),
+            Some(FinalAnswer::IdempotencyConflict {
                 message: "key reused".into()
-            }
+            })
         );
         assert_eq!(
             answer(409, r#"{"message":"in progress"}"#),
@@ -340,8 +362,8 @@ mod tests {
         for status in [301, 302, 307, 308, 405, 413, 418] {
             assert!(
                 matches!(
-                    answer(status, ""),
-                    PurchaseAnswer::UnexpectedResponse { .. }
+                    final_answer(status, ""),
+                    Some(FinalAnswer::UnexpectedResponse { .. })
                 ),
                 "{status}"
             );

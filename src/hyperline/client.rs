@@ -7,7 +7,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, Header
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::answer::{PurchaseAnswer, Quota, TransientCause, classify};
+use super::answer::{FinalAnswer, PurchaseAnswer, Quota, TransientCause, classify};
 use crate::configuration::{ApiKey, HyperlineSettings};
 use crate::contract::{Command, CustomerId, Pricing, ProductId};
 
@@ -66,6 +66,43 @@ impl PurchaseResponse {
             (None, PurchaseAnswer::Transient { cause, .. }) => cause.label(),
             (None, _) => "error",
         }
+    }
+
+    /// Hyperline answered before processing the purchase: the key was
+    /// refused (401, 403) or the rate limit reached (429).
+    fn turned_away(&self) -> bool {
+        matches!(self.status, Some(401 | 403 | 429))
+    }
+
+    /// Whether the request may have charged: anything but an answer given
+    /// before the purchase is processed or a request that never left (a
+    /// connect failure). Such a request starts the command's idempotency
+    /// window.
+    pub fn may_have_charged(&self) -> bool {
+        let never_left = matches!(
+            (self.status, &self.answer),
+            (
+                None,
+                PurchaseAnswer::Transient {
+                    cause: TransientCause::Connect,
+                    ..
+                }
+            )
+        );
+        !(self.turned_away() || never_left)
+    }
+
+    /// Whether the answer proves the key: any answer but a refusal before
+    /// processing (a 429 comes before authentication is known to pass).
+    pub fn proves_key(&self) -> bool {
+        self.status.is_some() && !self.turned_away()
+    }
+
+    /// Whether the answer speaks for the API itself, so that its lack of
+    /// rate-limit headers says the API announces none: not a gateway's 5xx,
+    /// nor a refusal before processing.
+    pub fn speaks_for_the_api(&self) -> bool {
+        matches!(self.status, Some(200..=499)) && !self.turned_away()
     }
 }
 
@@ -323,24 +360,23 @@ impl HyperlineClient {
     }
 
     fn scrub(&self, answer: PurchaseAnswer) -> PurchaseAnswer {
-        match answer {
-            PurchaseAnswer::Rejected { status, message } => PurchaseAnswer::Rejected {
+        let PurchaseAnswer::Final(answer) = answer else {
+            return answer;
+        };
+        PurchaseAnswer::Final(match answer {
+            FinalAnswer::Rejected { status, message } => FinalAnswer::Rejected {
                 status,
                 message: self.redact(&message),
             },
-            PurchaseAnswer::IdempotencyConflict { message } => {
-                PurchaseAnswer::IdempotencyConflict {
-                    message: self.redact(&message),
-                }
-            }
-            PurchaseAnswer::UnexpectedResponse { status, detail } => {
-                PurchaseAnswer::UnexpectedResponse {
-                    status,
-                    detail: self.redact(&detail),
-                }
-            }
-            other => other,
-        }
+            FinalAnswer::IdempotencyConflict { message } => FinalAnswer::IdempotencyConflict {
+                message: self.redact(&message),
+            },
+            FinalAnswer::UnexpectedResponse { status, detail } => FinalAnswer::UnexpectedResponse {
+                status,
+                detail: self.redact(&detail),
+            },
+            succeeded @ FinalAnswer::Succeeded(_) => succeeded,
+        })
     }
 }
 

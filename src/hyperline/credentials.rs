@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{HyperlineClient, ProbeResult};
+use super::{HyperlineClient, ProbeResult, PurchaseResponse};
 
 /// First and longest wait between probes of a refused key (docs/contract.md section 4).
 const PROBE_FIRST: Duration = Duration::from_secs(1);
@@ -81,10 +81,10 @@ impl Credentials {
         self.on_trial.load(Ordering::Acquire).then_some(turn)
     }
 
-    /// Takes in the status of a purchase answer: anything but an
-    /// authentication or rate-limit refusal proves the key.
-    pub fn heard(&self, status: u16) {
-        if !matches!(status, 401 | 403 | 429) && self.on_trial.swap(false, Ordering::AcqRel) {
+    /// Takes in a purchase answer: anything but an authentication or
+    /// rate-limit refusal proves the key.
+    pub fn heard(&self, response: &PurchaseResponse) {
+        if response.proves_key() && self.on_trial.swap(false, Ordering::AcqRel) {
             *self.next_probe() = PROBE_FIRST;
         }
     }
@@ -111,8 +111,7 @@ impl Credentials {
                     return true;
                 }
                 ProbeResult::Refused(status) => {
-                    let next_probe_in_ms =
-                        u64::try_from(self.next_probe().as_millis()).unwrap_or(u64::MAX);
+                    let next_probe_in_ms = crate::clock::millis(*self.next_probe());
                     tracing::warn!(
                         status,
                         next_probe_in_ms,
@@ -131,6 +130,18 @@ impl Credentials {
 mod tests {
     use super::*;
 
+    /// A purchase answer of `status`, as the client reads it.
+    fn answer(status: u16) -> PurchaseResponse {
+        let headers = reqwest::header::HeaderMap::new();
+        let (answer, quota) =
+            super::super::classify(status, &headers, b"", time::OffsetDateTime::now_utc());
+        PurchaseResponse {
+            answer,
+            status: Some(status),
+            quota,
+        }
+    }
+
     #[tokio::test]
     async fn a_proven_key_has_no_trial() {
         let c = Credentials::default();
@@ -145,12 +156,12 @@ mod tests {
         let first = c.trial().await;
         assert!(first.is_some());
         assert!(c.trial.try_lock().is_err(), "the others wait");
-        c.heard(403);
+        c.heard(&answer(403));
         assert!(
             c.on_trial.load(Ordering::Acquire),
             "a refusal proves nothing"
         );
-        c.heard(201);
+        c.heard(&answer(201));
         drop(first);
         assert!(c.trial().await.is_none());
         assert_eq!(

@@ -52,7 +52,7 @@ impl LogEvidence {
     /// event is published after Hyperline recorded `t`, and their clocks
     /// may disagree by `margin`.
     fn covers(&self, t: &Candidate, margin: Duration) -> bool {
-        let margin = u64::try_from(margin.as_millis()).unwrap_or(u64::MAX);
+        let margin = crate::clock::millis(margin);
         self.complete_since_ms
             .is_some_and(|since| since.saturating_add(margin) <= t.created_ms())
     }
@@ -231,12 +231,33 @@ mod tests {
 
     #[test]
     fn every_rule_with_and_without_a_results_log_covering_the_window() {
+        for (row, letters, claims, with_log, without) in rows() {
+            assert_eq!(
+                verdict(&letters, &log(true, &claims)),
+                with_log,
+                "{row}, log covers"
+            );
+            assert_eq!(
+                verdict(&letters, &log(false, &claims)),
+                without,
+                "{row}, log too young"
+            );
+            let none = LogEvidence {
+                complete_since_ms: None,
+                ..log(false, &claims)
+            };
+            assert_eq!(verdict(&letters, &none), without, "{row}, no log");
+        }
+    }
+
+    /// Every rule: (row, letters (the first is judged), log claims, the
+    /// verdict with a log covering the window, without one).
+    fn rows() -> Vec<Row<'static>> {
         let incomplete = Ok(Matches {
             candidates: vec![t("t1")],
             incomplete: vec!["t2".into()],
         });
-        // (row, letters (the first is judged), log claims, with log, without)
-        let rows: Vec<Row<'_>> = vec![
+        vec![
             (
                 "no candidate",
                 vec![("a", offered(&[]))],
@@ -327,24 +348,7 @@ mod tests {
                 "person []",
                 "person []",
             ),
-        ];
-        for (row, letters, claims, with_log, without) in rows {
-            assert_eq!(
-                verdict(&letters, &log(true, &claims)),
-                with_log,
-                "{row}, log covers"
-            );
-            assert_eq!(
-                verdict(&letters, &log(false, &claims)),
-                without,
-                "{row}, log too young"
-            );
-            let none = LogEvidence {
-                complete_since_ms: None,
-                ..log(false, &claims)
-            };
-            assert_eq!(verdict(&letters, &none), without, "{row}, no log");
-        }
+        ]
     }
 
     #[test]

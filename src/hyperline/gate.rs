@@ -108,7 +108,7 @@ impl Permit<'_> {
     /// The answer arrived; `quota` is what its rate-limit headers announced
     /// (`None`: it had none).
     pub fn answered(self, quota: Option<Quota>) {
-        self.gate.learn(self.seq, self.probe, quota);
+        self.gate.take_in(self.seq, self.probe, quota);
     }
 }
 
@@ -123,7 +123,7 @@ impl Drop for Permit<'_> {
 
 impl GateState {
     /// Admits now (`Ok(is a probe)`) or says how long to wait.
-    fn decide(&self, now: Instant, capped: bool, patience: Duration) -> Result<bool, Wait> {
+    fn admission(&self, now: Instant, capped: bool, patience: Duration) -> Result<bool, Wait> {
         let mut at = now.max(self.not_before);
         if capped {
             at = at.max(self.next_slot);
@@ -202,7 +202,7 @@ impl Gate {
             let wait = {
                 let now = Instant::now();
                 let mut s = self.lock();
-                match s.decide(now, self.interval.is_some(), self.patience) {
+                match s.admission(now, self.interval.is_some(), self.patience) {
                     Ok(probe) => {
                         s.admitted += 1;
                         s.last_admitted = Some(now);
@@ -222,7 +222,7 @@ impl Gate {
                 }
             };
             // Whatever changes meanwhile (a 429, an announcement) is taken
-            // into account when the loop decides again.
+            // into account when the loop asks again.
             match wait {
                 Wait::Until(at) => tokio::time::sleep_until(at).await,
                 Wait::ForProbe(until) => {
@@ -238,7 +238,7 @@ impl Gate {
     }
 
     /// Takes in what the answer to permit `seq` announced.
-    fn learn(&self, seq: u64, probe: bool, quota: Option<Quota>) {
+    fn take_in(&self, seq: u64, probe: bool, quota: Option<Quota>) {
         let now = Instant::now();
         let mut s = self.lock();
         let Some(quota) = quota else {

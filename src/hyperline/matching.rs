@@ -29,7 +29,7 @@ pub fn clock_margin(window: Duration) -> Duration {
 /// When the command's charge, if any, was recorded: from its first request
 /// that may have charged to the last moment one could still complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Span {
+pub struct TimeSpan {
     /// Unix ms of the first request that may have charged.
     pub from_ms: u64,
     /// Unix ms after which no request of the command can have charged.
@@ -118,7 +118,7 @@ fn priced_alike(command: &Command, t: &CreditTransaction) -> Option<bool> {
 pub fn candidates(
     command: &Command,
     transactions: &[CreditTransaction],
-    span: Span,
+    span: TimeSpan,
     margin: Duration,
 ) -> Matches {
     let skew = i128::try_from(margin.as_millis()).unwrap_or(i128::MAX);
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn only_an_api_topup_of_the_same_purchase_inside_the_span_matches() {
-        let span = Span {
+        let span = TimeSpan {
             from_ms: T0,
             until_ms: T0 + 60_000,
         };
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_possible_charge_missing_a_field_is_incomplete_not_dropped() {
-        let span = Span {
+        let span = TimeSpan {
             from_ms: T0,
             until_ms: T0 + 1,
         };

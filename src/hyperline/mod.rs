@@ -4,7 +4,8 @@
 //! - [`client`] makes one request; [`answer`] turns whatever came back (a
 //!   status and body, or a network error) into a [`PurchaseAnswer`] that names
 //!   one row of the contract's outcome table;
-//! - [`retry`] repeats a purchase within a delivery's bounds, [`gate`] paces
+//! - [`retry`] repeats a purchase within a delivery's bounds, one attempt
+//!   at a time (admitted, sent, its quota taken in), [`gate`] paces
 //!   every request of the replica by the quota the API announces, and
 //!   [`credentials`] pauses the replica while its key is refused;
 //! - [`HyperlineClient::transactions`] reads a customer's credit transactions,
@@ -13,6 +14,7 @@
 //! The retry loop never looks at a status code: it only matches on the answer.
 
 mod answer;
+mod attempt;
 mod client;
 pub mod credentials;
 pub mod evidence;
@@ -21,7 +23,9 @@ pub mod matching;
 pub mod retry;
 mod transactions;
 
-pub use answer::{PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait};
+pub use answer::{
+    FinalAnswer, PurchaseAnswer, Quota, Receipt, TransientCause, classify, rate_limit_wait,
+};
 pub use client::{ClientError, HyperlineClient, ProbeResult, PurchaseResponse, purchase_path};
 pub use transactions::{
     CreditTransaction, MAX_PAGES, PAGE_SIZE, READS_PER_SECOND, ReadBounds, TransactionPrice,

@@ -2,9 +2,10 @@
 //!
 //! [`step`] is the retry decision as data: it maps each answer to "done with
 //! this verdict" or "retry, for this reason". [`purchase_with_retry`] is the
-//! loop that sleeps. Every attempt sends the same Idempotency-Key and body,
-//! so a retry after a lost answer replays the first charge instead of making
-//! a second one.
+//! loop that sleeps, around one attempt at a time (`attempt.rs`: admit,
+//! send, take in the quota). Every attempt sends the same Idempotency-Key
+//! and body, so a retry after a lost answer replays the first charge
+//! instead of making a second one.
 //!
 //! Three bounds hold whatever Hyperline does:
 //! - the delivery's deadline: no request starts that could end after it, and
@@ -14,49 +15,28 @@
 //!   after it has forgotten the key of the command's first request;
 //! - shutdown: a cancelled delivery stops at once and reports what it did.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
+use super::attempt::{Attempt, note_retry};
 use super::credentials::Credentials;
 use super::gate::Gate;
-use super::{HyperlineClient, PurchaseAnswer, PurchaseResponse, Quota, Receipt, TransientCause};
+use super::{FinalAnswer, HyperlineClient, PurchaseAnswer, TransientCause};
+use crate::clock::millis;
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
 use crate::operations::Metrics;
-use crate::operations::metrics::ReasonLabel;
-use crate::telemetry;
 
 /// How the in-process attempts of a delivery ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Bought (or replayed).
-    Succeeded(Receipt),
-    /// 400/404/422.
-    Rejected {
-        /// The status.
-        status: u16,
-        /// Hyperline's message.
-        message: String,
-    },
-    /// 417.
-    IdempotencyConflict {
-        /// Hyperline's message.
-        message: String,
-    },
-    /// An undocumented answer.
-    Unexpected {
-        /// The status.
-        status: u16,
-        /// What was unexpected.
-        detail: String,
-    },
+    /// Hyperline's final answer about the command: bought, refused, a
+    /// reused key or an undocumented answer.
+    Answered(FinalAnswer),
     /// 401/403, or the replica already knows its key is refused.
     CredentialFault,
     /// Transient failures outlasted this delivery's attempts or deadline.
@@ -88,11 +68,53 @@ pub enum Verdict {
     Interrupted,
 }
 
-/// Why an attempt is retried; the metrics label.
+/// Why an attempt is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryReason {
+    /// A 5xx or 408.
+    ServerError,
+    /// No answer within the request's deadline.
+    Timeout,
+    /// The request never left.
+    Connect,
+    /// The connection broke mid-way.
+    Network,
+    /// A 409: the first request with this key is still running.
+    InProgress,
+    /// A 429: waited on without using an attempt.
+    RateLimited,
+}
+
+impl RetryReason {
+    /// The metrics label and the log's `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::ServerError => "server_error",
+            RetryReason::Timeout => "timeout",
+            RetryReason::Connect => "connect",
+            RetryReason::Network => "network",
+            RetryReason::InProgress => "in_progress",
+            RetryReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+impl From<&TransientCause> for RetryReason {
+    fn from(cause: &TransientCause) -> Self {
+        match cause {
+            TransientCause::ServerError => RetryReason::ServerError,
+            TransientCause::Timeout => RetryReason::Timeout,
+            TransientCause::Connect => RetryReason::Connect,
+            TransientCause::Network(_) => RetryReason::Network,
+        }
+    }
+}
+
+/// Why an attempt is retried, and what the retry needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retry {
-    /// `server_error`, `timeout`, `connect`, `network`, `in_progress`, `rate_limited`.
-    pub reason: &'static str,
+    /// The metrics label.
+    pub reason: RetryReason,
     /// The status, if an answer arrived.
     pub status: Option<u16>,
     /// For the log and the `retries_exhausted` event.
@@ -113,31 +135,22 @@ pub enum Step {
 /// Maps an answer to a step: the status table of docs/contract.md section 4.
 pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
     match answer {
-        PurchaseAnswer::Succeeded(r) => Step::Done(Verdict::Succeeded(r)),
-        PurchaseAnswer::Rejected { status, message } => {
-            Step::Done(Verdict::Rejected { status, message })
-        }
-        PurchaseAnswer::IdempotencyConflict { message } => {
-            Step::Done(Verdict::IdempotencyConflict { message })
-        }
-        PurchaseAnswer::UnexpectedResponse { status, detail } => {
-            Step::Done(Verdict::Unexpected { status, detail })
-        }
+        PurchaseAnswer::Final(answer) => Step::Done(Verdict::Answered(answer)),
         PurchaseAnswer::CredentialFault { .. } => Step::Done(Verdict::CredentialFault),
         PurchaseAnswer::InProgress => Step::Retry(Retry {
-            reason: "in_progress",
+            reason: RetryReason::InProgress,
             status: Some(409),
             detail: "409: the first request with this key is still running".into(),
             wait: Some(conflict_delay),
         }),
         PurchaseAnswer::RateLimited { wait } => Step::Retry(Retry {
-            reason: "rate_limited",
+            reason: RetryReason::RateLimited,
             status: Some(429),
             detail: "429: rate limited".into(),
             wait,
         }),
         PurchaseAnswer::Transient { status, cause } => Step::Retry(Retry {
-            reason: cause.label(),
+            reason: RetryReason::from(&cause),
             status,
             detail: match (&status, &cause) {
                 (Some(s), _) => format!("HTTP {s}"),
@@ -147,24 +160,6 @@ pub fn step(answer: PurchaseAnswer, conflict_delay: Duration) -> Step {
             wait: None,
         }),
     }
-}
-
-/// Whether a request may have charged: anything but an answer given before
-/// the purchase is processed (authentication, the rate limit) or a request
-/// that never left (a connect failure). Such a request starts the command's
-/// idempotency window.
-fn may_have_charged(response: &PurchaseResponse) -> bool {
-    !matches!(
-        (response.status, &response.answer),
-        (Some(401 | 403 | 429), _)
-            | (
-                None,
-                PurchaseAnswer::Transient {
-                    cause: TransientCause::Connect,
-                    ..
-                },
-            )
-    )
 }
 
 /// What [`purchase_with_retry`] reports: the verdict and what was learned.
@@ -222,115 +217,13 @@ fn full_jitter(floor: Duration, ceiling: Duration) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
-/// Unix milliseconds now, by the wall clock every replica shares.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// Whether a request sent at `at_ms`, lasting at most `request_timeout`,
 /// would still be inside the window opened at `first_ms`. A margin of 1/96
 /// of the window (15 minutes of 24 hours) covers clocks that disagree
 /// between replicas.
 pub fn window_open(first_ms: u64, at_ms: u64, window: Duration, request_timeout: Duration) -> bool {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let ends = first_ms.saturating_add(ms(window));
-    at_ms.saturating_add(ms(request_timeout + window / 96)) < ends
-}
-
-/// What the attempts learned, kept outside the retried future so that an
-/// interrupted delivery still reports it.
-#[derive(Default)]
-struct Tally {
-    requests: AtomicU32,
-    first_sent_ms: Mutex<Option<u64>>,
-    last: Mutex<(Option<u64>, Option<u16>)>,
-    last_failure: Mutex<Option<(Option<u16>, String)>>,
-    /// The latest answer was a 429.
-    rate_limited: std::sync::atomic::AtomicBool,
-}
-
-impl Tally {
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        // Plain values, each written whole: a poisoned lock is still usable.
-        m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn first_sent(&self) -> Option<u64> {
-        *Self::lock(&self.first_sent_ms)
-    }
-
-    /// The verdict of a delivery whose deadline came before its next
-    /// request. Waiting on a 429 is not a failure: such a delivery waits in
-    /// the broker without using a step.
-    fn out_of_time(&self, gate: &Gate) -> Verdict {
-        if self.rate_limited.load(Ordering::Relaxed) {
-            return Verdict::Held {
-                paused_for: gate.paused_for(),
-            };
-        }
-        match Self::lock(&self.last_failure).clone() {
-            Some((last_status, last_error)) => Verdict::Exhausted {
-                last_status,
-                last_error: format!("{last_error} (the delivery's deadline came)"),
-            },
-            None => Verdict::Held {
-                paused_for: gate.paused_for(),
-            },
-        }
-    }
-}
-
-/// The client span of one HTTP attempt (`attempt` is 1-based), disabled
-/// unless spans are exported; the client records the URL on it.
-fn client_span(attempt: u32) -> tracing::Span {
-    tracing::info_span!(
-        target: telemetry::SPANS,
-        "POST",
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = "POST",
-        http.request.resend_count = attempt.checked_sub(1).filter(|n| *n > 0),
-        attempt,
-        url.full = tracing::field::Empty,
-        server.address = tracing::field::Empty,
-        server.port = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    )
-}
-
-/// The answer of an attempt, on its client span: the status, and what went
-/// wrong (the status for a 4xx/5xx, the cause when no answer came).
-fn record_answer(span: &tracing::Span, response: &PurchaseResponse) {
-    if span.is_disabled() {
-        return;
-    }
-    if let Some(status) = response.status {
-        span.record("http.response.status_code", status);
-    }
-    let error = match response.status {
-        Some(status @ 400..) => Some(status.to_string()),
-        Some(_) => None,
-        None => Some(response.status_class().to_owned()),
-    };
-    if let Some(error) = error {
-        span.record("error.type", error);
-        span.record("otel.status_code", "error");
-    }
-}
-
-/// One line and one count per retry.
-fn note_retry(ctx: &RetryContext<'_>, retry: &Retry) {
-    tracing::info!(reason = retry.reason, detail = %retry.detail, "retrying the purchase");
-    ctx.metrics
-        .retries
-        .get_or_create(&ReasonLabel {
-            reason: retry.reason,
-        })
-        .inc();
+    let ends = first_ms.saturating_add(millis(window));
+    at_ms.saturating_add(millis(request_timeout + window / 96)) < ends
 }
 
 /// Attempts the purchase up to `retry.attempts` times, within `bounds`;
@@ -341,140 +234,21 @@ pub async fn purchase_with_retry(
     traceparent: Option<&str>,
     bounds: Bounds,
 ) -> Attempted {
-    let tally = Tally::default();
-    let floor = Duration::from_millis(ctx.settings.initial_backoff_ms);
-    let max_rate_wait = Duration::from_secs(ctx.settings.max_rate_limit_wait_secs);
-    let conflict_delay = Duration::from_millis(ctx.settings.conflict_delay_ms);
-    let latest_start = bounds
-        .deadline
-        .checked_sub(ctx.request_timeout)
-        .unwrap_or(bounds.deadline);
+    let attempt = Attempt::new(ctx, command, traceparent, bounds);
+    let floor = attempt.floor();
     let backoff = ExponentialBuilder::default()
         .with_min_delay(floor)
         .with_max_delay(Duration::from_millis(ctx.settings.max_backoff_ms))
         .with_factor(2.0)
         .with_max_times(ctx.settings.attempts.saturating_sub(1) as usize);
-
-    let attempt = || async {
-        // A 429 goes round this loop, not backon's: waiting on the rate limit
-        // is Hyperline asking to wait, not a failed attempt, so it never uses
-        // one up (nor, past the deadline, a delay step: see `out_of_time`).
-        loop {
-            if ctx.credentials.is_faulted() {
-                return Ok(Verdict::CredentialFault);
-            }
-            if let Some(first) = bounds.first_attempt_ms.or_else(|| tally.first_sent())
-                && !window_open(first, now_ms(), bounds.window, ctx.request_timeout)
-            {
-                return Ok(Verdict::WindowClosed {
-                    first_attempt_ms: first,
-                });
-            }
-            if Instant::now() >= latest_start {
-                return Ok(tally.out_of_time(ctx.gate));
-            }
-            // After a refused key came back, one request proves it first.
-            let Ok(_trial) = tokio::time::timeout_at(latest_start, ctx.credentials.trial()).await
-            else {
-                return Ok(tally.out_of_time(ctx.gate));
-            };
-            let Ok(permit) = tokio::time::timeout_at(latest_start, ctx.gate.admit()).await else {
-                return Ok(tally.out_of_time(ctx.gate));
-            };
-            if ctx.credentials.is_faulted() {
-                return Ok(Verdict::CredentialFault);
-            }
-            // A gate open at once is admitted even past the instant: look again.
-            if Instant::now() > latest_start {
-                drop(permit);
-                return Ok(tally.out_of_time(ctx.gate));
-            }
-            let attempt = tally.requests.fetch_add(1, Ordering::Relaxed) + 1;
-            let sent_ms = now_ms();
-            let sent = std::time::Instant::now();
-            // Counted as the window's start before the request leaves: if the
-            // replica stops while it is out, it may have charged.
-            let opens_window = {
-                let mut first = Tally::lock(&tally.first_sent_ms);
-                let opens = first.is_none();
-                if opens {
-                    *first = Some(sent_ms);
-                }
-                opens
-            };
-            let span = client_span(attempt);
-            let exported = telemetry::exported_traceparent(&span);
-            let response = ctx
-                .client
-                .purchase(command, exported.as_deref().or(traceparent))
-                .instrument(span.clone())
-                .await;
-            record_answer(&span, &response);
-            let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
-            ctx.metrics
-                .hyperline_request(response.status_class(), sent.elapsed(), exemplar);
-            *Tally::lock(&tally.last) = (Some(sent_ms), response.status);
-            if opens_window && !may_have_charged(&response) {
-                *Tally::lock(&tally.first_sent_ms) = None;
-            }
-            if let Some(status) = response.status {
-                ctx.credentials.heard(status);
-            }
-            // What the answer announced paces the replica's next requests (never
-            // for longer than a rate-limit wait may last in process). An answer
-            // without rate-limit headers says the API announces none, unless it
-            // may not come from the API itself (a gateway's 5xx, an auth failure).
-            match (response.status, response.quota) {
-                (Some(_), Some(quota)) => permit.answered(Some(Quota {
-                    reset_after: quota.reset_after.min(max_rate_wait),
-                    ..quota
-                })),
-                (Some(status @ 200..=499), None) if !matches!(status, 401 | 403 | 429) => {
-                    permit.answered(None);
-                }
-                _ => drop(permit),
-            }
-            if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
-                // The window is spent: wait for its reset instead of collecting 429s.
-                let wait = quota.reset_after.min(max_rate_wait);
-                ctx.gate.pause_for(wait);
-                ctx.metrics.rate_limit_wait(wait);
-            }
-            match step(response.answer, conflict_delay) {
-                Step::Done(verdict) => return Ok(verdict),
-                Step::Retry(retry) => {
-                    let limited = retry.reason == "rate_limited";
-                    tally.rate_limited.store(limited, Ordering::Relaxed);
-                    if limited {
-                        // The quota is the account's: every request of the
-                        // replica holds back for as long as the answer asks.
-                        let wait = retry.wait.unwrap_or(floor);
-                        ctx.gate.pause_for(wait);
-                        ctx.metrics.rate_limit_wait(wait);
-                        if wait > max_rate_wait {
-                            // Too long to hold the delivery: RabbitMQ's consumer
-                            // timeout would close the channel. A delay queue waits.
-                            return Ok(Verdict::RateLimited { wait });
-                        }
-                        // The gate holds the next request until the wait is over.
-                        note_retry(ctx, &retry);
-                        continue;
-                    }
-                    *Tally::lock(&tally.last_failure) = Some((retry.status, retry.detail.clone()));
-                    return Err(retry);
-                }
-            }
-        }
-    };
-
-    let retried = attempt
+    let retried = (|| attempt.run())
         .retry(backoff)
         .when(|_| true)
         .adjust(|retry: &Retry, next| {
             let left = bounds.deadline.saturating_duration_since(Instant::now());
             next.map(|ceiling| {
                 let wait = match retry.reason {
-                    "in_progress" => retry.wait.unwrap_or(ceiling),
+                    RetryReason::InProgress => retry.wait.unwrap_or(ceiling),
                     _ => full_jitter(floor, ceiling),
                 };
                 wait.min(left)
@@ -488,19 +262,13 @@ pub async fn purchase_with_retry(
         }),
         () = ctx.cancel.cancelled() => Verdict::Interrupted,
     };
-    let (last_sent_ms, last_status) = *Tally::lock(&tally.last);
-    Attempted {
-        verdict,
-        requests: tally.requests.load(Ordering::Relaxed),
-        first_sent_ms: tally.first_sent(),
-        last_sent_ms,
-        last_status,
-    }
+    attempt.finish(verdict)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hyperline::Receipt;
 
     const DELAY: Duration = Duration::from_millis(500);
 
@@ -510,39 +278,25 @@ mod tests {
             invoice_id: "inv".into(),
             new_credit_balance: 1,
         };
-        assert_eq!(
-            step(PurchaseAnswer::Succeeded(receipt.clone()), DELAY),
-            Step::Done(Verdict::Succeeded(receipt))
-        );
-        assert!(matches!(
-            step(
-                PurchaseAnswer::Rejected {
-                    status: 404,
-                    message: "m".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::Rejected { status: 404, .. })
-        ));
-        assert!(matches!(
-            step(
-                PurchaseAnswer::IdempotencyConflict {
-                    message: "m".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::IdempotencyConflict { .. })
-        ));
-        assert!(matches!(
-            step(
-                PurchaseAnswer::UnexpectedResponse {
-                    status: 201,
-                    detail: "d".into()
-                },
-                DELAY
-            ),
-            Step::Done(Verdict::Unexpected { .. })
-        ));
+        for answer in [
+            FinalAnswer::Succeeded(receipt),
+            FinalAnswer::Rejected {
+                status: 404,
+                message: "m".into(),
+            },
+            FinalAnswer::IdempotencyConflict {
+                message: "m".into(),
+            },
+            FinalAnswer::UnexpectedResponse {
+                status: 201,
+                detail: "d".into(),
+            },
+        ] {
+            assert_eq!(
+                step(PurchaseAnswer::Final(answer.clone()), DELAY),
+                Step::Done(Verdict::Answered(answer))
+            );
+        }
         assert_eq!(
             step(PurchaseAnswer::CredentialFault { status: 401 }, DELAY),
             Step::Done(Verdict::CredentialFault)
@@ -556,7 +310,7 @@ mod tests {
         };
         assert_eq!(
             (r.reason, r.wait, r.status),
-            ("in_progress", Some(DELAY), Some(409))
+            (RetryReason::InProgress, Some(DELAY), Some(409))
         );
     }
 
@@ -572,16 +326,16 @@ mod tests {
         };
         assert_eq!(
             (r.reason, r.wait),
-            ("rate_limited", Some(Duration::from_secs(3)))
+            (RetryReason::RateLimited, Some(Duration::from_secs(3)))
         );
     }
 
     #[test]
     fn transient_failures_are_retried_with_backoff() {
         for (cause, label) in [
-            (TransientCause::Timeout, "timeout"),
-            (TransientCause::Connect, "connect"),
-            (TransientCause::ServerError, "server_error"),
+            (TransientCause::Timeout, RetryReason::Timeout),
+            (TransientCause::Connect, RetryReason::Connect),
+            (TransientCause::ServerError, RetryReason::ServerError),
         ] {
             let Step::Retry(r) = step(
                 PurchaseAnswer::Transient {

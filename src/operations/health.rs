@@ -8,7 +8,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::{millis, now_ms};
 
 /// The supervising loop beats at least this often while alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -25,13 +27,6 @@ pub struct Health {
     last_beat_ms: AtomicU64,
     /// `host:port` of the broker node of the open connection.
     node: Mutex<Option<String>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The state behind `/readyz`, for tests and the summary line of the probe.
@@ -130,6 +125,6 @@ impl Health {
     /// Alive when the loop beat within a few heartbeats.
     pub fn alive(&self) -> bool {
         let last = self.last_beat_ms.load(Ordering::Relaxed);
-        now_ms().saturating_sub(last) < 3 * u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX)
+        now_ms().saturating_sub(last) < 3 * millis(HEARTBEAT)
     }
 }

@@ -4,7 +4,10 @@
 //! Every way a command leaves the worker is decided here and nowhere else:
 //! which event is published, where the command goes (acked, copied to a delay
 //! queue, copied back to the commands queue, copied to the dead-letter
-//! exchange), what its copy remembers, and how the replica's gate changes.
+//! exchange), what its copy remembers, and whether the replica stops for
+//! its refused key. (A 429's pause of the replica's requests is the
+//! attempt's: [`hyperline::retry`](crate::hyperline::retry) pauses the gate
+//! as the answer arrives, for the long waits that end here too.)
 //! The executor only carries a plan out; when the broker refuses part of it
 //! (the event, a copy), the refusal comes back here as an input, so that a
 //! path that returns a command to the broker can never forget its history nor
@@ -13,7 +16,9 @@
 use std::time::Duration;
 
 use crate::broker::DeliveryHistory;
+use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
+use crate::hyperline::FinalAnswer;
 use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Verdict, window_open};
 
@@ -103,24 +108,15 @@ pub enum Route {
     /// The original, unchanged, to the dead-letter queue (`basic.reject`):
     /// a message that is not a command has no history to keep, and a reject
     /// dead-letters it exactly once, even if the replica dies right after.
-    Reject,
+    RejectToDlx,
     /// A copy to the dead-letter exchange stamped with the history and why
     /// it died, then ack: an operator must look. (A crash between the two
     /// leaves a second dead letter of the command, never none.)
-    DeadLetter(ErrorCode),
+    CopyToDlx(ErrorCode),
     /// A copy to the delay queue of this step index, then ack.
     Delay(usize),
     /// A copy back to the commands queue, then ack.
     Return,
-}
-
-/// A change of the replica's gate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateChange {
-    /// No request of the replica before this wait is over.
-    Pause(Duration),
-    /// The key is refused: stop consuming until it is accepted.
-    CredentialFault,
 }
 
 /// What became of a delivery: the label of metrics and logs.
@@ -160,8 +156,8 @@ pub struct Plan {
     /// A wait in process before any of it: the broker refused something,
     /// and coming back at once would spin.
     pub hold: Duration,
-    /// The replica's gate.
-    pub gate: Option<GateChange>,
+    /// The key is refused: the replica stops consuming until it is accepted.
+    pub credential_fault: bool,
     /// The label.
     pub outcome: Outcome,
     /// Set when the plan fails the command for its closed idempotency window
@@ -190,7 +186,7 @@ impl Plan {
             route,
             history,
             hold: Duration::ZERO,
-            gate: None,
+            credential_fault: false,
             outcome,
             closed_window: None,
         }
@@ -208,7 +204,7 @@ impl Plan {
         h: DeliveryHistory,
     ) -> Plan {
         let route = match code.dead_letters() {
-            true => Route::DeadLetter(code),
+            true => Route::CopyToDlx(code),
             false => Route::Ack,
         };
         let event = EventPlan::Failed {
@@ -237,9 +233,7 @@ impl Policy<'_> {
     /// Whether a command with this history, coming back after `delay` for
     /// another purchase, could still send one inside its window.
     fn window_open_after(&self, h: &DeliveryHistory, delay: Duration) -> bool {
-        let at = self
-            .now_ms
-            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        let at = self.now_ms.saturating_add(millis(delay));
         h.first_attempt_ms
             .is_none_or(|first| window_open(first, at, self.window, self.request_timeout))
     }
@@ -292,11 +286,15 @@ fn learn(history: &DeliveryHistory, attempted: &Attempted) -> DeliveryHistory {
 /// The plan for a delivery.
 pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Plan {
     match input {
-        Input::Invalid => Plan::new(Some(EventPlan::Invalid), Route::Reject, history.clone()),
+        Input::Invalid => Plan::new(
+            Some(EventPlan::Invalid),
+            Route::RejectToDlx,
+            history.clone(),
+        ),
         Input::Stored(facts) => {
             let route = match facts.error.as_ref().map(|e| e.code) {
-                Some(ErrorCode::InvalidCommand) => Route::Reject,
-                Some(code) if code.dead_letters() => Route::DeadLetter(code),
+                Some(ErrorCode::InvalidCommand) => Route::RejectToDlx,
+                Some(code) if code.dead_letters() => Route::CopyToDlx(code),
                 _ => Route::Ack,
             };
             Plan::new(Some(EventPlan::Stored(facts)), route, history.clone())
@@ -378,7 +376,7 @@ fn set_back(h: DeliveryHistory, setbacks: u32, policy: Policy<'_>) -> Plan {
 
 fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>) -> Plan {
     match &attempted.verdict {
-        Verdict::Succeeded(receipt) => Plan::new(
+        Verdict::Answered(FinalAnswer::Succeeded(receipt)) => Plan::new(
             Some(EventPlan::Succeeded {
                 invoice_id: receipt.invoice_id.clone(),
                 new_credit_balance: receipt.new_credit_balance,
@@ -386,16 +384,16 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
             Route::Ack,
             h,
         ),
-        Verdict::Rejected { status, message } => {
+        Verdict::Answered(FinalAnswer::Rejected { status, message }) => {
             Plan::failed(ErrorCode::Rejected, message.clone(), Some(*status), h)
         }
-        Verdict::IdempotencyConflict { message } => Plan::failed(
+        Verdict::Answered(FinalAnswer::IdempotencyConflict { message }) => Plan::failed(
             ErrorCode::IdempotencyConflict,
             message.clone(),
             Some(417),
             h,
         ),
-        Verdict::Unexpected { status, detail } => Plan::failed(
+        Verdict::Answered(FinalAnswer::UnexpectedResponse { status, detail }) => Plan::failed(
             ErrorCode::UnexpectedResponse,
             detail.clone(),
             Some(*status),
@@ -403,7 +401,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
         ),
         Verdict::CredentialFault => {
             let mut plan = Plan::new(None, Route::Return, h).returned("credential_fault");
-            plan.gate = Some(GateChange::CredentialFault);
+            plan.credential_fault = true;
             plan
         }
         Verdict::Exhausted {
@@ -426,11 +424,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
                 Plan::failed(ErrorCode::RetriesExhausted, message, *last_status, h)
             }
         },
-        Verdict::RateLimited { wait } => {
-            let mut plan = park(h, *wait, policy).returned("rate_limited");
-            plan.gate = Some(GateChange::Pause(*wait));
-            plan
-        }
+        Verdict::RateLimited { wait } => park(h, *wait, policy).returned("rate_limited"),
         Verdict::Held { paused_for } => park(h, *paused_for, policy).returned("held"),
         Verdict::WindowClosed { first_attempt_ms } => window_closed(*first_attempt_ms, h),
         Verdict::Interrupted => Plan::new(None, Route::Return, h).returned("interrupted"),
@@ -439,13 +433,7 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
 
 /// `retries_exhausted`: another request could charge a second time.
 fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
-    let at = i128::from(first_attempt_ms) * 1_000_000;
-    let first = time::OffsetDateTime::from_unix_timestamp_nanos(at)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+    let first = rfc3339_ms(first_attempt_ms)
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
     let message = format!(
         "its first request left at {first}: another request could reach Hyperline after it \

@@ -1,4 +1,5 @@
-//! Carries a [`Plan`] out: the gate, the event, the copy, the settlement.
+//! Carries a [`Plan`] out: the credential fault, the event, the copy, the
+//! settlement.
 //!
 //! The order is the promise: a command is acked only after what it produced
 //! (its event, its copy in a delay queue, the commands queue or the
@@ -11,13 +12,13 @@
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::decision::{EventPlan, GateChange, Input, Outcome, Plan, Route, decide};
+use super::decision::{EventPlan, Input, Outcome, Plan, Route, decide};
 use crate::broker::history::DeathMark;
 use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
 };
+use crate::clock::{millis, now_ms};
 use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
-use crate::hyperline::retry::now_ms;
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
 
@@ -30,8 +31,8 @@ pub enum Subject<'a> {
     Invalid(&'a InvalidCommand),
 }
 
-/// Where a copy goes.
-enum Copy<'a> {
+/// Where a copy of the command goes.
+enum Destination<'a> {
     /// To an exchange, with the original's routing key.
     Exchange(&'a str),
     /// To a queue, through the default exchange.
@@ -59,15 +60,10 @@ impl Pipeline {
                     () = self.stop_requests.cancelled() => {}
                 }
             }
-            match plan.gate {
-                Some(GateChange::Pause(wait)) => self.gate.pause_for(wait),
-                Some(GateChange::CredentialFault) if self.credentials.report_fault() => {
-                    tracing::error!(
-                        "Hyperline refuses the API key: pausing consumption until it is accepted"
-                    );
-                }
-                Some(GateChange::CredentialFault) => {}
-                None => {}
+            if plan.credential_fault && self.credentials.report_fault() {
+                tracing::error!(
+                    "Hyperline refuses the API key: pausing consumption until it is accepted"
+                );
             }
             if let Some(event_plan) = plan.event.take() {
                 let event = build_event(event_plan, subject, plan.history.attempts);
@@ -84,27 +80,30 @@ impl Pipeline {
             let keys = &self.history_keys;
             let (to, headers) = match plan.route {
                 Route::Ack => return self.settle(delivery, Settle::Ack, plan.outcome),
-                Route::Reject => {
+                Route::RejectToDlx => {
                     return self.settle(delivery, Settle::DeadLetter, plan.outcome);
                 }
-                Route::DeadLetter(code) => {
+                Route::CopyToDlx(code) => {
                     let mark = DeathMark {
                         code: code.as_str(),
                         at_ms: now_ms(),
                         replica: &self.replica,
                         queue: &self.topology.queue,
                     };
-                    let dlx = Copy::Exchange(&self.topology.dlx);
+                    let dlx = Destination::Exchange(&self.topology.dlx);
                     (dlx, plan.history.stamp_dead(original, &mark, keys))
                 }
                 Route::Delay(step) => {
                     let queue = self.topology.retry_queues.get(step).map(|(_, q)| q);
                     // The steps and their queues come from the same setting.
                     let queue = queue.unwrap_or(&self.topology.queue);
-                    (Copy::Queue(queue), plan.history.stamp(original, keys))
+                    (
+                        Destination::Queue(queue),
+                        plan.history.stamp(original, keys),
+                    )
                 }
                 Route::Return => (
-                    Copy::Queue(&self.topology.queue),
+                    Destination::Queue(&self.topology.queue),
                     plan.history.stamp(original, keys),
                 ),
             };
@@ -135,13 +134,13 @@ impl Pipeline {
         &self,
         delivery: &Received,
         publisher: &Publisher,
-        to: Copy<'_>,
+        to: Destination<'_>,
         headers: lapin::types::FieldTable,
     ) -> Result<(), PublishError> {
         let props = copy_properties(&delivery.properties, headers);
         let (exchange, key) = match to {
-            Copy::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
-            Copy::Queue(queue) => ("", queue),
+            Destination::Exchange(exchange) => (exchange, delivery.routing_key.as_str()),
+            Destination::Queue(queue) => ("", queue),
         };
         Box::pin(publisher.publish_routed(exchange, key, &delivery.data, props)).await
     }
@@ -335,7 +334,7 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
         ) => {
             let code = code.as_str();
             match route {
-                Route::DeadLetter(_) => {
+                Route::CopyToDlx(_) => {
                     tracing::error!(code, http_status, detail = %message, attempts, "failed: dead-lettering for an operator")
                 }
                 _ => tracing::warn!(code, http_status, detail = %message, attempts, "failed"),
@@ -356,7 +355,7 @@ fn log_plan(plan: &Plan, subject: Subject<'_>) {
             );
         }
         (None, _) => {
-            let hold_ms = u64::try_from(plan.hold.as_millis()).unwrap_or(u64::MAX);
+            let hold_ms = millis(plan.hold);
             tracing::warn!(
                 outcome = plan.outcome.label(),
                 hold_ms,

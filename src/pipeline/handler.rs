@@ -13,9 +13,10 @@ use super::Pipeline;
 use super::decision::{Input, Outcome, Policy, decide};
 use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
+use crate::clock::now_ms;
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
 use crate::hyperline::matching::ChargeLookup;
-use crate::hyperline::retry::{Attempted, Bounds, RetryContext, now_ms, purchase_with_retry};
+use crate::hyperline::retry::{Attempted, Bounds, RetryContext, purchase_with_retry};
 use crate::hyperline::{MAX_PAGES, ReadBounds};
 use crate::operations::Metrics;
 use crate::telemetry;
@@ -201,7 +202,7 @@ impl Pipeline {
     /// The settings and the moment a plan is made for.
     pub(super) fn policy(&self) -> Policy<'_> {
         Policy {
-            delays: &self.settings.redelivery_delays_secs,
+            delays: &self.retry.redelivery_delays_secs,
             window: self.limits.window,
             request_timeout: self.limits.request_timeout,
             now_ms: now_ms(),
@@ -230,9 +231,9 @@ impl Pipeline {
         deadline: tokio::time::Instant,
     ) -> ChargeLookup {
         let bounds = ReadBounds {
-            attempts: self.settings.attempts,
-            initial_backoff: Duration::from_millis(self.settings.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.settings.max_backoff_ms),
+            attempts: self.retry.attempts,
+            initial_backoff: Duration::from_millis(self.retry.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.retry.max_backoff_ms),
             max_pages: MAX_PAGES,
         };
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
@@ -293,7 +294,7 @@ impl Pipeline {
             client: &self.client,
             gate: &self.gate,
             credentials: &self.credentials,
-            settings: &self.settings,
+            settings: &self.retry,
             request_timeout: self.limits.request_timeout,
             metrics: &self.metrics,
             cancel: &self.stop_requests,

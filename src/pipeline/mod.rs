@@ -44,7 +44,7 @@ pub struct Pipeline {
     /// The results log that check reads for claimed charges, if one is kept.
     pub results_log: Option<crate::broker::results_log::LogSource>,
     /// The retry budget.
-    pub settings: RetrySettings,
+    pub retry: RetrySettings,
     /// Queue and exchange names.
     pub topology: Topology,
     /// Counters and histograms.

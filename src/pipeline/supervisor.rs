@@ -63,7 +63,7 @@ pub async fn run(
                 if started.elapsed() > RECONNECT_MAX {
                     wait = RECONNECT_FIRST;
                 }
-                let retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                let retry_in_ms = crate::clock::millis(wait);
                 tracing::warn!(error = %e, broker = %redacted_url(&nodes[node]), retry_in_ms, "broker session ended; reconnecting");
                 // The node just lost is tried last; the others first.
                 node = (node + 1) % nodes.len();

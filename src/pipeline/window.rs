@@ -4,11 +4,11 @@
 //! worker never settles a command with another command's charge.
 
 use super::Pipeline;
+use crate::clock::{millis, now_ms};
 use crate::contract::Command;
 use crate::hyperline::CreditTransaction;
 use crate::hyperline::evidence::{Letter, LogEvidence, judge};
-use crate::hyperline::matching::{ChargeLookup, Span, candidates, clock_margin};
-use crate::hyperline::retry::now_ms;
+use crate::hyperline::matching::{ChargeLookup, TimeSpan, candidates, clock_margin};
 
 impl Pipeline {
     /// The verdict on `command`, whose window opened at `first_ms`, from
@@ -21,8 +21,8 @@ impl Pipeline {
         first_ms: u64,
     ) -> ChargeLookup {
         let margin = clock_margin(self.limits.window);
-        let margin_ms = u64::try_from(margin.as_millis()).unwrap_or(u64::MAX);
-        let span = Span {
+        let margin_ms = millis(margin);
+        let span = TimeSpan {
             from_ms: first_ms,
             until_ms: now_ms(),
         };

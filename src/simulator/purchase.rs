@@ -22,7 +22,7 @@ use super::server::DropConnection;
 use super::state::{
     Charge, Inner, RateDecision, RequestRecord, Shared, Transaction, TransactionPrice,
 };
-use super::validation::{parse_purchase, valid_id};
+use super::validation::{Purchase, parse_purchase, valid_id};
 
 /// Bodies are a few dozen bytes; anything near this is not a purchase.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -178,128 +178,33 @@ async fn process(
     body: Body,
 ) -> Response {
     let rate = admitted.rate;
-    let bad = |status, text: &str| reply::message(status, text, rate);
     let path = parts.uri.path();
     let (customer_id, product_id) = (segment(path, 3), segment(path, 5));
-    if !valid_id(customer_id) {
-        return bad(StatusCode::NOT_FOUND, "customer not found");
-    }
-    if !valid_id(product_id) {
-        return bad(StatusCode::NOT_FOUND, "product not found");
-    }
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
-        return bad(
-            StatusCode::BAD_REQUEST,
-            "request body is unreadable or too large",
-        );
+    let (purchase, fingerprint) = match validate(parts, key.as_deref(), body).await {
+        Ok(valid) => valid,
+        Err((status, text)) => return reply::message(status, &text, rate),
     };
-    let purchase = match parse_purchase(&bytes) {
-        Ok(purchase) => purchase,
-        Err(text) => return bad(StatusCode::BAD_REQUEST, &text),
+    let guard = match claim(shared, key.as_deref(), &fingerprint, rate) {
+        Claimed::Held(guard) => guard,
+        Claimed::Answered(response) => return response,
     };
-    if key
-        .as_ref()
-        .is_some_and(|k| k.chars().count() < MIN_KEY_CHARS)
-    {
-        return bad(
-            StatusCode::BAD_REQUEST,
-            "Idempotency-Key must be at least 16 characters",
-        );
-    }
-    let fingerprint = Fingerprint {
-        method: parts.method.to_string(),
-        path: parts.uri.to_string(),
-        body: bytes,
-    };
-
-    let guard = match &key {
-        None => None,
-        Some(key) => {
-            let mut inner = shared.lock();
-            match inner.idempotency.claim(key, &fingerprint, Instant::now()) {
-                Claim::Fresh(token) => {
-                    Some(InProgressGuard::new(Arc::clone(shared), key.clone(), token))
-                }
-                Claim::Replay(cached) => {
-                    inner.ledger.replayed += 1;
-                    return reply::json(cached.status, cached.body, rate);
-                }
-                Claim::InProgress => {
-                    inner.ledger.conflicts += 1;
-                    return bad(
-                        StatusCode::CONFLICT,
-                        "a request with this Idempotency-Key is still in progress",
-                    );
-                }
-                Claim::Mismatch => {
-                    return bad(
-                        StatusCode::EXPECTATION_FAILED,
-                        "this Idempotency-Key was already used with a different method, URL or body",
-                    );
-                }
-            }
-        }
-    };
-
     // Like a real server, the purchase runs to its end even when the client
     // hangs up (a timeout): the charge happens and the success is stored for
     // replay. This is the case that makes a worker's retry dangerous without
     // the Idempotency-Key, so the simulator must not spare it.
     let charge = {
         let shared = Arc::clone(shared);
-        let (customer_id, product_id) = (customer_id.to_owned(), product_id.to_owned());
+        let order = Order {
+            customer_id: customer_id.to_owned(),
+            product_id: product_id.to_owned(),
+            purchase,
+            key,
+        };
         let latency = admitted.latency;
         let faulted = !matches!(admitted.after, AfterCharge::Answer);
         tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            let answer = {
-                let mut inner = shared.lock();
-                let balance = inner
-                    .balances
-                    .entry((customer_id.clone(), product_id.clone()))
-                    .or_insert(0);
-                *balance = balance.saturating_add(purchase.credit_count);
-                let new_credit_balance = *balance;
-                let invoice_id = inner.invoice_id();
-                let answer = serde_json::json!({
-                    "invoice_id": invoice_id,
-                    "new_credit_balance": new_credit_balance,
-                });
-                let now = time::OffsetDateTime::now_utc();
-                let transaction = Transaction {
-                    id: inner.transaction_id(),
-                    customer_id: customer_id.clone(),
-                    product_id: product_id.clone(),
-                    invoice_id: invoice_id.clone(),
-                    credit_count: purchase.credit_count,
-                    amount_excluding_tax: purchase.amount_excluding_tax,
-                    price: purchase.price_id.clone().map(|id| TransactionPrice {
-                        id,
-                        amount: None,
-                        pack_size: None,
-                    }),
-                    kind: "topup".to_owned(),
-                    source: "api".to_owned(),
-                    balance_after: new_credit_balance,
-                    created_at: now,
-                    updated_at: now,
-                };
-                inner.transactions.push(transaction);
-                inner.ledger.charges.push(Charge {
-                    idempotency_key: key,
-                    customer_id,
-                    product_id,
-                    credit_count: purchase.credit_count,
-                    amount_excluding_tax: purchase.amount_excluding_tax,
-                    price_id: purchase.price_id,
-                    invoice_id,
-                    new_credit_balance,
-                });
-                if faulted {
-                    inner.ledger.faults += 1;
-                }
-                Bytes::from(answer.to_string())
-            };
+            let answer = charge(&mut shared.lock(), order, faulted);
             if let Some(guard) = guard {
                 guard.complete(CachedResponse {
                     status: StatusCode::CREATED,
@@ -310,12 +215,12 @@ async fn process(
         })
     };
     let Ok(answer) = charge.await else {
-        return bad(
+        return reply::message(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the purchase task failed",
+            rate,
         );
     };
-
     match admitted.after {
         AfterCharge::Answer => reply::json(StatusCode::CREATED, answer, rate),
         AfterCharge::Scripted(script) => reply::scripted(&script, rate),
@@ -325,6 +230,153 @@ async fn process(
         }
         AfterCharge::Drop => reply::hang_up(),
     }
+}
+
+/// The ids, the body and the key, checked in the order Hyperline checks
+/// them; the purchase and what its key must keep matching, or the 4xx.
+async fn validate(
+    parts: &Parts,
+    key: Option<&str>,
+    body: Body,
+) -> Result<(Purchase, Fingerprint), (StatusCode, String)> {
+    let bad = |status, text: &str| Err((status, text.to_owned()));
+    let path = parts.uri.path();
+    if !valid_id(segment(path, 3)) {
+        return bad(StatusCode::NOT_FOUND, "customer not found");
+    }
+    if !valid_id(segment(path, 5)) {
+        return bad(StatusCode::NOT_FOUND, "product not found");
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "request body is unreadable or too large",
+        );
+    };
+    let purchase = parse_purchase(&bytes).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
+    if key.is_some_and(|k| k.chars().count() < MIN_KEY_CHARS) {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key must be at least 16 characters",
+        );
+    }
+    let fingerprint = Fingerprint {
+        method: parts.method.to_string(),
+        path: parts.uri.to_string(),
+        body: bytes,
+    };
+    Ok((purchase, fingerprint))
+}
+
+/// What the request's key allows.
+enum Claimed {
+    /// Go on: a fresh key is held in progress until its charge completes
+    /// (`None` without a key).
+    Held(Option<InProgressGuard>),
+    /// A used key: its replay, a 409 or a 417.
+    Answered(Response),
+}
+
+/// The key's claim.
+fn claim(
+    shared: &Arc<Shared>,
+    key: Option<&str>,
+    fingerprint: &Fingerprint,
+    rate: RateDecision,
+) -> Claimed {
+    let Some(key) = key else {
+        return Claimed::Held(None);
+    };
+    let mut inner = shared.lock();
+    match inner.idempotency.claim(key, fingerprint, Instant::now()) {
+        Claim::Fresh(token) => Claimed::Held(Some(InProgressGuard::new(
+            Arc::clone(shared),
+            key.to_owned(),
+            token,
+        ))),
+        Claim::Replay(cached) => {
+            inner.ledger.replayed += 1;
+            Claimed::Answered(reply::json(cached.status, cached.body, rate))
+        }
+        Claim::InProgress => {
+            inner.ledger.conflicts += 1;
+            Claimed::Answered(reply::message(
+                StatusCode::CONFLICT,
+                "a request with this Idempotency-Key is still in progress",
+                rate,
+            ))
+        }
+        Claim::Mismatch => Claimed::Answered(reply::message(
+            StatusCode::EXPECTATION_FAILED,
+            "this Idempotency-Key was already used with a different method, URL or body",
+            rate,
+        )),
+    }
+}
+
+/// What a valid purchase asks to be charged.
+struct Order {
+    customer_id: String,
+    product_id: String,
+    purchase: Purchase,
+    key: Option<String>,
+}
+
+/// The charge: the balance, the invoice, the credit transaction and the
+/// ledger's record (a fault counted when the answer will not arrive as is);
+/// the answer's body.
+fn charge(inner: &mut Inner, order: Order, faulted: bool) -> Bytes {
+    let Order {
+        customer_id,
+        product_id,
+        purchase,
+        key,
+    } = order;
+    let balance = inner
+        .balances
+        .entry((customer_id.clone(), product_id.clone()))
+        .or_insert(0);
+    *balance = balance.saturating_add(purchase.credit_count);
+    let new_credit_balance = *balance;
+    let invoice_id = inner.invoice_id();
+    let answer = serde_json::json!({
+        "invoice_id": invoice_id,
+        "new_credit_balance": new_credit_balance,
+    });
+    let now = time::OffsetDateTime::now_utc();
+    let transaction = Transaction {
+        id: inner.transaction_id(),
+        customer_id: customer_id.clone(),
+        product_id: product_id.clone(),
+        invoice_id: invoice_id.clone(),
+        credit_count: purchase.credit_count,
+        amount_excluding_tax: purchase.amount_excluding_tax,
+        price: purchase.price_id.clone().map(|id| TransactionPrice {
+            id,
+            amount: None,
+            pack_size: None,
+        }),
+        kind: "topup".to_owned(),
+        source: "api".to_owned(),
+        balance_after: new_credit_balance,
+        created_at: now,
+        updated_at: now,
+    };
+    inner.transactions.push(transaction);
+    inner.ledger.charges.push(Charge {
+        idempotency_key: key,
+        customer_id,
+        product_id,
+        credit_count: purchase.credit_count,
+        amount_excluding_tax: purchase.amount_excluding_tax,
+        price_id: purchase.price_id,
+        invoice_id,
+        new_credit_balance,
+    });
+    if faulted {
+        inner.ledger.faults += 1;
+    }
+    Bytes::from(answer.to_string())
 }
 
 /// The `n`th `/`-separated segment of the raw path (`""` when absent).

@@ -57,8 +57,8 @@ impl Acting<'_> {
             first_attempt: letter
                 .history
                 .first_attempt_ms
-                .and_then(super::super::rfc3339_ms),
-            died_at: letter.died_ms.and_then(super::super::rfc3339_ms),
+                .and_then(crate::clock::rfc3339_ms),
+            died_at: letter.died_ms.and_then(crate::clock::rfc3339_ms),
             found: Found::Uncertain,
             action: String::new(),
             status: Status::Left,

@@ -96,7 +96,7 @@ async fn reconcile_on(
     let (letters, mut keep) = select::split(held, keys);
     let listings = select::read_listings(client, settings, &letters).await;
     let margin = clock_margin(settings.idempotency_window());
-    let now = super::now_ms();
+    let now = crate::clock::now_ms();
     let log = judge::read_log(connection, topology, &letters, margin, now).await;
     let mut report = Report {
         others: keep.len(),

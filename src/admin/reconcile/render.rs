@@ -170,7 +170,7 @@ pub fn render(report: &Report, dead: &str, apply: bool) -> String {
             dash(&r.reason)
         ));
         for c in &r.candidates {
-            let at = super::super::rfc3339_ms(c.created_ms()).unwrap_or_default();
+            let at = crate::clock::rfc3339_ms(c.created_ms()).unwrap_or_default();
             out.push_str(&format!(
                 "  candidate {}  invoice {}  balance_after {}  created_at {at}\n",
                 c.transaction_id, c.invoice_id, c.balance_after

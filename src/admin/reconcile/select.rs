@@ -19,7 +19,7 @@ use crate::broker::{DeliveryHistory, HistoryKeys, Message, Provenance, header_st
 use crate::configuration::Settings;
 use crate::contract::{Command, ErrorCode};
 use crate::hyperline::gate::Gate;
-use crate::hyperline::matching::Span;
+use crate::hyperline::matching::TimeSpan;
 use crate::hyperline::{
     CreditTransaction, HyperlineClient, MAX_PAGES, READS_PER_SECOND, ReadBounds,
 };
@@ -43,8 +43,8 @@ impl Letter {
     /// Its window: from its first request that may have charged to its
     /// dead-lettering (or `now_ms`, when unstamped); `None` when its first
     /// request is unknown.
-    pub fn span(&self, now_ms: u64) -> Option<Span> {
-        Some(Span {
+    pub fn span(&self, now_ms: u64) -> Option<TimeSpan> {
+        Some(TimeSpan {
             from_ms: self.history.first_attempt_ms?,
             until_ms: self.died_ms.unwrap_or(now_ms),
         })

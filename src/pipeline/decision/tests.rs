@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::contract::{EventError, EventKind};
-use crate::hyperline::Receipt;
+use crate::hyperline::{FinalAnswer, Receipt};
 
 const NOW: u64 = 1_800_000_000_000;
 const HOUR: u64 = 3_600_000;
@@ -73,7 +73,7 @@ fn assert_window_closed(plan: &Plan, case: Case) {
         Some(ErrorCode::RetriesExhausted),
         "{case:?}"
     );
-    assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+    assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
     let Some(EventPlan::Failed { message, .. }) = &plan.event else {
         unreachable!()
     };
@@ -89,7 +89,11 @@ fn a_201_publishes_succeeded_then_acks() {
             new_credit_balance: 32,
         };
         let plan = decide(
-            attempted(Verdict::Succeeded(receipt), 1, Some(201)),
+            attempted(
+                Verdict::Answered(FinalAnswer::Succeeded(receipt)),
+                1,
+                Some(201),
+            ),
             &h,
             policy(),
         );
@@ -115,10 +119,10 @@ fn a_201_publishes_succeeded_then_acks() {
 fn final_refusals_publish_failed_then_ack() {
     for case in CASES {
         for status in [400, 404, 422] {
-            let verdict = Verdict::Rejected {
+            let verdict = Verdict::Answered(FinalAnswer::Rejected {
                 status,
                 message: "customer not found".into(),
-            };
+            });
             let plan = decide(
                 attempted(verdict, 1, Some(status)),
                 &history(case),
@@ -135,9 +139,9 @@ fn final_refusals_publish_failed_then_ack() {
             );
             assert_eq!(plan.route, Route::Ack);
         }
-        let verdict = Verdict::IdempotencyConflict {
+        let verdict = Verdict::Answered(FinalAnswer::IdempotencyConflict {
             message: "reused".into(),
-        };
+        });
         let plan = decide(attempted(verdict, 1, Some(417)), &history(case), policy());
         assert_eq!(failed_code(&plan), Some(ErrorCode::IdempotencyConflict));
         assert_eq!(plan.route, Route::Ack);
@@ -148,10 +152,10 @@ fn final_refusals_publish_failed_then_ack() {
 fn undocumented_answers_dead_letter_with_their_status() {
     for case in CASES {
         for status in [201, 302, 307, 418] {
-            let verdict = Verdict::Unexpected {
+            let verdict = Verdict::Answered(FinalAnswer::UnexpectedResponse {
                 status,
                 detail: "an undocumented status".into(),
-            };
+            });
             let plan = decide(
                 attempted(verdict, 1, Some(status)),
                 &history(case),
@@ -167,7 +171,7 @@ fn undocumented_answers_dead_letter_with_their_status() {
                 (*code, *http_status),
                 (ErrorCode::UnexpectedResponse, Some(status))
             );
-            assert_eq!(plan.route, Route::DeadLetter(ErrorCode::UnexpectedResponse));
+            assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::UnexpectedResponse));
         }
     }
 }
@@ -218,7 +222,7 @@ fn transient_failures_use_the_next_step_then_dead_letter() {
                     (ErrorCode::RetriesExhausted, Some(503))
                 );
                 assert!(message.contains("gave up after 16 attempts"), "{message}");
-                assert_eq!(last.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+                assert_eq!(last.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
             }
             Case::PastWindow => assert_window_closed(&plan, case),
         }
@@ -239,7 +243,7 @@ fn a_credential_fault_returns_the_command_with_its_history_and_no_event() {
             _ => {
                 assert_eq!(plan.event, None, "{case:?}");
                 assert_eq!(plan.route, Route::Return);
-                assert_eq!(plan.gate, Some(GateChange::CredentialFault));
+                assert!(plan.credential_fault, "{case:?}");
                 assert_eq!(plan.outcome, Outcome::Returned("credential_fault"));
                 assert_eq!(plan.history.attempts, h.attempts + 1);
                 assert_eq!(plan.history.step, h.step, "no step used");
@@ -249,7 +253,7 @@ fn a_credential_fault_returns_the_command_with_its_history_and_no_event() {
 }
 
 #[test]
-fn a_long_rate_limit_pauses_the_replica_and_parks_without_a_step() {
+fn a_long_rate_limit_parks_without_a_step() {
     for case in CASES {
         let h = history(case);
         let wait = Duration::from_secs(70);
@@ -261,7 +265,6 @@ fn a_long_rate_limit_pauses_the_replica_and_parks_without_a_step() {
         match case {
             Case::PastWindow => assert_window_closed(&plan, case),
             _ => {
-                assert_eq!(plan.gate, Some(GateChange::Pause(wait)), "{case:?}");
                 // The shortest delay that outlasts the wait.
                 assert_eq!(plan.route, Route::Delay(1));
                 assert_eq!(plan.history.step, h.step, "no step used");
@@ -328,7 +331,7 @@ fn an_invalid_command_dead_letters_with_its_event() {
     for case in CASES {
         let plan = decide(Input::Invalid, &history(case), policy());
         assert_eq!(plan.event, Some(EventPlan::Invalid));
-        assert_eq!(plan.route, Route::Reject, "the original, exactly once");
+        assert_eq!(plan.route, Route::RejectToDlx, "the original, exactly once");
     }
 }
 
@@ -415,7 +418,7 @@ fn a_stored_outcome_is_published_again_and_routed_by_its_code() {
             &h,
             policy(),
         );
-        assert_eq!(dead.route, Route::DeadLetter(ErrorCode::UnexpectedResponse));
+        assert_eq!(dead.route, Route::CopyToDlx(ErrorCode::UnexpectedResponse));
     }
 }
 
@@ -477,7 +480,7 @@ fn a_worn_delivery_is_refreshed_then_declared_poison_without_overflow() {
         ..h
     };
     let plan = decide(Input::Worn, &hostile, policy());
-    assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+    assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
 }
 
 mod at_the_window {
@@ -511,10 +514,10 @@ mod at_the_window {
         assert_eq!(plan.closed_window, Some(NOW - 25 * HOUR));
         let ok = decide(
             attempted(
-                Verdict::Succeeded(Receipt {
+                Verdict::Answered(FinalAnswer::Succeeded(Receipt {
                     invoice_id: "inv_1".into(),
                     new_credit_balance: 1,
-                }),
+                })),
                 1,
                 Some(201),
             ),
@@ -589,7 +592,7 @@ mod at_the_window {
             },
         };
         let plan = decide(input, &past(), policy());
-        assert_eq!(plan.route, Route::DeadLetter(ErrorCode::RetriesExhausted));
+        assert_eq!(plan.route, Route::CopyToDlx(ErrorCode::RetriesExhausted));
         let Some(EventPlan::Failed { message, .. }) = &plan.event else {
             panic!("a failed event: {plan:?}")
         };
