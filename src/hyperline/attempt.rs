@@ -65,9 +65,9 @@ impl<'a> Attempt<'a> {
                 .deadline
                 .checked_sub(ctx.request_timeout)
                 .unwrap_or(bounds.deadline),
-            floor: Duration::from_millis(settings.initial_backoff_ms),
-            max_rate_wait: Duration::from_secs(settings.max_rate_limit_wait_secs),
-            conflict_delay: Duration::from_millis(settings.conflict_delay_ms),
+            floor: settings.initial_backoff(),
+            max_rate_wait: settings.max_rate_limit_wait(),
+            conflict_delay: settings.conflict_delay(),
             tally: Tally::default(),
         }
     }

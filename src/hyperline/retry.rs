@@ -238,7 +238,7 @@ pub async fn purchase_with_retry(
     let floor = attempt.floor();
     let backoff = ExponentialBuilder::default()
         .with_min_delay(floor)
-        .with_max_delay(Duration::from_millis(ctx.settings.max_backoff_ms))
+        .with_max_delay(ctx.settings.max_backoff())
         .with_factor(2.0)
         .with_max_times(ctx.settings.attempts.saturating_sub(1) as usize);
     let retried = (|| attempt.run())

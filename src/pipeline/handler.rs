@@ -5,8 +5,6 @@
 //! [`decision`](super::decision); the [`executor`](super::executor) carries it
 //! out. Nothing in between reads a header or settles a delivery.
 
-use std::time::Duration;
-
 use tracing::Instrument;
 
 use super::Pipeline;
@@ -232,8 +230,8 @@ impl Pipeline {
     ) -> ChargeLookup {
         let bounds = ReadBounds {
             attempts: self.retry.attempts,
-            initial_backoff: Duration::from_millis(self.retry.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.retry.max_backoff_ms),
+            initial_backoff: self.retry.initial_backoff(),
+            max_backoff: self.retry.max_backoff(),
             max_pages: MAX_PAGES,
         };
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
