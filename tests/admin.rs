@@ -7,10 +7,9 @@ use std::collections::BTreeMap;
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpw_testkit::broker::{
-    Observer, amqp_url, as_command, connect, delete_topology, depth, sealed, worker_env,
-};
+use cpw_testkit::broker::{Observer, amqp_url, as_command, connect, depth, sealed, worker_env};
 use cpw_testkit::commands::{command_for, command_id};
+use cpw_testkit::guard::Declared;
 use cpw_testkit::{WAIT, wait_until};
 use credit_purchase_worker::broker::{Mismatch, Topology};
 use credit_purchase_worker::configuration::Settings;
@@ -49,6 +48,8 @@ struct Admin {
     channel: Channel,
     events: Observer,
     worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
+    /// Last, so that it drops after the worker has been told to stop.
+    declared: Declared,
 }
 
 /// Declares a fresh topology, binds an observer to its results, and starts
@@ -83,6 +84,7 @@ async fn setup(worker: bool, faults: Faults) -> Admin {
     let settings = Settings::load_from(None, env.clone()).expect("valid settings");
     let connection = connect("cpw-admin-test").await.expect("broker reachable");
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let declared = Declared::topology(&topology);
     topology.declare(&connection).await.expect("topology");
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -109,6 +111,7 @@ async fn setup(worker: bool, faults: Faults) -> Admin {
         channel,
         events,
         worker,
+        declared,
     }
 }
 
@@ -217,7 +220,18 @@ impl Admin {
             token.cancel();
             let _ = tokio::time::timeout(WAIT, task).await;
         }
-        delete_topology(&self.connection, &self.topology).await;
+        self.declared.delete_now();
+    }
+}
+
+impl Drop for Admin {
+    /// A test that failed leaves its worker running: it is stopped before
+    /// the guard deletes the names, so that it does not declare them again.
+    fn drop(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.abort();
+        }
     }
 }
 

@@ -7,10 +7,9 @@ use std::collections::BTreeMap;
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpw_testkit::broker::{
-    Observer, as_command, connect, delete_topology, depth, sealed, worker_env,
-};
+use cpw_testkit::broker::{Observer, as_command, connect, depth, sealed, worker_env};
 use cpw_testkit::commands::{command, command_for, command_id};
+use cpw_testkit::guard::Declared;
 use cpw_testkit::{WAIT, wait_until};
 use credit_purchase_worker::admin::reconcile::act::Acting;
 use credit_purchase_worker::admin::reconcile::judge::{Judged, Verdict};
@@ -48,6 +47,8 @@ struct World {
     channel: Channel,
     events: Observer,
     worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
+    /// Last, so that it drops after the worker has been told to stop.
+    declared: Declared,
 }
 
 /// A 201 whose body is not the documented one, given after the charge of
@@ -112,6 +113,7 @@ async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
         .await
         .expect("broker reachable");
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let declared = Declared::topology(&topology);
     topology.declare(&connection).await.expect("topology");
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -133,6 +135,7 @@ async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
         channel,
         events,
         worker,
+        declared,
     }
 }
 
@@ -317,7 +320,18 @@ impl World {
             token.cancel();
             let _ = tokio::time::timeout(WAIT, task).await;
         }
-        delete_topology(&self.connection, &self.topology).await;
+        self.declared.delete_now();
+    }
+}
+
+impl Drop for World {
+    /// A test that failed leaves its worker running: it is stopped before
+    /// the guard deletes the names, so that it does not declare them again.
+    fn drop(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.abort();
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   observer of result events, queue depths, removing a test's topology;
 //! - [`cluster`]: a real three-node RabbitMQ cluster started by a test;
 //! - [`commands`]: valid command bodies with fresh ids;
+//! - [`guard`]: what a test declared on the broker, deleted when the test
+//!   ends, passed or failed;
 //! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
 //!   `Command::parse`;
@@ -21,6 +23,7 @@ use std::time::Duration;
 pub mod broker;
 pub mod cluster;
 pub mod commands;
+pub mod guard;
 pub mod hostile;
 pub mod rules;
 

@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::sync::Once;
 use std::time::Duration;
 
-use cpw_testkit::broker::{Observer, as_command, delete_topology, worker_env};
+use cpw_testkit::broker::{Observer, as_command, worker_env};
+use cpw_testkit::guard::Declared;
 use cpw_testkit::wait_until;
 use credit_purchase_worker::broker::history::STEP_HEADER;
 use credit_purchase_worker::broker::{Mismatch, Topology, header_u64};
@@ -121,6 +122,8 @@ pub struct TestApp {
     events: Observer,
     connection: Connection,
     worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
+    /// Last, so that it drops after the worker has been told to stop.
+    declared: Declared,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -172,6 +175,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     let driver = options
         .driver_url
         .unwrap_or_else(cpw_testkit::broker::amqp_url);
+    let mut declared = Declared::on(&driver);
     let connection = credit_purchase_worker::broker::connect(&driver, "cpw-test-driver", None)
         .await
         .expect("broker reachable");
@@ -184,10 +188,9 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     // up are not lost; the worker's own declaration must agree with it.
     let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
     let results_exchange = settings.amqp.results_exchange.clone();
-    Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
-        .declare(&connection)
-        .await
-        .expect("topology");
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    declared.add_topology(&topology);
+    topology.declare(&connection).await.expect("topology");
     let events = Observer::bind(&connection, &results_exchange)
         .await
         .expect("observer queue");
@@ -202,6 +205,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
         events,
         connection,
         worker: None,
+        declared,
     }
 }
 
@@ -487,12 +491,23 @@ impl TestApp {
         cut_connections_named(&self.connection_name)
     }
 
-    /// Stops the worker and deletes this test's queues and exchanges.
+    /// Stops the worker gracefully (checking that it stops in time) and
+    /// deletes this test's queues and exchanges; a test that fails before
+    /// this leaves them to `Drop`.
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
-        let settings = self.settings();
-        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
-        delete_topology(&self.connection, &topology).await;
+        self.declared.delete_now();
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that failed leaves its worker running: it is stopped before
+    /// the guard deletes the names, so that it does not declare them again.
+    fn drop(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.abort();
+        }
     }
 }
 
