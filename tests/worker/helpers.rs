@@ -393,18 +393,28 @@ impl TestApp {
         out
     }
 
-    /// Another client of the same Hyperline account makes `writes`
-    /// purchases, spending that much of the shared write quota (the worker
-    /// paces itself by the quota it is told about, so a test that needs it to
-    /// meet a 429 must have someone else spend the window).
-    pub async fn spend_quota(&self, writes: usize) {
+    /// Another client of the same Hyperline account spends the shared write
+    /// quota, window after window, until `done` holds (bounded by [`WAIT`]).
+    /// The worker paces itself by the quota it is told about, so a test that
+    /// needs it to meet a 429 must have someone else spend the window; kept
+    /// up until the worker has met one, this does not depend on how soon
+    /// after a first spending the worker's request comes (on a loaded machine,
+    /// a one-off spending can be a window behind it). The other client meets
+    /// 429s too, and waits a moment after each.
+    pub async fn spend_quota_until(&self, mut done: impl FnMut() -> bool) {
         let http = reqwest::Client::new();
         let key = self.env["CPW__HYPERLINE__API_KEY"].clone();
         let url = format!(
             "{}/v1/customers/cus_other/credits/itm_other/purchase",
             self.sim.base_url()
         );
-        for _ in 0..writes {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the other client spent the quota for {} s",
+                WAIT.as_secs()
+            );
             let status = http
                 .post(&url)
                 .bearer_auth(&key)
@@ -413,8 +423,13 @@ impl TestApp {
                 .send()
                 .await
                 .expect("the simulator answers")
-                .status();
-            assert_eq!(status.as_u16(), 201, "the other client's purchase");
+                .status()
+                .as_u16();
+            match status {
+                201 => {}
+                429 => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("the other client's purchase: {other}"),
+            }
         }
     }
 
