@@ -17,7 +17,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::cluster::ONE_CLUSTER;
-use crate::helpers::{Options, TestApp, WAIT, command, command_id, spawn_without_worker};
+use cpw_testkit::app::{Options, TestApp, WAIT, command, command_id, spawn_without_worker};
 
 /// A purchase takes this long: the alarm is up before the first answers.
 const LATENCY_MS: u64 = 5000;

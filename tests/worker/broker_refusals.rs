@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
-use crate::helpers::{Options, TestApp, WAIT, command, command_for, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, TestApp, WAIT, command, command_for, command_id, spawn_app_with};
 
 /// Sum of the ready messages in these queues.
 async fn parked(app: &TestApp, queues: &[String]) -> u32 {

@@ -14,7 +14,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::helpers::WAIT;
+use cpw_testkit::app::WAIT;
 
 /// Far above the 100 ms behind which acks are held, far below a slow API.
 const PATIENCE: Duration = Duration::from_millis(1500);

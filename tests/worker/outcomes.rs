@@ -6,7 +6,7 @@ use std::time::Duration;
 use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
 use serde_json::json;
 
-use crate::helpers::{command, command_for, command_id, spawn_app};
+use cpw_testkit::app::{command, command_for, command_id, spawn_app};
 
 fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u32>) -> FaultsPatch {
     FaultsPatch {
@@ -22,7 +22,7 @@ fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u3
 }
 
 /// Every request the simulator saw carried the command's id as its key.
-fn assert_keys(app: &crate::helpers::TestApp, id: &str, at_least: usize) {
+fn assert_keys(app: &cpw_testkit::app::TestApp, id: &str, at_least: usize) {
     let requests = app.sim.requests();
     assert!(
         requests.len() >= at_least,
@@ -149,7 +149,7 @@ async fn in_progress_is_retried_until_the_first_request_completes() {
 }
 
 /// One of the worker's own requests (with the key of one of `ids`) met a 429.
-fn worker_refused(app: &crate::helpers::TestApp, ids: &[String]) -> bool {
+fn worker_refused(app: &cpw_testkit::app::TestApp, ids: &[String]) -> bool {
     app.sim.requests().iter().any(|r| {
         r.status == Some(429) && r.idempotency_key.as_ref().is_some_and(|k| ids.contains(k))
     })

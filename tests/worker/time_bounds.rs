@@ -10,7 +10,7 @@ use credit_purchase_worker::simulator::{Faults, FaultsPatch, ScriptedResponse};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::helpers::{Options, TestApp, WAIT, command, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, TestApp, WAIT, command, command_id, spawn_app_with};
 
 /// The distinct commands that reached the simulator.
 fn tried(app: &TestApp) -> usize {

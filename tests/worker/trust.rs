@@ -11,7 +11,7 @@ use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 
-use crate::helpers::{
+use cpw_testkit::app::{
     Options, TestApp, command, command_for, command_id, scripted, spawn_app, spawn_app_with,
 };
 

@@ -1,14 +1,15 @@
 //! `spawn_app()`: a real worker (in-process, or as a child process) against the
-//! real broker and an in-process simulator, isolated by unique names.
+//! real broker and an in-process simulator, isolated by unique names; what
+//! it declares is removed when the test ends (see [`crate::guard`]).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Once;
 use std::time::Duration;
 
-use cpw_testkit::broker::{Observer, as_command, worker_env};
-use cpw_testkit::guard::Declared;
-use cpw_testkit::wait_until;
+use crate::broker::{Observer, as_command, worker_env};
+use crate::guard::Declared;
+use crate::wait_until;
 use credit_purchase_worker::broker::history::STEP_HEADER;
 use credit_purchase_worker::broker::{Mismatch, Topology, header_u64};
 use credit_purchase_worker::configuration::Settings;
@@ -22,9 +23,9 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use cpw_testkit::WAIT;
-pub use cpw_testkit::broker::Event;
-pub use cpw_testkit::commands::{command, command_for, command_id};
+pub use crate::WAIT;
+pub use crate::broker::Event;
+pub use crate::commands::{command, command_for, command_id};
 
 pub const SIM_KEY: &str = "sim_test_key";
 
@@ -172,9 +173,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     );
     env.extend(options.env);
 
-    let driver = options
-        .driver_url
-        .unwrap_or_else(cpw_testkit::broker::amqp_url);
+    let driver = options.driver_url.unwrap_or_else(crate::broker::amqp_url);
     let mut declared = Declared::on(&driver);
     let connection = credit_purchase_worker::broker::connect(&driver, "cpw-test-driver", None)
         .await
@@ -239,7 +238,7 @@ impl TestApp {
 
     /// Starts the binary as a child process with this app's configuration.
     pub fn spawn_process(&self) -> tokio::process::Child {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_credit-purchase-worker"))
+        tokio::process::Command::new(crate::process::worker_binary())
             .arg("run")
             .envs(self.env.iter())
             .env("RUST_LOG", "warn")
@@ -279,8 +278,7 @@ impl TestApp {
     /// Publishes `body` as a command (persistent, `application/json` over
     /// whatever `properties` say) and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        cpw_testkit::broker::publish(&self.channel, &self.queue, body, as_command(properties))
-            .await;
+        crate::broker::publish(&self.channel, &self.queue, body, as_command(properties)).await;
     }
 
     /// The next result event, bounded by `within`.
@@ -308,7 +306,7 @@ impl TestApp {
 
     /// Messages ready in a queue (passive declare).
     pub async fn depth(&self, queue: &str) -> u32 {
-        cpw_testkit::broker::depth(&self.connection, queue).await
+        crate::broker::depth(&self.connection, queue).await
     }
 
     pub fn dead_queue(&self) -> String {
@@ -528,7 +526,7 @@ impl Drop for TestApp {
 
 /// `rabbitmqctl close_connection` on every connection with that name.
 pub fn cut_connections_named(name: &str) -> usize {
-    let out = cpw_testkit::broker::rabbitmqctl()
+    let out = crate::broker::rabbitmqctl()
         .args(["list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
@@ -538,7 +536,7 @@ pub fn cut_connections_named(name: &str) -> usize {
         let Some(pid) = line.split_whitespace().next() else {
             continue;
         };
-        let status = cpw_testkit::broker::rabbitmqctl()
+        let status = crate::broker::rabbitmqctl()
             .args(["close_connection", pid, "test: cutting the connection"])
             .status()
             .expect("rabbitmqctl runs");
