@@ -20,6 +20,7 @@ use credit_purchase_worker::startup::Application;
 use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +75,9 @@ pub struct Options {
     /// depths), when not the test broker: a cluster test keeps it off the
     /// node it kills.
     pub driver_url: Option<String>,
+    /// The start of the queue names, telling one test binary's leftovers
+    /// from another's in `rabbitmqctl list_queues`.
+    pub prefix: String,
 }
 
 impl Default for Options {
@@ -86,6 +90,7 @@ impl Default for Options {
             },
             api_key: SIM_KEY.to_owned(),
             driver_url: None,
+            prefix: "cpw-test".to_owned(),
         }
     }
 }
@@ -108,6 +113,21 @@ impl Options {
         self.api_key = key.to_owned();
         self
     }
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
+        self
+    }
+}
+
+/// What the binary's standard streams do in [`TestApp::cli_with`].
+#[derive(Clone, Copy)]
+pub enum Io<'a> {
+    /// stdin empty, stdout read.
+    Nothing,
+    /// stdin holds this text.
+    Stdin(&'a str),
+    /// stdout closed by its reader before the binary writes.
+    ClosedStdout,
 }
 
 /// One worker with its own queue names, simulator and observers.
@@ -117,11 +137,14 @@ pub struct TestApp {
     pub connection_name: String,
     pub sim: Simulator,
     pub env: BTreeMap<String, String>,
+    pub topology: Topology,
     pub ops_addr: Option<std::net::SocketAddr>,
     /// In confirm mode: what the tests publish on it is confirmed.
     pub channel: Channel,
-    events: Observer,
-    connection: Connection,
+    /// Bound to the results exchange before the worker starts.
+    pub events: Observer,
+    /// The test's own connection (publishing, observing, depths).
+    pub connection: Connection,
     worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
     /// Last, so that it drops after the worker has been told to stop.
     declared: Declared,
@@ -143,8 +166,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 pub async fn spawn_without_worker(options: Options) -> TestApp {
     init_tracing();
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let queue = format!("cpw-test-{tag}");
-    let connection_name = format!("cpw-test-worker-{tag}");
+    let queue = format!("{}-{tag}", options.prefix);
+    let connection_name = format!("{}-worker-{tag}", options.prefix);
     let sim = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
         SimulatorSettings {
@@ -199,6 +222,7 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
         connection_name,
         sim,
         env,
+        topology,
         ops_addr: None,
         channel,
         events,
@@ -234,6 +258,63 @@ impl TestApp {
                 .expect("worker task")
                 .expect("the test topology matches the worker's");
         }
+    }
+
+    /// Stops the worker and starts a new one on the same settings: what the
+    /// first one knew in memory is gone.
+    pub async fn restart_worker(&mut self) {
+        self.stop_worker().await;
+        self.start_worker().await;
+    }
+
+    /// Runs the binary with `args`, this app's settings (and nothing else of
+    /// the test's environment) and `extra` variables; bounded by [`WAIT`].
+    /// The exit code, stdout and stderr.
+    pub async fn cli(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> (Option<i32>, String, String) {
+        self.cli_with(args, extra, Io::Nothing).await
+    }
+
+    /// [`TestApp::cli`] with stdin fed or stdout closed by its reader.
+    pub async fn cli_with(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        io: Io<'_>,
+    ) -> (Option<i32>, String, String) {
+        let mut child = tokio::process::Command::new(crate::process::worker_binary())
+            .args(args)
+            .env_clear()
+            .envs(&self.env)
+            .envs(extra.iter().copied())
+            .stdin(match io {
+                Io::Stdin(_) => Stdio::piped(),
+                _ => Stdio::null(),
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary runs");
+        match io {
+            Io::Stdin(text) => {
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(text.as_bytes()).await.expect("write stdin");
+            }
+            // The reader goes away before anything is written, as `| head
+            // -1` does once it has its line.
+            Io::ClosedStdout => drop(child.stdout.take()),
+            Io::Nothing => {}
+        }
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .expect("the command ends in time")
+            .expect("the binary runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
     }
 
     /// Starts the binary as a child process with this app's configuration.
@@ -279,6 +360,37 @@ impl TestApp {
     /// whatever `properties` say) and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
         crate::broker::publish(&self.channel, &self.queue, body, as_command(properties)).await;
+    }
+
+    /// Publishes `body` to `queue` as a command (persistent,
+    /// `application/json` over `properties`), confirmed.
+    pub async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        crate::broker::publish(&self.channel, queue, body, as_command(properties)).await;
+    }
+
+    /// The next event about `id` (skipping others'), bounded by [`WAIT`].
+    pub async fn event_for(&mut self, id: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self.events.next_event_within(left).await;
+            let event = event.expect("an event in time");
+            if event.command_id() == id {
+                return event.body;
+            }
+        }
+    }
+
+    /// Polls, bounded, until `queue` holds `n` ready messages: the worker
+    /// rejects a command only after its event is confirmed, so the event
+    /// can arrive first.
+    pub async fn wait_depth(&self, queue: &str, n: u32) {
+        wait_until(
+            &format!("{queue} to hold {n}"),
+            Duration::from_millis(20),
+            async || self.depth(queue).await == n,
+        )
+        .await;
     }
 
     /// The next result event, bounded by `within`.
