@@ -65,6 +65,13 @@ pub fn scripted(
     }
 }
 
+/// The simulator in-process on a free port of the loopback interface.
+pub async fn start_simulator(settings: SimulatorSettings) -> Simulator {
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), settings)
+        .await
+        .expect("the simulator starts")
+}
+
 /// Tunables of a test app.
 pub struct Options {
     pub env: Vec<(String, String)>,
@@ -168,16 +175,12 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let queue = format!("{}-{tag}", options.prefix);
     let connection_name = format!("{}-worker-{tag}", options.prefix);
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            api_key: options.api_key.clone(),
-            faults: options.faults,
-            seed: None,
-        },
-    )
-    .await
-    .expect("simulator starts");
+    let sim = start_simulator(SimulatorSettings {
+        api_key: options.api_key.clone(),
+        faults: options.faults,
+        seed: None,
+    })
+    .await;
     let mut env = worker_env(&queue, &sim.base_url(), &options.api_key);
     env.extend(
         [
