@@ -161,8 +161,8 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
-/// Starts the simulator and the observers; the worker starts in-process
-/// unless `CPW_TEST_NO_WORKER` semantics are wanted (see [`spawn_without_worker`]).
+/// Starts the simulator, the observer and the worker in-process;
+/// [`spawn_without_worker`] leaves the worker to the test.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let mut app = spawn_without_worker(options).await;
     app.start_worker().await;
