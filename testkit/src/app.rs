@@ -619,6 +619,12 @@ impl TestApp {
         cut_connections_named(&self.connection_name)
     }
 
+    /// `queue`, declared by the test beside the topology, is deleted with it
+    /// when the test ends.
+    pub fn guard_queue(&mut self, queue: &str) {
+        self.declared.add_queue(queue);
+    }
+
     /// Stops the worker gracefully (checking that it stops in time) and
     /// deletes this test's queues and exchanges; a test that fails before
     /// this leaves them to `Drop`.

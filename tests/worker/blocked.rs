@@ -182,6 +182,7 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
     };
     let mut app = on_node(&cluster).await;
     let holding = holding_queue(&app).await;
+    app.guard_queue(&holding);
 
     let in_flight = app.publish_commands(4).await;
     let late: Vec<String> = (0..4).map(|_| command_id()).collect();

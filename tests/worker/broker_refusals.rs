@@ -42,6 +42,7 @@ async fn a_refused_event_waits_in_the_broker_without_replaying_the_purchase() {
     let mut app = spawn_app_with(Options::default()).await;
     // A queue that refuses every event: the broker nacks each publish.
     let blocker = format!("{}.blocker", app.queue);
+    app.guard_queue(&blocker);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     args.insert(

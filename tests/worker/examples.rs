@@ -381,6 +381,9 @@ async fn examples_run_against_a_real_worker(language: Language) {
     let log = format!("{}.log", app.results_exchange);
     let first_queue = format!("{}.example-billing", app.queue);
     let second_queue = format!("{}.example-ledger", app.queue);
+    for queue in [&first_queue, &second_queue, &log] {
+        app.guard_queue(queue);
+    }
     // The fallback first: a broker without the results log.
     assert!(!stream_exists(&admin, &log).await, "no results log yet");
 

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use cpw_testkit::broker::{connect, depth, publish};
+use cpw_testkit::broker::{amqp_url, connect, depth, publish};
+use cpw_testkit::guard::Declared;
 use cpw_testkit::wait_until;
 use credit_purchase_worker::broker::{Settle, Settlements};
 use futures_util::StreamExt;
@@ -46,6 +47,8 @@ async fn consuming(connection: &Connection, queue: &str) -> (Channel, lapin::Con
 async fn held_acks_go_out_on_a_timer_behind_a_delivery_that_never_settles() {
     let connection = connect("cpw-test-held-acks").await.expect("broker");
     let queue = format!("cpw-test-held-{}", uuid::Uuid::new_v4().simple());
+    let mut declared = Declared::on(&amqp_url());
+    declared.add_queue(&queue);
     let publisher = connection.create_channel().await.expect("channel");
     publisher
         .confirm_select(ConfirmSelectOptions::default())
