@@ -4,221 +4,44 @@
 //! in-process simulator.
 
 use std::collections::BTreeMap;
-use std::process::{Output, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::Stdio;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use cpw_testkit::broker::{
-    Observer, amqp_url, as_command, connect, delete_topology, depth, sealed, worker_env,
-};
+use cpw_testkit::WAIT;
+use cpw_testkit::app::{Io, Options, TestApp, spawn_app_with, spawn_without_worker};
+use cpw_testkit::broker::{amqp_url, connect, sealed};
 use cpw_testkit::commands::{command_for, command_id};
-use cpw_testkit::{WAIT, wait_until};
-use credit_purchase_worker::broker::{Mismatch, Topology};
+use cpw_testkit::process::worker_binary;
 use credit_purchase_worker::configuration::Settings;
-use credit_purchase_worker::simulator::{
-    Faults, FaultsPatch, ScriptedResponse, Simulator, SimulatorSettings,
-};
-use credit_purchase_worker::startup::Application;
-use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use credit_purchase_worker::simulator::{Faults, FaultsPatch, ScriptedResponse};
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
 const SIM_KEY: &str = "sim_admin_key";
 
-/// What the binary's standard streams do in a test.
-#[derive(Clone, Copy)]
-enum Io<'a> {
-    /// stdin empty, stdout read.
-    Nothing,
-    /// stdin holds this text.
-    Stdin(&'a str),
-    /// stdout closed by its reader before the binary writes.
-    ClosedStdout,
-}
-
-/// One test's world: names, simulator, observer, and maybe a worker.
-struct Admin {
-    queue: String,
-    env: BTreeMap<String, String>,
-    sim: Simulator,
-    topology: Topology,
-    connection: Connection,
-    channel: Channel,
-    events: Observer,
-    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
-}
-
-/// Declares a fresh topology, binds an observer to its results, and starts
-/// the worker in-process when `worker` is true.
-async fn setup(worker: bool, faults: Faults) -> Admin {
-    let queue = format!("cpw-admin-{}", uuid::Uuid::new_v4().simple());
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            api_key: SIM_KEY.into(),
-            faults: Faults {
-                rate_limit: 0,
-                ..faults
-            },
-            seed: None,
-        },
-    )
-    .await
-    .expect("simulator starts");
-    let mut env = worker_env(&queue, &sim.base_url(), SIM_KEY);
-    env.extend(
-        [
-            ("CPW__HYPERLINE__TIMEOUT_SECS", "2"),
-            ("CPW__RETRY__ATTEMPTS", "2"),
-            ("CPW__RETRY__INITIAL_BACKOFF_MS", "10"),
-            ("CPW__RETRY__MAX_BACKOFF_MS", "50"),
-            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2"),
-            ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
-    );
-    let settings = Settings::load_from(None, env.clone()).expect("valid settings");
-    let connection = connect("cpw-admin-test").await.expect("broker reachable");
-    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
-    topology.declare(&connection).await.expect("topology");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let events = Observer::bind(&connection, &topology.results_exchange)
-        .await
-        .expect("observer");
-    let worker = match worker {
-        false => None,
-        true => {
-            let app = Application::build(settings).await.expect("worker builds");
-            let token = CancellationToken::new();
-            Some((token.clone(), tokio::spawn(app.run_until_stopped(token))))
-        }
-    };
-    Admin {
-        queue,
-        env,
-        sim,
-        topology,
-        connection,
-        channel,
-        events,
-        worker,
+/// A fresh topology with an observer bound to its results, and the worker
+/// in-process when `worker` is true; no rate limit unless a test sets one.
+async fn setup(worker: bool, faults: Faults) -> TestApp {
+    let options = Options::default()
+        .prefix("cpw-admin")
+        .api_key(SIM_KEY)
+        .faults(Faults {
+            rate_limit: 0,
+            ..faults
+        })
+        .env("CPW__RETRY__ATTEMPTS", 2)
+        .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5);
+    match worker {
+        true => spawn_app_with(options).await,
+        false => spawn_without_worker(options).await,
     }
 }
 
 fn now_ms() -> i64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
     i64::try_from(since.as_millis()).expect("ms")
-}
-
-impl Admin {
-    fn dead(&self) -> String {
-        self.topology.dead.clone()
-    }
-
-    /// Runs the binary with this test's settings and `extra` env, bounded.
-    async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (Option<i32>, String, String) {
-        self.cli_with(args, extra, Io::Nothing).await
-    }
-
-    /// [`Admin::cli`] with stdin fed or stdout closed by its reader.
-    async fn cli_with(
-        &self,
-        args: &[&str],
-        extra: &[(&str, &str)],
-        io: Io<'_>,
-    ) -> (Option<i32>, String, String) {
-        let mut child = tokio::process::Command::new(BIN)
-            .args(args)
-            .env_clear()
-            .envs(&self.env)
-            .envs(extra.iter().copied())
-            .stdin(match io {
-                Io::Stdin(_) => Stdio::piped(),
-                _ => Stdio::null(),
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the binary runs");
-        match io {
-            Io::Stdin(text) => {
-                use tokio::io::AsyncWriteExt;
-                let mut stdin = child.stdin.take().expect("stdin");
-                stdin.write_all(text.as_bytes()).await.expect("write stdin");
-            }
-            // The reader goes away before anything is written, as `| head
-            // -1` does once it has its line.
-            Io::ClosedStdout => drop(child.stdout.take()),
-            Io::Nothing => {}
-        }
-        let out: Output = tokio::time::timeout(WAIT, child.wait_with_output())
-            .await
-            .expect("the command ends in time")
-            .expect("the binary runs");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
-    }
-
-    async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
-        cpw_testkit::broker::publish(&self.channel, queue, body, as_command(properties)).await;
-    }
-
-    /// The next event about `id`, bounded.
-    async fn event_for(&mut self, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let event = self.events.next_event_within(left).await;
-            let event = event.expect("an event in time");
-            if event.command_id() == id {
-                return event.body;
-            }
-        }
-    }
-
-    async fn depth(&self, queue: &str) -> u32 {
-        depth(&self.connection, queue).await
-    }
-
-    /// Polls, bounded, until `queue` holds `n` ready messages: the worker
-    /// rejects a command only after its event is confirmed, so the event
-    /// can arrive first.
-    async fn wait_depth(&self, queue: &str, n: u32) {
-        wait_until(
-            &format!("{queue} to hold {n}"),
-            Duration::from_millis(20),
-            async || self.depth(queue).await == n,
-        )
-        .await;
-    }
-
-    /// Stops the worker and starts a new one on the same settings: what
-    /// the first one knew in memory is gone.
-    async fn restart_worker(&mut self) {
-        let (token, task) = self.worker.take().expect("a worker");
-        token.cancel();
-        let _ = tokio::time::timeout(WAIT, task).await;
-        let settings = Settings::load_from(None, self.env.clone()).expect("valid settings");
-        let app = Application::build(settings).await.expect("worker builds");
-        let token = CancellationToken::new();
-        self.worker = Some((token.clone(), tokio::spawn(app.run_until_stopped(token))));
-    }
-
-    async fn cleanup(mut self) {
-        if let Some((token, task)) = self.worker.take() {
-            token.cancel();
-            let _ = tokio::time::timeout(WAIT, task).await;
-        }
-        delete_topology(&self.connection, &self.topology).await;
-    }
 }
 
 #[tokio::test]
@@ -306,7 +129,7 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
     assert_eq!(code, Some(0));
     assert_eq!(
         stdout.trim(),
-        format!("dead-letter queue {} is empty", admin.dead())
+        format!("dead-letter queue {} is empty", admin.dead_queue())
     );
 
     let id = command_id();
@@ -323,7 +146,7 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
         admin.event_for(&id).await["error"]["code"],
         "invalid_command"
     );
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
 
     let (code, stdout, stderr) = admin.cli(&["dead-letters", "list"], &[]).await;
     assert_eq!(code, Some(0), "{stderr}");
@@ -365,7 +188,7 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
     );
     // Listing removes nothing. Polled: the broker puts back what the closed
     // channel held asynchronously, so an immediate count can miss it.
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
 
     // `--all` passes over what can never succeed, says so, and that is
     // not a failure; naming it is.
@@ -384,7 +207,7 @@ async fn dead_letters_list_shows_a_dead_letter_and_leaves_it_there() {
     assert!(stdout.contains("replayed 0, skipped 1"), "{stdout}");
     assert!(stderr.contains("not a valid command"), "{stderr}");
     // An invalid command stays.
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
     admin.cleanup().await;
 }
 
@@ -411,7 +234,7 @@ async fn replay_moves_a_dead_letter_back_and_it_succeeds_once() {
         admin.event_for(&id).await["error"]["code"],
         "unexpected_response"
     );
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
 
     admin.sim.set_faults(FaultsPatch {
         scripted: Some(Vec::new()),
@@ -425,7 +248,7 @@ async fn replay_moves_a_dead_letter_back_and_it_succeeds_once() {
     let event = admin.event_for(&id).await;
     assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
     assert_eq!(admin.sim.ledger().charges_for(&id), 1, "charged once");
-    admin.wait_depth(&admin.dead(), 0).await;
+    admin.wait_depth(&admin.dead_queue(), 0).await;
     admin.cleanup().await;
 }
 
@@ -440,7 +263,7 @@ async fn replay_refuses_a_command_past_the_idempotency_window_unless_forced() {
         AMQPValue::LongLongInt(day_and_an_hour_ago),
     );
     headers.insert(ShortString::from("cpw-attempts"), AMQPValue::LongLongInt(7));
-    let dead = admin.dead();
+    let dead = admin.dead_queue();
     let body = command_for(&old, "cus_admin").to_string();
     let props = BasicProperties::default().with_headers(headers);
     let props = sealed(props, body.as_bytes(), SIM_KEY);
@@ -550,7 +373,7 @@ async fn an_uncertain_charge_is_listed_shown_and_purged_alone() {
         admin.event_for(&uncertain).await["error"]["code"],
         "unexpected_response"
     );
-    admin.wait_depth(&admin.dead(), 2).await;
+    admin.wait_depth(&admin.dead_queue(), 2).await;
     // The worker runs in this process: its replica name is ours.
     let replica = Settings::load_from(None, admin.env.clone())
         .expect("settings")
@@ -638,12 +461,12 @@ async fn an_uncertain_charge_is_listed_shown_and_purged_alone() {
         stdout.contains("not confirmed: nothing removed"),
         "{stdout}"
     );
-    admin.wait_depth(&admin.dead(), 2).await;
+    admin.wait_depth(&admin.dead_queue(), 2).await;
     let (code, stdout, stderr) = admin.cli_with(&purge, &[], Io::Stdin("yes\n")).await;
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stderr.contains("type yes to confirm"), "{stderr}");
     assert!(stdout.contains("removed 1 dead letter(s)"), "{stdout}");
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
     let (_, stdout, _) = admin.cli(&["dead-letters", "list"], &[]).await;
     assert!(
         stdout.contains(&invalid) && !stdout.contains(&uncertain),
@@ -657,7 +480,7 @@ async fn an_uncertain_charge_is_listed_shown_and_purged_alone() {
         )
         .await;
     assert_eq!(code, Some(0));
-    admin.wait_depth(&admin.dead(), 0).await;
+    admin.wait_depth(&admin.dead_queue(), 0).await;
     admin.cleanup().await;
 }
 
@@ -669,9 +492,13 @@ async fn a_closed_stdout_is_a_normal_end() {
     let id = command_id();
     let body = command_for(&id, "cus_admin").to_string();
     admin
-        .publish_to(&admin.dead(), body.as_bytes(), BasicProperties::default())
+        .publish_to(
+            &admin.dead_queue(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
         .await;
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
     for (args, expected) in [
         (vec!["dead-letters", "list"], 0),
         (vec!["dead-letters", "list", "--json"], 0),
@@ -686,7 +513,7 @@ async fn a_closed_stdout_is_a_normal_end() {
         assert_eq!(code, Some(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    admin.wait_depth(&admin.dead(), 1).await;
+    admin.wait_depth(&admin.dead_queue(), 1).await;
     admin.cleanup().await;
 }
 
@@ -904,7 +731,7 @@ async fn check_tries_every_node_of_a_cluster_and_prints_a_line_each() {
 
 #[tokio::test]
 async fn demo_runs_to_completion_with_one_charge_per_success() {
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(worker_binary())
         .args([
             "demo",
             "--commands",
@@ -986,7 +813,7 @@ fn delivery_count(shown: &str) -> Option<String> {
 }
 
 /// Everything `show` prints for `id`, and every letter as `list --json` has it.
-async fn read_letters(admin: &Admin, id: &str) -> (String, Vec<Value>) {
+async fn read_letters(admin: &TestApp, id: &str) -> (String, Vec<Value>) {
     let (code, shown, stderr) = admin
         .cli(&["dead-letters", "show", "--command-id", id], &[])
         .await;
@@ -1017,7 +844,7 @@ async fn reading_the_dead_letters_thirty_times_wears_none_of_them() {
             .await;
         admin.event_for(id).await;
     }
-    admin.wait_depth(&admin.dead(), 3).await;
+    admin.wait_depth(&admin.dead_queue(), 3).await;
 
     let first = read_letters(&admin, &ids[0]).await;
     assert_eq!(first.1.len(), 3, "{:?}", first.1);
@@ -1036,14 +863,14 @@ async fn reading_the_dead_letters_thirty_times_wears_none_of_them() {
     }
     let counted = delivery_count(&first.0);
     println!("x-delivery-count after 30 lists and shows: {counted:?}");
-    admin.wait_depth(&admin.dead(), 3).await;
+    admin.wait_depth(&admin.dead_queue(), 3).await;
     // The letters themselves, as the broker gives them next: never
     // redelivered, so no quorum queue limit comes any closer.
     let channel = admin.connection.create_channel().await.expect("channel");
     for _ in 0..3 {
         let got = channel
             .basic_get(
-                admin.dead().as_str().into(),
+                admin.dead_queue().as_str().into(),
                 BasicGetOptions { no_ack: false },
             )
             .await

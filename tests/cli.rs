@@ -3,13 +3,15 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use cpw_testkit::process::worker_binary;
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
 
 #[test]
 fn help_lists_every_subcommand() {
-    let out = Command::new(BIN).arg("--help").output().expect("runs");
+    let out = Command::new(worker_binary())
+        .arg("--help")
+        .output()
+        .expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for sub in [
@@ -25,7 +27,7 @@ fn help_lists_every_subcommand() {
 }
 
 fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(worker_binary())
         .arg("run")
         .env_clear()
         .envs(env.iter().copied())
@@ -81,7 +83,7 @@ fn the_key_is_not_echoed_when_the_start_fails() {
 
 #[tokio::test]
 async fn the_simulator_subcommand_serves_the_contract() {
-    let mut child = tokio::process::Command::new(BIN)
+    let mut child = tokio::process::Command::new(worker_binary())
         .args([
             "simulator",
             "--listen",

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use cpw_testkit::app::start_simulator;
 use credit_purchase_worker::configuration::{ApiKey, Settings};
 use credit_purchase_worker::contract::Command;
 use credit_purchase_worker::hyperline::{
@@ -13,16 +14,12 @@ use credit_purchase_worker::simulator::{Faults, FaultsPatch, Simulator, Simulato
 const KEY: &str = "sim_test_key";
 
 async fn setup(faults: Faults, key: &str, timeout_secs: u64) -> (Simulator, HyperlineClient) {
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            api_key: KEY.into(),
-            faults,
-            seed: Some(1),
-        },
-    )
-    .await
-    .expect("simulator");
+    let sim = start_simulator(SimulatorSettings {
+        api_key: KEY.into(),
+        faults,
+        seed: Some(1),
+    })
+    .await;
     let settings = Settings::load_from(
         None,
         [

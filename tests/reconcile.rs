@@ -4,12 +4,11 @@
 //! test has its own queue names and its own simulator.
 
 use std::collections::BTreeMap;
-use std::process::{Output, Stdio};
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpw_testkit::broker::{
-    Observer, as_command, connect, delete_topology, depth, sealed, worker_env,
-};
+use cpw_testkit::app::{Options, TestApp, spawn_app_with};
+use cpw_testkit::broker::{connect, sealed};
 use cpw_testkit::commands::{command, command_for, command_id};
 use cpw_testkit::{WAIT, wait_until};
 use credit_purchase_worker::admin::reconcile::act::Acting;
@@ -19,35 +18,33 @@ use credit_purchase_worker::admin::reconcile::select;
 use credit_purchase_worker::broker::history::{
     ATTEMPTS_HEADER, DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, FIRST_ATTEMPT_HEADER,
 };
-use credit_purchase_worker::broker::{HistoryKeys, Mismatch, Publisher, Topology};
-use credit_purchase_worker::configuration::Settings;
+use credit_purchase_worker::broker::{HistoryKeys, Publisher};
 use credit_purchase_worker::hyperline::matching::ChargeLookup;
-use credit_purchase_worker::simulator::{
-    Faults, FaultsPatch, Ledger, ScriptedResponse, Simulator, SimulatorSettings,
-};
-use credit_purchase_worker::startup::Application;
-use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
+use credit_purchase_worker::simulator::{Faults, FaultsPatch, Ledger, ScriptedResponse};
+use lapin::BasicProperties;
+use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
 const SIM_KEY: &str = "sim_reconcile_key";
 const GARBLED: &str = "cus_garbled";
 const HOUR_MS: u64 = 3_600_000;
 
-/// One test's world.
-struct World {
-    queue: String,
-    env: BTreeMap<String, String>,
-    sim: Simulator,
-    topology: Topology,
-    connection: Connection,
-    channel: Channel,
-    events: Observer,
-    worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
+/// One test's world: a [`TestApp`] on reconcile's settings, and the dead
+/// letters and purchases these tests make.
+struct World(TestApp);
+
+impl Deref for World {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.0
+    }
+}
+
+impl DerefMut for World {
+    fn deref_mut(&mut self) -> &mut TestApp {
+        &mut self.0
+    }
 }
 
 /// A 201 whose body is not the documented one, given after the charge of
@@ -74,66 +71,22 @@ async fn setup(faults: Faults) -> World {
 const MARGIN_MS: u64 = 1_000;
 
 async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
-    let queue = format!("cpw-reconcile-{}", uuid::Uuid::new_v4().simple());
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            api_key: SIM_KEY.into(),
-            faults: Faults {
-                rate_limit: 0,
-                ..faults
-            },
-            seed: None,
-        },
-    )
-    .await
-    .expect("simulator starts");
-    let mut env = worker_env(&queue, &sim.base_url(), SIM_KEY);
-    env.extend(
-        [
-            ("CPW__HYPERLINE__TIMEOUT_SECS", "2"),
-            ("CPW__RETRY__ATTEMPTS", "2"),
-            ("CPW__RETRY__INITIAL_BACKOFF_MS", "10"),
-            ("CPW__RETRY__MAX_BACKOFF_MS", "50"),
-            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1"),
-            ("CPW__WORKER__SHUTDOWN_GRACE_SECS", "5"),
-            ("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", "96"),
-            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "20"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
-    );
-    env.extend(
-        extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
-    let settings = Settings::load_from(None, env.clone()).expect("valid settings");
-    let connection = connect("cpw-reconcile-test")
-        .await
-        .expect("broker reachable");
-    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
-    topology.declare(&connection).await.expect("topology");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let events = Observer::bind(&connection, &topology.results_exchange)
-        .await
-        .expect("observer");
-    let app = Application::build(settings).await.expect("worker builds");
-    let token = CancellationToken::new();
-    let worker = Some((token.clone(), tokio::spawn(app.run_until_stopped(token))));
-    World {
-        queue,
-        env,
-        sim,
-        topology,
-        connection,
-        channel,
-        events,
-        worker,
+    let mut options = Options::default()
+        .prefix("cpw-reconcile")
+        .api_key(SIM_KEY)
+        .faults(Faults {
+            rate_limit: 0,
+            ..faults
+        })
+        .env("CPW__RETRY__ATTEMPTS", 2)
+        .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", 1)
+        .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5)
+        .env("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", 96)
+        .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 20);
+    for (key, value) in extra {
+        options = options.env(key, value);
     }
+    World(spawn_app_with(options).await)
 }
 
 fn now_ms() -> u64 {
@@ -157,38 +110,11 @@ impl World {
         args: &[&str],
         extra: &[(&str, &str)],
     ) -> (Option<i32>, String, String) {
-        let child = tokio::process::Command::new(BIN)
-            .args(["dead-letters", "reconcile"])
-            .args(args)
-            .env_clear()
-            .envs(&self.env)
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out: Output = tokio::time::timeout(WAIT, child)
-            .await
-            .expect("the command ends in time")
-            .expect("the binary runs");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
-    }
-
-    async fn publish(&self, body: &Value) {
-        let queue = self.queue.clone();
-        self.publish_to(&queue, body, BasicProperties::default())
-            .await;
-    }
-
-    async fn publish_to(&self, queue: &str, body: &Value, properties: BasicProperties) {
-        let bytes = body.to_string();
-        cpw_testkit::broker::publish(
-            &self.channel,
-            queue,
-            bytes.as_bytes(),
-            as_command(properties),
-        )
-        .await;
+        let args: Vec<&str> = ["dead-letters", "reconcile"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        self.cli(&args, extra).await
     }
 
     /// A dead letter as the worker leaves one for `retries_exhausted`,
@@ -209,7 +135,8 @@ impl World {
         let dead = self.topology.dead.clone();
         let props = BasicProperties::default().with_headers(headers);
         let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
-        self.publish_to(&dead, body, props).await;
+        self.publish_to(&dead, body.to_string().as_bytes(), props)
+            .await;
     }
 
     /// A dead letter as the worker leaves one for `retries_exhausted`,
@@ -226,7 +153,8 @@ impl World {
         let dead = self.topology.dead.clone();
         let props = BasicProperties::default().with_headers(headers);
         let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
-        self.publish_to(&dead, body, props).await;
+        self.publish_to(&dead, body.to_string().as_bytes(), props)
+            .await;
     }
 
     /// Gives the results log an event older than what follows by the clock
@@ -263,32 +191,6 @@ impl World {
         assert_eq!(answer.status(), 201);
     }
 
-    /// The next event about `id`, bounded.
-    async fn event_for(&mut self, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let event = self.events.next_event_within(left).await;
-            let event = event.expect("an event in time");
-            if event.command_id() == id {
-                return event.body;
-            }
-        }
-    }
-
-    async fn depth(&self, queue: &str) -> u32 {
-        depth(&self.connection, queue).await
-    }
-
-    async fn wait_depth(&self, queue: &str, n: u32) {
-        wait_until(
-            &format!("{queue} to hold {n}"),
-            Duration::from_millis(20),
-            async || self.depth(queue).await == n,
-        )
-        .await;
-    }
-
     /// A garbled purchase of `id`: charged, answered with a broken 201,
     /// `unexpected_response`, dead-lettered.
     async fn garbled_dead_letter(&mut self, id: &str) {
@@ -312,12 +214,8 @@ impl World {
         )
     }
 
-    async fn cleanup(mut self) {
-        if let Some((token, task)) = self.worker.take() {
-            token.cancel();
-            let _ = tokio::time::timeout(WAIT, task).await;
-        }
-        delete_topology(&self.connection, &self.topology).await;
+    async fn cleanup(self) {
+        self.0.cleanup().await;
     }
 }
 
@@ -336,7 +234,7 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
     assert_eq!(code, Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("note: no results log"), "{stdout}");
     assert!(stdout.contains("no results log covers"), "{stdout}");
-    assert!(world.events.no_event_for(Duration::from_secs(1)).await);
+    assert!(world.no_event_for(Duration::from_secs(1)).await);
     world.wait_depth(&dead, 1).await;
 
     let (code, stdout, stderr) = world.reconcile(&["--apply"]).await;
@@ -374,7 +272,7 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
         "the action is logged with both ids:\n{stderr}"
     );
     world.wait_depth(&dead, 0).await;
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(
         world.sim.ledger().charges_for(&id),
         1,
@@ -412,7 +310,7 @@ async fn a_never_charged_exhausted_dead_letter_is_replayed_and_charged_exactly_o
     );
     assert_eq!(world.sim.ledger().charges_for(&id), 1);
     world.wait_depth(&dead, 0).await;
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(world.sim.ledger().charges_for(&id), 1, "exactly once");
     world.cleanup().await;
 }
@@ -531,7 +429,7 @@ async fn another_commands_charge_in_the_window_is_never_taken_for_the_letters() 
     );
     assert_ne!(bought["invoice_id"], b["invoice_id"], "never Wb's invoice");
     world.wait_depth(&dead, 0).await;
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     let ledger = world.sim.ledger();
     assert_eq!((ledger.charges_for(&wa), ledger.charges_for(&wb)), (1, 1));
     world.cleanup().await;
@@ -593,7 +491,7 @@ async fn a_transaction_that_could_be_two_letters_charge_settles_neither() {
             "{row}"
         );
     }
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(
         world.state().await,
         before,
@@ -624,7 +522,7 @@ async fn a_possible_charge_without_an_invoice_is_uncertain_never_not_charged() {
             .is_some_and(|r| r.contains("lack a field")),
         "{row}"
     );
-    assert!(world.events.no_event_for(Duration::from_secs(1)).await);
+    assert!(world.no_event_for(Duration::from_secs(1)).await);
     assert_eq!(world.state().await, before, "not replayed");
     world.cleanup().await;
 }
@@ -694,7 +592,7 @@ async fn a_removal_that_fails_mid_run_is_not_done_and_a_second_run_buys_nothing_
         "{row}"
     );
     world.wait_depth(&dead, 0).await;
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(world.sim.ledger().charges_for(&id), 1, "replayed once");
     assert_eq!(world.depth(&world.queue).await, 0);
     world.cleanup().await;
@@ -726,7 +624,7 @@ async fn a_dry_run_changes_nothing() {
     );
     assert!(stdout.contains("nothing was changed"), "{stdout}");
     println!("{stdout}");
-    assert!(world.events.no_event_for(Duration::from_secs(2)).await);
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(
         world.state().await,
         before,

@@ -3,6 +3,7 @@
 //! (answer shapes, idempotency, rate limit, auth, validation, faults) and the
 //! ledger that proves how many times something was charged.
 
+use cpw_testkit::app::start_simulator;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
@@ -33,9 +34,7 @@ async fn start(faults: Faults) -> Simulator {
         seed: Some(7),
         ..SimulatorSettings::default()
     };
-    Simulator::start("127.0.0.1:0".parse().expect("address"), settings)
-        .await
-        .expect("the simulator starts")
+    start_simulator(settings).await
 }
 
 fn client() -> Client {

@@ -1,12 +1,13 @@
 //! `https://` through rustls with a private CA: trusted when
 //! `hyperline.ca_file` names it, refused otherwise.
 
+use cpw_testkit::app::start_simulator;
 use std::sync::Arc;
 
 use credit_purchase_worker::configuration::{ApiKey, Settings};
 use credit_purchase_worker::contract::Command;
 use credit_purchase_worker::hyperline::{FinalAnswer, HyperlineClient, PurchaseAnswer};
-use credit_purchase_worker::simulator::{Faults, Simulator, SimulatorSettings};
+use credit_purchase_worker::simulator::{Faults, SimulatorSettings};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -81,18 +82,14 @@ fn client(base: &str, ca_file: Option<&std::path::Path>) -> HyperlineClient {
 
 #[tokio::test]
 async fn a_private_ca_is_trusted_only_when_configured() {
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            faults: Faults {
-                rate_limit: 0,
-                ..Faults::default()
-            },
-            ..SimulatorSettings::default()
+    let sim = start_simulator(SimulatorSettings {
+        faults: Faults {
+            rate_limit: 0,
+            ..Faults::default()
         },
-    )
-    .await
-    .expect("simulator");
+        ..SimulatorSettings::default()
+    })
+    .await;
     let (ca_pem, cert, key) = private_ca();
     let port = tls_front(sim.addr(), cert, key).await;
     let base = format!("https://localhost:{port}");

@@ -5,10 +5,15 @@
 //! them would be compiled once per test binary, and each copy would drift; a
 //! crate holds each helper once:
 //!
+//! - [`app`]: one test's world: a worker (in-process or as a child
+//!   process) on queue names of its own, its simulator, and its observer;
 //! - [`broker`]: where the test broker is, publishing with confirms, the
 //!   observer of result events, queue depths, removing a test's topology;
 //! - [`cluster`]: a real three-node RabbitMQ cluster started by a test;
 //! - [`commands`]: valid command bodies with fresh ids;
+//! - [`guard`]: what a test declared on the broker, deleted when the test
+//!   ends, passed or failed;
+//! - [`process`]: the worker's binary, and its graceful stop by SIGTERM;
 //! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
 //!   `Command::parse`;
@@ -18,10 +23,13 @@
 
 use std::time::Duration;
 
+pub mod app;
 pub mod broker;
 pub mod cluster;
 pub mod commands;
+pub mod guard;
 pub mod hostile;
+pub mod process;
 pub mod rules;
 
 /// Every wait of the tests is bounded by this (or a stated shorter bound), so

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use credit_purchase_worker::simulator::FaultsPatch;
 use serde_json::Value;
 
-use crate::helpers::{command, command_id, spawn_app};
+use cpw_testkit::app::{command, command_id, spawn_app};
 
 const ALERT: &str = "CpwApiKeyRefused";
 

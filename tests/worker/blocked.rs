@@ -17,7 +17,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::cluster::ONE_CLUSTER;
-use crate::helpers::{Options, TestApp, WAIT, command, command_id, spawn_without_worker};
+use cpw_testkit::app::{Options, TestApp, WAIT, command, command_id, spawn_without_worker};
 
 /// A purchase takes this long: the alarm is up before the first answers.
 const LATENCY_MS: u64 = 5000;
@@ -182,6 +182,7 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
     };
     let mut app = on_node(&cluster).await;
     let holding = holding_queue(&app).await;
+    app.guard_queue(&holding);
 
     let in_flight = app.publish_commands(4).await;
     let late: Vec<String> = (0..4).map(|_| command_id()).collect();

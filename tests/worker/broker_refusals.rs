@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
-use crate::helpers::{Options, TestApp, WAIT, command, command_for, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, TestApp, WAIT, command, command_for, command_id, spawn_app_with};
 
 /// Sum of the ready messages in these queues.
 async fn parked(app: &TestApp, queues: &[String]) -> u32 {
@@ -42,6 +42,7 @@ async fn a_refused_event_waits_in_the_broker_without_replaying_the_purchase() {
     let mut app = spawn_app_with(Options::default()).await;
     // A queue that refuses every event: the broker nacks each publish.
     let blocker = format!("{}.blocker", app.queue);
+    app.guard_queue(&blocker);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     args.insert(

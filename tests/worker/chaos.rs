@@ -16,7 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::helpers::{Options, command, command_id, cut_connections_named, spawn_without_worker};
+use cpw_testkit::app::{Options, command, command_id, cut_connections_named, spawn_without_worker};
+use cpw_testkit::process::worker_binary;
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -203,7 +204,7 @@ struct Chaos {
 }
 
 fn replica(env: &std::collections::BTreeMap<String, String>, name: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_credit-purchase-worker"))
+    tokio::process::Command::new(worker_binary())
         .arg("run")
         .envs(env.iter())
         .env("CPW__AMQP__CONNECTION_NAME", name)

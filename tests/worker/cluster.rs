@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cpw_testkit::cluster::Cluster;
 use credit_purchase_worker::simulator::Faults;
 
-use crate::helpers::{Options, TestApp, WAIT, spawn_without_worker};
+use cpw_testkit::app::{Options, TestApp, WAIT, spawn_without_worker};
 
 /// How soon a worker whose node died must consume again (the bound).
 const FAILOVER: Duration = Duration::from_secs(10);

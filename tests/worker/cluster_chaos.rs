@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ONE_CLUSTER, cluster};
-use crate::helpers::{Options, WAIT, spawn_without_worker};
+use cpw_testkit::app::{Options, WAIT, spawn_without_worker};
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
 use serde_json::json;
 
-use crate::helpers::{Options, command_for, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, command_for, command_id, spawn_app_with};
 
 #[tokio::test]
 async fn a_key_refused_only_on_purchases_does_not_flap_the_replica() {

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::helpers::{Options, TestApp, WAIT, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, TestApp, WAIT, command_id, spawn_app_with};
+use cpw_testkit::process::terminate;
 
 /// The customer whose purchases the simulator refuses with a 422: a
 /// `rejected` outcome, final, so the publisher's exit 1.
@@ -226,16 +227,7 @@ impl Consumer {
 
     /// SIGTERM, then the rest of its output; asserts a clean exit.
     async fn stop(&mut self) {
-        let pid = self.child.id().expect("running").to_string();
-        let signalled = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(signalled.success());
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("the consumer stops after SIGTERM")
-            .expect("exit status");
+        let status = terminate(&mut self.child, WAIT).await;
         while let Ok(Some(line)) = self.stdout.next_line().await {
             self.lines.push(line);
         }
@@ -389,6 +381,9 @@ async fn examples_run_against_a_real_worker(language: Language) {
     let log = format!("{}.log", app.results_exchange);
     let first_queue = format!("{}.example-billing", app.queue);
     let second_queue = format!("{}.example-ledger", app.queue);
+    for queue in [&first_queue, &second_queue, &log] {
+        app.guard_queue(queue);
+    }
     // The fallback first: a broker without the results log.
     assert!(!stream_exists(&admin, &log).await, "no results log yet");
 

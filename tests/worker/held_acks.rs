@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use cpw_testkit::broker::{connect, depth, publish};
+use cpw_testkit::broker::{amqp_url, connect, depth, publish};
+use cpw_testkit::guard::Declared;
 use cpw_testkit::wait_until;
 use credit_purchase_worker::broker::{Settle, Settlements};
 use futures_util::StreamExt;
@@ -14,7 +15,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::helpers::WAIT;
+use cpw_testkit::app::WAIT;
 
 /// Far above the 100 ms behind which acks are held, far below a slow API.
 const PATIENCE: Duration = Duration::from_millis(1500);
@@ -46,6 +47,8 @@ async fn consuming(connection: &Connection, queue: &str) -> (Channel, lapin::Con
 async fn held_acks_go_out_on_a_timer_behind_a_delivery_that_never_settles() {
     let connection = connect("cpw-test-held-acks").await.expect("broker");
     let queue = format!("cpw-test-held-{}", uuid::Uuid::new_v4().simple());
+    let mut declared = Declared::on(&amqp_url());
+    declared.add_queue(&queue);
     let publisher = connection.create_channel().await.expect("channel");
     publisher
         .confirm_select(ConfirmSelectOptions::default())

@@ -31,7 +31,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::helpers::{Options, command, spawn_app_with};
+use cpw_testkit::app::{Options, command, spawn_app_with};
 
 const BAD: usize = 2_000;
 const GOOD: usize = 320;

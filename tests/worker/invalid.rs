@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 
-use crate::helpers::{command, command_id, spawn_app};
+use cpw_testkit::app::{command, command_id, spawn_app};
 
 fn with(key: &str, value: Value) -> Vec<u8> {
     let mut c = command(&command_id());

@@ -16,7 +16,8 @@ use credit_purchase_worker::simulator::{Faults, FaultsPatch, ScriptedResponse};
 use lapin::BasicProperties;
 use serde_json::json;
 
-use crate::helpers::{Event, Options, TestApp, command, command_for, spawn_without_worker};
+use cpw_testkit::app::{Event, Options, TestApp, command, command_for, spawn_without_worker};
+use cpw_testkit::process::{terminate, worker_binary};
 
 /// The part of the key no legitimate output can contain.
 const CANARY: &str = "LEAKCANARY";
@@ -26,7 +27,7 @@ fn spawn_logged(app: &TestApp, dir: &Path) -> tokio::process::Child {
     let file = |name: &str| {
         Stdio::from(std::fs::File::create(dir.join(name)).expect("log file can be created"))
     };
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_credit-purchase-worker"))
+    tokio::process::Command::new(worker_binary())
         .arg("run")
         .envs(app.env.iter())
         .env("RUST_LOG", "debug")
@@ -120,7 +121,7 @@ async fn the_api_key_appears_in_no_log_event_dead_letter_or_request() {
         "cus_scripted",
         "cus_throttled",
     ] {
-        let id = crate::helpers::command_id();
+        let id = cpw_testkit::app::command_id();
         app.publish(&command_for(&id, customer)).await;
         ids.push(id);
     }
@@ -130,7 +131,7 @@ async fn the_api_key_appears_in_no_log_event_dead_letter_or_request() {
         json!(1.5),
         json!(9_007_199_254_740_992_u64),
     ] {
-        let id = crate::helpers::command_id();
+        let id = cpw_testkit::app::command_id();
         let mut c = command(&id);
         c["credit_count"] = bad;
         app.publish(&c).await;
@@ -171,16 +172,7 @@ async fn the_api_key_appears_in_no_log_event_dead_letter_or_request() {
     events.extend(events_for(&mut app, &paused, Duration::from_secs(60)).await);
 
     // A graceful stop.
-    let pid = child.id().expect("running");
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(signalled.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("exit status");
+    let status = terminate(&mut child, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0));
     while let Some(e) = app.next_event_within(Duration::from_millis(200)).await {
         events.push(e);

@@ -12,9 +12,10 @@ use std::time::Duration;
 use credit_purchase_worker::simulator::FaultsPatch;
 use serde_json::{Map, Value, json};
 
-use crate::helpers::{
+use cpw_testkit::app::{
     Event, Options, TestApp, command_for, command_id, scripted, spawn_without_worker,
 };
+use cpw_testkit::process::{terminate, worker_binary};
 
 /// The binary as operators run it, its log in a file of its own.
 struct Binary {
@@ -27,7 +28,7 @@ impl Binary {
         let dir: PathBuf = std::env::temp_dir().join(format!("cpw-logs-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credit-purchase-worker"))
+        let child = tokio::process::Command::new(worker_binary())
             .arg("run")
             .envs(app.env.iter())
             .env_remove("RUST_LOG")
@@ -47,16 +48,7 @@ impl Binary {
 
     /// SIGTERM, and the wait for a clean exit.
     async fn stop(&mut self) {
-        let pid = self.child.id().expect("running").to_string();
-        let signalled = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(signalled.success());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .expect("exit status");
+        let status = terminate(&mut self.child, Duration::from_secs(30)).await;
         assert!(status.success(), "{status:?}");
     }
 }

@@ -9,7 +9,6 @@ mod cluster_chaos;
 mod credentials;
 mod examples;
 mod held_acks;
-mod helpers;
 mod hostile;
 mod invalid;
 mod leak;

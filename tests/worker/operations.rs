@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
-use crate::helpers::{TestApp, command, command_for, command_id, spawn_app};
+use cpw_testkit::app::{TestApp, command, command_for, command_id, spawn_app};
 
 async fn scrape(app: &TestApp) -> String {
     let addr = app.ops_addr.expect("worker started");

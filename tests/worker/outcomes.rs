@@ -6,7 +6,7 @@ use std::time::Duration;
 use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
 use serde_json::json;
 
-use crate::helpers::{command, command_for, command_id, spawn_app};
+use cpw_testkit::app::{command, command_for, command_id, spawn_app};
 
 fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u32>) -> FaultsPatch {
     FaultsPatch {
@@ -22,7 +22,7 @@ fn script(customer: &str, status: u16, body: serde_json::Value, times: Option<u3
 }
 
 /// Every request the simulator saw carried the command's id as its key.
-fn assert_keys(app: &crate::helpers::TestApp, id: &str, at_least: usize) {
+fn assert_keys(app: &cpw_testkit::app::TestApp, id: &str, at_least: usize) {
     let requests = app.sim.requests();
     assert!(
         requests.len() >= at_least,
@@ -148,6 +148,13 @@ async fn in_progress_is_retried_until_the_first_request_completes() {
     app.cleanup().await;
 }
 
+/// One of the worker's own requests (with the key of one of `ids`) met a 429.
+fn worker_refused(app: &cpw_testkit::app::TestApp, ids: &[String]) -> bool {
+    app.sim.requests().iter().any(|r| {
+        r.status == Some(429) && r.idempotency_key.as_ref().is_some_and(|k| ids.contains(k))
+    })
+}
+
 #[tokio::test]
 async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
     let mut app = spawn_app().await;
@@ -156,11 +163,19 @@ async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
         rate_limit_window_ms: Some(1000),
         ..FaultsPatch::default()
     });
-    // The limit is per account: another client spends this window's quota
-    // first, so the worker meets a 429 (it paces itself by the announced
-    // quota and would not hit the limit on its own).
-    app.spend_quota(3).await;
-    let ids = app.publish_commands(12).await;
+    // The limit is per account: another client spends the quota until the
+    // worker has met a 429 (it paces itself by the announced quota and would
+    // not hit the limit on its own).
+    let ids: Vec<String> = (0..12).map(|_| command_id()).collect();
+    let publish = async {
+        for id in &ids {
+            app.publish(&command(id)).await;
+        }
+    };
+    tokio::join!(
+        app.spend_quota_until(|| worker_refused(&app, &ids)),
+        publish
+    );
     let events = app
         .events_until(Duration::from_secs(60), |e| e.len() == ids.len())
         .await;
@@ -172,6 +187,10 @@ async fn rate_limits_slow_the_replica_and_every_command_is_charged_once() {
     app.assert_charged_once(&ids);
     let ledger = app.ledger();
     assert!(ledger.rate_limited >= 1, "the limit was hit: {ledger:?}");
+    assert!(
+        worker_refused(&app, &ids),
+        "the worker's own request met the limit"
+    );
     app.cleanup().await;
 }
 

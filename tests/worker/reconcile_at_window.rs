@@ -17,7 +17,7 @@ use serde_json::json;
 
 use cpw_testkit::broker::sealed;
 
-use crate::helpers::{Options, SIM_KEY, TestApp, command, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, SIM_KEY, TestApp, command, command_id, spawn_app_with};
 
 /// Hyperline forgets a key after this many seconds here, and the worker knows it.
 const WINDOW_SECS: u64 = 14;

@@ -4,7 +4,7 @@
 use credit_purchase_worker::simulator::FaultsPatch;
 use lapin::BasicProperties;
 
-use crate::helpers::{command, command_id, spawn_app};
+use cpw_testkit::app::{command, command_id, spawn_app};
 
 #[tokio::test]
 async fn retries_exhausted_across_the_delay_queues() {

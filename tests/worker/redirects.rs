@@ -9,7 +9,7 @@ use std::time::Duration;
 use credit_purchase_worker::simulator::{FaultsPatch, ScriptedResponse};
 use serde_json::json;
 
-use crate::helpers::{command, command_id, spawn_app};
+use cpw_testkit::app::{command, command_id, spawn_app};
 
 /// The customer of [`command`]; the redirect target is another one.
 const CUSTOMER: &str = "cus_Typ0px2W0aiEtl";

@@ -4,7 +4,7 @@
 
 use credit_purchase_worker::simulator::Faults;
 
-use crate::helpers::{Options, command, command_id, spawn_app_with};
+use cpw_testkit::app::{Options, command, command_id, spawn_app_with};
 
 #[tokio::test]
 async fn repeated_delays_share_a_queue_and_count_as_separate_steps() {

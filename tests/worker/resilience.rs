@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use credit_purchase_worker::simulator::{Faults, FaultsPatch};
 
-use crate::helpers::{Event, Options, command, command_id, spawn_app_with, spawn_without_worker};
+use cpw_testkit::app::{Event, Options, command, command_id, spawn_app_with, spawn_without_worker};
+use cpw_testkit::process::terminate;
 
 /// Every id has at least one succeeded event and no other outcome.
 fn assert_all_succeeded(events: &[Event], ids: &[String]) {
@@ -168,17 +169,8 @@ async fn sigterm_drains_in_flight_purchases_and_exits_zero() {
     let ids = app.publish_commands(60).await;
     let mut child = app.spawn_process();
     app.wait_requests(10).await;
-    let pid = child.id().expect("running");
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(signalled.success());
-    let status = tokio::time::timeout(Duration::from_secs(5 + 5), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .expect("exit status");
-    assert_eq!(status.code(), Some(0));
+    let status = terminate(&mut child, Duration::from_secs(5 + 5)).await;
+    assert_eq!(status.code(), Some(0), "exits within the grace period");
     app.start_worker().await;
     let mut events = Vec::new();
     let wanted: HashSet<String> = ids.iter().cloned().collect();

@@ -3,7 +3,8 @@
 //! created before the setting existed must not stop the worker from
 //! starting, while a queue created with another size is still refused.
 
-use cpw_testkit::broker::{connect, delete_topology, worker_env};
+use cpw_testkit::broker::{connect, worker_env};
+use cpw_testkit::guard::Declared;
 use credit_purchase_worker::broker::Topology;
 use credit_purchase_worker::configuration::Settings;
 use lapin::options::QueueDeclareOptions;
@@ -36,6 +37,7 @@ async fn redeclare_over(group_size: Option<i64>) -> Result<(), String> {
     let settings = Settings::load_from(None, env).expect("valid settings");
     assert_eq!(settings.amqp.quorum_initial_group_size, 3, "the default");
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    let declared = Declared::topology(&topology);
     let connection = connect("cpw-test-upgrade").await.expect("broker reachable");
     let channel = connection.create_channel().await.expect("channel");
     let durable = QueueDeclareOptions {
@@ -54,7 +56,7 @@ async fn redeclare_over(group_size: Option<i64>) -> Result<(), String> {
         .declare(&connection)
         .await
         .map_err(|e| e.to_string());
-    delete_topology(&connection, &topology).await;
+    drop(declared);
     result
 }
 

@@ -22,7 +22,8 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use tokio::process::Child;
 
-use crate::helpers::{Options, command, command_id, spawn_without_worker};
+use cpw_testkit::app::{Options, command, command_id, spawn_without_worker};
+use cpw_testkit::process::terminate;
 
 /// A key that must appear in no span.
 const KEY: &str = "sk_trace_test_5ec2e7_never_exported";
@@ -52,17 +53,8 @@ async fn otlp_receiver() -> (String, Bodies) {
 }
 
 /// SIGTERM, and the exit of a graceful stop.
-async fn terminate(mut child: Child) {
-    let pid = child.id().expect("running");
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(signalled.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("exit status");
+async fn stop(mut child: Child) {
+    let status = terminate(&mut child, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -128,7 +120,7 @@ async fn spans_are_exported_in_the_publishers_trace_and_flushed_at_shutdown() {
     .await;
     let event = app.next_event().await;
     assert_eq!(event.kind(), "credit_purchase.succeeded");
-    terminate(child).await;
+    stop(child).await;
 
     let bodies = bodies.lock().expect("receiver lock").clone();
     assert!(!bodies.is_empty(), "no span was exported");
@@ -251,7 +243,7 @@ async fn without_an_endpoint_no_connection_is_attempted() {
     app.publish(&command(&command_id())).await;
     let event = app.next_event().await;
     assert_eq!(event.kind(), "credit_purchase.succeeded");
-    terminate(child).await;
+    stop(child).await;
     let accepted =
         tokio::time::timeout(Duration::from_millis(500), default_endpoint.accept()).await;
     assert!(

@@ -11,7 +11,7 @@ use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 
-use crate::helpers::{
+use cpw_testkit::app::{
     Options, TestApp, command, command_for, command_id, scripted, spawn_app, spawn_app_with,
 };
 
@@ -151,6 +151,7 @@ async fn a_dead_letter_keeps_neither_the_commands_ttl_nor_its_user() {
 async fn a_reply_to_that_refuses_or_is_missing_never_holds_the_command() {
     let mut app = spawn_app().await;
     let full = format!("{}.full-replies", app.queue);
+    app.guard_queue(&full);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     args.insert(
@@ -233,7 +234,11 @@ impl BrokerUser {
         };
         ctl(&["add_user", name, "secret"]);
         let user = BrokerUser(name.to_owned());
-        ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        // On the test broker's virtual host, which `CPW_TEST_AMQP_URL` may name.
+        let uri: lapin::uri::AMQPUri = cpw_testkit::broker::amqp_url()
+            .parse()
+            .expect("the broker URL parses");
+        ctl(&["set_permissions", "-p", &uri.vhost, name, ".*", ".*", ".*"]);
         user
     }
 }

@@ -1,13 +1,15 @@
 //! `spawn_app()`: a real worker (in-process, or as a child process) against the
-//! real broker and an in-process simulator, isolated by unique names.
+//! real broker and an in-process simulator, isolated by unique names; what
+//! it declares is removed when the test ends (see [`crate::guard`]).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Once;
 use std::time::Duration;
 
-use cpw_testkit::broker::{Observer, as_command, delete_topology, worker_env};
-use cpw_testkit::wait_until;
+use crate::broker::{Observer, as_command, worker_env};
+use crate::guard::Declared;
+use crate::wait_until;
 use credit_purchase_worker::broker::history::STEP_HEADER;
 use credit_purchase_worker::broker::{Mismatch, Topology, header_u64};
 use credit_purchase_worker::configuration::Settings;
@@ -18,12 +20,13 @@ use credit_purchase_worker::startup::Application;
 use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use cpw_testkit::WAIT;
-pub use cpw_testkit::broker::Event;
-pub use cpw_testkit::commands::{command, command_for, command_id};
+pub use crate::WAIT;
+pub use crate::broker::Event;
+pub use crate::commands::{command, command_for, command_id};
 
 pub const SIM_KEY: &str = "sim_test_key";
 
@@ -62,6 +65,13 @@ pub fn scripted(
     }
 }
 
+/// The simulator in-process on a free port of the loopback interface.
+pub async fn start_simulator(settings: SimulatorSettings) -> Simulator {
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), settings)
+        .await
+        .expect("the simulator starts")
+}
+
 /// Tunables of a test app.
 pub struct Options {
     pub env: Vec<(String, String)>,
@@ -72,6 +82,9 @@ pub struct Options {
     /// depths), when not the test broker: a cluster test keeps it off the
     /// node it kills.
     pub driver_url: Option<String>,
+    /// The start of the queue names, telling one test binary's leftovers
+    /// from another's in `rabbitmqctl list_queues`.
+    pub prefix: String,
 }
 
 impl Default for Options {
@@ -84,6 +97,7 @@ impl Default for Options {
             },
             api_key: SIM_KEY.to_owned(),
             driver_url: None,
+            prefix: "cpw-test".to_owned(),
         }
     }
 }
@@ -106,6 +120,21 @@ impl Options {
         self.api_key = key.to_owned();
         self
     }
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
+        self
+    }
+}
+
+/// What the binary's standard streams do in [`TestApp::cli_with`].
+#[derive(Clone, Copy)]
+pub enum Io<'a> {
+    /// stdin empty, stdout read.
+    Nothing,
+    /// stdin holds this text.
+    Stdin(&'a str),
+    /// stdout closed by its reader before the binary writes.
+    ClosedStdout,
 }
 
 /// One worker with its own queue names, simulator and observers.
@@ -115,20 +144,25 @@ pub struct TestApp {
     pub connection_name: String,
     pub sim: Simulator,
     pub env: BTreeMap<String, String>,
+    pub topology: Topology,
     pub ops_addr: Option<std::net::SocketAddr>,
     /// In confirm mode: what the tests publish on it is confirmed.
     pub channel: Channel,
-    events: Observer,
-    connection: Connection,
+    /// Bound to the results exchange before the worker starts.
+    pub events: Observer,
+    /// The test's own connection (publishing, observing, depths).
+    pub connection: Connection,
     worker: Option<(CancellationToken, JoinHandle<Result<(), Mismatch>>)>,
+    /// Last, so that it drops after the worker has been told to stop.
+    declared: Declared,
 }
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
-/// Starts the simulator and the observers; the worker starts in-process
-/// unless `CPW_TEST_NO_WORKER` semantics are wanted (see [`spawn_without_worker`]).
+/// Starts the simulator, the observer and the worker in-process;
+/// [`spawn_without_worker`] leaves the worker to the test.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let mut app = spawn_without_worker(options).await;
     app.start_worker().await;
@@ -139,18 +173,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 pub async fn spawn_without_worker(options: Options) -> TestApp {
     init_tracing();
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let queue = format!("cpw-test-{tag}");
-    let connection_name = format!("cpw-test-worker-{tag}");
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorSettings {
-            api_key: options.api_key.clone(),
-            faults: options.faults,
-            seed: None,
-        },
-    )
-    .await
-    .expect("simulator starts");
+    let queue = format!("{}-{tag}", options.prefix);
+    let connection_name = format!("{}-worker-{tag}", options.prefix);
+    let sim = start_simulator(SimulatorSettings {
+        api_key: options.api_key.clone(),
+        faults: options.faults,
+        seed: None,
+    })
+    .await;
     let mut env = worker_env(&queue, &sim.base_url(), &options.api_key);
     env.extend(
         [
@@ -169,9 +199,8 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     );
     env.extend(options.env);
 
-    let driver = options
-        .driver_url
-        .unwrap_or_else(cpw_testkit::broker::amqp_url);
+    let driver = options.driver_url.unwrap_or_else(crate::broker::amqp_url);
+    let mut declared = Declared::on(&driver);
     let connection = credit_purchase_worker::broker::connect(&driver, "cpw-test-driver", None)
         .await
         .expect("broker reachable");
@@ -184,10 +213,9 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
     // up are not lost; the worker's own declaration must agree with it.
     let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
     let results_exchange = settings.amqp.results_exchange.clone();
-    Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs)
-        .declare(&connection)
-        .await
-        .expect("topology");
+    let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+    declared.add_topology(&topology);
+    topology.declare(&connection).await.expect("topology");
     let events = Observer::bind(&connection, &results_exchange)
         .await
         .expect("observer queue");
@@ -197,11 +225,13 @@ pub async fn spawn_without_worker(options: Options) -> TestApp {
         connection_name,
         sim,
         env,
+        topology,
         ops_addr: None,
         channel,
         events,
         connection,
         worker: None,
+        declared,
     }
 }
 
@@ -233,9 +263,66 @@ impl TestApp {
         }
     }
 
+    /// Stops the worker and starts a new one on the same settings: what the
+    /// first one knew in memory is gone.
+    pub async fn restart_worker(&mut self) {
+        self.stop_worker().await;
+        self.start_worker().await;
+    }
+
+    /// Runs the binary with `args`, this app's settings (and nothing else of
+    /// the test's environment) and `extra` variables; bounded by [`WAIT`].
+    /// The exit code, stdout and stderr.
+    pub async fn cli(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> (Option<i32>, String, String) {
+        self.cli_with(args, extra, Io::Nothing).await
+    }
+
+    /// [`TestApp::cli`] with stdin fed or stdout closed by its reader.
+    pub async fn cli_with(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        io: Io<'_>,
+    ) -> (Option<i32>, String, String) {
+        let mut child = tokio::process::Command::new(crate::process::worker_binary())
+            .args(args)
+            .env_clear()
+            .envs(&self.env)
+            .envs(extra.iter().copied())
+            .stdin(match io {
+                Io::Stdin(_) => Stdio::piped(),
+                _ => Stdio::null(),
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary runs");
+        match io {
+            Io::Stdin(text) => {
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(text.as_bytes()).await.expect("write stdin");
+            }
+            // The reader goes away before anything is written, as `| head
+            // -1` does once it has its line.
+            Io::ClosedStdout => drop(child.stdout.take()),
+            Io::Nothing => {}
+        }
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .expect("the command ends in time")
+            .expect("the binary runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+
     /// Starts the binary as a child process with this app's configuration.
     pub fn spawn_process(&self) -> tokio::process::Child {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_credit-purchase-worker"))
+        tokio::process::Command::new(crate::process::worker_binary())
             .arg("run")
             .envs(self.env.iter())
             .env("RUST_LOG", "warn")
@@ -275,8 +362,38 @@ impl TestApp {
     /// Publishes `body` as a command (persistent, `application/json` over
     /// whatever `properties` say) and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        cpw_testkit::broker::publish(&self.channel, &self.queue, body, as_command(properties))
-            .await;
+        crate::broker::publish(&self.channel, &self.queue, body, as_command(properties)).await;
+    }
+
+    /// Publishes `body` to `queue` as a command (persistent,
+    /// `application/json` over `properties`), confirmed.
+    pub async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        crate::broker::publish(&self.channel, queue, body, as_command(properties)).await;
+    }
+
+    /// The next event about `id` (skipping others'), bounded by [`WAIT`].
+    pub async fn event_for(&mut self, id: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self.events.next_event_within(left).await;
+            let event = event.expect("an event in time");
+            if event.command_id() == id {
+                return event.body;
+            }
+        }
+    }
+
+    /// Polls, bounded, until `queue` holds `n` ready messages: the worker
+    /// rejects a command only after its event is confirmed, so the event
+    /// can arrive first.
+    pub async fn wait_depth(&self, queue: &str, n: u32) {
+        wait_until(
+            &format!("{queue} to hold {n}"),
+            Duration::from_millis(20),
+            async || self.depth(queue).await == n,
+        )
+        .await;
     }
 
     /// The next result event, bounded by `within`.
@@ -304,7 +421,7 @@ impl TestApp {
 
     /// Messages ready in a queue (passive declare).
     pub async fn depth(&self, queue: &str) -> u32 {
-        cpw_testkit::broker::depth(&self.connection, queue).await
+        crate::broker::depth(&self.connection, queue).await
     }
 
     pub fn dead_queue(&self) -> String {
@@ -389,18 +506,28 @@ impl TestApp {
         out
     }
 
-    /// Another client of the same Hyperline account makes `writes`
-    /// purchases, spending that much of the shared write quota (the worker
-    /// paces itself by the quota it is told about, so a test that needs it to
-    /// meet a 429 must have someone else spend the window).
-    pub async fn spend_quota(&self, writes: usize) {
+    /// Another client of the same Hyperline account spends the shared write
+    /// quota, window after window, until `done` holds (bounded by [`WAIT`]).
+    /// The worker paces itself by the quota it is told about, so a test that
+    /// needs it to meet a 429 must have someone else spend the window; kept
+    /// up until the worker has met one, this does not depend on how soon
+    /// after a first spending the worker's request comes (on a loaded machine,
+    /// a one-off spending can be a window behind it). The other client meets
+    /// 429s too, and waits a moment after each.
+    pub async fn spend_quota_until(&self, mut done: impl FnMut() -> bool) {
         let http = reqwest::Client::new();
         let key = self.env["CPW__HYPERLINE__API_KEY"].clone();
         let url = format!(
             "{}/v1/customers/cus_other/credits/itm_other/purchase",
             self.sim.base_url()
         );
-        for _ in 0..writes {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the other client spent the quota for {} s",
+                WAIT.as_secs()
+            );
             let status = http
                 .post(&url)
                 .bearer_auth(&key)
@@ -409,8 +536,13 @@ impl TestApp {
                 .send()
                 .await
                 .expect("the simulator answers")
-                .status();
-            assert_eq!(status.as_u16(), 201, "the other client's purchase");
+                .status()
+                .as_u16();
+            match status {
+                201 => {}
+                429 => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("the other client's purchase: {other}"),
+            }
         }
     }
 
@@ -487,18 +619,35 @@ impl TestApp {
         cut_connections_named(&self.connection_name)
     }
 
-    /// Stops the worker and deletes this test's queues and exchanges.
+    /// `queue`, declared by the test beside the topology, is deleted with it
+    /// when the test ends.
+    pub fn guard_queue(&mut self, queue: &str) {
+        self.declared.add_queue(queue);
+    }
+
+    /// Stops the worker gracefully (checking that it stops in time) and
+    /// deletes this test's queues and exchanges; a test that fails before
+    /// this leaves them to `Drop`.
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
-        let settings = self.settings();
-        let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
-        delete_topology(&self.connection, &topology).await;
+        self.declared.delete_now();
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that failed leaves its worker running: it is stopped before
+    /// the guard deletes the names, so that it does not declare them again.
+    fn drop(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.abort();
+        }
     }
 }
 
 /// `rabbitmqctl close_connection` on every connection with that name.
 pub fn cut_connections_named(name: &str) -> usize {
-    let out = cpw_testkit::broker::rabbitmqctl()
+    let out = crate::broker::rabbitmqctl()
         .args(["list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
@@ -508,7 +657,7 @@ pub fn cut_connections_named(name: &str) -> usize {
         let Some(pid) = line.split_whitespace().next() else {
             continue;
         };
-        let status = cpw_testkit::broker::rabbitmqctl()
+        let status = crate::broker::rabbitmqctl()
             .args(["close_connection", pid, "test: cutting the connection"])
             .status()
             .expect("rabbitmqctl runs");
