@@ -169,6 +169,26 @@ struct Tally {
     not_found: Vec<String>,
 }
 
+/// Why a selected letter is not replayed, if it is not: an invalid
+/// command would only die again; a window that may have closed needs
+/// `--force`.
+fn not_replayed(
+    info: &DeadLetterInfo,
+    id: &str,
+    force: bool,
+    now: u64,
+    budget: std::time::Duration,
+) -> Option<String> {
+    let invalid = info
+        .invalid_reason
+        .as_ref()
+        .map(|reason| format!("not a valid command ({reason}): it would only die again"));
+    invalid.or_else(|| match force {
+        true => None,
+        false => refusal(id, window(info, now, budget)),
+    })
+}
+
 /// Reads the dead letters, republishes the selected ones (acking each dead
 /// letter only once its copy is confirmed), and puts the rest back.
 async fn replay_on(
@@ -216,15 +236,7 @@ async fn replay_on(
             keep.push(delivery);
             continue;
         }
-        let invalid = info
-            .invalid_reason
-            .as_ref()
-            .map(|reason| format!("not a valid command ({reason}): it would only die again"));
-        let refused = invalid.or_else(|| match args.force {
-            true => None,
-            false => refusal(&id, window(&info, now, budget)),
-        });
-        if let Some(why) = refused {
+        if let Some(why) = not_replayed(&info, &id, args.force, now, budget) {
             eprintln!("skipped {id}: {why}");
             tally.skipped += 1;
             keep.push(delivery);

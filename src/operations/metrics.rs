@@ -168,115 +168,125 @@ impl Metrics {
             replies_dropped: Family::default(),
             registry: Registry::default(),
         };
+        m.register_commands(&mut registry);
+        m.register_replica(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The metrics of the commands' path: deliveries, requests, outcomes.
+    fn register_commands(&self, registry: &mut Registry) {
         registry.register(
             "commands_received",
             "Deliveries taken from the commands queue",
-            m.commands_received.clone(),
+            self.commands_received.clone(),
         );
         registry.register(
             "outcomes",
             "Final outcomes of commands, by event type and error code",
-            m.outcomes.clone(),
+            self.outcomes.clone(),
         );
         registry.register(
             "requeued",
             "Commands put back on the queue, by reason",
-            m.requeued.clone(),
+            self.requeued.clone(),
         );
         registry.register(
             "hyperline_requests",
             "Purchase requests sent to Hyperline, by status class",
-            m.hyperline_requests.clone(),
+            self.hyperline_requests.clone(),
         );
         registry.register_with_unit(
             "hyperline_request_duration",
             "Latency of purchase requests, by status class",
             prometheus_client::registry::Unit::Seconds,
-            m.hyperline_latency.clone(),
+            self.hyperline_latency.clone(),
         );
         registry.register(
             "retries",
             "In-process retries of purchases, by reason",
-            m.retries.clone(),
+            self.retries.clone(),
         );
         registry.register(
             "redeliveries",
             "Commands moved to a broker-side delay queue, by step",
-            m.redeliveries.clone(),
+            self.redeliveries.clone(),
         );
         registry.register(
             "in_flight_commands",
             "Commands being processed by this replica",
-            m.in_flight.clone(),
+            self.in_flight.clone(),
         );
         registry.register(
             "prefetch",
             "The most commands this replica processes at once (amqp.prefetch)",
-            m.prefetch.clone(),
+            self.prefetch.clone(),
         );
         registry.register(
             "queue_messages",
             "Messages ready in the commands and dead-letter queues, read by this replica",
-            m.queue_messages.clone(),
+            self.queue_messages.clone(),
         );
         registry.register_with_unit(
             "processing_duration",
             "Time from delivery to settlement of a command",
             prometheus_client::registry::Unit::Seconds,
-            m.processing.clone(),
+            self.processing.clone(),
         );
+    }
+
+    /// The metrics of the replica's state: broker, key, readiness, trust.
+    fn register_replica(&self, registry: &mut Registry) {
         registry.register(
             "reconnects",
             "Broker sessions rebuilt after a failure",
-            m.reconnects.clone(),
+            self.reconnects.clone(),
         );
         registry.register(
             "broker_node",
             "1 on the broker node this replica is connected to (label node: host:port)",
-            m.broker_node.clone(),
+            self.broker_node.clone(),
         );
         registry.register(
             "rate_limit_waits",
             "Pauses of the whole replica for Hyperline's rate limit",
-            m.rate_limit_waits.clone(),
+            self.rate_limit_waits.clone(),
         );
         registry.register_with_unit(
             "rate_limit_wait",
             "Time the replica was asked to pause for the rate limit",
             prometheus_client::registry::Unit::Seconds,
-            m.rate_limit_wait_seconds.clone(),
+            self.rate_limit_wait_seconds.clone(),
         );
         registry.register(
             "credentials_refused",
             "1 while Hyperline refuses the API key",
-            m.credentials_refused.clone(),
+            self.credentials_refused.clone(),
         );
         registry.register(
             "broker_blocked",
             "1 while the broker blocks this replica's connection (a memory or disk alarm)",
-            m.broker_blocked.clone(),
+            self.broker_blocked.clone(),
         );
         registry.register(
             "ready",
             "1 while this replica is ready (what /readyz answers)",
-            m.ready.clone(),
+            self.ready.clone(),
         );
         registry.register(
             "settlements_lost",
             "Acks, nacks or rejects that had no effect because the channel was gone",
-            m.settlements_lost.clone(),
+            self.settlements_lost.clone(),
         );
         registry.register(
             "history_rejected",
             "Deliveries whose worker headers (cpw-*) did not verify: handled as new commands",
-            m.history_rejected.clone(),
+            self.history_rejected.clone(),
         );
         registry.register(
             "replies_dropped",
             "Events not delivered to a command's reply_to after bounded tries (the results exchange has them)",
-            m.replies_dropped.clone(),
+            self.replies_dropped.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// The Prometheus text exposition.

@@ -15,6 +15,7 @@ use lapin::options::BasicAckOptions;
 
 use super::judge::{Judged, Verdict};
 use super::render::{Found, Row, Status};
+use super::select::Letter;
 use crate::broker::{
     DeliveryHistory, HistoryKeys, Message, PublishError, Publisher, Topology, copy_properties,
     header_str,
@@ -106,27 +107,7 @@ impl Acting<'_> {
             return (row, Some(letter.delivery));
         }
         row.action = words.to_owned();
-        let sent = match plan {
-            Plan::Publish(t) => {
-                let event = ResultEvent::reconciled(
-                    &letter.command,
-                    t.invoice_id,
-                    t.balance_after,
-                    letter.history.attempts.max(1),
-                );
-                self.publish(&letter.delivery, &event).await
-            }
-            Plan::Replay => {
-                let delivery = &letter.delivery;
-                let message = Message::of(&delivery.properties, &delivery.data);
-                let headers = DeliveryHistory::fresh_start(message, None, self.keys);
-                let properties = copy_properties(&delivery.properties, headers);
-                self.publisher
-                    .publish_routed("", &self.topology.queue, &letter.delivery.data, properties)
-                    .await
-            }
-            Plan::Remove => Ok(()),
-        };
+        let sent = self.carry_out(&letter, plan).await;
         if let Err(e) = sent {
             row.status = Status::NotDone;
             row.reason = Some(format!("{e}: nothing was done, the dead letter stays"));
@@ -157,6 +138,32 @@ impl Acting<'_> {
             }
         }
         (row, None)
+    }
+
+    /// What the plan sends before the letter is removed: its event, its
+    /// replay, or nothing.
+    async fn carry_out(&self, letter: &Letter, plan: Plan) -> Result<(), PublishError> {
+        match plan {
+            Plan::Publish(t) => {
+                let event = ResultEvent::reconciled(
+                    &letter.command,
+                    t.invoice_id,
+                    t.balance_after,
+                    letter.history.attempts.max(1),
+                );
+                self.publish(&letter.delivery, &event).await
+            }
+            Plan::Replay => {
+                let delivery = &letter.delivery;
+                let message = Message::of(&delivery.properties, &delivery.data);
+                let headers = DeliveryHistory::fresh_start(message, None, self.keys);
+                let properties = copy_properties(&delivery.properties, headers);
+                self.publisher
+                    .publish_routed("", &self.topology.queue, &letter.delivery.data, properties)
+                    .await
+            }
+            Plan::Remove => Ok(()),
+        }
     }
 
     /// One line per letter on stderr, with both ids, for the record.
