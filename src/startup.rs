@@ -40,9 +40,7 @@ pub enum StartupError {
     /// The operations port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
-        /// The address.
         addr: SocketAddr,
-        /// Why.
         source: std::io::Error,
     },
 }

@@ -48,7 +48,6 @@ pub enum Error {
     /// The dead-letter queue could not be read.
     #[error("cannot read the dead-letter queue `{queue}`: {}", super::broker_says(.cause))]
     Read {
-        /// The queue.
         queue: String,
         /// What the broker said.
         cause: lapin::Error,

@@ -52,7 +52,6 @@ pub enum ConnectError {
     Timeout {
         /// The broker URL, redacted.
         url: String,
-        /// The bound.
         secs: u64,
     },
 }

@@ -52,7 +52,6 @@ pub enum Error {
     NoResult {
         /// The command id.
         id: String,
-        /// The bound.
         secs: u64,
     },
 }

@@ -113,7 +113,6 @@ pub struct DeliveryHistory {
 /// message does not verify on another.
 #[derive(Clone, Copy, Debug)]
 pub struct Message<'a> {
-    /// The headers.
     pub headers: Option<&'a FieldTable>,
     /// The body, as published.
     pub body: &'a [u8],

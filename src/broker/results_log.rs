@@ -52,7 +52,6 @@ pub enum LogError {
     /// The broker refused or dropped the read.
     #[error("cannot read the results log `{log}`: {cause}")]
     Broker {
-        /// The stream.
         log: String,
         /// What went wrong.
         cause: lapin::Error,

@@ -191,13 +191,11 @@ pub struct Bounds {
 
 /// Shared by the retry loop of every command of a replica.
 pub struct RetryContext<'a> {
-    /// The API.
     pub client: &'a HyperlineClient,
     /// The replica-wide pacing.
     pub gate: &'a Gate,
     /// The replica-wide credential state.
     pub credentials: &'a Credentials,
-    /// The budget.
     pub settings: &'a RetrySettings,
     /// The total deadline of one request.
     pub request_timeout: Duration,

@@ -102,7 +102,6 @@ pub enum TransactionsError {
     /// A final answer: 400, 401, 403, 404 or another undocumented status.
     #[error("Hyperline answered {status}: {message}")]
     Refused {
-        /// The status.
         status: u16,
         /// Hyperline's message.
         message: String,
@@ -121,7 +120,6 @@ pub enum TransactionsError {
     /// More transactions than the bound allows reading.
     #[error("more than {pages} pages of transactions ({total} in all): not read to the end")]
     TooMany {
-        /// The bound.
         pages: u32,
         /// Hyperline's `meta.total`.
         total: u64,

@@ -27,7 +27,6 @@ pub struct OutcomeLabels {
 /// One label named `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// Why.
     pub reason: &'static str,
 }
 

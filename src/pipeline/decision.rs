@@ -48,7 +48,6 @@ pub enum Input {
     /// command for its closed window, and what Hyperline's credit
     /// transactions say about its charge (`hyperline.reconcile_at_window`).
     Looked {
-        /// The attempts.
         attempted: Attempted,
         /// The transactions' verdict.
         lookup: ChargeLookup,
@@ -71,14 +70,12 @@ pub enum EventPlan {
     Invalid,
     /// `succeeded`.
     Succeeded {
-        /// The invoice.
         invoice_id: String,
         /// The balance after the purchase.
         new_credit_balance: u64,
     },
     /// `failed` with this error.
     Failed {
-        /// The code.
         code: ErrorCode,
         /// Human readable.
         message: String,
@@ -158,7 +155,6 @@ pub struct Plan {
     pub hold: Duration,
     /// The key is refused: the replica stops consuming until it is accepted.
     pub credential_fault: bool,
-    /// The label.
     pub outcome: Outcome,
     /// Set when the plan fails the command for its closed idempotency window
     /// (the start of that window, Unix ms): Hyperline's credit transactions

@@ -29,7 +29,6 @@ use crate::operations::Metrics;
 
 /// Everything a delivery's task needs, shared by all tasks of a replica.
 pub struct Pipeline {
-    /// The API.
     pub client: HyperlineClient,
     /// Replica-wide request pacing (429 pauses, client-side cap).
     pub gate: Gate,

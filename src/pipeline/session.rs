@@ -103,7 +103,6 @@ pub async fn beating<T>(health: &Health, future: impl Future<Output = T>) -> T {
 
 /// What a session needs from the replica.
 pub struct SessionContext<'a> {
-    /// Settings.
     pub settings: &'a Settings,
     /// Shared pipeline.
     pub pipeline: &'a Arc<Pipeline>,

@@ -27,7 +27,6 @@ use crate::hyperline::matching::{Candidate, ChargeLookup};
 pub struct Acting<'a> {
     /// The worker's publisher (confirm-mode channels).
     pub publisher: &'a Publisher,
-    /// The names.
     pub topology: &'a Topology,
     /// Without it, nothing is done: the rows say what would be.
     pub apply: bool,

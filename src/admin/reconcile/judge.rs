@@ -29,7 +29,6 @@ pub enum Verdict {
 
 /// A letter and its verdict.
 pub struct Judged {
-    /// The letter.
     pub letter: Letter,
     /// What to do with it.
     pub verdict: Verdict,

@@ -49,7 +49,6 @@ pub enum Status {
 /// One uncertain dead letter, as printed (`--json` prints exactly this).
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    /// The command.
     pub command_id: String,
     /// Its customer.
     pub customer_id: String,
