@@ -29,7 +29,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
 use super::{ConnectError, output};
-use crate::broker::{HistoryKeys, Publisher, Topology};
+use crate::broker::{HistoryKeys, Publisher, Topology, copy_properties};
 use crate::cli::{ListArgs, ReplayArgs};
 use crate::configuration::{ConfigError, Settings};
 
@@ -372,56 +372,20 @@ pub(super) async fn put_back(
     failure.map_or(Ok(()), Err)
 }
 
-/// A dead letter's properties for its copy: as they were, without the
-/// broker's delivery count (the copy has not been delivered), a `user_id`
+/// A dead letter's properties for its copy ([`copy_properties`], persistent):
+/// as they were, without the broker's delivery count (the copy has not been
+/// delivered), a `user_id`
 /// (RabbitMQ refuses one that is not the publishing user's, and the refusal
 /// closes the channel) or an `expiration` (the dead-letter queue has no
 /// dead-letter exchange: an expired letter would be lost).
 pub(super) fn fresh_copy(p: &BasicProperties) -> BasicProperties {
-    let mut copy = BasicProperties::default();
-    if let Some(headers) = p.headers() {
-        let mut kept = FieldTable::default();
-        for (k, v) in headers.inner() {
-            if k.as_str() != DELIVERY_COUNT {
-                kept.insert(k.clone(), v.clone());
-            }
+    let mut kept = FieldTable::default();
+    for (k, v) in p.headers().iter().flat_map(FieldTable::inner) {
+        if k.as_str() != DELIVERY_COUNT {
+            kept.insert(k.clone(), v.clone());
         }
-        copy = copy.with_headers(kept);
     }
-    if let Some(v) = p.content_type() {
-        copy = copy.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        copy = copy.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.delivery_mode() {
-        copy = copy.with_delivery_mode(*v);
-    }
-    if let Some(v) = p.priority() {
-        copy = copy.with_priority(*v);
-    }
-    if let Some(v) = p.correlation_id() {
-        copy = copy.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        copy = copy.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.message_id() {
-        copy = copy.with_message_id(v.clone());
-    }
-    if let Some(v) = p.timestamp() {
-        copy = copy.with_timestamp(*v);
-    }
-    if let Some(v) = p.kind() {
-        copy = copy.with_type(v.clone());
-    }
-    if let Some(v) = p.app_id() {
-        copy = copy.with_app_id(v.clone());
-    }
-    if let Some(v) = p.cluster_id() {
-        copy = copy.with_cluster_id(v.clone());
-    }
-    copy
+    copy_properties(p, kept)
 }
 
 /// The header a quorum queue adds to a message it delivers again.

@@ -336,6 +336,15 @@ impl Publisher {
     }
 }
 
+/// The command's `reply_to`, when it names a queue (an empty one names none).
+pub fn reply_to(properties: &BasicProperties) -> Option<&str> {
+    properties
+        .reply_to()
+        .as_ref()
+        .map(|r| r.as_str())
+        .filter(|r| !r.is_empty())
+}
+
 /// A string header (long or short string), as published by any client.
 pub fn header_str(headers: Option<&FieldTable>, key: &str) -> Option<String> {
     match headers?.inner().get(key)? {

@@ -158,12 +158,7 @@ impl Pipeline {
         let exported = telemetry::exported_traceparent(&span);
         let body = event.to_json();
         let props = event.amqp_properties(Some(exported.as_deref().unwrap_or(traceparent)));
-        let reply_to = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|r| r.as_str())
-            .filter(|r| !r.is_empty());
+        let reply_to = crate::broker::reply_to(&delivery.properties);
         let published = publisher
             .publish_event(exchange, key, &body, props, reply_to)
             .instrument(span.clone())

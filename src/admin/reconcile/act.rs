@@ -184,12 +184,7 @@ impl Acting<'_> {
     async fn publish(&self, delivery: &Delivery, event: &ResultEvent) -> Result<(), PublishError> {
         let headers = delivery.properties.headers().as_ref();
         let traceparent = header_str(headers, "traceparent");
-        let reply_to = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|r| r.as_str())
-            .filter(|r| !r.is_empty());
+        let reply_to = crate::broker::reply_to(&delivery.properties);
         self.publisher
             .publish_event(
                 &self.topology.results_exchange,
