@@ -62,6 +62,17 @@ pub enum Command {
     Check,
 }
 
+impl Command {
+    /// The tools an operator runs by hand (not the worker, the simulator or
+    /// the demo, which set up their own logs).
+    pub fn is_operator_tool(&self) -> bool {
+        matches!(
+            self,
+            Command::Publish(_) | Command::DeadLetters(_) | Command::Events(_) | Command::Check
+        )
+    }
+}
+
 /// `dead-letters` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetters {

@@ -49,9 +49,24 @@ fn one_malloc_arena() {
     }
 }
 
+/// What an operator tool logs unless `RUST_LOG` says otherwise: what went
+/// wrong on the way, not the steps of a run that went well.
+const OPERATOR_LOG_LEVEL: &str = "warn";
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
-    Ok(match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    if command.is_operator_tool() {
+        // An operator tool's warnings (a letter returned with `nack`, a
+        // copy refused) are what the operator must read: without a
+        // subscriber they went nowhere. Stderr, so stdout stays the tool's
+        // output (JSON lines included).
+        telemetry::init(
+            credit_purchase_worker::configuration::LogFormat::Pretty,
+            OPERATOR_LOG_LEVEL,
+        );
+    }
+    Ok(match command {
         Command::Run => run(config).await?,
         Command::Simulator(args) => simulator(args).await?,
         Command::Demo(args) => admin::demo::run(config, args).await?,

@@ -117,10 +117,10 @@ macro_rules! wrap_error {
 }
 pub(crate) use wrap_error;
 
-/// Closes a connection politely; the process is about to end either way, so
-/// a failure here changes nothing and is not reported.
+/// Closes a tool's connection at its end: bounded, so a close that loses its
+/// answer cannot keep the tool from exiting (see [`broker::close`]).
 pub async fn close(connection: &Connection) {
-    let _ = connection.close(200, "done".into()).await;
+    broker::close(connection, "done").await;
 }
 
 /// A duration as people say it: `25h 3m`, `4m 10s`, `12s`.

@@ -102,6 +102,58 @@ pub async fn connect_first(
     Err(last)
 }
 
+/// How long a connection's close may take before it is left to the process
+/// exit (which the broker sees as the socket closing).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a close looks whether lapin has already given the connection up.
+const CLOSE_POLL: Duration = Duration::from_millis(20);
+
+/// Closes a connection, bounded. lapin writes nothing while the broker
+/// blocks the connection; and a close that races the close of channels just
+/// dropped (a tool's publisher going out of scope) loses its answer: the
+/// I/O loop stops on "invalid channel state: Closing" and the close's
+/// promise is never resolved (seen as an operator tool that never exited).
+/// So the close ends when it is answered, when the connection is seen
+/// closed or failed, or after [`CLOSE_TIMEOUT`]. A connection blocked now
+/// is left as it is: the broker requeues what it delivered on it when the
+/// process exits. A connection or channel already closing or closed is the
+/// goal reached, not a fault: only another error is worth an operator's WARN.
+pub async fn close(connection: &Connection, reason: &str) {
+    use lapin::{ChannelState, ConnectionState, ErrorKind};
+    if connection.status().blocked() {
+        tracing::info!("the broker blocks the connection: leaving it without a close");
+        return;
+    }
+    let gone = async {
+        while !(connection.status().closed() || connection.status().errored()) {
+            tokio::time::sleep(CLOSE_POLL).await;
+        }
+        Ok(())
+    };
+    let closing = async {
+        tokio::select! {
+            answered = connection.close(200, reason.into()) => answered,
+            given_up = gone => given_up,
+        }
+    };
+    match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => match e.kind() {
+            ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
+            | ErrorKind::InvalidConnectionState(
+                ConnectionState::Closing | ConnectionState::Closed,
+            ) => {
+                tracing::debug!(error = %e, "the broker connection was already closing");
+            }
+            _ => tracing::warn!(error = %e, "closing the broker connection"),
+        },
+        Err(_) => tracing::warn!(
+            "the broker connection did not close within {CLOSE_TIMEOUT:?}; leaving it"
+        ),
+    }
+}
+
 /// A node's `host:port` (the scheme's default port when the URL has none):
 /// what the logs, `/readyz` and the `cpw_broker_node` metric call a node. No
 /// user, no password, no vhost.

@@ -410,7 +410,7 @@ impl LogSource {
         )
         .await?;
         let found = evidence(&connection, &self.log, from_ms).await;
-        let _ = connection.close(200, "results log read".into()).await;
+        super::close(&connection, "results log read").await;
         found
     }
 }

@@ -210,7 +210,8 @@ async fn run_on(
     ctx.health.set_connected(false);
     if result.is_ok() {
         drain(ctx, &mut tasks).await;
-        close(connection).await;
+        settle_last(connection, &channel).await;
+        broker::close(connection, "shutting down").await;
     }
     result
 }
@@ -367,6 +368,29 @@ async fn requeue_buffered(settlements: &Arc<Settlements>, consumer: &mut Consume
 /// their requests, so each puts its command back with what was learned (the
 /// start of its idempotency window above all), and aborts what is left after
 /// that; closing the connection requeues their deliveries.
+/// Closes the consuming channel before the connection: the broker answers
+/// the close only after every ack sent before it, so the drained commands'
+/// acks are known to be in. A connection close alone can lose them: when it
+/// races the close of channels just dropped (the depth sampler's), lapin's
+/// I/O loop may stop before the queued acks are written, and the commands
+/// come back to the next replica, which answers them a second time.
+/// Bounded; skipped while the broker blocks the connection (nothing is
+/// written then, and the broker requeues what is unacked when we go).
+async fn settle_last(connection: &Connection, channel: &Channel) {
+    if connection.status().blocked() || !channel.status().connected() {
+        return;
+    }
+    let closing = channel.close(200, "drained".into());
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "the consuming channel was already closing"),
+        Err(_) => tracing::warn!(
+            "the consuming channel did not close within {BROKER_CALL_TIMEOUT:?}: \
+             the broker requeues what it did not see acked"
+        ),
+    }
+}
+
 async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     let grace = ctx.settings.worker.shutdown_grace();
     tracing::info!(
@@ -398,33 +422,3 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
     }
 }
 
-/// Bounded: lapin writes nothing while the broker blocks the connection,
-/// and a close that never returns would keep the replica from exiting. A
-/// connection blocked now is left as it is: the broker requeues what it
-/// delivered on it when the process exits. A connection or channel already
-/// closing or closed (the broker or lapin got there first, as it often does
-/// at shutdown) is the goal reached, not a fault: only another error is
-/// worth an operator's WARN.
-async fn close(connection: &Connection) {
-    use lapin::{ChannelState, ConnectionState, ErrorKind};
-    if connection.status().blocked() {
-        tracing::info!("the broker blocks the connection: leaving it without a close");
-        return;
-    }
-    let closing = connection.close(200, "shutting down".into());
-    match tokio::time::timeout(BROKER_CALL_TIMEOUT, closing).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => match e.kind() {
-            ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
-            | ErrorKind::InvalidConnectionState(
-                ConnectionState::Closing | ConnectionState::Closed,
-            ) => {
-                tracing::debug!(error = %e, "the broker connection was already closing");
-            }
-            _ => tracing::warn!(error = %e, "closing the broker connection"),
-        },
-        Err(_) => tracing::warn!(
-            "the broker connection did not close within {BROKER_CALL_TIMEOUT:?}; leaving it"
-        ),
-    }
-}

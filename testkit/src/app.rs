@@ -281,18 +281,26 @@ impl TestApp {
         self.cli_with(args, extra, Io::Nothing).await
     }
 
-    /// [`TestApp::cli`] with stdin fed or stdout closed by its reader.
+    /// [`TestApp::cli`] with stdin fed or stdout closed by its reader. A
+    /// command that outlasts [`WAIT`] is killed and the test fails with what
+    /// it had written, so a hang names where it stopped (`TEST_LOG` set
+    /// passes `RUST_LOG` through for more).
     pub async fn cli_with(
         &self,
         args: &[&str],
         extra: &[(&str, &str)],
         io: Io<'_>,
     ) -> (Option<i32>, String, String) {
-        let mut child = tokio::process::Command::new(crate::process::worker_binary())
+        let mut command = tokio::process::Command::new(crate::process::worker_binary());
+        command
             .args(args)
             .env_clear()
             .envs(&self.env)
-            .envs(extra.iter().copied())
+            .envs(extra.iter().copied());
+        if let (Ok(_), Ok(level)) = (std::env::var("TEST_LOG"), std::env::var("RUST_LOG")) {
+            command.env("RUST_LOG", level);
+        }
+        let mut child = command
             .stdin(match io {
                 Io::Stdin(_) => Stdio::piped(),
                 _ => Stdio::null(),
@@ -312,12 +320,21 @@ impl TestApp {
             Io::ClosedStdout => drop(child.stdout.take()),
             Io::Nothing => {}
         }
-        let out = tokio::time::timeout(WAIT, child.wait_with_output())
-            .await
-            .expect("the command ends in time")
-            .expect("the binary runs");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
+        let stdout = read_to_end(child.stdout.take());
+        let stderr = read_to_end(child.stderr.take());
+        let status = tokio::time::timeout(WAIT, child.wait()).await;
+        if status.is_err() {
+            let _ = child.kill().await;
+        }
+        let (stdout, stderr) = (collect(stdout).await, collect(stderr).await);
+        let Ok(status) = status else {
+            panic!(
+                "`{}` did not end within {WAIT:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+                args.join(" ")
+            );
+        };
+        let status = status.expect("the binary runs");
+        (status.code(), stdout, stderr)
     }
 
     /// Starts the binary as a child process with this app's configuration.
@@ -666,4 +683,24 @@ pub fn cut_connections_named(name: &str) -> usize {
         }
     }
     cut
+}
+
+/// Reads a child's pipe to its end in the background, so a child that
+/// fills the pipe never blocks on a reader that waits for it to exit.
+fn read_to_end<R>(pipe: Option<R>) -> JoinHandle<Vec<u8>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut bytes).await;
+        }
+        bytes
+    })
+}
+
+/// What [`read_to_end`] read, as text.
+async fn collect(reader: JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&reader.await.unwrap_or_default()).into_owned()
 }
