@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use super::answer::{message_of, quota, rate_limit_wait};
 use super::client::{HyperlineClient, error_chain};
 use super::gate::Gate;
+use crate::configuration::RetrySettings;
 use crate::contract::{CustomerId, ProductId};
 
 /// Hyperline's largest page.
@@ -94,6 +95,19 @@ pub struct ReadBounds {
     /// Pages read at most; a customer with more transactions is reported,
     /// not read to the end.
     pub max_pages: u32,
+}
+
+impl ReadBounds {
+    /// A listing reads under the retry settings' tries and backoff, so the
+    /// worker's check at the window and `reconcile` read the same way.
+    pub fn from_retry(retry: &RetrySettings) -> ReadBounds {
+        ReadBounds {
+            attempts: retry.attempts.max(1),
+            initial_backoff: retry.initial_backoff(),
+            max_backoff: retry.max_backoff(),
+            max_pages: MAX_PAGES,
+        }
+    }
 }
 
 /// Why a listing could not be read. Never carries the key.

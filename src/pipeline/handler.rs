@@ -13,9 +13,9 @@ use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
 use crate::clock::now_ms;
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
+use crate::hyperline::ReadBounds;
 use crate::hyperline::matching::ChargeLookup;
 use crate::hyperline::retry::{Attempted, Bounds, RetryContext, purchase_with_retry};
-use crate::hyperline::{MAX_PAGES, ReadBounds};
 use crate::operations::Metrics;
 use crate::telemetry;
 
@@ -228,12 +228,7 @@ impl Pipeline {
         first_ms: u64,
         deadline: tokio::time::Instant,
     ) -> ChargeLookup {
-        let bounds = ReadBounds {
-            attempts: self.retry.attempts,
-            initial_backoff: self.retry.initial_backoff(),
-            max_backoff: self.retry.max_backoff(),
-            max_pages: MAX_PAGES,
-        };
+        let bounds = ReadBounds::from_retry(&self.retry);
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
         let read = async {
             let listing = self

@@ -421,4 +421,3 @@ async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
         while tasks.join_next().await.is_some() {}
     }
 }
-

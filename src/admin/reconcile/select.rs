@@ -20,9 +20,7 @@ use crate::configuration::Settings;
 use crate::contract::{Command, ErrorCode};
 use crate::hyperline::gate::Gate;
 use crate::hyperline::matching::TimeSpan;
-use crate::hyperline::{
-    CreditTransaction, HyperlineClient, MAX_PAGES, READS_PER_SECOND, ReadBounds,
-};
+use crate::hyperline::{CreditTransaction, HyperlineClient, READS_PER_SECOND, ReadBounds};
 
 /// One uncertain dead letter, held unacknowledged until it is acted on or
 /// put back.
@@ -150,12 +148,7 @@ pub async fn read_listings(
     letters: &[Letter],
 ) -> Listings {
     let gate = Gate::new(READS_PER_SECOND, settings.hyperline.timeout());
-    let bounds = ReadBounds {
-        attempts: settings.retry.attempts.max(1),
-        initial_backoff: settings.retry.initial_backoff(),
-        max_backoff: settings.retry.max_backoff(),
-        max_pages: MAX_PAGES,
-    };
+    let bounds = ReadBounds::from_retry(&settings.retry);
     let mut listings = Listings::new();
     for letter in letters {
         let key = letter.pair();
