@@ -21,6 +21,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
@@ -84,20 +85,14 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let result = async {
-        let channel = connection.create_channel().await?;
-        let publisher = Publisher::open(
-            std::sync::Arc::clone(&connection),
-            settings.amqp.confirm_timeout(),
-        )
-        .await?;
-        let held = take_all(&channel, &topology.dead).await?;
+        let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
         let steps = topology.retry_queues.len();
         let infos: Vec<DeadLetterInfo> = held
             .iter()
             .map(|d| inspect(&d.data, &d.properties, steps, keys.as_ref()))
             .collect();
-        put_back(&publisher, &topology.dead, &held).await?;
-        let _ = channel.close(200, "listed".into()).await;
+        reading.put_back(&held).await?;
+        reading.finish("listed").await.map_err(Error::PutBack)?;
         Ok::<_, Error>(infos)
     }
     .await;
@@ -191,19 +186,13 @@ fn not_replayed(
 /// Reads the dead letters, republishes the selected ones (acking each dead
 /// letter only once its copy is confirmed), and puts the rest back.
 async fn replay_on(
-    connection: &std::sync::Arc<Connection>,
+    connection: &Arc<Connection>,
     settings: &Settings,
     topology: &Topology,
     args: &ReplayArgs,
 ) -> Result<Tally, Error> {
     let keys = &HistoryKeys::require(settings)?;
-    let channel = connection.create_channel().await?;
-    let publisher = Publisher::open(
-        std::sync::Arc::clone(connection),
-        settings.amqp.confirm_timeout(),
-    )
-    .await?;
-    let held = take_all(&channel, &topology.dead).await?;
+    let (reading, held) = Reading::start(connection, settings, &topology.dead).await?;
     let mut tally = Tally {
         seen: held.len(),
         ..Tally::default()
@@ -248,7 +237,8 @@ async fn replay_on(
             args.force,
             keys,
         );
-        match publisher
+        match reading
+            .publisher()
             .publish_routed("", &topology.queue, &delivery.data, properties)
             .await
         {
@@ -270,11 +260,14 @@ async fn replay_on(
             }
         }
     }
-    put_back(&publisher, &topology.dead, &keep).await?;
-    let _ = channel.close(200, "replayed".into()).await;
+    reading.put_back(&keep).await?;
+    let finished = reading.finish("replayed").await;
     if let Some(e) = failure {
         return Err(e);
     }
+    // A replayed letter's ack not known to be in: the letter may come back
+    // beside its replayed copy.
+    finished.map_err(Error::PutBack)?;
     tally.not_found = args
         .command_id
         .iter()
@@ -302,10 +295,63 @@ fn refusal(id: &str, window: Window) -> Option<String> {
     }
 }
 
+/// One read of the dead-letter queue, as every tool reads it (see the
+/// module): a channel that holds every letter unacknowledged until it is
+/// settled, and a publisher for the fresh copies that put letters back.
+pub(super) struct Reading {
+    channel: Channel,
+    publisher: Publisher,
+    dead: String,
+}
+
+impl Reading {
+    /// Opens the channel and the publisher, then takes every letter that is
+    /// in `dead` now ([`take_all`]).
+    pub(super) async fn start(
+        connection: &Arc<Connection>,
+        settings: &Settings,
+        dead: &str,
+    ) -> Result<(Reading, Vec<Delivery>), Error> {
+        let channel = connection.create_channel().await?;
+        let publisher =
+            Publisher::open(Arc::clone(connection), settings.amqp.confirm_timeout()).await?;
+        let held = take_all(&channel, dead).await?;
+        let reading = Reading {
+            channel,
+            publisher,
+            dead: dead.to_owned(),
+        };
+        Ok((reading, held))
+    }
+
+    /// The publisher, for what a tool sends besides the letters put back.
+    pub(super) fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// [`put_back`] into the queue the letters were read from.
+    pub(super) async fn put_back(&self, letters: &[Delivery]) -> Result<(), Error> {
+        put_back(&self.publisher, &self.dead, letters).await
+    }
+
+    /// Ends the read. The broker answers a channel's close only after every
+    /// ack sent before it, so only then is a removal (or the ack of a letter
+    /// put back) known to be done: the error says why it is not. Bounded by
+    /// the confirm timeout, so a blocked connection cannot hold the tool.
+    pub(super) async fn finish(self, reason: &str) -> Result<(), String> {
+        let limit = self.publisher.confirm_timeout();
+        match tokio::time::timeout(limit, self.channel.close(200, reason.into())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(super::broker_says(&e)),
+            Err(_) => Err(format!("the broker did not answer within {limit:?}")),
+        }
+    }
+}
+
 /// Gets, without acking, every message that was in `queue` when the first was
 /// got: new arrivals during the read are left for the next run, so a busy
 /// queue cannot keep this loop going forever.
-pub(super) async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error> {
+async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, Error> {
     let get = |queue: &str| {
         let channel = channel.clone();
         let queue = queue.to_owned();
@@ -340,11 +386,7 @@ pub(super) async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Deliv
 /// module). A letter whose copy failed is returned with `nack`; an ack that
 /// failed after its copy was confirmed leaves the letter twice in the queue,
 /// which is reported, never hidden.
-pub(super) async fn put_back(
-    publisher: &Publisher,
-    dead: &str,
-    held: &[Delivery],
-) -> Result<(), Error> {
+async fn put_back(publisher: &Publisher, dead: &str, held: &[Delivery]) -> Result<(), Error> {
     let mut failure = None;
     for delivery in held {
         let copy = publisher

@@ -15,10 +15,10 @@ use std::process::ExitCode;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
-use super::dead_letters::{Error, put_back, table, take_all};
+use super::dead_letters::{Error, Reading, table};
 use super::letter::inspect;
 use super::output;
-use crate::broker::{HistoryKeys, Publisher, Topology};
+use crate::broker::{HistoryKeys, Topology};
 use crate::cli::PurgeArgs;
 use crate::configuration::Settings;
 
@@ -53,13 +53,7 @@ async fn purge_on(
     args: &PurgeArgs,
     keys: Option<&HistoryKeys>,
 ) -> Result<(Option<usize>, Vec<String>), Error> {
-    let channel = connection.create_channel().await?;
-    let publisher = Publisher::open(
-        std::sync::Arc::clone(connection),
-        settings.amqp.confirm_timeout(),
-    )
-    .await?;
-    let held = take_all(&channel, &topology.dead).await?;
+    let (reading, held) = Reading::start(connection, settings, &topology.dead).await?;
     let steps = topology.retry_queues.len();
     let (selected, kept): (Vec<_>, Vec<_>) = held
         .into_iter()
@@ -85,11 +79,14 @@ async fn purge_on(
         .cloned()
         .collect();
     let kept: Vec<Delivery> = kept.into_iter().map(|(d, _)| d).collect();
-    put_back(&publisher, &topology.dead, &kept).await?;
+    reading.put_back(&kept).await?;
     let (letters, infos): (Vec<Delivery>, Vec<_>) = selected.into_iter().unzip();
     if letters.is_empty() {
         output::line(format_args!("no dead letter selected in {}", topology.dead));
-        let _ = channel.close(200, "nothing to purge".into()).await;
+        reading
+            .finish("nothing to purge")
+            .await
+            .map_err(Error::PutBack)?;
         return Ok((Some(0), missing));
     }
     output::block(table(&infos));
@@ -108,10 +105,7 @@ async fn purge_on(
         }
         // The close answers after every ack before it: only then are the
         // letters known to be gone.
-        channel
-            .close(200, "purged".into())
-            .await
-            .map_err(|e| Error::NotRemoved(super::broker_says(&e)))?;
+        reading.finish("purged").await.map_err(Error::NotRemoved)?;
         output::line(format_args!(
             "removed {} dead letter(s) from {}",
             letters.len(),
@@ -123,9 +117,9 @@ async fn purge_on(
         None
     };
     if removed.is_none() {
-        put_back(&publisher, &topology.dead, &letters).await?;
+        reading.put_back(&letters).await?;
     }
-    let _ = channel.close(200, "purged".into()).await;
+    reading.finish("purged").await.map_err(Error::PutBack)?;
     Ok((removed, missing))
 }
 

@@ -16,10 +16,10 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 
-use super::dead_letters::{Error, put_back, take_all};
+use super::dead_letters::{Error, Reading};
 use super::letter::{DeadLetterInfo, Window, inspect, window};
 use super::output;
-use crate::broker::{HistoryKeys, Publisher, Topology};
+use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ShowArgs;
 use crate::configuration::Settings;
 
@@ -33,21 +33,15 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let steps = topology.retry_queues.len();
     let result = async {
-        let channel = connection.create_channel().await?;
-        let publisher = Publisher::open(
-            std::sync::Arc::clone(&connection),
-            settings.amqp.confirm_timeout(),
-        )
-        .await?;
-        let held = take_all(&channel, &topology.dead).await?;
+        let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
         let shown: Vec<String> = held
             .iter()
             .map(|d| (d, inspect(&d.data, &d.properties, steps, keys.as_ref())))
             .filter(|(_, info)| info.command_id.as_deref() == Some(args.command_id.as_str()))
             .map(|(d, info)| render(d, &info, &settings))
             .collect();
-        put_back(&publisher, &topology.dead, &held).await?;
-        let _ = channel.close(200, "shown".into()).await;
+        reading.put_back(&held).await?;
+        reading.finish("shown").await.map_err(Error::PutBack)?;
         Ok::<_, Error>(shown)
     }
     .await;

@@ -160,6 +160,12 @@ impl Publisher {
         })
     }
 
+    /// How long one publish may wait for its confirm: also the bound of
+    /// what a caller does around its publishes (closing a channel).
+    pub fn confirm_timeout(&self) -> Duration {
+        self.inner.confirm_timeout
+    }
+
     /// Whether events can still be published (a closed copies channel is
     /// opened again by the next copy).
     pub fn is_open(&self) -> bool {

@@ -19,8 +19,8 @@ use std::process::ExitCode;
 use lapin::Connection;
 
 use super::ConnectError;
-use super::dead_letters::{put_back, take_all};
-use crate::broker::{HistoryKeys, Publisher, Topology};
+use super::dead_letters::Reading;
+use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ReconcileArgs;
 use crate::configuration::{ConfigError, Settings};
 use crate::hyperline::matching::clock_margin;
@@ -86,13 +86,7 @@ async fn reconcile_on(
     apply: bool,
 ) -> Result<Report, Error> {
     let keys = &HistoryKeys::require(settings)?;
-    let channel = connection.create_channel().await?;
-    let publisher = Publisher::open(
-        std::sync::Arc::clone(connection),
-        settings.amqp.confirm_timeout(),
-    )
-    .await?;
-    let held = take_all(&channel, &topology.dead).await?;
+    let (reading, held) = Reading::start(connection, settings, &topology.dead).await?;
     let (letters, mut keep) = select::split(held, keys);
     let listings = select::read_listings(client, settings, &letters).await;
     let margin = clock_margin(settings.idempotency_window());
@@ -106,7 +100,7 @@ async fn reconcile_on(
         ..Report::default()
     };
     let acting = Acting {
-        publisher: &publisher,
+        publisher: reading.publisher(),
         topology,
         apply,
         keys,
@@ -116,16 +110,13 @@ async fn reconcile_on(
         keep.extend(stays);
         report.rows.push(row);
     }
-    let put = put_back(&publisher, &topology.dead, &keep).await;
-    // The close is answered after every ack sent before it: only then is a
-    // removal known to be done.
-    if let Err(e) = channel.close(200, "reconciled".into()).await {
+    let put = reading.put_back(&keep).await;
+    if let Err(e) = reading.finish("reconciled").await {
         for row in report.rows.iter_mut().filter(|r| r.status == Status::Done) {
             row.status = Status::NotDone;
             row.applied = false;
             row.reason = Some(format!(
-                "its removal was not confirmed ({}): it may come back; a second run is safe",
-                super::broker_says(&e)
+                "its removal was not confirmed ({e}): it may come back; a second run is safe"
             ));
         }
     }
