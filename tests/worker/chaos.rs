@@ -57,7 +57,10 @@ async fn chaos_run_keeps_every_promise() {
     let names: Vec<String> = (0..replicas)
         .map(|i| format!("{}-r{i}", app.connection_name))
         .collect();
-    let stop = tokio_util::sync::CancellationToken::new();
+    let (stop, end) = (
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
     // The chaos runs in a task of its own: the event collection below must
     // never be cancelled half-way through taking an event.
     let chaos = tokio::spawn(unleash(Chaos {
@@ -66,6 +69,7 @@ async fn chaos_run_keeps_every_promise() {
         faults_url: format!("{}/_sim/faults", app.sim.base_url()),
         rng: StdRng::seed_from_u64(rng.random()),
         stop: stop.clone(),
+        end: end.clone(),
     }));
 
     // Commands: ~2% invalid (they must end in the dead-letter queue).
@@ -108,11 +112,26 @@ async fn chaos_run_keeps_every_promise() {
         }
     }
     stop.cancel();
-    let (kills, cuts, bursts) = chaos.await.expect("chaos task");
-    // Stragglers: duplicates of commands already answered may still come.
-    while let Some(e) = app.next_event_within(Duration::from_secs(3)).await {
-        events.push(e);
+    // Stragglers: duplicates of commands already answered (a delivery a
+    // killed replica held comes back) may still come. The replicas run on
+    // until the queues are empty and no event has come for 3 s, so a
+    // duplicate is answered here, not put back on the queue by the final
+    // kill and then counted as a command left behind.
+    let quiet_by = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        while let Some(e) = app.next_event_within(Duration::from_secs(3)).await {
+            events.push(e);
+        }
+        let mut depths = vec![app.depth(&app.queue).await];
+        for step in [1, 2] {
+            depths.push(app.depth(&format!("{}.retry.{step}s", app.queue)).await);
+        }
+        if depths.iter().all(|d| *d == 0) || tokio::time::Instant::now() > quiet_by {
+            break;
+        }
     }
+    end.cancel();
+    let (kills, cuts, bursts) = chaos.await.expect("chaos task");
 
     let ledger = app.ledger();
     let mut outcomes: HashMap<&str, HashSet<(String, String)>> = HashMap::new();
@@ -201,6 +220,8 @@ struct Chaos {
     faults_url: String,
     rng: StdRng,
     stop: tokio_util::sync::CancellationToken,
+    /// Kills the replicas (after `stop`).
+    end: tokio_util::sync::CancellationToken,
 }
 
 fn replica(env: &std::collections::BTreeMap<String, String>, name: &str) -> tokio::process::Child {
@@ -218,7 +239,7 @@ fn replica(env: &std::collections::BTreeMap<String, String>, name: &str) -> toki
 
 /// Runs the replicas and, until told to stop, kills them, cuts their
 /// connections and sends 429 bursts. Returns (kills, cuts, bursts); the
-/// replicas keep running until the caller stops the task, then are killed.
+/// replicas keep running, unharmed, until told to end, then are killed.
 async fn unleash(mut c: Chaos) -> (usize, usize, usize) {
     let mut children: Vec<_> = c.names.iter().map(|n| replica(&c.env, n)).collect();
     let http = reqwest::Client::new();
@@ -262,6 +283,8 @@ async fn unleash(mut c: Chaos) -> (usize, usize, usize) {
             }
         }
     }
+    let _ = set_limit(0).await;
+    c.end.cancelled().await;
     for child in &mut children {
         let _ = child.start_kill();
         let _ = child.wait().await;
