@@ -431,6 +431,22 @@ impl TestApp {
         self.events.events_until(within, done).await
     }
 
+    /// Every event until each of `ids` has one (duplicates included),
+    /// bounded by [`WAIT`]; fails the test when one is still unanswered.
+    pub async fn events_answering(&mut self, ids: &[String]) -> Vec<Event> {
+        let answered_all = |events: &[Event]| {
+            let answered: std::collections::HashSet<&str> =
+                events.iter().map(|e| e.command_id()).collect();
+            ids.iter().all(|id| answered.contains(id.as_str()))
+        };
+        let events = self.events.events_until(WAIT, answered_all).await;
+        assert!(
+            answered_all(&events),
+            "every command answered within {WAIT:?}"
+        );
+        events
+    }
+
     /// True when no further event arrives within `quiet`.
     pub async fn no_event_for(&mut self, quiet: Duration) -> bool {
         self.events.no_event_for(quiet).await

@@ -5,7 +5,6 @@
 //! alarm clears, every command is answered, charged once and acked.
 //! Skipped, with the reason printed, where RabbitMQ is not installed.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use cpw_testkit::broker::as_command;
@@ -17,7 +16,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::cluster::ONE_CLUSTER;
-use cpw_testkit::app::{Options, TestApp, WAIT, command, command_id, spawn_without_worker};
+use cpw_testkit::app::{Options, TestApp, command, command_id, spawn_without_worker};
 
 /// A purchase takes this long: the alarm is up before the first answers.
 const LATENCY_MS: u64 = 5000;
@@ -157,18 +156,7 @@ async fn a_worker_stopped_while_blocked_stops_and_nothing_is_lost() {
     drop(alarm);
 
     app.start_worker().await;
-    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let events = app
-        .events_until(WAIT, |events| {
-            let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
-            wanted.iter().all(|id| answered.contains(id))
-        })
-        .await;
-    let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
-    assert!(
-        wanted.iter().all(|id| answered.contains(id)),
-        "every command answered"
-    );
+    app.events_answering(&ids).await;
     app.assert_charged_once(&ids);
     app.cleanup().await;
     drop(cluster);
@@ -232,21 +220,10 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
     assert!(!app.readyz_body().await.contains("blocked the connection"));
 
     let ids: Vec<String> = in_flight.iter().chain(&late).cloned().collect();
-    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let events = app
-        .events_until(WAIT, |events| {
-            let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
-            wanted.iter().all(|id| answered.contains(id))
-        })
-        .await;
+    let events = app.events_answering(&ids).await;
     for event in &events {
         assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
     }
-    let answered: HashSet<&str> = events.iter().map(|e| e.command_id()).collect();
-    assert!(
-        wanted.iter().all(|id| answered.contains(id)),
-        "every command answered"
-    );
     println!(
         "blocked: {} commands answered with {} events after the alarm",
         ids.len(),
