@@ -91,6 +91,8 @@ impl Application {
                 deadline: settings.worker.delivery_deadline(),
                 request_timeout,
                 window: settings.idempotency_window(),
+                unseen: settings.unseen_bound(),
+                life: settings.life_bound(),
             },
             replica: settings.amqp.connection_name(),
             history_keys,

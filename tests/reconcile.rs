@@ -70,6 +70,12 @@ async fn setup(faults: Faults) -> World {
 /// window, short enough that the results log can be older than a charge by it.
 const MARGIN_MS: u64 = 1_000;
 
+/// How long after a transaction every command that could have made it has
+/// spoken, with these tests' settings: `Settings::unseen_bound` (2 × the 3 s
+/// delivery deadline, 4 × the 2 s confirm timeout) and the clock margin.
+/// Until then no letter is settled with it.
+const UNSEEN_MS: u64 = 14_000 + MARGIN_MS;
+
 async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
     let mut options = Options::default()
         .prefix("cpw-reconcile")
@@ -82,7 +88,8 @@ async fn setup_with(faults: Faults, extra: &[(&str, &str)]) -> World {
         .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", 1)
         .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5)
         .env("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", 96)
-        .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 20);
+        .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 3)
+        .env("CPW__AMQP__CONFIRM_TIMEOUT_SECS", 2);
     for (key, value) in extra {
         options = options.env(key, value);
     }
@@ -174,6 +181,18 @@ impl World {
         .await;
     }
 
+    /// Returns once every transaction made until now is old enough to be
+    /// a letter's ([`UNSEEN_MS`]).
+    async fn wait_unseen(&self) {
+        let made = now_ms();
+        wait_until(
+            "the transactions made so far to pass the unseen bound",
+            Duration::from_millis(100),
+            async || now_ms() > made + UNSEEN_MS + 200,
+        )
+        .await;
+    }
+
     /// A purchase made straight at the simulator under `key`, as another
     /// command's would be.
     async fn buy_directly(&self, key: &str) {
@@ -227,6 +246,7 @@ async fn a_garbled_201_after_a_real_charge_is_reconciled_into_one_succeeded_even
     world.garbled_dead_letter(&id).await;
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 1).await;
+    world.wait_unseen().await;
 
     // Without a results log nothing is settled as charged, and it says so.
     let no_log = [("CPW__AMQP__RESULTS_LOG_RETENTION", "0")];
@@ -345,6 +365,7 @@ async fn the_answered_twin_claims_its_charge_and_the_garbled_one_is_settled_with
         .clone();
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 1).await;
+    world.wait_unseen().await;
 
     let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
@@ -463,6 +484,7 @@ async fn a_transaction_that_could_be_two_letters_charge_settles_neither() {
         .await;
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 3).await;
+    world.wait_unseen().await;
     let before = world.state().await;
 
     // What a person reads: every transaction that could be a charge.
@@ -519,7 +541,7 @@ async fn a_possible_charge_without_an_invoice_is_uncertain_never_not_charged() {
     assert!(
         row["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("lack a field")),
+            .is_some_and(|r| r.contains("rules cannot tell (no invoice)")),
         "{row}"
     );
     assert!(world.no_event_for(Duration::from_secs(1)).await);
@@ -610,6 +632,7 @@ async fn a_dry_run_changes_nothing() {
         .await;
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 2).await;
+    world.wait_unseen().await;
     let before = world.state().await;
 
     let (code, stdout, stderr) = world.reconcile(&[]).await;
@@ -634,6 +657,111 @@ async fn a_dry_run_changes_nothing() {
     assert!(
         stderr.contains("dry run: ") && stderr.contains(": would publish succeeded"),
         "the dry run says what it would do, not what it did:\n{stderr}"
+    );
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_in_flight() {
+    const CLICKED: &str = "cus_double_click";
+    let once = |status: u16, body: Value| ScriptedResponse {
+        customer_id: Some(CLICKED.into()),
+        status,
+        body,
+        headers: BTreeMap::new(),
+        times: Some(1),
+    };
+    // The same purchase twice, at once: the first request to arrive is
+    // answered with a garbled 201 and charges nothing; the second charges,
+    // and its answer is lost (a 503 after the charge), so that command
+    // waits 20 s in its delay step with no event.
+    let faults = Faults {
+        scripted: vec![once(201, json!({"status": "ok"}))],
+        after_charge: vec![once(503, json!({"message": "connection dropped"}))],
+        ..Faults::default()
+    };
+    let settings = [
+        ("CPW__RETRY__ATTEMPTS", "1"),
+        ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "20"),
+    ];
+    let mut world = setup_with(faults, &settings).await;
+    world.warm_log().await;
+    let ids = [command_id(), command_id()];
+    for id in &ids {
+        world.publish(&command_for(id, CLICKED)).await;
+    }
+    let events = world
+        .events
+        .events_until(WAIT, |events| !events.is_empty())
+        .await;
+    assert_eq!(events.len(), 1, "only the garbled one answers at once");
+    assert_eq!(events[0].code(), "unexpected_response", "{}", events[0].body);
+    let a = events[0].command_id().to_owned();
+    let b = ids.iter().find(|id| **id != a).expect("the other").clone();
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+    wait_until("B's charge", Duration::from_millis(20), async || {
+        world.sim.ledger().charges_for(&b) == 1
+    })
+    .await;
+    assert_eq!(world.sim.ledger().charges_for(&a), 0, "A charged nothing");
+    let b_invoice = world
+        .sim
+        .ledger()
+        .charges
+        .into_iter()
+        .find(|c| c.idempotency_key.as_deref() == Some(b.as_str()))
+        .expect("B's charge")
+        .invoice_id;
+
+    // While B waits in its delay step: A's only candidate is B's charge.
+    let (code, table, stderr) = world.reconcile(&[]).await;
+    assert_eq!(code, Some(1), "{table}\n{stderr}");
+    println!("{table}");
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(1), "too young to judge:\n{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        (&row["command_id"], &row["found"], &row["status"]),
+        (&json!(a), &json!("too_young"), &json!("left")),
+        "{row}"
+    );
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!("pending: {b}"))),
+        "B is seen in flight: {row}"
+    );
+    assert!(row["run_again_after"].is_string(), "{row}");
+    assert!(
+        world.no_event_for(Duration::from_secs(1)).await,
+        "nothing published for A, and B's pending record never reaches the results exchange"
+    );
+    world.wait_depth(&dead, 1).await;
+
+    // B comes back, is answered with its own charge, and its event claims it.
+    let b_event = world.event_for(&b).await;
+    assert_eq!(b_event["type"], "credit_purchase.succeeded", "{b_event}");
+    assert_eq!(b_event["invoice_id"], json!(b_invoice));
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        (&row["found"], &row["status"]),
+        (&json!("not_charged"), &json!("done")),
+        "{row}"
+    );
+    let a_event = world.event_for(&a).await;
+    assert_eq!(a_event["type"], "credit_purchase.succeeded", "{a_event}");
+    assert!(a_event.get("reconciled").is_none(), "bought: {a_event}");
+    assert_ne!(a_event["invoice_id"], json!(b_invoice), "never B's invoice");
+    world.wait_depth(&dead, 0).await;
+    assert!(world.no_event_for(Duration::from_secs(2)).await);
+    let ledger = world.sim.ledger();
+    assert_eq!(
+        (ledger.charges_for(&a), ledger.charges_for(&b)),
+        (1, 1),
+        "each charged once, with its own invoice"
     );
     world.cleanup().await;
 }

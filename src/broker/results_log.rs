@@ -26,7 +26,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::configuration::{AmqpSettings, Pem};
-use crate::hyperline::evidence::LogEvidence;
+use crate::contract::{EventKind, PENDING_TYPE};
+use crate::hyperline::evidence::{InFlight, LogEvidence, Succeeded};
 
 /// Past the newest offset known at the start, a read has caught up when the
 /// broker gives nothing more for this long (the broker pushes what is
@@ -97,22 +98,100 @@ pub struct Entry {
     pub body: Vec<u8>,
 }
 
-/// The fields of a logged event that readers select on. Lenient: the log
-/// holds whatever reached the results exchange.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+/// The fields of a logged event (or `pending` record) that readers select
+/// on. Lenient: the log holds whatever reached the results exchange.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct Logged {
-    /// `credit_purchase.succeeded` or `credit_purchase.failed`.
+    /// `credit_purchase.succeeded`, `credit_purchase.failed` or
+    /// `credit_purchase.pending`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The command, or null.
     #[serde(default)]
     pub command_id: Option<String>,
+    /// Its customer, product and count.
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default)]
+    pub product_id: Option<String>,
+    #[serde(default)]
+    pub credit_count: Option<u64>,
+    /// The price of a `pending` record's purchase.
+    #[serde(default)]
+    pub amount_excluding_tax: Option<u64>,
+    #[serde(default)]
+    pub price_id: Option<String>,
+    /// A `pending` record's first request that may have charged.
+    #[serde(default)]
+    pub first_attempt_at: Option<String>,
     /// The invoice of a succeeded event: the charge it claims.
     #[serde(default)]
     pub invoice_id: Option<String>,
+    /// A succeeded event found by reconciling, not answered by Hyperline.
+    #[serde(default)]
+    pub reconciled: bool,
     /// When the outcome was decided.
     #[serde(default)]
     pub occurred_at: Option<String>,
+}
+
+/// Unix ms of an RFC 3339 time.
+fn unix_ms(text: &str) -> Option<u64> {
+    let at = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+impl Logged {
+    /// The claim of a `succeeded` event.
+    fn succeeded(&self) -> Option<Succeeded> {
+        (self.kind == EventKind::Succeeded.as_str()).then_some(())?;
+        Some(Succeeded {
+            command_id: self.command_id.clone()?,
+            customer_id: self.customer_id.clone(),
+            product_id: self.product_id.clone(),
+            credit_count: self.credit_count,
+            invoice_id: self.invoice_id.clone()?,
+            reconciled: self.reconciled,
+        })
+    }
+
+    /// The command of a `pending` record (a record missing a field is
+    /// nobody's).
+    fn pending(&self) -> Option<InFlight> {
+        (self.kind == PENDING_TYPE).then_some(())?;
+        Some(InFlight {
+            command_id: self.command_id.clone()?,
+            customer_id: self.customer_id.clone()?,
+            product_id: self.product_id.clone()?,
+            credit_count: self.credit_count?,
+            amount: self.amount_excluding_tax,
+            price_id: self.price_id.clone(),
+            first_attempt_ms: unix_ms(self.first_attempt_at.as_deref()?)?,
+        })
+    }
+}
+
+/// What entries read in the log's order say: every `succeeded` event, and
+/// the commands whose last word is a `pending` record (any event of the
+/// same command and customer after it ends it).
+pub fn claims_and_in_flight(
+    entries: impl IntoIterator<Item = Logged>,
+) -> (Vec<Succeeded>, Vec<InFlight>) {
+    let mut succeeded = Vec::new();
+    let mut in_flight: Vec<InFlight> = Vec::new();
+    for logged in entries {
+        if let Some(pending) = logged.pending() {
+            in_flight.retain(|c| c.command_id != pending.command_id);
+            in_flight.push(pending);
+            continue;
+        }
+        in_flight.retain(|c| {
+            Some(&c.command_id) != logged.command_id.as_ref()
+                || Some(&c.customer_id) != logged.customer_id.as_ref()
+        });
+        succeeded.extend(logged.succeeded());
+    }
+    (succeeded, in_flight)
 }
 
 impl Entry {
@@ -126,10 +205,7 @@ impl Entry {
         let occurred = event
             .as_ref()
             .and_then(|e| e.occurred_at.as_deref())
-            .and_then(|t| {
-                OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok());
+            .and_then(unix_ms);
         let stamped = delivery
             .properties
             .timestamp()
@@ -352,8 +428,8 @@ pub async fn kept(connection: &Connection, log: &str) -> Result<Option<u64>, Log
 /// Enough for the broker to push what it has at once (one chunk).
 const LAST_CHUNK: Duration = Duration::from_millis(300);
 
-/// What the log says about the charges claimed from `from_ms` on: every
-/// `succeeded` event's invoice, and from when the log is complete.
+/// What the log says from `from_ms` on: every `succeeded` event's claim,
+/// the commands in flight, and from when the log is complete.
 pub async fn evidence(
     connection: &Connection,
     log: &str,
@@ -361,14 +437,11 @@ pub async fn evidence(
 ) -> Result<LogEvidence, LogError> {
     let complete_since_ms = oldest_ms(connection, log).await?;
     let entries = read_to_end(connection, log, Start::At(from_ms / 1000)).await?;
-    let claims = entries
-        .into_iter()
-        .filter_map(|e| e.event)
-        .filter(|e| e.kind == "credit_purchase.succeeded")
-        .filter_map(|e| Some((e.invoice_id?, e.command_id?)))
-        .collect();
+    let (succeeded, in_flight) =
+        claims_and_in_flight(entries.into_iter().filter_map(|e| e.event));
     Ok(LogEvidence {
-        claims,
+        succeeded,
+        in_flight,
         complete_since_ms,
     })
 }

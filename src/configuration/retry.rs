@@ -106,6 +106,44 @@ impl RetrySettings {
     }
 }
 
+impl Settings {
+    /// The longest a command whose request may have charged stays with no
+    /// event, no dead letter and no `pending` record after that request,
+    /// while workers consume and the broker takes publishes: the delivery
+    /// that sent it, cut before it could say anything (a crash, a lost
+    /// connection), then its redelivery, each up to its deadline; the lookup
+    /// at the window; then its event, and when that is refused its `pending`
+    /// record, each written and confirmed within the confirm timeout. The
+    /// delay steps and the parks after a 429 do not count: a command goes
+    /// into them only after its `pending` record (docs/contract.md section
+    /// 7.1). The evidence rules wait this long before a transaction can be
+    /// any letter's.
+    pub fn unseen_bound(&self) -> Duration {
+        let deadline = Duration::from_secs(self.worker.delivery_deadline_secs);
+        let lookup = match self.hyperline.reconcile_at_window {
+            true => self.hyperline.timeout(),
+            false => Duration::ZERO,
+        };
+        deadline
+            .saturating_mul(2)
+            .saturating_add(lookup)
+            .saturating_add(self.amqp.confirm_timeout().saturating_mul(4))
+    }
+
+    /// The longest a command lives after its first request that may have
+    /// charged, before its event or its dead letter: no request leaves once
+    /// its idempotency window has closed, it may then wait out the longest
+    /// delay step (a park too uses the delay queues), and the delivery that
+    /// finds its window closed says so within [`Settings::unseen_bound`].
+    /// A command the results log shows in flight has answered by then.
+    pub fn life_bound(&self) -> Duration {
+        let longest = self.retry.redelivery_delays_secs.iter().max().copied();
+        self.idempotency_window()
+            .saturating_add(Duration::from_secs(longest.unwrap_or(0)))
+            .saturating_add(self.unseen_bound())
+    }
+}
+
 /// The deadline of a delivery and the life of a command against the
 /// two limits they must respect: RabbitMQ's consumer timeout, and
 /// Hyperline's idempotency window.
@@ -223,6 +261,24 @@ mod tests {
         };
         with(&lookup("false")).expect("950 + 511");
         with(&lookup("true")).expect_err("950 + 60 + 511");
+    }
+
+    #[test]
+    fn the_in_flight_bounds_come_from_the_deadline_the_lookup_the_confirms_and_the_delays() {
+        let defaults = load(&[]).expect("the defaults");
+        // 2 × 300 s + 4 × 30 s; a day, the longest step (2 h), and that.
+        assert_eq!(defaults.unseen_bound().as_secs(), 720);
+        assert_eq!(defaults.life_bound().as_secs(), 86_400 + 7_200 + 720);
+        let set = load(&[
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "20"),
+            ("CPW__HYPERLINE__TIMEOUT_SECS", "5"),
+            ("CPW__HYPERLINE__RECONCILE_AT_WINDOW", "true"),
+            ("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "2"),
+            ("CPW__RETRY__REDELIVERY_DELAYS_SECS", "7,3"),
+        ])
+        .expect("valid");
+        assert_eq!(set.unseen_bound().as_secs(), 40 + 5 + 8);
+        assert_eq!(set.life_bound().as_secs(), 86_400 + 7 + 53);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The evidence rules (docs/contract.md section 7): when Hyperline's credit
+//! The evidence rules (docs/contract.md section 7.1): when Hyperline's credit
 //! transactions prove that an uncertain command was charged, or was not.
 //!
 //! One pure function, shared by `dead-letters reconcile` and the worker's
@@ -8,70 +8,168 @@
 //! was), and a charged command taken as not charged is replayed and, past
 //! Hyperline's 24 hours, charged again.
 //!
-//! - A transaction claimed by a `succeeded` event of another command in the
-//!   results log is that command's charge (Hyperline's invoice is one per
-//!   charge): it is not a candidate. This is the only claim that removes a
-//!   candidate, because it is the only one that is proof.
-//! - **Not charged** only when no candidate is left: a candidate shared with
-//!   another uncertain letter is still a candidate (either may own it).
-//! - **Charged** only when exactly one candidate is left, it is no other
-//!   letter's candidate, and the results log covers it: the log's oldest
-//!   kept event is older than the transaction by the clock margin, so a
-//!   `succeeded` event claiming it (published after it) would be in the log.
+//! - **Not charged** only when every transaction that could be the charge
+//!   ([`Matches`]: candidates and possible ones) is claimed by a `succeeded`
+//!   event of another command that Hyperline itself answered. A reconciled
+//!   event is a judgement, not proof: counted as proof, one wrong
+//!   reconciliation would make the true owner of the charge "not charged"
+//!   and replay it.
+//! - **Too young** when a transaction left could still be claimed by a
+//!   command that has said nothing yet: it is younger than the longest a
+//!   command whose request may have charged stays with no event, no letter
+//!   and no `pending` record ([`Timing::unseen`]), or the results log shows
+//!   a command of the same purchase in flight (a `pending` record with no
+//!   event after it). A customer's double click makes two such commands,
+//!   and the first to be judged would otherwise take the other's charge.
+//! - **Charged** only when exactly one transaction is left, it is a
+//!   candidate, no `succeeded` event of another command claims it (answered
+//!   or reconciled), it is no other letter's, and the results log covers it:
+//!   the log is complete from before the transaction by the clock margin,
+//!   so a `succeeded` event claiming it (published after it) would be there.
 //! - **Otherwise** left for a person, with the candidates.
-//! - A listing that could not be read, or a possible charge missing a field
-//!   the rules need, is never "not charged".
+//! - A letter whose window has no known start, or whose listing could not
+//!   be read, is never judged either way.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::matching::{Candidate, ChargeLookup, Matches};
+use crate::clock::{millis, rfc3339_ms};
+use crate::contract::{Command, Pricing};
 
 /// One uncertain command, as the rules see it.
 #[derive(Clone, Copy, Debug)]
 pub struct Letter<'a> {
-    /// Its id: its own dead letters (a letter put back twice) and its own
-    /// `succeeded` events are not "somebody else".
-    pub command_id: &'a str,
+    /// Its command: its own `succeeded` events and `pending` records (same
+    /// id, customer and purchase) are not "another command".
+    pub command: &'a Command,
+    /// Whether its window has a known start (its first request recorded,
+    /// or bounded by the command's `timestamp`). Without one, what its
+    /// window holds proves nothing: neither verdict is given.
+    pub bounded: bool,
     /// What its customer's listing offers it, or why it could not be read.
     pub matches: &'a Result<Matches, String>,
+}
+
+/// A `succeeded` event in the results log: the charge it claims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Succeeded {
+    pub command_id: String,
+    /// Its customer, product and count, as the event says.
+    pub customer_id: Option<String>,
+    pub product_id: Option<String>,
+    pub credit_count: Option<u64>,
+    /// The invoice of the charge: one per charge.
+    pub invoice_id: String,
+    /// `"reconciled": true`: found by these rules, not answered by Hyperline.
+    pub reconciled: bool,
+}
+
+impl Succeeded {
+    /// Whether it is `command`'s own event: the same id for the same
+    /// customer and purchase (an id reused by another customer is not).
+    pub fn is_of(&self, command: &Command) -> bool {
+        self.command_id == command.id.as_str()
+            && self.customer_id.as_deref() == Some(command.customer_id.as_str())
+            && self.product_id.as_deref() == Some(command.product_id.as_str())
+            && self.credit_count == Some(command.credit_count.get())
+    }
+}
+
+/// A command the results log shows in flight: a `pending` record (a request
+/// that may have charged, then a delay, a park or a return) and no event
+/// after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub command_id: String,
+    pub customer_id: String,
+    pub product_id: String,
+    pub credit_count: u64,
+    /// `amount_excluding_tax`, when priced so.
+    pub amount: Option<u64>,
+    /// `price_id`, when priced so.
+    pub price_id: Option<String>,
+    /// Its first request that may have charged (Unix ms).
+    pub first_attempt_ms: u64,
+}
+
+impl InFlight {
+    /// Whether it could have made a charge of `command`'s purchase: the same
+    /// customer, product and count, and not provably priced otherwise.
+    fn could_buy(&self, command: &Command) -> bool {
+        let priced_otherwise = match &command.pricing {
+            Pricing::Amount(want) => self.amount.is_some_and(|a| a != *want),
+            Pricing::PriceId(want) => self.price_id.as_deref().is_some_and(|p| p != want.as_str()),
+        };
+        self.command_id != command.id.as_str()
+            && self.customer_id == command.customer_id.as_str()
+            && self.product_id == command.product_id.as_str()
+            && self.credit_count == command.credit_count.get()
+            && !priced_otherwise
+    }
 }
 
 /// What the results log says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogEvidence {
-    /// The invoice of each `succeeded` event in the log, with its command.
-    pub claims: HashMap<String, String>,
+    /// Every `succeeded` event read.
+    pub succeeded: Vec<Succeeded>,
+    /// The commands it shows in flight.
+    pub in_flight: Vec<InFlight>,
     /// When the log's oldest kept event occurred (Unix ms): from then on it
     /// holds every event. `None` without a log, or with an empty one.
     pub complete_since_ms: Option<u64>,
 }
 
 impl LogEvidence {
-    /// Whether a `succeeded` event claiming `t` would be in the log: such an
-    /// event is published after Hyperline recorded `t`, and their clocks
-    /// may disagree by `margin`.
-    fn covers(&self, t: &Candidate, margin: Duration) -> bool {
-        let margin = crate::clock::millis(margin);
+    /// Whether a `succeeded` event claiming a transaction created at
+    /// `created_ms` would be in the log: such an event is published after
+    /// Hyperline recorded it, and their clocks may disagree by `margin`.
+    fn covers(&self, created_ms: u64, margin: Duration) -> bool {
         self.complete_since_ms
-            .is_some_and(|since| since.saturating_add(margin) <= t.created_ms())
+            .is_some_and(|since| since.saturating_add(millis(margin)) <= created_ms)
     }
 
-    /// The command whose `succeeded` event claims `t`, when it is not `own`.
-    fn claimed_by_other(&self, t: &Candidate, own: &str) -> Option<&str> {
-        self.claims
-            .get(&t.invoice_id)
-            .map(String::as_str)
-            .filter(|by| *by != own)
+    /// The events of other commands that claim `invoice`.
+    fn claims<'a>(
+        &'a self,
+        invoice: &'a str,
+        own: &'a Command,
+    ) -> impl Iterator<Item = &'a Succeeded> + 'a {
+        self.succeeded
+            .iter()
+            .filter(move |s| s.invoice_id == invoice && !s.is_of(own))
+    }
+
+    /// Whether Hyperline answered another command with `invoice`: proof
+    /// that the charge is that command's.
+    fn answered_to_other(&self, invoice: Option<&str>, own: &Command) -> bool {
+        invoice.is_some_and(|i| self.claims(i, own).any(|s| !s.reconciled))
     }
 }
 
-/// The verdict on each letter, in order. `margin` is the clock margin
-/// ([`clock_margin`](super::matching::clock_margin)).
-pub fn judge(letters: &[Letter<'_>], log: &LogEvidence, margin: Duration) -> Vec<ChargeLookup> {
+/// The clock and the bounds that say when every command that could have
+/// made a transaction has spoken.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Now, Unix ms.
+    pub now_ms: u64,
+    /// The clock margin ([`clock_margin`](super::matching::clock_margin)).
+    pub margin: Duration,
+    /// The longest a command whose request may have charged stays with no
+    /// event, no dead letter and no `pending` record after that request
+    /// (from the configuration: `Settings::unseen_bound`).
+    pub unseen: Duration,
+    /// The longest a command lives after its first request before its event
+    /// or its dead letter (`Settings::life_bound`): when a command in flight
+    /// has answered at the latest.
+    pub life: Duration,
+}
+
+/// The verdict on each letter, in order.
+pub fn judge(letters: &[Letter<'_>], log: &LogEvidence, timing: Timing) -> Vec<ChargeLookup> {
     letters
         .iter()
-        .map(|letter| judge_one(letter, letters, log, margin))
+        .map(|letter| judge_one(letter, letters, log, timing))
         .collect()
 }
 
@@ -79,56 +177,120 @@ fn uncertain(reason: String, candidates: Vec<Candidate>) -> ChargeLookup {
     ChargeLookup::Uncertain { reason, candidates }
 }
 
+/// A transaction that could be the letter's charge and is not proven to be
+/// another command's.
+struct Open<'a> {
+    id: &'a str,
+    /// Its invoice: without one, no event can ever claim it.
+    invoice: Option<&'a str>,
+    created_ms: u64,
+    /// Set when it is a candidate; otherwise why the rules cannot tell.
+    candidate: Result<&'a Candidate, &'a str>,
+}
+
 fn judge_one(
     letter: &Letter<'_>,
     all: &[Letter<'_>],
     log: &LogEvidence,
-    margin: Duration,
+    timing: Timing,
 ) -> ChargeLookup {
+    let own = letter.command;
     let matches = match letter.matches {
         Ok(matches) => matches,
         Err(reason) => return uncertain(reason.clone(), Vec::new()),
     };
-    if !matches.incomplete.is_empty() {
+    if !letter.bounded {
         return uncertain(
-            format!(
-                "transaction(s) {} could be its charge but lack a field the rules need \
-                 (invoice, balance, amount or price)",
-                matches.incomplete.join(", ")
-            ),
+            "its first request is unknown and nothing bounds its window: it can be proved \
+             neither charged nor not charged"
+                .into(),
             matches.candidates.clone(),
         );
     }
-    let open: Vec<&Candidate> = matches
+    let open: Vec<Open<'_>> = matches
         .candidates
         .iter()
-        .filter(|t| log.claimed_by_other(t, letter.command_id).is_none())
+        .filter(|t| !log.answered_to_other(Some(&t.invoice_id), own))
+        .map(|t| Open {
+            id: &t.transaction_id,
+            invoice: Some(&t.invoice_id),
+            created_ms: t.created_ms(),
+            candidate: Ok(t),
+        })
+        .chain(
+            matches
+                .possible
+                .iter()
+                .filter(|p| !log.answered_to_other(p.invoice_id.as_deref(), own))
+                .map(|p| Open {
+                    id: &p.transaction_id,
+                    invoice: p.invoice_id.as_deref(),
+                    created_ms: p.created_ms,
+                    candidate: Err(&p.why),
+                }),
+        )
         .collect();
+    if open.is_empty() {
+        return ChargeLookup::NotCharged;
+    }
+    let shown: Vec<Candidate> = open
+        .iter()
+        .filter_map(|o| o.candidate.ok().cloned())
+        .collect();
+    if let Some(waiting) = unheard(own, &open, log, timing, &shown) {
+        return waiting;
+    }
     let t = match open.as_slice() {
-        [] => return ChargeLookup::NotCharged,
-        [one] => *one,
+        [one] => one,
         several => {
             return uncertain(
                 format!(
                     "{} transactions could be its charge: cannot tell which",
                     several.len()
                 ),
-                several.iter().map(|c| (*c).clone()).collect(),
+                shown,
             );
         }
     };
+    let t = match t.candidate {
+        Ok(t) => t,
+        Err(why) => {
+            return uncertain(
+                format!(
+                    "transaction {} could be its charge, but the rules cannot tell ({why})",
+                    t.id
+                ),
+                shown,
+            );
+        }
+    };
+    let reconciled: Vec<&str> = log
+        .claims(&t.invoice_id, own)
+        .map(|s| s.command_id.as_str())
+        .collect();
+    if !reconciled.is_empty() {
+        return uncertain(
+            format!(
+                "{} is claimed by the reconciled succeeded event of {}: a person must tell \
+                 whose charge it is",
+                t.transaction_id,
+                reconciled.join(", ")
+            ),
+            shown,
+        );
+    }
     let shared: Vec<&str> = all
         .iter()
-        .filter(|other| other.command_id != letter.command_id)
+        .filter(|other| other.command.id != own.id)
         .filter(|other| {
             other.matches.as_ref().is_ok_and(|m| {
-                m.incomplete.contains(&t.transaction_id)
+                m.possible.iter().any(|p| p.transaction_id == t.transaction_id)
                     || m.candidates
                         .iter()
                         .any(|c| c.transaction_id == t.transaction_id)
             })
         })
-        .map(|other| other.command_id)
+        .map(|other| other.command.id.as_str())
         .collect();
     if !shared.is_empty() {
         return uncertain(
@@ -137,241 +299,111 @@ fn judge_one(
                 t.transaction_id,
                 shared.join(", ")
             ),
-            vec![t.clone()],
+            shown,
         );
     }
-    if !log.covers(t, margin) {
+    if !log.covers(t.created_ms(), timing.margin) {
         return uncertain(
             format!(
                 "no results log covers {} (created {}): another command's succeeded event \
                  could claim it",
                 t.transaction_id,
-                t.created_at
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
+                rfc3339_ms(t.created_ms()).unwrap_or_default()
             ),
-            vec![t.clone()],
+            shown,
         );
     }
     ChargeLookup::Charged(t.clone())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use time::OffsetDateTime;
-
-    const T0: u64 = 1_790_000_000_000;
-    const MARGIN: Duration = Duration::from_secs(60);
-
-    fn t(id: &str) -> Candidate {
-        Candidate {
-            transaction_id: id.into(),
-            invoice_id: format!("inv_{id}"),
-            balance_after: 10,
-            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(T0) * 1_000_000)
-                .expect("a time"),
-        }
+/// [`ChargeLookup::TooYoung`] when a command that could claim one of the
+/// `open` transactions may not have spoken yet; uncertain when the log shows
+/// one in flight past the longest it can live (lost: its dead letter has no
+/// event, or its record outlived it), which no later run would change.
+fn unheard(
+    own: &Command,
+    open: &[Open<'_>],
+    log: &LogEvidence,
+    timing: Timing,
+    shown: &[Candidate],
+) -> Option<ChargeLookup> {
+    // A transaction no event can claim keeps the letter uncertain, however
+    // long a run waits.
+    if open.iter().any(|o| o.invoice.is_none()) {
+        return None;
     }
-
-    fn offered(ids: &[&str]) -> Result<Matches, String> {
-        Ok(Matches {
-            candidates: ids.iter().map(|id| t(id)).collect(),
-            incomplete: Vec::new(),
+    let margin = millis(timing.margin);
+    let youngest = open.iter().map(|o| o.created_ms).max()?;
+    let spoken_ms = youngest
+        .saturating_add(millis(timing.unseen))
+        .saturating_add(margin);
+    // A command whose first request came after a transaction (by more than
+    // the clocks' disagreement) cannot have made it.
+    let in_flight: Vec<(&InFlight, u64)> = log
+        .in_flight
+        .iter()
+        .filter(|c| c.could_buy(own))
+        .filter(|c| {
+            open.iter()
+                .any(|o| c.first_attempt_ms <= o.created_ms.saturating_add(margin))
         })
+        .map(|c| {
+            let answered_ms = c
+                .first_attempt_ms
+                .saturating_add(millis(timing.life))
+                .saturating_add(margin);
+            (c, answered_ms)
+        })
+        .collect();
+    let ids = |list: &[(&InFlight, u64)]| {
+        list.iter()
+            .map(|(c, _)| c.command_id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (lost, flying): (Vec<_>, Vec<_>) = in_flight
+        .into_iter()
+        .partition(|(_, answered_ms)| *answered_ms <= timing.now_ms);
+    if !lost.is_empty() {
+        return Some(uncertain(
+            format!(
+                "the results log shows {} of the same purchase pending with no event past the                  longest a command lives: a person must find what became of it",
+                ids(&lost)
+            ),
+            shown.to_vec(),
+        ));
     }
-
-    /// The results log: covering every candidate (its oldest event well
-    /// before them) or not, with `claims` as `(invoice's transaction, command)`.
-    fn log(covers: bool, claims: &[(&str, &str)]) -> LogEvidence {
-        LogEvidence {
-            claims: claims
-                .iter()
-                .map(|(tx, by)| (format!("inv_{tx}"), (*by).to_owned()))
-                .collect(),
-            complete_since_ms: match covers {
-                true => Some(T0 - 60_000),
-                false => Some(T0 - 59_999),
-            },
-        }
+    if spoken_ms <= timing.now_ms && flying.is_empty() {
+        return None;
     }
-
-    /// The verdict on the first of `letters` (`(command, matches)`).
-    fn verdict(letters: &[(&str, Result<Matches, String>)], log: &LogEvidence) -> String {
-        let letters: Vec<Letter<'_>> = letters
-            .iter()
-            .map(|(id, matches)| Letter {
-                command_id: id,
-                matches,
-            })
-            .collect();
-        match &judge(&letters, log, MARGIN)[0] {
-            ChargeLookup::NotCharged => "not charged".into(),
-            ChargeLookup::Charged(c) => format!("charged {}", c.transaction_id),
-            ChargeLookup::Uncertain { candidates, .. } => {
-                let ids: Vec<&str> = candidates
-                    .iter()
-                    .map(|c| c.transaction_id.as_str())
-                    .collect();
-                format!("person [{}]", ids.join(","))
-            }
-        }
+    let after = flying
+        .iter()
+        .map(|(_, answered_ms)| *answered_ms)
+        .fold(spoken_ms, u64::max);
+    let mut why = Vec::new();
+    if spoken_ms > timing.now_ms {
+        why.push(format!(
+            "a transaction that could be its charge is younger than the {} s another command \
+             that made it could stay unanswered",
+            (spoken_ms - youngest) / 1000
+        ));
     }
-
-    /// The letters of a row (the first is judged).
-    type Letters<'a> = Vec<(&'a str, Result<Matches, String>)>;
-    /// A row: its name, letters, log claims, verdict with a covering log, without.
-    type Row<'a> = (
-        &'a str,
-        Letters<'a>,
-        Vec<(&'a str, &'a str)>,
-        &'a str,
-        &'a str,
-    );
-
-    #[test]
-    fn every_rule_with_and_without_a_results_log_covering_the_window() {
-        for (row, letters, claims, with_log, without) in rows() {
-            assert_eq!(
-                verdict(&letters, &log(true, &claims)),
-                with_log,
-                "{row}, log covers"
-            );
-            assert_eq!(
-                verdict(&letters, &log(false, &claims)),
-                without,
-                "{row}, log too young"
-            );
-            let none = LogEvidence {
-                complete_since_ms: None,
-                ..log(false, &claims)
-            };
-            assert_eq!(verdict(&letters, &none), without, "{row}, no log");
-        }
+    if !flying.is_empty() {
+        why.push(format!(
+            "the same purchase is still in flight (pending: {})",
+            ids(&flying)
+        ));
     }
-
-    /// Every rule: (row, letters (the first is judged), log claims, the
-    /// verdict with a log covering the window, without one).
-    fn rows() -> Vec<Row<'static>> {
-        let incomplete = Ok(Matches {
-            candidates: vec![t("t1")],
-            incomplete: vec!["t2".into()],
-        });
-        vec![
-            (
-                "no candidate",
-                vec![("a", offered(&[]))],
-                vec![],
-                "not charged",
-                "not charged",
-            ),
-            (
-                "one, nobody else's",
-                vec![("a", offered(&["t1"]))],
-                vec![],
-                "charged t1",
-                "person [t1]",
-            ),
-            (
-                "one, claimed by another command's succeeded event",
-                vec![("a", offered(&["t1"]))],
-                vec![("t1", "b")],
-                "not charged",
-                "not charged",
-            ),
-            (
-                "one, claimed by its own succeeded event",
-                vec![("a", offered(&["t1"]))],
-                vec![("t1", "a")],
-                "charged t1",
-                "person [t1]",
-            ),
-            (
-                "one, also another letter's candidate",
-                vec![("a", offered(&["t1"])), ("b", offered(&["t1", "t2"]))],
-                vec![],
-                "person [t1]",
-                "person [t1]",
-            ),
-            (
-                "one, also a candidate of its own other letter",
-                vec![("a", offered(&["t1"])), ("a", offered(&["t1"]))],
-                vec![],
-                "charged t1",
-                "person [t1]",
-            ),
-            (
-                "several",
-                vec![("a", offered(&["t1", "t2"]))],
-                vec![],
-                "person [t1,t2]",
-                "person [t1,t2]",
-            ),
-            (
-                "several, all but one claimed by others' events",
-                vec![("a", offered(&["t1", "t2"]))],
-                vec![("t2", "b")],
-                "charged t1",
-                "person [t1]",
-            ),
-            (
-                "a possible charge missing a field",
-                vec![("a", incomplete.clone())],
-                vec![],
-                "person [t1]",
-                "person [t1]",
-            ),
-            (
-                "only a possible charge missing a field",
-                vec![(
-                    "a",
-                    Ok(Matches {
-                        candidates: vec![],
-                        incomplete: vec!["t2".into()],
-                    }),
-                )],
-                vec![],
-                "person []",
-                "person []",
-            ),
-            (
-                "another letter's possible charge missing a field",
-                vec![("a", offered(&["t2"])), ("b", incomplete)],
-                vec![],
-                "person [t2]",
-                "person [t2]",
-            ),
-            (
-                "the listing unreadable",
-                vec![("a", Err("HTTP 500".into()))],
-                vec![],
-                "person []",
-                "person []",
-            ),
-        ]
-    }
-
-    #[test]
-    fn the_chain_a_b_c_settles_nobody() {
-        // a:[t1], b:[t2], c:[t1, t2]: t1 could be a's or c's, t2 b's or c's.
-        let letters = [
-            ("a", offered(&["t1"])),
-            ("b", offered(&["t2"])),
-            ("c", offered(&["t1", "t2"])),
-        ];
-        let letters: Vec<Letter<'_>> = letters
-            .iter()
-            .map(|(id, matches)| Letter {
-                command_id: id,
-                matches,
-            })
-            .collect();
-        let verdicts = judge(&letters, &log(true, &[]), MARGIN);
-        assert!(
-            verdicts
-                .iter()
-                .all(|v| matches!(v, ChargeLookup::Uncertain { .. })),
-            "{verdicts:?}"
-        );
-    }
+    Some(ChargeLookup::TooYoung {
+        run_again_after_ms: after,
+        reason: format!(
+            "too young to judge: {}; run again after {}",
+            why.join("; "),
+            rfc3339_ms(after).unwrap_or_default()
+        ),
+        candidates: shown.to_vec(),
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,24 @@
 //! Which of a customer's credit transactions could be a command's charge.
 //!
 //! Hyperline's transactions do not carry the Idempotency-Key, so a charge is
-//! recognised by what the command asked for: a `topup` from the `api` for the
-//! same customer and product (the listing is already scoped to both), the same
-//! `credit_count`, the same amount (or price id), recorded after the command's
-//! first request could reach Hyperline and before the command stopped
-//! sending, the span widened by the clock margin on both sides. What such a
-//! transaction means for the command is decided by
+//! recognised by what the command asked for, among the transactions of the
+//! same customer and product (the listing is already scoped to both)
+//! recorded after the command's first request could reach Hyperline and
+//! before the command stopped sending, the span widened by the clock margin
+//! on both sides. Two tests, on purpose not one:
+//!
+//! - a **candidate** (a charge that can be attributed) is strict: a `topup`
+//!   from the `api`, the same `credit_count`, the same amount (or price id),
+//!   with every field the event needs;
+//! - a transaction is **another purchase** only when that is provable: a
+//!   different credit count, or a different amount or price where both the
+//!   command and the transaction carry one. Everything else in the span
+//!   (another `type` or `source` spelling, the other pricing field, a field
+//!   missing) is a [`Possible`] charge: never attributed, and never ignored,
+//!   because a drift in the API's shapes would otherwise turn a charged
+//!   command into "not charged" and a replay that charges again.
+//!
+//! What such transactions mean for the command is decided by
 //! [`evidence`](super::evidence), with what else is known.
 
 use std::time::Duration;
@@ -67,15 +79,30 @@ impl Candidate {
     }
 }
 
+/// A transaction in the span that is not provably another purchase, yet
+/// not a [`Candidate`]: it could be the command's charge, and the rules
+/// cannot tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Possible {
+    /// The transaction id.
+    pub transaction_id: String,
+    /// Its invoice, when it has one: a `succeeded` event carrying it
+    /// proves whose it is.
+    pub invoice_id: Option<String>,
+    /// When Hyperline recorded it, Unix ms.
+    pub created_ms: u64,
+    /// Why it is not a candidate, for the operator.
+    pub why: String,
+}
+
 /// What a listing offers one command.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Matches {
     /// Transactions that could be its charge, with every field the rules need.
     pub candidates: Vec<Candidate>,
-    /// Transactions that could be its charge but lack a field the rules
-    /// need (the invoice, the balance, the amount or price): their ids.
+    /// Transactions that could be its charge but are not candidates.
     /// Dropping them would turn a possible charge into "not charged".
-    pub incomplete: Vec<String>,
+    pub possible: Vec<Possible>,
 }
 
 /// What the evidence says about a command's charge (the verdict of
@@ -93,6 +120,19 @@ pub enum ChargeLookup {
         /// The transactions that could be its charge.
         candidates: Vec<Candidate>,
     },
+    /// A transaction that could be its charge is younger than the longest
+    /// another command that could have made it can stay unanswered, or such
+    /// a command is still in flight: judging now could give it another
+    /// command's charge. Nothing is done; a later run can tell.
+    TooYoung {
+        /// Unix ms after which a run can judge it, unless another command
+        /// of the same purchase comes in flight meanwhile.
+        run_again_after_ms: u64,
+        /// What it waits for, for the event and the operator.
+        reason: String,
+        /// The transactions that could be its charge.
+        candidates: Vec<Candidate>,
+    },
 }
 
 fn unix_ms(at: OffsetDateTime) -> i128 {
@@ -100,21 +140,45 @@ fn unix_ms(at: OffsetDateTime) -> i128 {
 }
 
 /// Whether a transaction's price fits the command: `Some(true)` it does,
-/// `Some(false)` it does not, `None` the transaction does not say.
+/// `Some(false)` it provably does not (both carry the same kind of price and
+/// they differ), `None` it cannot tell (the transaction carries only the
+/// other field, or none).
 fn priced_alike(command: &Command, t: &CreditTransaction) -> Option<bool> {
     let amount = t.amount_excluding_tax.and_then(|a| u64::try_from(a).ok());
     let price = t.price.as_ref().and_then(|p| p.id.as_deref());
     match (&command.pricing, amount, price) {
         (Pricing::Amount(want), Some(amount), _) => Some(amount == *want),
         (Pricing::PriceId(want), _, Some(price)) => Some(price == want.as_str()),
-        // Priced the other way: a purchase of another kind.
-        (Pricing::Amount(_), None, Some(_)) | (Pricing::PriceId(_), Some(_), None) => Some(false),
-        (_, None, None) => None,
+        (Pricing::Amount(_), None, _) | (Pricing::PriceId(_), _, None) => None,
     }
 }
 
+/// Why `t`, alike in count and not provably priced otherwise, is not a
+/// candidate, in words.
+fn why_not(t: &CreditTransaction, priced: Option<bool>) -> String {
+    let mut why = Vec::new();
+    if t.kind != "topup" || t.source != "api" {
+        why.push(format!(
+            "type `{}` from `{}`, not `topup` from `api`",
+            t.kind, t.source
+        ));
+    }
+    if priced.is_none() {
+        why.push("no amount or price to compare with the command's".to_owned());
+    }
+    if t.invoice_id.as_deref().is_none_or(str::is_empty) {
+        why.push("no invoice".to_owned());
+    }
+    if t.balance_after.and_then(|b| u64::try_from(b).ok()).is_none() {
+        why.push("no balance".to_owned());
+    }
+    why.join(", ")
+}
+
 /// The transactions that could be `command`'s charge within `span` widened
-/// by `margin`.
+/// by `margin`: the candidates, and the possible charges the rules cannot
+/// tell from it. Whatever else the listing holds is provably another
+/// purchase.
 pub fn candidates(
     command: &Command,
     transactions: &[CreditTransaction],
@@ -128,10 +192,14 @@ pub fn candidates(
     let mut matches = Matches::default();
     for t in transactions
         .iter()
-        .filter(|t| t.kind == "topup" && t.source == "api")
         .filter(|t| Some(t.credit_count) == count)
         .filter(|t| (from..=until).contains(&unix_ms(t.created_at)))
     {
+        let priced = priced_alike(command, t);
+        if priced == Some(false) {
+            continue;
+        }
+        let strict = t.kind == "topup" && t.source == "api" && priced == Some(true);
         let candidate = || {
             Some(Candidate {
                 transaction_id: t.id.clone(),
@@ -140,10 +208,14 @@ pub fn candidates(
                 created_at: t.created_at,
             })
         };
-        match (priced_alike(command, t), candidate()) {
-            (Some(false), _) => {}
-            (Some(true), Some(c)) => matches.candidates.push(c),
-            _ => matches.incomplete.push(t.id.clone()),
+        match strict.then(candidate).flatten() {
+            Some(c) => matches.candidates.push(c),
+            None => matches.possible.push(Possible {
+                transaction_id: t.id.clone(),
+                invoice_id: t.invoice_id.clone().filter(|i| !i.is_empty()),
+                created_ms: u64::try_from(unix_ms(t.created_at)).unwrap_or(0),
+                why: why_not(t, priced),
+            }),
         }
     }
     matches
@@ -180,63 +252,105 @@ mod tests {
         }
     }
 
-    fn ids(found: &Matches) -> Vec<&str> {
-        found
-            .candidates
+    /// Each transaction's class: `candidate`, `possible` or `other`.
+    fn classes(found: &Matches, listing: &[CreditTransaction]) -> Vec<(String, &'static str)> {
+        listing
             .iter()
-            .map(|c| c.transaction_id.as_str())
+            .map(|t| {
+                let class = match (
+                    found.candidates.iter().any(|c| c.transaction_id == t.id),
+                    found.possible.iter().any(|p| p.transaction_id == t.id),
+                ) {
+                    (true, _) => "candidate",
+                    (false, true) => "possible",
+                    (false, false) => "other",
+                };
+                (t.id.clone(), class)
+            })
             .collect()
     }
 
+    fn with(id: &str, change: impl FnOnce(&mut CreditTransaction)) -> CreditTransaction {
+        let mut t = transaction(id, T0 + 1);
+        change(&mut t);
+        t
+    }
+
+    fn priced(id: &str, price: &str, amount: Option<i64>) -> CreditTransaction {
+        with(id, |t| {
+            t.amount_excluding_tax = amount;
+            t.price = Some(TransactionPrice {
+                id: Some(price.into()),
+            });
+        })
+    }
+
+    /// A row: the command's pricing, the listing, and each transaction's
+    /// class in the span `T0..T0 + 60 s`.
+    type Row = (&'static str, Vec<CreditTransaction>, Vec<&'static str>);
+
     #[test]
-    fn only_an_api_topup_of_the_same_purchase_inside_the_span_matches() {
+    fn only_provably_other_purchases_are_left_out_and_only_exact_ones_are_candidates() {
         let span = TimeSpan {
             from_ms: T0,
             until_ms: T0 + 60_000,
         };
-        let by_amount = command(r#""amount_excluding_tax":24000"#);
-        let mut other_count = transaction("count", T0 + 1);
-        other_count.credit_count = 31;
-        let mut other_amount = transaction("amount", T0 + 1);
-        other_amount.amount_excluding_tax = Some(1);
-        let mut consumption = transaction("usage", T0 + 1);
-        consumption.kind = "consumption".into();
-        let mut manual = transaction("manual", T0 + 1);
-        manual.source = "manual".into();
-        let listing = [
-            transaction("before", T0 - SKEW.as_millis() as u64 - 1),
-            transaction("skewed", T0 - 1_000),
-            transaction("inside", T0 + 30_000),
-            transaction("after", T0 + 60_000 + SKEW.as_millis() as u64 + 1),
-            other_count,
-            other_amount,
-            consumption,
-            manual,
+        let by_amount = r#""amount_excluding_tax":24000"#;
+        let by_price = r#""price_id":"pri_1""#;
+        let rows: Vec<Row> = vec![
+            (
+                by_amount,
+                vec![
+                    transaction("before", T0 - SKEW.as_millis() as u64 - 1),
+                    transaction("skewed", T0 - 1_000),
+                    transaction("inside", T0 + 30_000),
+                    transaction("after", T0 + 60_000 + SKEW.as_millis() as u64 + 1),
+                ],
+                vec!["other", "candidate", "candidate", "other"],
+            ),
+            (
+                by_amount,
+                vec![
+                    with("count", |t| t.credit_count = 31),
+                    with("amount", |t| t.amount_excluding_tax = Some(1)),
+                    with("usage", |t| t.credit_count = -32),
+                    with("consumption", |t| t.kind = "consumption".into()),
+                    with("manual", |t| t.source = "manual".into()),
+                    with("spelled", |t| t.kind = "TOPUP".into()),
+                    priced("price only", "pri_1", None),
+                    priced("price and amount", "pri_9", Some(24_000)),
+                    priced("price, other amount", "pri_1", Some(1)),
+                ],
+                vec![
+                    "other", "other", "other", "possible", "possible", "possible", "possible",
+                    "candidate", "other",
+                ],
+            ),
+            (
+                by_price,
+                vec![
+                    priced("priced", "pri_1", Some(999)),
+                    priced("other price", "pri_2", Some(24_000)),
+                    transaction("amount only", T0 + 1),
+                    with("nothing", |t| t.amount_excluding_tax = None),
+                ],
+                vec!["candidate", "other", "possible", "possible"],
+            ),
         ];
-        assert_eq!(
-            ids(&candidates(&by_amount, &listing, span, SKEW)),
-            ["skewed", "inside"]
-        );
-
-        let by_price = command(r#""price_id":"pri_1""#);
-        let mut priced = transaction("priced", T0 + 1);
-        priced.amount_excluding_tax = Some(999);
-        priced.price = Some(TransactionPrice {
-            id: Some("pri_1".into()),
-        });
-        assert_eq!(
-            ids(&candidates(
-                &by_price,
-                &[priced, transaction("unpriced", T0 + 1)],
-                span,
-                SKEW
-            )),
-            ["priced"]
-        );
+        for (pricing, listing, want) in rows {
+            let found = candidates(&command(pricing), &listing, span, SKEW);
+            let got = classes(&found, &listing);
+            let want: Vec<(String, &str)> = listing
+                .iter()
+                .map(|t| t.id.clone())
+                .zip(want)
+                .collect();
+            assert_eq!(got, want, "{pricing}");
+        }
     }
 
     #[test]
-    fn a_possible_charge_missing_a_field_is_incomplete_not_dropped() {
+    fn a_possible_charge_missing_a_field_is_possible_not_dropped() {
         let span = TimeSpan {
             from_ms: T0,
             until_ms: T0 + 1,
@@ -254,7 +368,27 @@ mod tests {
             span,
             SKEW,
         );
-        assert_eq!(ids(&found), ["whole"]);
-        assert_eq!(found.incomplete, ["no_invoice", "no_balance", "no_amount"]);
+        let ids: Vec<&str> = found
+            .candidates
+            .iter()
+            .map(|c| c.transaction_id.as_str())
+            .collect();
+        assert_eq!(ids, ["whole"]);
+        let why: Vec<(&str, &str)> = found
+            .possible
+            .iter()
+            .map(|p| (p.transaction_id.as_str(), p.why.as_str()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                ("no_invoice", "no invoice"),
+                ("no_balance", "no balance"),
+                (
+                    "no_amount",
+                    "no amount or price to compare with the command's"
+                )
+            ]
+        );
     }
 }

@@ -476,7 +476,10 @@ fn looked(
             };
             Plan::new(None, Route::Return, fresh).returned("not_charged")
         }
-        ChargeLookup::Uncertain { reason, .. } => {
+        // Too young at the window is uncertain: the command is failed and
+        // dead-lettered, and `dead-letters reconcile` judges it once every
+        // command that could claim its charge has spoken.
+        ChargeLookup::Uncertain { reason, .. } | ChargeLookup::TooYoung { reason, .. } => {
             let mut plan = decide(Input::Attempted(attempted.clone()), history, policy);
             if let Some(EventPlan::Failed { message, .. }) = &mut plan.event {
                 message.push_str(&format!(

@@ -18,7 +18,9 @@ use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
 };
 use crate::clock::{millis, now_ms};
-use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, ResultEvent};
+use crate::contract::{
+    Command, ErrorCode, EventError, InvalidCommand, PendingRecord, ResultEvent,
+};
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
 
@@ -107,7 +109,21 @@ impl Pipeline {
                     plan.history.stamp(original, keys),
                 ),
             };
-            let copied = self.copy(delivery, publisher, to, headers).await;
+            let pending = match (plan.route, subject) {
+                (Route::Delay(_) | Route::Return, Subject::Command(command)) => plan
+                    .history
+                    .first_attempt_ms
+                    .map(|first| PendingRecord::of(command, first, plan.history.attempts)),
+                _ => None,
+            };
+            let recorded = match &pending {
+                Some(record) => self.publish_pending(publisher, record).await,
+                None => Ok(()),
+            };
+            let copied = match recorded {
+                Ok(()) => self.copy(delivery, publisher, to, headers).await,
+                Err(e) => Err(e),
+            };
             match copied {
                 Ok(()) => return self.settle(delivery, Settle::Ack, plan.outcome),
                 // Refused again after a wait: the broker is in trouble, and
@@ -143,6 +159,25 @@ impl Pipeline {
             Destination::Queue(queue) => ("", queue),
         };
         Box::pin(publisher.publish_routed(exchange, key, &delivery.data, props)).await
+    }
+
+    /// Publishes the `pending` record of a command whose request may have
+    /// charged and that goes back to the broker with no event, straight to
+    /// the results log, confirmed: until its event, it is how `dead-letters
+    /// reconcile` and the check at the window know it is in flight. Refused,
+    /// it is the copy that is refused: the command is not sent on unseen.
+    async fn publish_pending(
+        &self,
+        publisher: &Publisher,
+        record: &PendingRecord,
+    ) -> Result<(), PublishError> {
+        let Some(log) = &self.topology.results_log else {
+            return Ok(());
+        };
+        let body = record.to_json();
+        Box::pin(publisher.publish_event("", &log.name, &body, record.amqp_properties(), None))
+            .await
+            .map(|_| ())
     }
 
     /// Publishes the event (results exchange and `reply_to`), confirmed.

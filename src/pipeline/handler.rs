@@ -265,7 +265,10 @@ impl Pipeline {
                 invoice_id = %found.invoice_id,
                 "window closed and exactly one matching credit transaction: the command was charged"
             ),
-            ChargeLookup::Uncertain { reason, candidates } => tracing::error!(
+            ChargeLookup::Uncertain { reason, candidates }
+            | ChargeLookup::TooYoung {
+                reason, candidates, ..
+            } => tracing::error!(
                 %reason,
                 transactions = %candidates.iter().map(|c| c.transaction_id.as_str()).collect::<Vec<_>>().join(","),
                 "window closed and the credit transactions cannot tell whether the command was charged"

@@ -69,4 +69,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Hyperline's idempotency window.
     pub window: Duration,
+    /// [`Settings::unseen_bound`](crate::configuration::Settings::unseen_bound):
+    /// how long the check at the window waits before a transaction can be
+    /// the command's.
+    pub unseen: Duration,
+    /// [`Settings::life_bound`](crate::configuration::Settings::life_bound).
+    pub life: Duration,
 }

@@ -1,13 +1,14 @@
 //! The worker's check at a command's closed window
 //! (`hyperline.reconcile_at_window`): the evidence rules of `dead-letters
-//! reconcile` applied to one command, with the results log's claims, so the
-//! worker never settles a command with another command's charge.
+//! reconcile` applied to one command, with the results log's claims and
+//! commands in flight, so the worker never settles a command with another
+//! command's charge.
 
 use super::Pipeline;
 use crate::clock::{millis, now_ms};
 use crate::contract::Command;
 use crate::hyperline::CreditTransaction;
-use crate::hyperline::evidence::{Letter, LogEvidence, judge};
+use crate::hyperline::evidence::{Letter, LogEvidence, Timing, judge};
 use crate::hyperline::matching::{ChargeLookup, TimeSpan, candidates, clock_margin};
 
 impl Pipeline {
@@ -22,9 +23,10 @@ impl Pipeline {
     ) -> ChargeLookup {
         let margin = clock_margin(self.limits.window);
         let margin_ms = millis(margin);
+        let now = now_ms();
         let span = TimeSpan {
             from_ms: first_ms,
-            until_ms: now_ms(),
+            until_ms: now,
         };
         let matches = Ok(candidates(command, listing, span, margin));
         let log = match &self.results_log {
@@ -38,10 +40,17 @@ impl Pipeline {
             },
         };
         let letter = Letter {
-            command_id: command.id.as_str(),
+            command,
+            bounded: true,
             matches: &matches,
         };
-        judge(&[letter], &log, margin)
+        let timing = Timing {
+            now_ms: now,
+            margin,
+            unseen: self.limits.unseen,
+            life: self.limits.life,
+        };
+        judge(&[letter], &log, timing)
             .pop()
             .unwrap_or_else(|| ChargeLookup::Uncertain {
                 reason: "no verdict".into(),

@@ -32,6 +32,7 @@ async fn app(reconcile: bool) -> TestApp {
         .env("CPW__HYPERLINE__IDEMPOTENCY_WINDOW_SECS", WINDOW_SECS)
         .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 5)
         .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", 1)
+        .env("CPW__AMQP__CONFIRM_TIMEOUT_SECS", 2)
         .env("CPW__HYPERLINE__RECONCILE_AT_WINDOW", reconcile);
     spawn_app_with(options).await
 }
@@ -43,6 +44,11 @@ fn now_ms() -> i64 {
 
 /// The clock margin of a 14 s window (1/96 of it), rounded up.
 const MARGIN_MS: i64 = 146;
+
+/// How long after a transaction every command that could have made it has
+/// spoken here (`Settings::unseen_bound`: 2 × the 5 s deadline, the 2 s
+/// lookup, 4 × the 2 s confirm timeout), with the clock margin.
+const UNSEEN_MS: i64 = 20_000 + MARGIN_MS;
 
 /// A command bought through the worker, whose event gives the results log
 /// its first entry; returns once the clock has passed that entry by the
@@ -127,7 +133,17 @@ async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
         .await
         .expect("an answer");
     assert_eq!(charged.status(), 201);
-    publish_first_attempted(&app, &id, 2_000 + 1_000 * WINDOW_SECS as i64).await;
+    // No command that could have made the charge can still be silent: the
+    // check at the window would otherwise find it too young to judge.
+    let charged_at = now_ms();
+    cpw_testkit::wait_until(
+        "the charge to pass the unseen bound",
+        Duration::from_millis(100),
+        async || now_ms() > charged_at + UNSEEN_MS + 200,
+    )
+    .await;
+    let ago = now_ms() - charged_at + 2_000 + 1_000 * WINDOW_SECS as i64;
+    publish_first_attempted(&app, &id, ago).await;
     let event = app.next_event().await;
     let charge = app
         .ledger()

@@ -67,6 +67,7 @@ impl Acting<'_> {
             invoice_id: None,
             new_credit_balance: None,
             candidates: Vec::new(),
+            run_again_after: None,
             reason: None,
         };
         let (plan, found, words) = match verdict {
@@ -95,6 +96,20 @@ impl Acting<'_> {
                 row.reason = Some(reason);
                 row.candidates = candidates;
                 self.say(&row, "left for a person");
+                return (row, Some(letter.delivery));
+            }
+            Verdict::Lookup(ChargeLookup::TooYoung {
+                run_again_after_ms,
+                reason,
+                candidates,
+            }) => {
+                let after = crate::clock::rfc3339_ms(run_again_after_ms).unwrap_or_default();
+                row.found = Found::TooYoung;
+                row.action = format!("left: run again after {after}");
+                row.run_again_after = Some(after);
+                row.reason = Some(reason);
+                row.candidates = candidates;
+                self.say(&row, &row.action);
                 return (row, Some(letter.delivery));
             }
         };

@@ -6,7 +6,10 @@
 //! event in the results log is done already (a second run after a removal
 //! that failed, or a command bought on another delivery). It is removed
 //! and nothing is published or replayed: replaying it would buy it again,
-//! outside any window its letter knows of.
+//! outside any window its letter knows of. "Its command" means the same
+//! id for the same customer and purchase: an id another customer's
+//! publisher reused says nothing of this letter, and taking its event for
+//! this one's would remove the letter with nothing published.
 
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use lapin::Connection;
 use super::select::{Letter, Listings};
 use crate::broker::Topology;
 use crate::broker::results_log;
-use crate::hyperline::evidence::{self, LogEvidence};
+use crate::hyperline::evidence::{self, LogEvidence, Timing};
 use crate::hyperline::matching::{ChargeLookup, Matches, candidates};
 
 /// What to do with a letter.
@@ -83,22 +86,21 @@ pub async fn read_log(
     }
 }
 
-/// The verdict on each letter.
+/// The verdict on each letter, at `timing` (its margin widens the windows).
 pub fn judge(
     letters: Vec<Letter>,
     listings: &Listings,
     log: &LogEvidence,
-    margin: Duration,
-    now_ms: u64,
+    timing: Timing,
 ) -> Vec<Judged> {
     let matches: Vec<Result<Matches, String>> = letters
         .iter()
         .map(|letter| {
             let span = letter
-                .span(now_ms)
+                .span(timing.now_ms)
                 .ok_or("no cpw-first-attempt-ms: the window to search is unknown")?;
             match listings.get(&letter.pair()) {
-                Some(Ok(listing)) => Ok(candidates(&letter.command, listing, span, margin)),
+                Some(Ok(listing)) => Ok(candidates(&letter.command, listing, span, timing.margin)),
                 Some(Err(e)) => Err(e.clone()),
                 None => Err("the listing was not read".into()),
             }
@@ -108,17 +110,17 @@ pub fn judge(
         .iter()
         .zip(&matches)
         .map(|(letter, matches)| evidence::Letter {
-            command_id: letter.command.id.as_str(),
+            command: &letter.command,
+            bounded: letter.span(timing.now_ms).is_some(),
             matches,
         })
         .collect();
-    let lookups = evidence::judge(&evidence_of, log, margin);
+    let lookups = evidence::judge(&evidence_of, log, timing);
     letters
         .into_iter()
         .zip(lookups)
         .map(|(letter, lookup)| {
-            let id = letter.command.id.as_str();
-            let verdict = match log.claims.values().any(|by| by == id) {
+            let verdict = match log.succeeded.iter().any(|s| s.is_of(&letter.command)) {
                 true => Verdict::AlreadySucceeded,
                 false => Verdict::Lookup(lookup),
             };

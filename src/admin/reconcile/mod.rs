@@ -23,6 +23,7 @@ use super::dead_letters::Reading;
 use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ReconcileArgs;
 use crate::configuration::{ConfigError, Settings};
+use crate::hyperline::evidence::Timing;
 use crate::hyperline::matching::clock_margin;
 use crate::hyperline::{ClientError, HyperlineClient};
 use act::Acting;
@@ -105,7 +106,13 @@ async fn reconcile_on(
         apply,
         keys,
     };
-    for judged in judge::judge(letters, &listings, &log.evidence, margin, now) {
+    let timing = Timing {
+        now_ms: now,
+        margin,
+        unseen: settings.unseen_bound(),
+        life: settings.life_bound(),
+    };
+    for judged in judge::judge(letters, &listings, &log.evidence, timing) {
         let (row, stays) = acting.act(judged).await;
         keep.extend(stays);
         report.rows.push(row);

@@ -16,6 +16,9 @@ pub enum Found {
     NotCharged,
     /// Its command's `succeeded` event is already in the results log.
     AlreadySucceeded,
+    /// Another command that could claim its charge may not have spoken
+    /// yet: left, to be judged by a later run.
+    TooYoung,
     /// Neither is proven: left for a person.
     Uncertain,
 }
@@ -27,6 +30,7 @@ impl Found {
             Found::Charged => "charged",
             Found::NotCharged => "not charged",
             Found::AlreadySucceeded => "already succeeded",
+            Found::TooYoung => "too young to judge",
             Found::Uncertain => "uncertain",
         }
     }
@@ -42,7 +46,7 @@ pub enum Status {
     Done,
     /// Tried and not (or not known to be) done: the run exits 2.
     NotDone,
-    /// Left for a person: the run exits 1.
+    /// Left for a person, or for a later run: the run exits 1.
     Left,
 }
 
@@ -74,8 +78,10 @@ pub struct Row {
     pub invoice_id: Option<String>,
     /// The balance after it.
     pub new_credit_balance: Option<u64>,
-    /// The transactions that could be its charge, when left for a person.
+    /// The transactions that could be its charge, when left.
     pub candidates: Vec<Candidate>,
+    /// When too young to judge: from when a run can (RFC 3339, ms).
+    pub run_again_after: Option<String>,
     /// Why it is left for a person, or why the action is not done.
     pub reason: Option<String>,
 }
@@ -180,13 +186,14 @@ pub fn render(report: &Report, dead: &str, apply: bool) -> String {
     let status = |s: Status| report.rows.iter().filter(|r| r.status == s).count();
     out.push_str(&format!(
         "\n{} uncertain dead letter(s) in {dead}: {} charged, {} not charged, {} already \
-         succeeded, {} left for a person; {} other(s) left alone; {} listing(s) read; windows \
-         widened by {} s for clocks\n",
+         succeeded, {} too young to judge, {} left for a person; {} other(s) left alone; {} \
+         listing(s) read; windows widened by {} s for clocks\n",
         report.rows.len(),
         count(Found::Charged),
         count(Found::NotCharged),
         count(Found::AlreadySucceeded),
-        status(Status::Left),
+        count(Found::TooYoung),
+        count(Found::Uncertain),
         report.others,
         report.listings,
         report.margin_secs,
