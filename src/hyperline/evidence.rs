@@ -397,7 +397,7 @@ fn unheard(
     Some(ChargeLookup::TooYoung {
         run_again_after_ms: after,
         reason: format!(
-            "too young to judge: {}; run again after {}",
+            "{}; run again after {}",
             why.join("; "),
             rfc3339_ms(after).unwrap_or_default()
         ),
