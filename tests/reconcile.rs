@@ -695,7 +695,12 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
         .events_until(WAIT, |events| !events.is_empty())
         .await;
     assert_eq!(events.len(), 1, "only the garbled one answers at once");
-    assert_eq!(events[0].code(), "unexpected_response", "{}", events[0].body);
+    assert_eq!(
+        events[0].code(),
+        "unexpected_response",
+        "{}",
+        events[0].body
+    );
     let a = events[0].command_id().to_owned();
     let b = ids.iter().find(|id| **id != a).expect("the other").clone();
     let dead = world.topology.dead.clone();
@@ -763,5 +768,57 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
         (1, 1),
         "each charged once, with its own invoice"
     );
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
+    // The charge is certain (a garbled 201 after it), and Hyperline forgets
+    // its key after 2 s: a replay would charge the customer again.
+    let mut world = setup(Faults {
+        replay_ttl_secs: 2,
+        ..garbled_after_charge()
+    })
+    .await;
+    world.warm_log().await;
+    let id = command_id();
+    world.garbled_dead_letter(&id).await;
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+    world.wait_unseen().await;
+    let before = world.state().await;
+
+    // Another spelling of the source, then the other pricing field: neither
+    // is provably another purchase.
+    let drifts = [
+        json!({"source": "API"}),
+        json!({"amount_excluding_tax": null, "price": {"id": "pri_drifted"}}),
+    ];
+    for drift in drifts {
+        let Value::Object(patch) = drift.clone() else {
+            unreachable!("an object")
+        };
+        world.sim.set_faults(FaultsPatch {
+            listing_patch: Some(patch),
+            ..FaultsPatch::default()
+        });
+        let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+        assert_eq!(code, Some(1), "{drift}: {stdout}\n{stderr}");
+        let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+        assert_eq!(
+            (&row["found"], &row["status"]),
+            (&json!("uncertain"), &json!("left")),
+            "{drift}: {row}"
+        );
+        assert!(
+            row["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("could be its charge, but the rules cannot tell")),
+            "{drift}: {row}"
+        );
+    }
+    assert!(world.no_event_for(Duration::from_secs(1)).await);
+    assert_eq!(world.state().await, before, "never replayed");
+    assert_eq!(world.sim.ledger().charges_for(&id), 1, "charged once");
     world.cleanup().await;
 }

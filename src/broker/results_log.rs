@@ -437,8 +437,7 @@ pub async fn evidence(
 ) -> Result<LogEvidence, LogError> {
     let complete_since_ms = oldest_ms(connection, log).await?;
     let entries = read_to_end(connection, log, Start::At(from_ms / 1000)).await?;
-    let (succeeded, in_flight) =
-        claims_and_in_flight(entries.into_iter().filter_map(|e| e.event));
+    let (succeeded, in_flight) = claims_and_in_flight(entries.into_iter().filter_map(|e| e.event));
     Ok(LogEvidence {
         succeeded,
         in_flight,

@@ -12,8 +12,8 @@ mod pending;
 
 pub use command::{Command, InvalidCommand, InvalidReason, MAX_BODY_BYTES, Pricing, RawIds};
 pub use event::{ErrorCode, EventError, EventKind, OutcomeFacts, ResultEvent, SCHEMA_VERSION};
-pub use pending::{PENDING_TYPE, PendingRecord};
 pub use ids::{CommandId, CreditCount, CustomerId, IdError, MAX_JSON_INTEGER, PriceId, ProductId};
+pub use pending::{PENDING_TYPE, PendingRecord};
 
 /// How the operator tools print a time: RFC 3339 in UTC with three digits of
 /// milliseconds, always (`…51.180Z`, never `…51.18Z`), so the times of one

@@ -110,8 +110,7 @@ mod tests {
         let body = br#"{"command_id":"cmd-0000000000000001","customer_id":"cus_1","product_id":"itm_1","credit_count":32,"price_id":"pri_1"}"#;
         let command = Command::parse(body, None).expect("a command");
         let record = PendingRecord::of(&command, 1_790_000_000_123, 3);
-        let json: serde_json::Value =
-            serde_json::from_slice(&record.to_json()).expect("JSON");
+        let json: serde_json::Value = serde_json::from_slice(&record.to_json()).expect("JSON");
         assert_eq!(json["type"], "credit_purchase.pending");
         assert_eq!(json["command_id"], "cmd-0000000000000001");
         assert_eq!(json["price_id"], "pri_1");

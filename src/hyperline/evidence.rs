@@ -284,7 +284,9 @@ fn judge_one(
         .filter(|other| other.command.id != own.id)
         .filter(|other| {
             other.matches.as_ref().is_ok_and(|m| {
-                m.possible.iter().any(|p| p.transaction_id == t.transaction_id)
+                m.possible
+                    .iter()
+                    .any(|p| p.transaction_id == t.transaction_id)
                     || m.candidates
                         .iter()
                         .any(|c| c.transaction_id == t.transaction_id)

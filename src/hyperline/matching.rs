@@ -169,7 +169,10 @@ fn why_not(t: &CreditTransaction, priced: Option<bool>) -> String {
     if t.invoice_id.as_deref().is_none_or(str::is_empty) {
         why.push("no invoice".to_owned());
     }
-    if t.balance_after.and_then(|b| u64::try_from(b).ok()).is_none() {
+    if t.balance_after
+        .and_then(|b| u64::try_from(b).ok())
+        .is_none()
+    {
         why.push("no balance".to_owned());
     }
     why.join(", ")
@@ -322,8 +325,15 @@ mod tests {
                     priced("price, other amount", "pri_1", Some(1)),
                 ],
                 vec![
-                    "other", "other", "other", "possible", "possible", "possible", "possible",
-                    "candidate", "other",
+                    "other",
+                    "other",
+                    "other",
+                    "possible",
+                    "possible",
+                    "possible",
+                    "possible",
+                    "candidate",
+                    "other",
                 ],
             ),
             (
@@ -340,11 +350,8 @@ mod tests {
         for (pricing, listing, want) in rows {
             let found = candidates(&command(pricing), &listing, span, SKEW);
             let got = classes(&found, &listing);
-            let want: Vec<(String, &str)> = listing
-                .iter()
-                .map(|t| t.id.clone())
-                .zip(want)
-                .collect();
+            let want: Vec<(String, &str)> =
+                listing.iter().map(|t| t.id.clone()).zip(want).collect();
             assert_eq!(got, want, "{pricing}");
         }
     }

@@ -18,9 +18,7 @@ use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
 };
 use crate::clock::{millis, now_ms};
-use crate::contract::{
-    Command, ErrorCode, EventError, InvalidCommand, PendingRecord, ResultEvent,
-};
+use crate::contract::{Command, ErrorCode, EventError, InvalidCommand, PendingRecord, ResultEvent};
 use crate::operations::metrics::{OutcomeLabels, ReasonLabel, StepLabel};
 use crate::telemetry;
 

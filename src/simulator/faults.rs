@@ -57,6 +57,11 @@ pub struct Faults {
     /// answer missing a field would: a possible charge the reconciliation
     /// must not take for "not charged".
     pub listing_omits_invoices: bool,
+    /// Fields set on every listed credit transaction (`null` removes a
+    /// value), as an API whose shapes drifted would list them: `{"source":
+    /// "API"}`, or a `price` in place of `amount_excluding_tax`. A charge
+    /// listed so must never read as "not charged".
+    pub listing_patch: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for Faults {
@@ -76,6 +81,7 @@ impl Default for Faults {
             after_charge: Vec::new(),
             replay_ttl_secs: 24 * 60 * 60,
             listing_omits_invoices: false,
+            listing_patch: serde_json::Map::new(),
         }
     }
 }
@@ -120,6 +126,7 @@ pub struct FaultsPatch {
     pub after_charge: Option<Vec<ScriptedResponse>>,
     pub replay_ttl_secs: Option<u64>,
     pub listing_omits_invoices: Option<bool>,
+    pub listing_patch: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Faults {
@@ -140,6 +147,7 @@ impl Faults {
             after_charge,
             replay_ttl_secs,
             listing_omits_invoices,
+            listing_patch,
         } = patch;
         set(&mut self.latency_ms, latency_ms);
         set(&mut self.latency_jitter_ms, latency_jitter_ms);
@@ -155,6 +163,7 @@ impl Faults {
         set(&mut self.after_charge, after_charge);
         set(&mut self.replay_ttl_secs, replay_ttl_secs);
         set(&mut self.listing_omits_invoices, listing_omits_invoices);
+        set(&mut self.listing_patch, listing_patch);
     }
 
     /// Checks that every rate is a probability, so a typo in a `POST

@@ -111,6 +111,13 @@ pub(crate) async fn transactions(
             t["invoice_id"] = serde_json::Value::Null;
         }
     }
+    if let Some(listed) = body["data"].as_array_mut() {
+        for t in listed {
+            for (field, value) in &inner.faults.listing_patch {
+                t[field.as_str()] = value.clone();
+            }
+        }
+    }
     let body = serde_json::to_vec(&body).unwrap_or_default();
     reply::json(StatusCode::OK, Bytes::from(body), rate)
 }

@@ -360,19 +360,25 @@ fn rows() -> Vec<(&'static str, Case, &'static str, &'static str)> {
         ),
         (
             "in flight since after it, beyond the clock margin",
-            case(vec![("a", offered(&["t1"]))]).at(T0 + 200_000).flying(vec![in_flight("b", T0 + 60_001, 24_000)]),
+            case(vec![("a", offered(&["t1"]))])
+                .at(T0 + 200_000)
+                .flying(vec![in_flight("b", T0 + 60_001, 24_000)]),
             "charged t1",
             "person [t1]",
         ),
         (
             "another purchase in flight",
-            case(vec![("a", offered(&["t1"]))]).at(T0 + 200_000).flying(vec![in_flight("b", T0 - 5_000, 1)]),
+            case(vec![("a", offered(&["t1"]))])
+                .at(T0 + 200_000)
+                .flying(vec![in_flight("b", T0 - 5_000, 1)]),
             "charged t1",
             "person [t1]",
         ),
         (
             "its own command in flight",
-            case(vec![("a", offered(&["t1"]))]).at(T0 + 200_000).flying(vec![in_flight("a", T0 - 5_000, 24_000)]),
+            case(vec![("a", offered(&["t1"]))])
+                .at(T0 + 200_000)
+                .flying(vec![in_flight("a", T0 - 5_000, 24_000)]),
             "charged t1",
             "person [t1]",
         ),
@@ -410,7 +416,10 @@ fn the_chain_a_b_c_settles_nobody() {
             letters,
             ..case(Vec::new())
         };
-        assert!(case.verdict(Some(T0 - 60_000)).starts_with("person"), "{by}");
+        assert!(
+            case.verdict(Some(T0 - 60_000)).starts_with("person"),
+            "{by}"
+        );
     }
 }
 
