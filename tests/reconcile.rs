@@ -822,3 +822,47 @@ async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
     assert_eq!(world.sim.ledger().charges_for(&id), 1, "charged once");
     world.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_succeeded_event_of_the_same_id_for_another_customer_is_not_the_letters() {
+    // Hyperline forgets a key after 2 s: the letter's replay can be bought.
+    let mut world = setup(Faults {
+        replay_ttl_secs: 2,
+        ..Faults::default()
+    })
+    .await;
+    let id = command_id();
+    // Another customer's publisher reused the id, and was served.
+    world.publish(&command_for(&id, "cus_other")).await;
+    let other = world.event_for(&id).await;
+    assert_eq!(other["type"], "credit_purchase.succeeded", "{other}");
+    // This customer's command of that id died an hour ago, never charged.
+    world
+        .exhausted_dead_letter(&command(&id), now_ms() - HOUR_MS)
+        .await;
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+    let served = now_ms();
+    wait_until(
+        "Hyperline to forget the key",
+        Duration::from_millis(50),
+        async || now_ms() > served + 2_500,
+    )
+    .await;
+
+    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        (&row["found"], &row["status"]),
+        (&json!("not_charged"), &json!("done")),
+        "not 'already succeeded' by another customer's event: {row}"
+    );
+    let bought = world.event_for(&id).await;
+    assert_eq!(bought["type"], "credit_purchase.succeeded", "{bought}");
+    assert_eq!(bought["customer_id"], command(&id)["customer_id"]);
+    assert_ne!(bought["invoice_id"], other["invoice_id"]);
+    world.wait_depth(&dead, 0).await;
+    assert_eq!(world.sim.ledger().charges_for(&id), 2, "one per customer");
+    world.cleanup().await;
+}
