@@ -184,3 +184,33 @@ async fn past_the_window_another_commands_charge_is_never_taken_for_its_own() {
     assert!(app.no_event_for(Duration::from_secs(1)).await);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn past_the_window_a_charge_another_command_could_still_claim_is_left_to_reconcile() {
+    let mut app = app(true).await;
+    warm_log(&mut app).await;
+    let id = command_id();
+    // A charge just made under the command's key: another command of the
+    // same purchase could have made it as well and not have spoken yet.
+    let charged = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
+            app.sim.base_url()
+        ))
+        .bearer_auth("sim_test_key")
+        .header("Idempotency-Key", &id)
+        .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(charged.status(), 201);
+    publish_first_attempted(&app, &id, 2_000 + 1_000 * WINDOW_SECS as i64).await;
+    let event = app.next_event().await;
+    assert_eq!(event.kind(), "credit_purchase.failed", "{}", event.body);
+    assert_eq!(event.code(), "retries_exhausted", "{}", event.body);
+    let message = event.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("run again after"), "{message}");
+    assert!(app.no_event_for(Duration::from_secs(1)).await);
+    assert_eq!(app.ledger().charges_for(&id), 1, "not charged again");
+    app.cleanup().await;
+}
