@@ -743,6 +743,13 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
         "nothing published for A, and B's pending record never reaches the results exchange"
     );
     world.wait_depth(&dead, 1).await;
+    let (code, stdout, stderr) = world.cli(&["events", "--command-id", &b], &[]).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("pending") && stdout.contains("in flight"),
+        "`events` shows B in flight:\n{stdout}"
+    );
+    println!("$ events --command-id {b}\n{stdout}");
 
     // B comes back, is answered with its own charge, and its event claims it.
     let b_event = world.event_for(&b).await;

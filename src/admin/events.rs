@@ -133,7 +133,8 @@ fn print(entry: &Entry, from_ms: Option<u64>, args: &EventsArgs) -> bool {
     wanted
 }
 
-/// One event on one line: when, what, which command, and the outcome.
+/// One event (or `pending` record) on one line: when, what, which
+/// command, and the outcome.
 fn describe(body: &[u8], at_ms: Option<u64>) -> String {
     let at = at_ms.and_then(rfc3339_ms).unwrap_or_else(|| "-".into());
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
@@ -156,6 +157,11 @@ fn describe(body: &[u8], at_ms: Option<u64>) -> String {
     }
     if v["reconciled"] == Value::Bool(true) {
         line.push_str("  reconciled");
+    }
+    if let Some(first) = v["first_attempt_at"].as_str() {
+        line.push_str(&format!(
+            "  first_attempt_at={first}: in flight, a request may have charged"
+        ));
     }
     if let Some(error) = v["error"].as_object() {
         let status = error

@@ -490,3 +490,53 @@ impl LogSource {
 fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logged(json: &str) -> Logged {
+        serde_json::from_str(json).expect("a logged entry")
+    }
+
+    #[test]
+    fn a_command_is_in_flight_from_its_pending_record_to_its_next_event() {
+        let pending = |id: &str, customer: &str| {
+            logged(&format!(
+                r#"{{"type":"credit_purchase.pending","command_id":"{id}","customer_id":"{customer}","product_id":"itm_1","credit_count":32,"amount_excluding_tax":24000,"first_attempt_at":"2026-12-07T18:00:00.5Z"}}"#
+            ))
+        };
+        let event = |kind: &str, id: &str, customer: &str, extra: &str| {
+            logged(&format!(
+                r#"{{"type":"credit_purchase.{kind}","command_id":"{id}","customer_id":"{customer}","product_id":"itm_1","credit_count":32{extra}}}"#
+            ))
+        };
+        let (succeeded, in_flight) = claims_and_in_flight([
+            pending("a", "cus_1"),
+            pending("b", "cus_1"),
+            pending("c", "cus_1"),
+            event("succeeded", "a", "cus_1", r#","invoice_id":"inv_a""#),
+            event("failed", "b", "cus_1", ""),
+            // The same id for another customer ends nothing of c's.
+            event("failed", "c", "cus_2", ""),
+            event(
+                "succeeded",
+                "d",
+                "cus_1",
+                r#","invoice_id":"inv_d","reconciled":true"#,
+            ),
+            pending("e", "cus_1"),
+            logged(r#"{"type":"credit_purchase.pending","command_id":"f"}"#),
+        ]);
+        let flying: Vec<(&str, u64)> = in_flight
+            .iter()
+            .map(|c| (c.command_id.as_str(), c.first_attempt_ms))
+            .collect();
+        assert_eq!(flying, [("c", 1_796_666_400_500), ("e", 1_796_666_400_500)]);
+        let claims: Vec<(&str, &str, bool)> = succeeded
+            .iter()
+            .map(|s| (s.command_id.as_str(), s.invoice_id.as_str(), s.reconciled))
+            .collect();
+        assert_eq!(claims, [("a", "inv_a", false), ("d", "inv_d", true)]);
+    }
+}
