@@ -812,6 +812,7 @@ async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
         let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
         assert_eq!(code, Some(1), "{drift}: {stdout}\n{stderr}");
         let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+        println!("{stdout}");
         assert_eq!(
             (&row["found"], &row["status"]),
             (&json!("uncertain"), &json!("left")),
