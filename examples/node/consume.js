@@ -99,6 +99,13 @@ function onEvent(seen, channel, message, via) {
     channel.reject(message, false);
     return;
   }
+  // The results log also holds the worker's `credit_purchase.pending`
+  // records (a command still in flight): not results. Taken for one, a
+  // record would mark its command seen and hide the result that follows.
+  if (!['credit_purchase.succeeded', 'credit_purchase.failed'].includes(event.type)) {
+    channel.ack(message);
+    return;
+  }
   // An invalid command whose id could not be read has a null command_id:
   // its event is then its own key.
   const key = event.command_id ?? `event:${event.event_id}`;

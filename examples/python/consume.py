@@ -99,6 +99,12 @@ def on_event(seen, channel, method, body, via):
         print(f"skipped an unreadable message: {e}", file=sys.stderr, flush=True)
         channel.basic_reject(method.delivery_tag, requeue=False)
         return
+    # The results log also holds the worker's `credit_purchase.pending`
+    # records (a command still in flight): not results. Taken for one, a
+    # record would mark its command seen and hide the result that follows.
+    if event.get("type") not in ("credit_purchase.succeeded", "credit_purchase.failed"):
+        channel.basic_ack(method.delivery_tag)
+        return
     # An invalid command whose id could not be read has a null command_id:
     # its event is then its own key.
     key = event.get("command_id") or f"event:{event.get('event_id')}"
