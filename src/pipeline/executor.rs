@@ -164,6 +164,9 @@ impl Pipeline {
     /// the results log, confirmed: until its event, it is how `dead-letters
     /// reconcile` and the check at the window know it is in flight. Refused,
     /// it is the copy that is refused: the command is not sent on unseen.
+    /// Unroutable (no stream of that name: a managed topology without the
+    /// log) it is not needed: a log created later covers none of the
+    /// charges this command could have made, so none is settled with them.
     async fn publish_pending(
         &self,
         publisher: &Publisher,
@@ -173,9 +176,12 @@ impl Pipeline {
             return Ok(());
         };
         let body = record.to_json();
-        Box::pin(publisher.publish_event("", &log.name, &body, record.amqp_properties(), None))
-            .await
-            .map(|_| ())
+        let props = record.amqp_properties();
+        let dropped = Box::pin(publisher.publish_event("", &log.name, &body, props, None)).await?;
+        for d in dropped {
+            tracing::warn!(log = %d.queue, detail = %d.detail, "no results log to record the command in flight (see `check`)");
+        }
+        Ok(())
     }
 
     /// Publishes the event (results exchange and `reply_to`), confirmed.
