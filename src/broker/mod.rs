@@ -7,6 +7,7 @@
 //! noise.
 
 pub mod history;
+pub mod logged;
 mod mismatch;
 mod publish;
 mod received;
