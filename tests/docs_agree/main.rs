@@ -81,10 +81,16 @@ pub(crate) fn markdown_pages() -> Vec<String> {
     pages
 }
 
-/// The inline code spans of `text` (between single backticks).
+/// The inline code spans of `text` (between single backticks; a span
+/// wrapped over two lines reads as one, its whitespace folded), fenced code
+/// blocks left out.
 pub(crate) fn code_spans(text: &str) -> Vec<String> {
-    let span = Regex::new("`([^`\n]+)`").expect("regex");
-    span.captures_iter(text).map(|c| c[1].to_owned()).collect()
+    let fence = Regex::new("(?s)```.*?```").expect("regex");
+    let span = Regex::new("`([^`]+)`").expect("regex");
+    let text = fence.replace_all(text, "");
+    span.captures_iter(&text)
+        .map(|c| c[1].split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
 }
 
 /// The lines of `page` from the heading `heading` (a whole line) to the
