@@ -91,7 +91,10 @@ fn every_alert_a_page_asks_for_is_a_rule() {
         }
         for name in alert_name.find_iter(&text) {
             if !rules.iter().any(|r| r.name == name.as_str()) {
-                missing.push(format!("{page}: names the alert {}, not in {RULES}", name.as_str()));
+                missing.push(format!(
+                    "{page}: names the alert {}, not in {RULES}",
+                    name.as_str()
+                ));
             }
         }
     }
@@ -136,7 +139,10 @@ fn check_worker_command(span: &str) -> Result<(), String> {
             break;
         }
         let Some(sub) = command.find_subcommand(word).cloned() else {
-            return Err(format!("`{span}`: `{}` has no subcommand `{word}`", path.join(" ")));
+            return Err(format!(
+                "`{span}`: `{}` has no subcommand `{word}`",
+                path.join(" ")
+            ));
         };
         path.push((*word).to_owned());
         command = sub;
@@ -147,12 +153,12 @@ fn check_worker_command(span: &str) -> Result<(), String> {
             continue;
         };
         let flag = flag.split('=').next().unwrap_or(flag);
-        let known = flag == "help"
-            || command
-                .get_arguments()
-                .any(|a| a.get_long() == Some(flag));
+        let known = flag == "help" || command.get_arguments().any(|a| a.get_long() == Some(flag));
         if !known {
-            return Err(format!("`{span}`: `{}` has no flag `--{flag}`", path.join(" ")));
+            return Err(format!(
+                "`{span}`: `{}` has no flag `--{flag}`",
+                path.join(" ")
+            ));
         }
     }
     Ok(())
@@ -203,7 +209,10 @@ fn every_runbook_gives_a_command_and_every_command_it_names_exists() {
     }
     assert!(seen >= 7, "the runbooks of docs/operations.md were found");
     for rule in rules() {
-        for command in code_spans(&rule.description).iter().filter(|s| is_command(s)) {
+        for command in code_spans(&rule.description)
+            .iter()
+            .filter(|s| is_command(s))
+        {
             if let Err(e) = check_worker_command(command) {
                 faults.push(format!("{RULES}, {}: {e}", rule.name));
             }

@@ -53,15 +53,10 @@ fn every_version_number_is_cargo_tomls() {
 #[test]
 fn the_project_ships_its_licence_changelog_and_policies() {
     let root = crate::repo();
-    let missing: Vec<&str> = [
-        "LICENSE",
-        "CHANGELOG.md",
-        "SECURITY.md",
-        "CONTRIBUTING.md",
-    ]
-    .into_iter()
-    .filter(|f| !root.join(f).is_file())
-    .collect();
+    let missing: Vec<&str> = ["LICENSE", "CHANGELOG.md", "SECURITY.md", "CONTRIBUTING.md"]
+        .into_iter()
+        .filter(|f| !root.join(f).is_file())
+        .collect();
     assert!(missing.is_empty(), "missing at the root: {missing:?}");
     assert_eq!(env!("CARGO_PKG_LICENSE"), "MIT");
     assert!(

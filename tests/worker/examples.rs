@@ -279,7 +279,10 @@ fn reconciled_success(failed: &Value) -> Value {
     let schema: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("the schema")).expect("JSON");
     let validator = jsonschema::validator_for(&schema).expect("a valid schema");
-    let errors: Vec<String> = validator.iter_errors(&event).map(|e| e.to_string()).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(&event)
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "{errors:?}: {event}");
     event
 }
