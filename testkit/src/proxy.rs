@@ -57,7 +57,10 @@ impl Proxy {
     /// the broker that `broker_url` names.
     pub async fn start(broker_url: &str) -> Proxy {
         let mut url = url::Url::parse(broker_url).expect("the broker URL parses");
-        let host = url.host_str().expect("the broker URL has a host").to_owned();
+        let host = url
+            .host_str()
+            .expect("the broker URL has a host")
+            .to_owned();
         let port = url.port().unwrap_or(5672);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let local = listener.local_addr().expect("local address");
@@ -126,7 +129,8 @@ fn lock(hold: &Mutex<Hold>) -> std::sync::MutexGuard<'_, Hold> {
 fn filter(hold: &Mutex<Hold>, frame: Vec<u8>) -> Vec<Vec<u8>> {
     let channel = u16::from_be_bytes([frame[1], frame[2]]);
     let method = (frame[0] == METHOD_FRAME && frame.len() >= FRAME_HEADER + 4).then(|| {
-        let at = |i: usize| u16::from_be_bytes([frame[FRAME_HEADER + i], frame[FRAME_HEADER + i + 1]]);
+        let at =
+            |i: usize| u16::from_be_bytes([frame[FRAME_HEADER + i], frame[FRAME_HEADER + i + 1]]);
         (at(0), at(2))
     });
     let mut hold = lock(hold);

@@ -59,7 +59,10 @@ async fn a_sigterm_while_the_broker_answers_slowly_answers_each_command_once() {
     }
     let mut per_command: HashMap<&str, Vec<&str>> = HashMap::new();
     for e in &events {
-        per_command.entry(e.command_id()).or_default().push(e.kind());
+        per_command
+            .entry(e.command_id())
+            .or_default()
+            .push(e.kind());
     }
     let twice: Vec<_> = per_command.iter().filter(|(_, k)| k.len() > 1).collect();
     assert!(
