@@ -126,17 +126,15 @@ pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigErro
     // - the credit-transaction lookup at the closed window
     //   (`hyperline.reconcile_at_window`), up to one request's deadline;
     // - in `pipeline/executor.rs`, each bounded by the confirm timeout:
-    //   the event, written then confirmed (2 waits); its `reply_to`
-    //   copy, up to REPLY_TRIES tries each written then confirmed, with
-    //   pauses between them; then the command's copy (to a delay queue
-    //   or the dead-letter exchange) and, when that is refused, its copy
-    //   back to the commands queue, each waiting its turn on the copies
-    //   channel, opening it again after a refusal, written, confirmed
-    //   (2 × 4 waits);
+    //   the event, written then confirmed (2 waits); then the command's
+    //   copy (to a delay queue or the dead-letter exchange) and, when that
+    //   is refused, its copy back to the commands queue, each waiting its
+    //   turn on the copies channel, opening it again after a refusal,
+    //   written, confirmed (2 × 4 waits);
     // - one in-process hold before the copy back, at most MAX_HOLD.
-    use crate::broker::{REPLY_PAUSE, REPLY_TRIES};
-    const CONFIRM_WAITS: u64 = 2 + 2 * REPLY_TRIES as u64 + 2 * 4;
-    let reply_pauses = (1..REPLY_TRIES).map(|t| REPLY_PAUSE * t).sum::<Duration>();
+    // The event's `reply_to` copy is sent after the ack: it counts for
+    // nothing here.
+    const CONFIRM_WAITS: u64 = 2 + 2 * 4;
     let lookup = match settings.hyperline.reconcile_at_window {
         true => settings.hyperline.timeout_secs,
         false => 0,
@@ -148,8 +146,7 @@ pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigErro
                 .confirm_timeout_secs
                 .saturating_mul(CONFIRM_WAITS),
         )
-        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
-        .saturating_add(reply_pauses.as_secs_f64().ceil() as u64);
+        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs());
     let settle = deadline.saturating_add(after);
     if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
         return Err(invalid(
@@ -202,27 +199,27 @@ mod tests {
                     .collect::<Vec<_>>(),
             )
         };
-        // 988 + 16 × 30 + 30 + 1 = 1499: just inside 1500 (5/6 of 30 min).
-        with(&deadline("988")).expect("the worst case fits");
-        let line = with(&deadline("989")).expect_err("refused").to_string();
+        // 1169 + 10 × 30 + 30 = 1499: just inside 1500 (5/6 of 30 min).
+        with(&deadline("1169")).expect("the worst case fits");
+        let line = with(&deadline("1170")).expect_err("refused").to_string();
         assert!(line.contains("worker.delivery_deadline_secs"), "{line}");
-        assert!(line.contains("511 s"), "says what it counted: {line}");
-        with(&deadline("1400")).expect_err("two confirm timeouts fit, sixteen do not");
+        assert!(line.contains("330 s"), "says what it counted: {line}");
+        with(&deadline("1400")).expect_err("two confirm timeouts fit, ten do not");
         let confirms = [
-            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "600".to_owned()),
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "900".to_owned()),
             ("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "60".to_owned()),
         ];
-        with(&confirms).expect_err("600 + 16 × 60 + 31");
+        with(&confirms).expect_err("900 + 10 × 60 + 30");
         // The lookup at the window counts only when it is on.
         let lookup = |on: &str| {
             [
-                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "950".to_owned()),
+                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "1110".to_owned()),
                 ("CPW__HYPERLINE__TIMEOUT_SECS", "60".to_owned()),
                 ("CPW__HYPERLINE__RECONCILE_AT_WINDOW", on.to_owned()),
             ]
         };
-        with(&lookup("false")).expect("950 + 511");
-        with(&lookup("true")).expect_err("950 + 60 + 511");
+        with(&lookup("false")).expect("1110 + 330");
+        with(&lookup("true")).expect_err("1110 + 60 + 330");
     }
 
     #[test]
