@@ -527,7 +527,10 @@ mod test {
         frame.push(b'z');
         assert_eq!(
             parse_short_string(&frame[..]),
-            Ok((EMPTY, format!("\u{fffd}a{}", "é".repeat(125)).as_str().into()))
+            Ok((
+                EMPTY,
+                format!("\u{fffd}a{}", "é".repeat(125)).as_str().into()
+            ))
         );
     }
 
