@@ -13,6 +13,8 @@
 //! - [`commands`]: valid command bodies with fresh ids;
 //! - [`guard`]: what a test declared on the broker, deleted when the test
 //!   ends, passed or failed;
+//! - [`pika`]: pika (Python) publishing and reading messages whose
+//!   properties are bytes, where lapin's are text;
 //! - [`process`]: the worker's binary, and its graceful stop by SIGTERM;
 //! - [`proxy`]: a TCP proxy to the broker that slows its answers on cue;
 //! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
@@ -30,6 +32,7 @@ pub mod cluster;
 pub mod commands;
 pub mod guard;
 pub mod hostile;
+pub mod pika;
 pub mod process;
 pub mod proxy;
 pub mod rules;

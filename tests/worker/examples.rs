@@ -39,28 +39,7 @@ impl Language {
     /// naming the install step, when the locked dependencies are not there.
     fn interpreter(self) -> (PathBuf, PathBuf) {
         match self {
-            Language::Python => {
-                // The venv .ci/run makes; CPW_EXAMPLES_PYTHON names another.
-                let python = std::env::var_os("CPW_EXAMPLES_PYTHON")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| {
-                        Path::new(env!("CARGO_MANIFEST_DIR"))
-                            .join("target/examples-venv/bin/python3")
-                    });
-                let has_pika = std::process::Command::new(&python)
-                    .args(["-c", "import pika"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                assert!(
-                    has_pika,
-                    "{} cannot import pika: install the examples' dependencies as .ci/run does:\n  \
-                     python3 -m venv target/examples-venv && target/examples-venv/bin/pip install \
-                     --require-hashes -r examples/python/requirements.txt",
-                    python.display()
-                );
-                (python, examples_dir().join("python"))
-            }
+            Language::Python => (cpw_testkit::pika::python(), examples_dir().join("python")),
             Language::Node => {
                 let has_node = std::process::Command::new("node")
                     .arg("--version")

@@ -13,6 +13,7 @@ mod hostile;
 mod invalid;
 mod leak;
 mod logs;
+mod not_utf8;
 mod operations;
 mod outcomes;
 mod reconcile_at_window;
