@@ -22,7 +22,7 @@ pub use publish::{
     reply_to,
 };
 pub use received::{Received, Settlements};
-pub use seal::{HistoryKeys, Provenance};
+pub use seal::{HistoryKeys, KeyOrigin, Provenance};
 pub use settlement::Settle;
 pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 

@@ -20,6 +20,7 @@ mod redelivery;
 mod redirects;
 mod repeated_delays;
 mod resilience;
+mod results_log;
 mod time_bounds;
 mod topology_upgrade;
 mod traces;
