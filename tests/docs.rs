@@ -525,10 +525,10 @@ fn the_consumer_timeout_budget_in_the_docs_is_the_codes() {
     );
     let deadline = [(
         "CPW__WORKER__DELIVERY_DEADLINE_SECS".to_owned(),
-        "1000".to_owned(),
+        "1200".to_owned(),
     )];
     let refused = Settings::load_from(None, deadline)
-        .expect_err("1000 s and what follows it reach the consumer timeout")
+        .expect_err("1200 s and what follows it reach the consumer timeout")
         .to_string();
     assert!(
         bounds.contains(&flat(&refused)),
