@@ -19,7 +19,7 @@ pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory, Message, copy_propert
 pub use mismatch::{Finding, Mismatch};
 pub use publish::{DroppedReply, PublishError, Publisher, header_str, header_u64, reply_to};
 pub use received::{Received, Settlements};
-pub use seal::{HistoryKeys, Provenance};
+pub use seal::{HistoryKeys, KeyOrigin, Provenance};
 pub use settlement::Settle;
 pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 

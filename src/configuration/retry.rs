@@ -106,6 +106,39 @@ impl RetrySettings {
     }
 }
 
+/// The waits of `amqp.confirm_timeout_secs` a delivery may still make once
+/// its deadline has come, in `pipeline/executor.rs`, each bounded by the
+/// confirm timeout: the event, written then confirmed (2 waits); then the
+/// command's copy (to a delay queue or the dead-letter exchange) and, when
+/// that is refused, its copy back to the commands queue, each waiting its
+/// turn on the copies channel, opening it again after a refusal, written,
+/// confirmed (2 × 4 waits). The event's `reply_to` copy is tried after the
+/// command is settled and counts for nothing. docs/blocked-and-bounds.md
+/// and docs/configuration.md state this number; tests/docs.rs holds them to it.
+pub const CONFIRM_WAITS_AFTER_DEADLINE: u64 = 2 + 2 * 4;
+
+/// Everything a delivery may still wait for once its deadline has come, in
+/// seconds, in the worst case (RabbitMQ closes the channel, with every
+/// delivery on it, when one outlasts the consumer timeout): the
+/// credit-transaction lookup at the closed window
+/// (`hyperline.reconcile_at_window`), up to one request's deadline; the
+/// [`CONFIRM_WAITS_AFTER_DEADLINE`];
+/// one in-process hold before the copy back, at most `MAX_HOLD`.
+pub fn after_deadline_secs(settings: &Settings) -> u64 {
+    let lookup = match settings.hyperline.reconcile_at_window {
+        true => settings.hyperline.timeout_secs,
+        false => 0,
+    };
+    lookup
+        .saturating_add(
+            settings
+                .amqp
+                .confirm_timeout_secs
+                .saturating_mul(CONFIRM_WAITS_AFTER_DEADLINE),
+        )
+        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
+}
+
 /// The deadline of a delivery and the life of a command against the
 /// two limits they must respect: RabbitMQ's consumer timeout, and
 /// Hyperline's idempotency window.
@@ -120,39 +153,14 @@ pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigErro
             ),
         ));
     }
-    // Everything a delivery may still wait for once its deadline has
-    // come, in the worst case (RabbitMQ closes the channel, with every
-    // delivery on it, when one outlasts the consumer timeout):
-    // - the credit-transaction lookup at the closed window
-    //   (`hyperline.reconcile_at_window`), up to one request's deadline;
-    // - in `pipeline/executor.rs`, each bounded by the confirm timeout:
-    //   the event, written then confirmed (2 waits); then the command's
-    //   copy (to a delay queue or the dead-letter exchange) and, when that
-    //   is refused, its copy back to the commands queue, each waiting its
-    //   turn on the copies channel, opening it again after a refusal,
-    //   written, confirmed (2 × 4 waits);
-    // - one in-process hold before the copy back, at most MAX_HOLD.
-    // The event's `reply_to` copy is sent after the ack: it counts for
-    // nothing here.
-    const CONFIRM_WAITS: u64 = 2 + 2 * 4;
-    let lookup = match settings.hyperline.reconcile_at_window {
-        true => settings.hyperline.timeout_secs,
-        false => 0,
-    };
-    let after = lookup
-        .saturating_add(
-            settings
-                .amqp
-                .confirm_timeout_secs
-                .saturating_mul(CONFIRM_WAITS),
-        )
-        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs());
+    let after = after_deadline_secs(settings);
     let settle = deadline.saturating_add(after);
     if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
         return Err(invalid(
             "worker.delivery_deadline_secs",
             format!(
-                "({deadline} s) with the {after} s a delivery may wait after it ({CONFIRM_WAITS} \
+                "({deadline} s) with the {after} s a delivery may wait after it \
+                 ({CONFIRM_WAITS_AFTER_DEADLINE} \
                  waits of amqp.confirm_timeout_secs for its event and copies, an in-process \
                  hold, and the lookup of hyperline.reconcile_at_window) must stay well below \
                  RabbitMQ's 30 min consumer timeout"

@@ -10,7 +10,9 @@ mod event;
 mod ids;
 
 pub use command::{Command, InvalidCommand, InvalidReason, MAX_BODY_BYTES, Pricing, RawIds};
-pub use event::{ErrorCode, EventError, EventKind, OutcomeFacts, ResultEvent, SCHEMA_VERSION};
+pub use event::{
+    ErrorCode, EventError, EventKind, OutcomeFacts, PUBLISHED_HEADER, ResultEvent, SCHEMA_VERSION,
+};
 pub use ids::{CommandId, CreditCount, CustomerId, IdError, MAX_JSON_INTEGER, PriceId, ProductId};
 
 /// How the operator tools print a time: RFC 3339 in UTC with three digits of

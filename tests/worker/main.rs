@@ -21,6 +21,7 @@ mod redelivery;
 mod redirects;
 mod repeated_delays;
 mod resilience;
+mod results_log;
 mod shutdown;
 mod time_bounds;
 mod topology_upgrade;

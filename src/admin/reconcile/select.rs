@@ -147,7 +147,11 @@ pub async fn read_listings(
     settings: &Settings,
     letters: &[Letter],
 ) -> Listings {
-    let gate = Gate::new(READS_PER_SECOND, settings.hyperline.timeout());
+    let gate = Gate::new(
+        READS_PER_SECOND,
+        settings.hyperline.timeout(),
+        settings.longest_rate_limit_pause(),
+    );
     let bounds = ReadBounds::from_retry(&settings.retry);
     let mut listings = Listings::new();
     for letter in letters {
