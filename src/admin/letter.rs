@@ -15,7 +15,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
 use crate::broker::history::{
-    DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, QUEUE_HEADER, REPLICA_HEADER,
+    DEAD_LETTERED_HEADER, DELIVERED_COUNT_HEADER, DELIVERY_COUNT_HEADER, ERROR_CODE_HEADER,
+    QUEUE_HEADER, REPLICA_HEADER,
 };
 use crate::broker::{
     DeliveryHistory, HistoryKeys, Message, Provenance, copy_properties, header_str, header_u64,
@@ -65,11 +66,27 @@ pub struct DeadLetterInfo {
     pub first_attempt: Option<String>,
     /// When its latest request was made (RFC 3339, `cpw-last-attempt-ms`).
     pub last_attempt: Option<String>,
+    /// Delivered to a worker at least once with no first request recorded
+    /// before its deliveries: a request may have charged before
+    /// [`DeadLetterInfo::unrecorded_before`], and its first request (the
+    /// start of its window) is unknown. Never "no request could have charged".
+    pub first_request_unknown: bool,
+    /// When it is: the moment before which a request no history records may
+    /// have been made (RFC 3339): the worker's stamp (`cpw-unrecorded-before-ms`),
+    /// else its death.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unrecorded_before: Option<String>,
     /// The replica (broker connection name) that dead-lettered it.
     pub replica: Option<String>,
     /// Unix milliseconds of [`DeadLetterInfo::first_attempt`].
     #[serde(skip)]
     pub first_attempt_ms: Option<u64>,
+    /// Unix milliseconds of [`DeadLetterInfo::unrecorded_before`].
+    #[serde(skip)]
+    pub unrecorded_before_ms: Option<u64>,
+    /// Unix milliseconds of [`DeadLetterInfo::died_at`].
+    #[serde(skip)]
+    pub died_ms: Option<u64>,
     /// Dead-lettered by the worker with its history stamped on: without a
     /// first attempt, no request that may have charged was ever made.
     #[serde(skip)]
@@ -113,35 +130,53 @@ pub fn inspect(
         .map(ErrorCode::as_str);
     let earliest_death = deaths.iter().filter_map(|d| d.time_secs).min();
     let stamped = dead_lettered_ms.is_some();
-    let first_attempt_ms = history.first_attempt_ms.or_else(|| {
-        // Only the broker's death time can stand in for an unstamped letter.
-        (!stamped)
-            .then(|| earliest_death.map(|s| s.saturating_mul(1000)))
-            .flatten()
-    });
+    let died_ms = earliest_death
+        .map(|s| s.saturating_mul(1000))
+        .into_iter()
+        .chain(dead_lettered_ms)
+        .min();
+    // An invalid body never reaches Hyperline, however often delivered.
+    let unrecorded_before_ms = parsed
+        .is_ok()
+        .then(|| unrecorded_before(&history, headers, &deaths, died_ms))
+        .flatten();
+    // `rejected` is the worker's own reject, whose why is the code.
+    let broker_reason = latest
+        .and_then(|d| d.reason.clone())
+        .or_else(|| header_str(headers, "x-first-death-reason"))
+        .filter(|r| !stamped && r != "rejected");
+    let first_attempt_ms = match unrecorded_before_ms {
+        // Its first request is unknown: no estimate stands in for it.
+        Some(_) => None,
+        None => history.first_attempt_ms.or_else(|| {
+            // Only the broker's death time can stand in for an unstamped
+            // letter that was never delivered.
+            (!stamped)
+                .then(|| earliest_death.map(|s| s.saturating_mul(1000)))
+                .flatten()
+        }),
+    };
     DeadLetterInfo {
         command_id,
-        // `rejected` is the worker's own reject, whose why is the code.
-        broker_reason: latest
-            .and_then(|d| d.reason.clone())
-            .or_else(|| header_str(headers, "x-first-death-reason"))
-            .filter(|r| !stamped && r != "rejected"),
+        broker_reason: broker_reason.clone(),
         queue: header_str(headers, QUEUE_HEADER)
             .or_else(|| latest.and_then(|d| d.queue.clone()))
             .or_else(|| header_str(headers, "x-first-death-queue")),
-        died_at: earliest_death
-            .map(|s| s.saturating_mul(1000))
-            .into_iter()
-            .chain(dead_lettered_ms)
-            .min()
-            .and_then(crate::clock::rfc3339_ms),
+        died_at: died_ms.and_then(crate::clock::rfc3339_ms),
         count: latest.and_then(|d| d.count),
         detail: invalid_reason.clone().or_else(|| {
-            explain(
-                error_code?,
-                history.last_status,
-                history.first_attempt_ms.is_some(),
-            )
+            let charge = match (unrecorded_before_ms, history.first_attempt_ms) {
+                (Some(before), _) => Charge::Unknown(before),
+                (None, Some(_)) => Charge::Recorded,
+                (None, None) => Charge::NoRequest,
+            };
+            match error_code {
+                Some(code) => explain(code, history.last_status, charge),
+                None => unrecorded_before_ms.map(|before| {
+                    let why = broker_reason.as_ref().map(|r| format!("broker: {r}; "));
+                    unknown_first(before, &why.unwrap_or_default())
+                }),
+            }
         }),
         error_code,
         invalid_reason,
@@ -149,15 +184,80 @@ pub fn inspect(
         attempts: (history.attempts > 0 || stamped).then_some(u64::from(history.attempts)),
         first_attempt: first_attempt_ms.and_then(crate::clock::rfc3339_ms),
         last_attempt: history.last_attempt_ms.and_then(crate::clock::rfc3339_ms),
+        first_request_unknown: unrecorded_before_ms.is_some(),
+        unrecorded_before: unrecorded_before_ms.and_then(crate::clock::rfc3339_ms),
         replica: header_str(headers, REPLICA_HEADER),
         first_attempt_ms,
+        unrecorded_before_ms,
+        died_ms,
         stamped,
     }
 }
 
+/// When a letter that was delivered to a worker may have had a request no
+/// history records (Unix ms), when it has no recorded first request from
+/// before: its first request is then unknown.
+///
+/// Delivered means: the worker's own stamp says so (it refreshed the command
+/// or dead-lettered it as worn, `cpw-unrecorded-before-ms`; or, from a
+/// worker before that stamp, `cpw-refreshes`), or the broker's does (a
+/// delivery count, or a death at the delivery limit). A delivery killed
+/// mid-request records nothing, so any of them may have charged.
+fn unrecorded_before(
+    history: &DeliveryHistory,
+    headers: Option<&FieldTable>,
+    deaths: &[Death],
+    died_ms: Option<u64>,
+) -> Option<u64> {
+    if let Some(before) = history.unrecorded_before_ms {
+        return Some(before);
+    }
+    let counted = [DELIVERY_COUNT_HEADER, DELIVERED_COUNT_HEADER]
+        .iter()
+        .any(|name| header_u64(headers, name).is_some_and(|n| n > 0));
+    let by_broker = counted
+        || deaths
+            .iter()
+            .any(|d| d.reason.as_deref() == Some("delivery_limit"));
+    let delivered = by_broker || history.refreshes > 0;
+    match (delivered, history.first_attempt_ms) {
+        // Its deliveries came after its recorded first request.
+        (_, Some(_)) | (false, None) => None,
+        (true, None) => died_ms.or(Some(crate::clock::now_ms())),
+    }
+}
+
+/// What is known of a letter's charge.
+#[derive(Clone, Copy)]
+enum Charge {
+    /// A request that may have charged is recorded.
+    Recorded,
+    /// A request may have charged before this moment (Unix ms), no first
+    /// request known.
+    Unknown(u64),
+    /// Never delivered with a request that may have charged.
+    NoRequest,
+}
+
+/// A letter whose first request is unknown, in words, after `what`.
+fn unknown_first(before_ms: u64, what: &str) -> String {
+    let before = crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned());
+    format!(
+        "{what}delivered to a worker without an outcome: a request may have charged before \
+         {before}, first request unknown (dead-letters reconcile; a replay needs --force)"
+    )
+}
+
 /// What a worker's code means for its letter, with the tool that settles it.
-fn explain(code: &str, status: Option<u16>, may_have_charged: bool) -> Option<String> {
+fn explain(code: &str, status: Option<u16>, charge: Charge) -> Option<String> {
     let http = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
+    let may_have_charged = matches!(charge, Charge::Recorded);
+    if let (Charge::Unknown(before), "retries_exhausted") = (charge, code) {
+        return Some(unknown_first(
+            before,
+            &format!("transient failures or crashes outlasted the retry budget (last: {http}); "),
+        ));
+    }
     match (code, status) {
         ("unexpected_response", Some(200..=299)) => Some(format!(
             "{http} whose body is not the documented one: the charge may have happened \
@@ -218,12 +318,21 @@ pub enum Window {
     Closed(Duration),
     /// Neither `cpw-first-attempt-ms` nor `x-death`: its age is unknown.
     Unknown,
+    /// Delivered to a worker, and a request may have charged before
+    /// `before_ms` that no history records: its first request is unknown.
+    FirstUnknown {
+        /// Unix ms.
+        before_ms: u64,
+    },
 }
 
 /// Judges the idempotency window at `now_ms`. `in_process_budget` is the
 /// worker's own margin: it refuses a delivery whose age plus that budget
 /// reaches 24 hours, so a replay it would refuse is refused here first.
 pub fn window(info: &DeadLetterInfo, now_ms: u64, in_process_budget: Duration) -> Window {
+    if let Some(before_ms) = info.unrecorded_before_ms {
+        return Window::FirstUnknown { before_ms };
+    }
     let Some(first) = info.first_attempt_ms else {
         return match info.stamped {
             true => Window::Open,
