@@ -532,10 +532,15 @@ mod tests {
             .with_expiration("60000".into());
         let copy = fresh_copy(&letter);
         let kept = copy.headers().clone().unwrap_or_default();
+        // The broker's count is kept under a name of its own: the proof
+        // that the letter was delivered to a worker.
         assert_eq!(
             kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["cpw-error-code"]
+            ["cpw-error-code", DELIVERED_COUNT_HEADER]
         );
+        assert_eq!(header_u64(Some(&kept), DELIVERED_COUNT_HEADER), Some(4));
+        let again = fresh_copy(&copy);
+        assert_eq!(again.headers(), copy.headers(), "kept through every put-back");
         assert_eq!(
             (copy.user_id(), copy.expiration()),
             (&None, &None),

@@ -401,7 +401,6 @@ mod tests {
             ])),
         );
         headers.insert("x-first-death-reason".into(), text("expired"));
-        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
         headers.insert(STEP_HEADER.into(), AMQPValue::LongLongInt(2));
         headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(9));
         headers.insert("traceparent".into(), text("00-abc"));
@@ -437,6 +436,117 @@ mod tests {
         assert_eq!(info.attempts, Some(9));
         // No cpw-first-attempt-ms: the earliest death stands in for it.
         assert_eq!(info.first_attempt_ms, Some(1_699_999_000_000));
+    }
+
+    /// A letter as the broker dead-letters one on its own: `reason`, with
+    /// these extra headers.
+    fn broker_letter(reason: &str, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text(reason));
+        death.insert("queue".into(), text("credit-purchases"));
+        death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        for (k, v) in extra {
+            headers.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id(ID.into())
+    }
+
+    const BODY: &[u8] =
+        br#"{"customer_id":"cus_1","product_id":"itm_1","credit_count":1,"amount_excluding_tax":5}"#;
+
+    /// A letter delivered to a worker with no first request recorded may
+    /// have charged: never "no request", never replayed without --force.
+    #[test]
+    fn a_delivered_letter_without_a_first_request_may_have_charged() {
+        let now = 1_700_000_500_000;
+        let budget = Duration::from_secs(110);
+        let died = 1_700_000_000_000;
+        // The worker's poison letter, stamped by its refreshes.
+        let poison = DeliveryHistory {
+            refreshes: 3,
+            unrecorded_before_ms: Some(died - 60_000),
+            ..DeliveryHistory::default()
+        };
+        let mark = crate::broker::history::DeathMark {
+            code: "retries_exhausted",
+            at_ms: died,
+            replica: "w",
+            queue: "credit-purchases",
+        };
+        let message = Message {
+            headers: None,
+            body: BODY,
+            message_id: Some(ID),
+        };
+        let stamped = BasicProperties::default()
+            .with_headers(poison.stamp_dead(message, &mark, &keys()))
+            .with_message_id(ID.into());
+        let count = |n| AMQPValue::LongLongInt(n);
+        let cases = [
+            ("poison", stamped, Some(died - 60_000)),
+            ("limit", broker_letter("delivery_limit", &[]), Some(died)),
+            (
+                "expired after a delivery",
+                broker_letter("expired", &[("x-delivery-count", count(2))]),
+                Some(died),
+            ),
+            (
+                "put back by dead-letters",
+                broker_letter("expired", &[(DELIVERED_COUNT_HEADER, count(1))]),
+                Some(died),
+            ),
+        ];
+        for (name, properties, before) in cases {
+            let info = inspect(BODY, &properties, 2, Some(&keys()));
+            assert!(info.first_request_unknown, "{name}");
+            assert_eq!(info.unrecorded_before_ms, before, "{name}");
+            assert_eq!(info.first_attempt_ms, None, "{name}: no estimate");
+            let detail = info.detail.clone().unwrap_or_default();
+            assert!(detail.contains("first request unknown"), "{name}: {detail}");
+            assert!(!detail.contains("no request"), "{name}: {detail}");
+            assert_eq!(
+                window(&info, now, budget),
+                Window::FirstUnknown {
+                    before_ms: before.unwrap_or_default()
+                },
+                "{name}"
+            );
+            let json = serde_json::to_value(&info).expect("json");
+            assert_eq!(json["first_request_unknown"], true, "{name}");
+            assert!(json["unrecorded_before"].is_string(), "{name}: {json}");
+        }
+
+        // Never delivered: the death still stands in for its first request.
+        let expired = inspect(BODY, &broker_letter("expired", &[]), 2, Some(&keys()));
+        assert!(!expired.first_request_unknown);
+        assert_eq!(expired.first_attempt_ms, Some(died));
+        // An invalid body never reaches Hyperline, however often delivered.
+        let invalid = inspect(b"{}", &broker_letter("delivery_limit", &[]), 2, Some(&keys()));
+        assert!(!invalid.first_request_unknown);
+        // Exhausted with no request and never delivered so: no request.
+        let plain = DeliveryHistory {
+            step: 2,
+            ..DeliveryHistory::default()
+        };
+        let message = Message {
+            headers: None,
+            body: BODY,
+            message_id: Some(ID),
+        };
+        let properties = BasicProperties::default()
+            .with_headers(plain.stamp_dead(message, &mark, &keys()))
+            .with_message_id(ID.into());
+        let info = inspect(BODY, &properties, 2, Some(&keys()));
+        assert!(!info.first_request_unknown);
+        assert_eq!(window(&info, now, budget), Window::Open);
     }
 
     #[test]
