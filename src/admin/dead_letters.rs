@@ -540,7 +540,11 @@ mod tests {
         );
         assert_eq!(header_u64(Some(&kept), DELIVERED_COUNT_HEADER), Some(4));
         let again = fresh_copy(&copy);
-        assert_eq!(again.headers(), copy.headers(), "kept through every put-back");
+        assert_eq!(
+            again.headers(),
+            copy.headers(),
+            "kept through every put-back"
+        );
         assert_eq!(
             (copy.user_id(), copy.expiration()),
             (&None, &None),

@@ -529,7 +529,12 @@ mod tests {
         assert!(!expired.first_request_unknown);
         assert_eq!(expired.first_attempt_ms, Some(died));
         // An invalid body never reaches Hyperline, however often delivered.
-        let invalid = inspect(b"{}", &broker_letter("delivery_limit", &[]), 2, Some(&keys()));
+        let invalid = inspect(
+            b"{}",
+            &broker_letter("delivery_limit", &[]),
+            2,
+            Some(&keys()),
+        );
         assert!(!invalid.first_request_unknown);
         // Exhausted with no request and never delivered so: no request.
         let plain = DeliveryHistory {

@@ -294,10 +294,14 @@ pub enum WindowStart {
 /// its own command refused sooner, or bought as if republished.
 pub fn window_start(h: &DeliveryHistory) -> WindowStart {
     let Some(before_ms) = h.unrecorded_before_ms else {
-        return h.first_attempt_ms.map_or(WindowStart::NotYet, WindowStart::From);
+        return h
+            .first_attempt_ms
+            .map_or(WindowStart::NotYet, WindowStart::From);
     };
     match h.published_ms.filter(|p| *p <= before_ms) {
-        Some(published) => WindowStart::From(h.first_attempt_ms.map_or(published, |f| f.min(published))),
+        Some(published) => {
+            WindowStart::From(h.first_attempt_ms.map_or(published, |f| f.min(published)))
+        }
         None => WindowStart::Unknown { before_ms },
     }
 }

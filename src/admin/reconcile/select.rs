@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 
 use lapin::message::Delivery;
 
+use super::super::letter::inspect;
 use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER};
 use crate::broker::{DeliveryHistory, HistoryKeys, Message, Provenance, header_str, header_u64};
-use super::super::letter::inspect;
 use crate::configuration::Settings;
 use crate::contract::{Command, ErrorCode};
 use crate::hyperline::gate::Gate;

@@ -9,7 +9,10 @@ use crate::hyperline::matching::ChargeLookup;
 const REFRESHED: u64 = NOW - 2 * HOUR;
 
 fn worn(h: DeliveryHistory) -> DeliveryHistory {
-    DeliveryHistory { deliveries: 10, ..h }
+    DeliveryHistory {
+        deliveries: 10,
+        ..h
+    }
 }
 
 /// What each refresh and the poison letter remember.
@@ -79,7 +82,12 @@ fn the_guard_counts_the_window_from_the_earliest_possible_first_request() {
             },
         ),
         // No request precedes the publication: the earliest it can be.
-        (None, Some(REFRESHED), Some(published), WindowStart::From(published)),
+        (
+            None,
+            Some(REFRESHED),
+            Some(published),
+            WindowStart::From(published),
+        ),
         (
             Some(published - HOUR),
             Some(REFRESHED),
@@ -130,7 +138,11 @@ fn a_start_nothing_bounds_dead_letters_without_a_request() {
     let Some(EventPlan::Failed { message, .. }) = &plan.event else {
         panic!("a failed event: {plan:?}")
     };
-    for words in ["first request unknown", "`timestamp`", "dead-letters reconcile"] {
+    for words in [
+        "first request unknown",
+        "`timestamp`",
+        "dead-letters reconcile",
+    ] {
         assert!(message.contains(words), "{words}: {message}");
     }
 }
@@ -158,7 +170,11 @@ fn after_a_refresh_the_window_is_counted_from_the_publication() {
         ..DeliveryHistory::default()
     };
     let plan = decide(exhausted(), &plain, policy());
-    assert_eq!(plan.route, Route::Delay(0), "a timestamp alone bounds nothing");
+    assert_eq!(
+        plan.route,
+        Route::Delay(0),
+        "a timestamp alone bounds nothing"
+    );
 
     let refreshed = DeliveryHistory {
         unrecorded_before_ms: Some(REFRESHED),
