@@ -53,12 +53,15 @@ fn a_refresh_records_that_a_request_may_have_been_made_before_it() {
     assert_eq!(plan.history.unrecorded_before_ms, Some(NOW));
 }
 
+/// (first recorded, unrecorded before, published) and the start they give.
+type Row = (Option<u64>, Option<u64>, Option<u64>, WindowStart);
+
 /// The window's start as the guard counts it, for every combination of what
 /// the history records, what it does not, and the publisher's timestamp.
 #[test]
 fn the_guard_counts_the_window_from_the_earliest_possible_first_request() {
     let (first, published) = (NOW - HOUR, NOW - 3 * HOUR);
-    let rows: [(Option<u64>, Option<u64>, Option<u64>, WindowStart); 9] = [
+    let rows: [Row; 9] = [
         // (first recorded, unrecorded before, published) -> start
         (None, None, None, WindowStart::NotYet),
         (Some(first), None, None, WindowStart::From(first)),
