@@ -294,9 +294,9 @@ fn refusal(id: &str, window: Window) -> Option<String> {
              Hyperline's 24-hour idempotency window may have passed: {consequence}"
         )),
         Window::FirstUnknown { before_ms } => Some(format!(
-            "{id} may have charged, first request unknown (delivered to a worker without an \
-             outcome; a request may have been made before {}), so Hyperline's 24-hour \
-             idempotency window may have passed: run `dead-letters reconcile`, or {consequence}",
+            "{id} may have charged, first request unknown (a delivery may have been cut short \
+             mid-request before {}), so Hyperline's 24-hour idempotency window may have \
+             passed: run `dead-letters reconcile`, or {consequence}",
             crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned())
         )),
     }

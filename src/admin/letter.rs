@@ -26,8 +26,7 @@ use crate::contract::{Command, ErrorCode};
 
 /// Besides the worker's in-process budget, how much younger than 24 hours a
 /// command must be to be replayed without `--force`: the copy may wait in a
-/// backlog before a worker takes it, and a first attempt read from `x-death`
-/// is only an estimate (the death, not the first request).
+/// backlog before a worker takes it.
 pub const REPLAY_MARGIN: Duration = Duration::from_secs(60 * 60);
 
 /// One dead letter, as `list` shows it (`--json` prints exactly this).
@@ -61,8 +60,8 @@ pub struct DeadLetterInfo {
     pub last_status: Option<u16>,
     /// HTTP requests made for it, per the worker (`cpw-attempts`).
     pub attempts: Option<u64>,
-    /// When its first request that may have charged was made (RFC 3339), or
-    /// estimated from the earliest death.
+    /// When its first request that may have charged was made (RFC 3339,
+    /// `cpw-first-attempt-ms`); empty when its first request is unknown.
     pub first_attempt: Option<String>,
     /// When its latest request was made (RFC 3339, `cpw-last-attempt-ms`).
     pub last_attempt: Option<String>,
@@ -145,17 +144,10 @@ pub fn inspect(
         .and_then(|d| d.reason.clone())
         .or_else(|| header_str(headers, "x-first-death-reason"))
         .filter(|r| !stamped && r != "rejected");
-    let first_attempt_ms = match unrecorded_before_ms {
-        // Its first request is unknown: no estimate stands in for it.
-        Some(_) => None,
-        None => history.first_attempt_ms.or_else(|| {
-            // Only the broker's death time can stand in for an unstamped
-            // letter that was never delivered.
-            (!stamped)
-                .then(|| earliest_death.map(|s| s.saturating_mul(1000)))
-                .flatten()
-        }),
-    };
+    // When its first request is unknown, no estimate stands in for it.
+    let first_attempt_ms = history
+        .first_attempt_ms
+        .filter(|_| unrecorded_before_ms.is_none());
     DeadLetterInfo {
         command_id,
         broker_reason: broker_reason.clone(),
@@ -173,8 +165,12 @@ pub fn inspect(
             match error_code {
                 Some(code) => explain(code, history.last_status, charge),
                 None => unrecorded_before_ms.map(|before| {
-                    let why = broker_reason.as_ref().map(|r| format!("broker: {r}; "));
-                    unknown_first(before, &why.unwrap_or_default())
+                    let why = broker_reason.as_deref().unwrap_or("dead-lettered");
+                    let lead = format!(
+                        "broker: {why}; it may have been delivered to a worker whose request \
+                         was cut short"
+                    );
+                    unknown_first(before, &lead)
                 }),
             }
         }),
@@ -201,8 +197,12 @@ pub fn inspect(
 /// Delivered means: the worker's own stamp says so (it refreshed the command
 /// or dead-lettered it as worn, `cpw-unrecorded-before-ms`; or, from a
 /// worker before that stamp, `cpw-refreshes`), or the broker's does (a
-/// delivery count, or a death at the delivery limit). A delivery killed
-/// mid-request records nothing, so any of them may have charged.
+/// delivery count), or the broker dead-lettered it on its own (`x-death`:
+/// expired, at its delivery limit, dropped by a length limit). RabbitMQ
+/// 3.10 keeps no delivery count on such a letter, so a command that expired
+/// after a delivery cannot be told from one that was never delivered: any
+/// of them may have been. A delivery killed mid-request records nothing, so
+/// any delivery may have charged.
 fn unrecorded_before(
     history: &DeliveryHistory,
     headers: Option<&FieldTable>,
@@ -215,11 +215,7 @@ fn unrecorded_before(
     let counted = [DELIVERY_COUNT_HEADER, DELIVERED_COUNT_HEADER]
         .iter()
         .any(|name| header_u64(headers, name).is_some_and(|n| n > 0));
-    let by_broker = counted
-        || deaths
-            .iter()
-            .any(|d| d.reason.as_deref() == Some("delivery_limit"));
-    let delivered = by_broker || history.refreshes > 0;
+    let delivered = counted || !deaths.is_empty() || history.refreshes > 0;
     match (delivered, history.first_attempt_ms) {
         // Its deliveries came after its recorded first request.
         (_, Some(_)) | (false, None) => None,
@@ -239,12 +235,13 @@ enum Charge {
     NoRequest,
 }
 
-/// A letter whose first request is unknown, in words, after `what`.
-fn unknown_first(before_ms: u64, what: &str) -> String {
+/// A letter whose first request is unknown, in words, after `lead` (what
+/// happened to it).
+fn unknown_first(before_ms: u64, lead: &str) -> String {
     let before = crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned());
     format!(
-        "{what}delivered to a worker without an outcome: a request may have charged before \
-         {before}, first request unknown (dead-letters reconcile; a replay needs --force)"
+        "{lead}: a request may have charged before {before}, first request unknown \
+         (dead-letters reconcile; a replay needs --force)"
     )
 }
 
@@ -255,7 +252,10 @@ fn explain(code: &str, status: Option<u16>, charge: Charge) -> Option<String> {
     if let (Charge::Unknown(before), "retries_exhausted") = (charge, code) {
         return Some(unknown_first(
             before,
-            &format!("transient failures or crashes outlasted the retry budget (last: {http}); "),
+            &format!(
+                "transient failures or crashes outlasted the retry budget (last: {http}); \
+                 delivered to workers without an outcome"
+            ),
         ));
     }
     match (code, status) {
@@ -316,7 +316,7 @@ pub enum Window {
     Open,
     /// First attempted this long ago: too close to (or past) 24 hours.
     Closed(Duration),
-    /// Neither `cpw-first-attempt-ms` nor `x-death`: its age is unknown.
+    /// No `cpw-first-attempt-ms` and no worker's stamp: its age is unknown.
     Unknown,
     /// Delivered to a worker, and a request may have charged before
     /// `before_ms` that no history records: its first request is unknown.
@@ -351,7 +351,7 @@ pub fn window(info: &DeadLetterInfo, now_ms: u64, in_process_budget: Duration) -
 /// The properties of the copy sent back to the commands queue: the broker's
 /// dead-letter history and the worker's counters are dropped, so the copy
 /// starts a fresh in-process budget and is not taken for a dead-letter cycle.
-/// The start of the idempotency window is kept (or set from the estimate),
+/// The start of the idempotency window is kept,
 /// so the worker's own 24-hour guard still holds, unless `forced`: then it is
 /// dropped too, or the worker would refuse what the operator chose to force.
 pub fn replay_properties(
@@ -434,8 +434,10 @@ mod tests {
         assert_eq!(info.count, Some(1));
         assert_eq!(info.error_code, Some("retries_exhausted"));
         assert_eq!(info.attempts, Some(9));
-        // No cpw-first-attempt-ms: the earliest death stands in for it.
-        assert_eq!(info.first_attempt_ms, Some(1_699_999_000_000));
+        // Dead-lettered by the broker with no cpw-first-attempt-ms: it may
+        // have been delivered, and no death stands in for its first request.
+        assert_eq!(info.first_attempt_ms, None);
+        assert_eq!(info.unrecorded_before_ms, Some(1_699_999_000_000));
     }
 
     /// A letter as the broker dead-letters one on its own: `reason`, with
@@ -524,10 +526,11 @@ mod tests {
             assert!(json["unrecorded_before"].is_string(), "{name}: {json}");
         }
 
-        // Never delivered: the death still stands in for its first request.
+        // Expired with no count: RabbitMQ 3.10 keeps none on a dead letter,
+        // so it may have been delivered all the same.
         let expired = inspect(BODY, &broker_letter("expired", &[]), 2, Some(&keys()));
-        assert!(!expired.first_request_unknown);
-        assert_eq!(expired.first_attempt_ms, Some(died));
+        assert!(expired.first_request_unknown);
+        assert_eq!(expired.first_attempt_ms, None);
         // An invalid body never reaches Hyperline, however often delivered.
         let invalid = inspect(
             b"{}",

@@ -106,9 +106,8 @@ fn render(delivery: &Delivery, info: &DeadLetterInfo, settings: &Settings) -> St
         ),
         Window::Unknown => "unknown: no first attempt recorded (a replay needs --force)".to_owned(),
         Window::FirstUnknown { before_ms } => format!(
-            "may have charged, first request unknown: delivered to a worker without an outcome, \
-             a request may have been made before {} (dead-letters reconcile; a replay needs \
-             --force)",
+            "may have charged, first request unknown: a delivery to a worker may have been cut \
+             short mid-request before {} (dead-letters reconcile; a replay needs --force)",
             crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned())
         ),
     };

@@ -189,3 +189,78 @@ async fn a_command_that_crashed_its_workers_mid_request_may_have_charged() {
     );
     app.cleanup().await;
 }
+
+/// The broker's own dead letter of a command that was delivered, then
+/// expired (a publisher's `expiration`) before it came back: its delivery
+/// is the only trace, and it may have charged.
+#[tokio::test]
+async fn a_command_that_expired_after_a_delivery_may_have_charged() {
+    let app = spawn_without_worker(Options::default()).await;
+    let id = command_id();
+    let body = command(&id).to_string();
+    app.publish_raw(
+        body.as_bytes(),
+        BasicProperties::default().with_expiration("1500".into()),
+    )
+    .await;
+    // A consumer that takes it and dies: the broker counts a delivery.
+    let channel = app.connection.create_channel().await.expect("channel");
+    let got = channel
+        .basic_get(
+            app.queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+        .expect("the command");
+    assert_eq!(got.delivery.data, body.as_bytes());
+    channel.close(200, "gone".into()).await.expect("close");
+    let dead = app.dead_queue();
+    wait_until(
+        "the expired letter",
+        Duration::from_millis(50),
+        async || app.depth(&dead).await == 1,
+    )
+    .await;
+
+    let (code, json, stderr) = app.cli(&["dead-letters", "list", "--json"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    println!("--- dead-letters list --json\n{json}");
+    let row: Value = serde_json::from_str(json.trim()).expect("one JSON line");
+    assert_eq!(row["broker_reason"], "expired", "{row}");
+    assert_eq!(row["first_request_unknown"], true, "{row}");
+    let detail = row["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("first request unknown"), "{row}");
+    // Read twice: the put-back copy keeps the proof of the delivery.
+    let (_, again, _) = app.cli(&["dead-letters", "list", "--json"], &[]).await;
+    let again: Value = serde_json::from_str(again.trim()).expect("one JSON line");
+    assert_eq!(again["first_request_unknown"], true, "{again}");
+    let (code, shown, _) = app
+        .cli(&["dead-letters", "show", "--command-id", &id], &[])
+        .await;
+    assert_eq!(code, Some(0));
+    println!("--- dead-letters show\n{shown}");
+    assert!(
+        shown.contains("may have charged, first request unknown"),
+        "{shown}"
+    );
+
+    let (code, out, stderr) = app
+        .cli(&["dead-letters", "replay", "--command-id", &id], &[])
+        .await;
+    assert_eq!(code, Some(1), "{out}{stderr}");
+    assert!(stderr.contains("first request unknown"), "{stderr}");
+    let (code, out, stderr) = app.cli(&["dead-letters", "reconcile", "--json"], &[]).await;
+    println!("--- dead-letters reconcile --json\n{out}{stderr}");
+    assert!(matches!(code, Some(0 | 1)), "{out}{stderr}");
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 1, "considered: {out}");
+    assert_eq!(rows[0]["error_code"], "expired", "{out}");
+    // No charge at all, but no `timestamp` bounds its first request.
+    assert_ne!(rows[0]["found"], "not_charged", "{out}");
+    assert_eq!(app.depth(&dead).await, 1, "the letter stays");
+    app.cleanup().await;
+}

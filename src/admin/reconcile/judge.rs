@@ -122,10 +122,11 @@ pub fn judge(
                 // No candidate since the listing began proves nothing of a
                 // letter whose first request nothing bounds (contract §7).
                 ChargeLookup::NotCharged if !letter.bounded() => ChargeLookup::Uncertain {
-                    reason: "first request unknown (delivered to a worker without an outcome) \
+                    reason:
+                        "first request unknown (a delivery may have been cut short mid-request) \
                              and no `timestamp` property to bound it: \"not charged\" cannot \
                              be proved"
-                        .into(),
+                            .into(),
                     candidates: Vec::new(),
                 },
                 lookup => lookup,
