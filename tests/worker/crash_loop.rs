@@ -264,3 +264,44 @@ async fn a_command_that_expired_after_a_delivery_may_have_charged() {
     assert_eq!(app.depth(&dead).await, 1, "the letter stays");
     app.cleanup().await;
 }
+
+/// Without a `timestamp`, nothing bounds the first request of a command
+/// whose worker was killed mid-request: once worn, it gets no further
+/// request and is dead-lettered, its first request unknown.
+#[tokio::test]
+async fn a_worn_command_without_a_timestamp_gets_no_further_request() {
+    let faults = Faults {
+        hang_rate: 1.0,
+        rate_limit: 0,
+        ..Faults::default()
+    };
+    let mut app = spawn_without_worker(
+        Options::default()
+            .faults(faults)
+            .env("CPW__AMQP__DELIVERY_LIMIT", 2)
+            .env("CPW__HYPERLINE__TIMEOUT_SECS", 20),
+    )
+    .await;
+    let id = command_id();
+    app.publish(&command(&id)).await;
+    kill_at_request(&app, "the first request", || !app.sim.requests().is_empty()).await;
+    assert_eq!(
+        app.ledger().charges_for(&id),
+        1,
+        "the first request charged"
+    );
+
+    app.start_worker().await;
+    let event = app.event_for(&id).await;
+    assert_eq!(event["error"]["code"], "retries_exhausted", "{event}");
+    let message = event["error"]["message"].as_str().unwrap_or_default();
+    println!("--- the failed event's message\n{message}");
+    assert!(message.contains("first request unknown"), "{message}");
+    assert!(message.contains("`timestamp`"), "{message}");
+    assert_eq!(app.sim.requests().len(), 1, "no request after the kill");
+    let (code, json, stderr) = app.cli(&["dead-letters", "list", "--json"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let row: Value = serde_json::from_str(json.trim()).expect("one JSON line");
+    assert_eq!(row["first_request_unknown"], true, "{row}");
+    app.cleanup().await;
+}
