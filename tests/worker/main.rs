@@ -6,6 +6,7 @@ mod broker_refusals;
 mod chaos;
 mod cluster;
 mod cluster_chaos;
+mod crash_loop;
 mod credentials;
 mod examples;
 mod held_acks;

@@ -53,7 +53,7 @@ impl Acting<'_> {
             command_id: letter.command.id.as_str().to_owned(),
             customer_id: letter.command.customer_id.as_str().to_owned(),
             product_id: letter.command.product_id.as_str().to_owned(),
-            error_code: letter.code.as_str(),
+            error_code: letter.code,
             first_attempt: letter
                 .history
                 .first_attempt_ms

@@ -118,6 +118,19 @@ pub fn judge(
         .zip(lookups)
         .map(|(letter, lookup)| {
             let id = letter.command.id.as_str();
+            let lookup = match lookup {
+                // No candidate since the listing began proves nothing of a
+                // letter whose first request nothing bounds (contract §7).
+                ChargeLookup::NotCharged if !letter.bounded() => ChargeLookup::Uncertain {
+                    reason:
+                        "first request unknown (a delivery may have been cut short mid-request) \
+                             and no `timestamp` property to bound it: \"not charged\" cannot \
+                             be proved"
+                            .into(),
+                    candidates: Vec::new(),
+                },
+                lookup => lookup,
+            };
             let verdict = match log.claims.values().any(|by| by == id) {
                 true => Verdict::AlreadySucceeded,
                 false => Verdict::Lookup(lookup),
