@@ -492,7 +492,7 @@ fn every_configuration_key_is_documented_with_its_default() {
 #[test]
 fn the_consumer_timeout_budget_in_the_docs_is_the_codes() {
     use credit_purchase_worker::configuration::{
-        CONFIRM_WAITS_AFTER_DEADLINE as WAITS, after_deadline_secs,
+        CONFIRM_WAITS_AFTER_DEADLINE as WAITS, after_deadline_secs, budget_line,
     };
     let flat = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
     let bounds = flat(&read(&repo().join("docs/blocked-and-bounds.md")));
@@ -517,6 +517,11 @@ fn the_consumer_timeout_budget_in_the_docs_is_the_codes() {
         assert!(text.contains(&said), "docs/{page} must say `{said}`");
     }
     let defaults = Settings::load_from(None, []).expect("the defaults are valid");
+    let printed = format!("✓ {}", budget_line(&defaults));
+    assert!(
+        bounds.contains(&printed),
+        "docs/blocked-and-bounds.md must quote what `check` prints:\n{printed}"
+    );
     let settled = defaults.worker.delivery_deadline_secs + after_deadline_secs(&defaults);
     let said = format!("a delivery is settled within {settled} s");
     assert!(

@@ -63,6 +63,7 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
         Ok(_) => report.pass("configuration is valid"),
         Err(e) => report.fail(e),
     }
+    report.pass(crate::configuration::budget_line(&settings));
     history_keys(&mut report, &settings);
     // Every node of a cluster, one line each: a node down is a replica's
     // failover waiting to happen. The topology is read on the first that

@@ -139,6 +139,35 @@ pub fn after_deadline_secs(settings: &Settings) -> u64 {
         .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
 }
 
+/// The refusal threshold of the start-up check: 5/6 of RabbitMQ's default
+/// `consumer_timeout`, so a delivery is settled with minutes to spare.
+const BUDGET_LIMIT_SECS: u64 = CONSUMER_TIMEOUT.as_secs() * 5 / 6;
+
+/// The consumer-timeout budget as the start-up check counts it, in words,
+/// for `check`: the pages quote the command instead of copying numbers that
+/// drift from the code (they once said 10 waits while the code counted 16).
+pub fn budget_line(settings: &Settings) -> String {
+    let deadline = settings.worker.delivery_deadline_secs;
+    let after = after_deadline_secs(settings);
+    let lookup = match settings.hyperline.reconcile_at_window {
+        true => format!(
+            ", the lookup at the window {} s",
+            settings.hyperline.timeout_secs
+        ),
+        false => String::new(),
+    };
+    format!(
+        "consumer-timeout budget: a delivery is settled within {} s (worker.delivery_deadline_secs \
+         {deadline} s + {after} s after it: {CONFIRM_WAITS_AFTER_DEADLINE} waits of \
+         amqp.confirm_timeout_secs {} s, an in-process hold of {} s{lookup}), under the {} s limit \
+         (5/6 of RabbitMQ's 30 min consumer_timeout)",
+        deadline.saturating_add(after),
+        settings.amqp.confirm_timeout_secs,
+        crate::pipeline::decision::MAX_HOLD.as_secs(),
+        BUDGET_LIMIT_SECS,
+    )
+}
+
 /// The deadline of a delivery and the life of a command against the
 /// two limits they must respect: RabbitMQ's consumer timeout, and
 /// Hyperline's idempotency window.
@@ -155,7 +184,7 @@ pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigErro
     }
     let after = after_deadline_secs(settings);
     let settle = deadline.saturating_add(after);
-    if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
+    if settle >= BUDGET_LIMIT_SECS {
         return Err(invalid(
             "worker.delivery_deadline_secs",
             format!(
