@@ -76,9 +76,14 @@ impl Application {
             gate: Gate::new(
                 settings.hyperline.max_requests_per_second,
                 probe_patience(request_timeout),
+                settings.longest_rate_limit_pause(),
             ),
             credentials: Credentials::default(),
-            reads: Gate::new(READS_PER_SECOND, probe_patience(request_timeout)),
+            reads: Gate::new(
+                READS_PER_SECOND,
+                probe_patience(request_timeout),
+                settings.longest_rate_limit_pause(),
+            ),
             reconcile_at_window: settings.hyperline.reconcile_at_window,
             results_log: LogSource::new(
                 &settings.amqp,

@@ -484,3 +484,59 @@ fn every_configuration_key_is_documented_with_its_default() {
         wrong.join("\n")
     );
 }
+
+/// The consumer-timeout budget as the start-up check counts it: the pages
+/// that state it say the code's number of confirm waits, the defaults'
+/// settle bound and the refusal line the code prints (they said 10 waits
+/// and 630 s while the code counted 16).
+#[test]
+fn the_consumer_timeout_budget_in_the_docs_is_the_codes() {
+    use credit_purchase_worker::configuration::{
+        CONFIRM_WAITS_AFTER_DEADLINE as WAITS, after_deadline_secs, budget_line,
+    };
+    let flat = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let bounds = flat(&read(&repo().join("docs/blocked-and-bounds.md")));
+    let configuration = flat(&read(&repo().join("docs/configuration.md")));
+    for (page, text, said) in [
+        (
+            "blocked-and-bounds.md",
+            &bounds,
+            format!("+ {WAITS} × amqp.confirm_timeout_secs"),
+        ),
+        (
+            "blocked-and-bounds.md",
+            &bounds,
+            format!("The {WAITS} is `CONFIRM_WAITS_AFTER_DEADLINE`"),
+        ),
+        (
+            "configuration.md",
+            &configuration,
+            format!("({WAITS} × `amqp.confirm_timeout_secs`"),
+        ),
+    ] {
+        assert!(text.contains(&said), "docs/{page} must say `{said}`");
+    }
+    let defaults = Settings::load_from(None, []).expect("the defaults are valid");
+    let printed = format!("✓ {}", budget_line(&defaults));
+    assert!(
+        bounds.contains(&printed),
+        "docs/blocked-and-bounds.md must quote what `check` prints:\n{printed}"
+    );
+    let settled = defaults.worker.delivery_deadline_secs + after_deadline_secs(&defaults);
+    let said = format!("a delivery is settled within {settled} s");
+    assert!(
+        bounds.contains(&said),
+        "docs/blocked-and-bounds.md must say `{said}`"
+    );
+    let deadline = [(
+        "CPW__WORKER__DELIVERY_DEADLINE_SECS".to_owned(),
+        "1200".to_owned(),
+    )];
+    let refused = Settings::load_from(None, deadline)
+        .expect_err("1200 s and what follows it reach the consumer timeout")
+        .to_string();
+    assert!(
+        bounds.contains(&flat(&refused)),
+        "docs/blocked-and-bounds.md must show the line the code prints:\n{refused}"
+    );
+}

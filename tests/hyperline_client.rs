@@ -254,7 +254,7 @@ mod transactions {
     }
 
     fn gate() -> Gate {
-        Gate::new(0, Duration::from_secs(5))
+        Gate::new(0, Duration::from_secs(5), Duration::from_secs(300))
     }
 
     /// Buys `n` purchases of one credit for the customer of `c`.

@@ -2,12 +2,16 @@
 // A downstream service's consumer of credit-purchase result events.
 //
 // It binds a durable queue of its own to the results exchange, so events
-// published while it is down wait for it; it handles each command's outcome
-// once, deduplicated by `command_id`: delivery is at least once, and a worker
-// that crashes between the broker's confirm and its ack publishes a second
-// event for the same command, with a new `event_id`. It acks each event only
-// after handling it and recording its `command_id`, so a crash redelivers
-// rather than loses.
+// published while it is down wait for it, and it acts on each command's
+// outcome once, by the rules of docs/events.md: delivery is at least once (a
+// worker that crashes between the broker's confirm and its ack publishes a
+// second event for the same command, with a new `event_id`), and a `failed`
+// can be corrected later by a `succeeded` (`"reconciled": true` from
+// `dead-letters reconcile`, or a replayed dead letter). So it keeps, per
+// command, the outcome it acted on: a `succeeded` after a `failed` is handled
+// as a correction, anything else already known is a duplicate. It acks each
+// event only after handling it and recording the outcome, so a crash
+// redelivers rather than loses.
 //
 // With --from-log it first replays the results log (the stream
 // `<exchange>.log`) from the given offset, then takes the live events from
@@ -16,7 +20,7 @@
 // results log, it says so and consumes its queue only.
 //
 // "Handling" here prints one line; put your own effect in `handle()`. The
-// seen file stands in for your database: record the `command_id` in the same
+// seen file stands in for your database: record the outcome in the same
 // transaction as the effect, and a crash between them cannot handle one twice.
 //
 //   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
@@ -35,7 +39,8 @@ function options() {
       exchange: { type: 'string', default: 'credit-purchase-results' },
       // This service's own durable queue.
       queue: { type: 'string' },
-      // File of the command ids already handled (one a line).
+      // File of the outcomes already handled (`<command id> <type>`, one a
+      // line; the last line of a command wins).
       seen: { type: 'string', default: 'handled-command-ids.txt' },
       // Replay the results log first: first, last, next, an offset, or an
       // age such as 2h or 7D.
@@ -52,35 +57,56 @@ function options() {
   return values;
 }
 
-/** The command ids already handled, kept in an append-only file. */
+const SUCCEEDED = 'credit_purchase.succeeded';
+const FAILED = 'credit_purchase.failed';
+
+/** The outcome handled for each command, kept in an append-only file. */
 class Seen {
   constructor(path) {
-    this.ids = new Set();
+    this.outcomes = new Map();
     if (fs.existsSync(path)) {
       for (const line of fs.readFileSync(path, 'utf8').split('\n')) {
-        if (line.trim() !== '') this.ids.add(line);
+        const space = line.indexOf(' ');
+        const key = space < 0 ? line : line.slice(0, space);
+        if (key.trim() !== '') this.outcomes.set(key, space < 0 ? '' : line.slice(space + 1));
       }
     }
     this.fd = fs.openSync(path, 'a');
   }
 
-  has(key) {
-    return this.ids.has(key);
+  get(key) {
+    return this.outcomes.get(key);
   }
 
-  add(key) {
-    fs.writeSync(this.fd, `${key}\n`);
+  add(key, kind) {
+    fs.writeSync(this.fd, `${key} ${kind}\n`);
     fs.fsyncSync(this.fd);
-    this.ids.add(key);
+    this.outcomes.set(key, kind);
   }
 }
 
-/** This service's effect of one outcome (here: a line on stdout). */
-function handle(event, via) {
+/**
+ * Whether an event of type `kind` is acted on, when the command's outcome
+ * already handled is `handled` (undefined: nothing yet). Only a `succeeded`
+ * replaces a `failed` (docs/events.md, rule 2); anything else already
+ * handled is a duplicate.
+ */
+function supersedes(handled, kind) {
+  return handled === undefined || (handled === FAILED && kind === SUCCEEDED);
+}
+
+/**
+ * This service's effect of one outcome (here: a line on stdout). `corrects`
+ * is the type of the outcome this one replaces, if any: undo what was done
+ * for it (e.g. a refund notice sent on the failure).
+ */
+function handle(event, via, corrects) {
   const code = event.error?.code ?? '-';
+  const reconciled = event.reconciled === true ? ' reconciled' : '';
+  const correction = corrects === undefined ? '' : ` supersedes=${corrects}`;
   console.log(
     `handled command_id=${event.command_id} type=${event.type} ` +
-      `code=${code} event_id=${event.event_id} via=${via}`,
+      `code=${code} event_id=${event.event_id}${reconciled}${correction} via=${via}`,
   );
 }
 
@@ -109,11 +135,12 @@ function onEvent(seen, channel, message, via) {
   // An invalid command whose id could not be read has a null command_id:
   // its event is then its own key.
   const key = event.command_id ?? `event:${event.event_id}`;
-  if (seen.has(key)) {
-    console.log(`duplicate command_id=${event.command_id} event_id=${event.event_id} via=${via}`);
+  const handled = seen.get(key);
+  if (supersedes(handled, event.type)) {
+    handle(event, via, handled);
+    seen.add(key, event.type);
   } else {
-    handle(event, via);
-    seen.add(key);
+    console.log(`duplicate command_id=${event.command_id} event_id=${event.event_id} via=${via}`);
   }
   channel.ack(message);
 }

@@ -2,12 +2,16 @@
 """A downstream service's consumer of credit-purchase result events.
 
 It binds a durable queue of its own to the results exchange, so events
-published while it is down wait for it; it handles each command's outcome
-once, deduplicated by `command_id`: delivery is at least once, and a worker
-that crashes between the broker's confirm and its ack publishes a second event
-for the same command, with a new `event_id`. It acks each event only after
-handling it and recording its `command_id`, so a crash redelivers rather than
-loses.
+published while it is down wait for it, and it acts on each command's
+outcome once, by the rules of docs/events.md: delivery is at least once (a
+worker that crashes between the broker's confirm and its ack publishes a
+second event for the same command, with a new `event_id`), and a `failed`
+can be corrected later by a `succeeded` (`"reconciled": true` from
+`dead-letters reconcile`, or a replayed dead letter). So it keeps, per
+command, the outcome it acted on: a `succeeded` after a `failed` is handled
+as a correction, anything else already known is a duplicate. It acks each
+event only after handling it and recording the outcome, so a crash
+redelivers rather than loses.
 
 With --from-log it first replays the results log (the stream
 `<exchange>.log`) from the given offset, then takes the live events from its
@@ -16,8 +20,8 @@ the two; what is in both is deduplicated. Where the broker has no results log,
 it says so and consumes its queue only.
 
 "Handling" here prints one line; put your own effect in `handle()`. The seen
-file stands in for your database: record the `command_id` in the same
-transaction as the effect, and a crash between them cannot handle one twice.
+file stands in for your database: record the outcome in the same transaction
+as the effect, and a crash between them cannot handle one twice.
 
     AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
       python3 consume.py --queue billing.credit-purchases --from-log first
@@ -42,7 +46,7 @@ def parse_args():
     p.add_argument(
         "--seen",
         default="handled-command-ids.txt",
-        help="file of the command ids already handled (one a line)",
+        help="file of the outcomes already handled (`<command id> <type>`, one a line; the last line of a command wins)",
     )
     p.add_argument(
         "--from-log",
@@ -59,32 +63,51 @@ def parse_args():
     return p.parse_args()
 
 
+SUCCEEDED = "credit_purchase.succeeded"
+FAILED = "credit_purchase.failed"
+
+
 class Seen:
-    """The command ids already handled, kept in an append-only file."""
+    """The outcome handled for each command, kept in an append-only file."""
 
     def __init__(self, path):
-        self.ids = set()
+        self.outcomes = {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                self.ids = {line.rstrip("\n") for line in f if line.strip()}
+                for line in f:
+                    key, _, kind = line.rstrip("\n").partition(" ")
+                    if key:
+                        self.outcomes[key] = kind
         self.file = open(path, "a", encoding="utf-8")
 
-    def __contains__(self, key):
-        return key in self.ids
+    def get(self, key):
+        return self.outcomes.get(key)
 
-    def add(self, key):
-        self.file.write(key + "\n")
+    def add(self, key, kind):
+        self.file.write(f"{key} {kind}\n")
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.ids.add(key)
+        self.outcomes[key] = kind
 
 
-def handle(event, via):
-    """This service's effect of one outcome (here: a line on stdout)."""
+def supersedes(handled, kind):
+    """Whether an event of type `kind` is acted on, when the command's
+    outcome already handled is `handled` (None: nothing yet). Only a
+    `succeeded` replaces a `failed` (docs/events.md, rule 2); anything else
+    already handled is a duplicate."""
+    return handled is None or (handled == FAILED and kind == SUCCEEDED)
+
+
+def handle(event, via, corrects):
+    """This service's effect of one outcome (here: a line on stdout).
+    `corrects` is the type of the outcome this one replaces, if any: undo
+    what was done for it (e.g. a refund notice sent on the failure)."""
     code = (event.get("error") or {}).get("code") or "-"
+    correction = f" supersedes={corrects}" if corrects else ""
+    reconciled = " reconciled" if event.get("reconciled") is True else ""
     print(
         f"handled command_id={event.get('command_id')} type={event.get('type')} "
-        f"code={code} event_id={event.get('event_id')} via={via}",
+        f"code={code} event_id={event.get('event_id')}{reconciled}{correction} via={via}",
         flush=True,
     )
 
@@ -108,15 +131,17 @@ def on_event(seen, channel, method, body, via):
     # An invalid command whose id could not be read has a null command_id:
     # its event is then its own key.
     key = event.get("command_id") or f"event:{event.get('event_id')}"
-    if key in seen:
+    kind = event.get("type")
+    handled = seen.get(key)
+    if supersedes(handled, kind):
+        handle(event, via, handled)
+        seen.add(key, kind)
+    else:
         print(
             f"duplicate command_id={event.get('command_id')} "
             f"event_id={event.get('event_id')} via={via}",
             flush=True,
         )
-    else:
-        handle(event, via)
-        seen.add(key)
     channel.basic_ack(method.delivery_tag)
 
 

@@ -8,15 +8,17 @@
 //! what `run` declares (see `broker::mismatch`: a passive declaration, then
 //! the same declaration as `run`'s on a throwaway channel, which the broker
 //! refuses when an argument differs) and the key is probed with a request
-//! that cannot charge. The key and
-//! the broker password are never printed.
+//! that cannot charge. The history keys are named by where they come from
+//! (which signs, which verify), so a move from the derived key to explicit
+//! ones can be checked on each replica before a copy depends on it. The
+//! keys and the broker password are never printed.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use lapin::Connection;
 
-use crate::broker::{Finding, Shape, Topology, redacted_url};
+use crate::broker::{Finding, HistoryKeys, Shape, Topology, redacted_url};
 use crate::configuration::Settings;
 use crate::hyperline::{HyperlineClient, ProbeResult};
 
@@ -61,6 +63,8 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
         Ok(_) => report.pass("configuration is valid"),
         Err(e) => report.fail(e),
     }
+    report.pass(crate::configuration::budget_line(&settings));
+    history_keys(&mut report, &settings);
     // Every node of a cluster, one line each: a node down is a replica's
     // failover waiting to happen. The topology is read on the first that
     // answers (a cluster shares it).
@@ -91,6 +95,36 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
     }
     api(&mut report, &settings).await;
     report.exit_code()
+}
+
+/// Which history key signs the worker's copies and which verify them,
+/// named by where each comes from, never shown.
+fn history_keys(report: &mut Report, settings: &Settings) {
+    let keys = match HistoryKeys::require(settings) {
+        Ok(keys) => keys,
+        Err(e) => return report.fail(format!("history keys: {e}")),
+    };
+    let Some(signer) = keys.signer() else {
+        return report.fail("history keys: none");
+    };
+    let source = match (
+        &settings.worker.history_keys_file,
+        &settings.worker.history_keys[..],
+    ) {
+        (_, []) => String::new(),
+        (Some(file), _) => format!(" (entries of worker.history_keys_file {})", file.display()),
+        (None, _) => " (entries of worker.history_keys)".to_owned(),
+    };
+    if keys.verifiers().len() == 1 {
+        return report.pass(format!(
+            "history keys: copies signed and verified with {signer}{source}"
+        ));
+    }
+    let verifiers: Vec<String> = keys.verifiers().iter().map(ToString::to_string).collect();
+    report.pass(format!(
+        "history keys: copies signed with {signer}; verified with {}{source}",
+        verifiers.join(", ")
+    ));
 }
 
 /// Every queue and exchange the worker declares, compared with what the

@@ -25,12 +25,13 @@ use std::sync::Arc;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
 use super::letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
 use super::{ConnectError, output};
-use crate::broker::{HistoryKeys, Publisher, Topology, copy_properties};
+use crate::broker::history::{DELIVERED_COUNT_HEADER, DELIVERY_COUNT_HEADER};
+use crate::broker::{HistoryKeys, Publisher, Topology, copy_properties, header_u64};
 use crate::cli::{ListArgs, ReplayArgs};
 use crate::configuration::{ConfigError, Settings};
 
@@ -292,6 +293,12 @@ fn refusal(id: &str, window: Window) -> Option<String> {
             "the first attempt of {id} is unknown (no cpw-first-attempt-ms, no x-death), so \
              Hyperline's 24-hour idempotency window may have passed: {consequence}"
         )),
+        Window::FirstUnknown { before_ms } => Some(format!(
+            "{id} may have charged, first request unknown (a delivery may have been cut short \
+             mid-request before {}), so Hyperline's 24-hour idempotency window may have \
+             passed: run `dead-letters reconcile`, or {consequence}",
+            crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned())
+        )),
     }
 }
 
@@ -420,18 +427,24 @@ async fn put_back(publisher: &Publisher, dead: &str, held: &[Delivery]) -> Resul
 /// (RabbitMQ refuses one that is not the publishing user's, and the refusal
 /// closes the channel) or an `expiration` (the dead-letter queue has no
 /// dead-letter exchange: an expired letter would be lost).
+/// A count above zero is kept as [`DELIVERED_COUNT_HEADER`]: the proof that
+/// the letter was delivered to a worker, whose first request is then unknown.
 pub(super) fn fresh_copy(p: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     for (k, v) in p.headers().iter().flat_map(FieldTable::inner) {
-        if k.as_str() != DELIVERY_COUNT {
+        if k.as_str() != DELIVERY_COUNT_HEADER {
             kept.insert(k.clone(), v.clone());
         }
     }
+    let headers = p.headers().as_ref();
+    if let Some(count) = header_u64(headers, DELIVERY_COUNT_HEADER).filter(|n| *n > 0)
+        && header_u64(headers, DELIVERED_COUNT_HEADER).is_none()
+    {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        kept.insert(DELIVERED_COUNT_HEADER.into(), AMQPValue::LongLongInt(count));
+    }
     copy_properties(p, kept)
 }
-
-/// The header a quorum queue adds to a message it delivers again.
-const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// The aligned table of `list` (and of `purge`): why (the code and the last HTTP status),
 /// how hard the worker tried, when, and which replica gave up.
@@ -502,7 +515,6 @@ fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::AMQPValue;
 
     #[test]
     fn a_copy_put_back_keeps_everything_but_what_would_lose_or_refuse_it() {
@@ -520,9 +532,18 @@ mod tests {
             .with_expiration("60000".into());
         let copy = fresh_copy(&letter);
         let kept = copy.headers().clone().unwrap_or_default();
+        // The broker's count is kept under a name of its own: the proof
+        // that the letter was delivered to a worker.
         assert_eq!(
             kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["cpw-error-code"]
+            ["cpw-error-code", DELIVERED_COUNT_HEADER]
+        );
+        assert_eq!(header_u64(Some(&kept), DELIVERED_COUNT_HEADER), Some(4));
+        let again = fresh_copy(&copy);
+        assert_eq!(
+            again.headers(),
+            copy.headers(),
+            "kept through every put-back"
         );
         assert_eq!(
             (copy.user_id(), copy.expiration()),

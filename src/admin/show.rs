@@ -105,6 +105,11 @@ fn render(delivery: &Delivery, info: &DeadLetterInfo, settings: &Settings) -> St
             super::human(age)
         ),
         Window::Unknown => "unknown: no first attempt recorded (a replay needs --force)".to_owned(),
+        Window::FirstUnknown { before_ms } => format!(
+            "may have charged, first request unknown: a delivery to a worker may have been cut \
+             short mid-request before {} (dead-letters reconcile; a replay needs --force)",
+            crate::clock::rfc3339_ms(before_ms).unwrap_or_else(|| "-".to_owned())
+        ),
     };
     field("idempotency", window);
     out.push_str("properties\n");

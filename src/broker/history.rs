@@ -44,6 +44,12 @@ pub const SETBACKS_HEADER: &str = "cpw-setbacks";
 /// publishes its event, rebuilt from the command's own body, instead of
 /// calling the API again.
 pub const OUTCOME_HEADER: &str = "cpw-outcome";
+/// Unix milliseconds before which a request of the command may have been
+/// made that no history records: set when a worn delivery is refreshed (its
+/// earlier deliveries ended without an outcome, perhaps killed mid-request),
+/// kept at its earliest. The first request is then unknown: the 24-hour
+/// guard and the dead letter must not take the recorded one for it.
+pub const UNRECORDED_BEFORE_HEADER: &str = "cpw-unrecorded-before-ms";
 /// On a dead letter: the worker's error code.
 pub const ERROR_CODE_HEADER: &str = "cpw-error-code";
 /// On a dead letter: Unix milliseconds of the moment the worker dead-lettered it.
@@ -54,13 +60,19 @@ pub const REPLICA_HEADER: &str = "cpw-replica";
 pub const QUEUE_HEADER: &str = "cpw-queue";
 
 /// The header a quorum queue puts on a redelivered message.
-const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// The broker's delivery count of a dead letter, kept under this name when
+/// `dead-letters` puts the letter back as a fresh copy (which must not
+/// carry `x-delivery-count`): the proof that it was delivered to a worker.
+/// Unsigned, as the count is: it can only make the tools more careful.
+pub const DELIVERED_COUNT_HEADER: &str = "x-cpw-delivery-count";
 
 /// Headers the broker adds when it dead-letters or redelivers a message. A
 /// copy we publish must not carry them: brokers before 4.0.1 silently drop a
 /// message that comes back to a queue it was dead-lettered from, with no
 /// rejection in between (the cycle detection that lost Celery's retries).
-pub const BROKER_HISTORY_HEADERS: [&str; 8] = [
+pub const BROKER_HISTORY_HEADERS: [&str; 9] = [
     "x-death",
     "x-first-death-queue",
     "x-first-death-reason",
@@ -69,6 +81,7 @@ pub const BROKER_HISTORY_HEADERS: [&str; 8] = [
     "x-last-death-reason",
     "x-last-death-exchange",
     DELIVERY_COUNT_HEADER,
+    DELIVERED_COUNT_HEADER,
 ];
 
 /// Where a dead letter came from, stamped on it so `dead-letters` can tell
@@ -100,11 +113,18 @@ pub struct DeliveryHistory {
     pub step: u32,
     /// Copies made because the delivery count neared the broker's limit.
     pub refreshes: u32,
+    /// A request may have been made before this moment (Unix ms) that no
+    /// history records ([`UNRECORDED_BEFORE_HEADER`]).
+    pub unrecorded_before_ms: Option<u64>,
     /// Returns for reasons outside the command.
     pub setbacks: u32,
     /// The broker's delivery count of this delivery (never stamped: the
     /// broker counts, and a copy starts again from zero).
     pub deliveries: u64,
+    /// The publisher's `timestamp` property, in Unix ms (never stamped: a
+    /// copy keeps the property itself). The publisher's word: only ever a
+    /// lower bound of the first request, never proof of anything else.
+    pub published_ms: Option<u64>,
     /// An outcome decided but not confirmed.
     pub outcome: Option<OutcomeFacts>,
 }
@@ -226,8 +246,11 @@ impl DeliveryHistory {
                 .and_then(|s| u16::try_from(s).ok()),
             step: small(headers, STEP_HEADER),
             refreshes: small(headers, REFRESH_HEADER),
+            unrecorded_before_ms: header_u64(headers, UNRECORDED_BEFORE_HEADER),
             setbacks: small(headers, SETBACKS_HEADER),
             deliveries,
+            // A property, not memory: the handler reads it.
+            published_ms: None,
             outcome: header_str(headers, OUTCOME_HEADER)
                 .and_then(|json| serde_json::from_str(&json).ok()),
         };
@@ -264,6 +287,7 @@ impl DeliveryHistory {
             (FIRST_ATTEMPT_HEADER, self.first_attempt_ms),
             (LAST_ATTEMPT_HEADER, self.last_attempt_ms),
             (LAST_STATUS_HEADER, self.last_status.map(u64::from)),
+            (UNRECORDED_BEFORE_HEADER, self.unrecorded_before_ms),
         ];
         for (key, value) in times {
             if let Some(value) = value {
@@ -350,8 +374,10 @@ mod tests {
             last_status: Some(503),
             step: 2,
             refreshes: 1,
+            unrecorded_before_ms: Some(1_699_999_000_000),
             setbacks: 3,
             deliveries: 0,
+            published_ms: None,
             outcome: Some(OutcomeFacts {
                 kind: EventKind::Succeeded,
                 invoice_id: Some("inv_1".into()),

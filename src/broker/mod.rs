@@ -18,12 +18,9 @@ mod topology;
 
 pub use history::{BROKER_HISTORY_HEADERS, DeliveryHistory, Message, copy_properties};
 pub use mismatch::{Finding, Mismatch};
-pub use publish::{
-    DroppedReply, PublishError, Publisher, REPLY_PAUSE, REPLY_TRIES, header_str, header_u64,
-    reply_to,
-};
+pub use publish::{DroppedReply, PublishError, Publisher, header_str, header_u64, reply_to};
 pub use received::{Received, Settlements};
-pub use seal::{HistoryKeys, Provenance};
+pub use seal::{HistoryKeys, KeyOrigin, Provenance};
 pub use settlement::Settle;
 pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
 

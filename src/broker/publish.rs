@@ -59,10 +59,10 @@ impl PublishError {
 }
 
 /// Tries of a `reply_to` copy before it is dropped.
-pub const REPLY_TRIES: u32 = 3;
+const REPLY_TRIES: u32 = 3;
 
 /// The pause before the next try of a `reply_to` copy, times the tries so far.
-pub const REPLY_PAUSE: Duration = Duration::from_millis(200);
+const REPLY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A `reply_to` copy of an event given up on: the event itself is on the
 /// results exchange.
@@ -92,8 +92,12 @@ struct Inner {
     /// Held from a copy's publish to its confirm. A copy carries the
     /// publisher's properties; should the broker refuse one and close the
     /// channel, the next copy opens a new one: a refused copy is that
-    /// delivery's problem, never the session's.
-    copies: tokio::sync::Mutex<Channel>,
+    /// delivery's problem, never the session's. `None` after a copy timed
+    /// out: its late return or ack could be credited to the next copy on
+    /// the same channel (lapin attaches a return to the next confirm it
+    /// resolves, and resolves a multiple ack in map order), so an
+    /// unroutable copy could read as routed and its original be acked.
+    copies: tokio::sync::Mutex<Option<Channel>>,
     confirm_timeout: Duration,
 }
 
@@ -149,7 +153,7 @@ impl Publisher {
         confirm_timeout: Duration,
     ) -> Result<Self, lapin::Error> {
         let events = confirm_channel(&connection).await?;
-        let copies = tokio::sync::Mutex::new(confirm_channel(&connection).await?);
+        let copies = tokio::sync::Mutex::new(Some(confirm_channel(&connection).await?));
         Ok(Publisher {
             inner: Arc::new(Inner {
                 connection,
@@ -239,53 +243,42 @@ impl Publisher {
         }
     }
 
-    /// Publishes an event to the results exchange, confirmed, and, when its
-    /// command named one, to the `reply_to` queue: the one way every event
-    /// goes out (the worker's and `dead-letters reconcile`'s alike).
+    /// Publishes an event to the results exchange, confirmed: the one way
+    /// every event goes out (the worker's and `dead-letters reconcile`'s
+    /// alike). A `reply_to` copy a command asked for is sent apart, with
+    /// [`Publisher::publish_reply`], once the command is settled.
     ///
-    /// The event on the results exchange is the record and alone decides
-    /// the result. The `reply_to` copy is a courtesy: a queue that does not
-    /// exist, or refuses the copy (full, `reject-publish`), gets
-    /// [`REPLY_TRIES`] tries and is then reported as dropped, never as an
-    /// error (an unconfirmed reply once kept a charged command circling for
-    /// good). The reply is sent before the event's confirm is awaited, so a
-    /// requester costs no extra round trip.
+    /// `Ok(Some(_))`: a `reply_to` copy sent earlier on the channel came
+    /// back unroutable with this confirm (lapin attaches a return to the
+    /// next confirm it resolves), given back for the caller to count.
     pub async fn publish_event(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
-        reply_to: Option<&str>,
-    ) -> Result<Vec<DroppedReply>, PublishError> {
-        // The properties (a dozen headers) are copied only when a second
-        // publish needs them.
-        let reply = reply_to.map(|queue| (queue, properties.clone()));
+    ) -> Result<Option<DroppedReply>, PublishError> {
         let sent = self.send(exchange, routing_key, body, properties).await?;
-        let replied = match &reply {
-            Some((queue, props)) => Some(self.send("", queue, body, props.clone()).await),
-            None => None,
-        };
-        let mut dropped: Vec<DroppedReply> =
-            self.confirm(exchange, sent).await?.into_iter().collect();
-        if let (Some((queue, props)), Some(replied)) = (reply, replied) {
-            dropped.extend(self.reply(queue, body, props, replied).await);
-        }
-        Ok(dropped)
+        self.confirm(exchange, sent).await
     }
 
-    /// The tries of one `reply_to` copy; what was dropped, if anything.
-    async fn reply(
+    /// The `reply_to` copy of an event already confirmed on the results
+    /// exchange: a courtesy to the requester, never a condition of the
+    /// command's ack (docs/contract.md section 3). A queue that does not
+    /// exist, or refuses the copy (full, `reject-publish`), gets
+    /// [`REPLY_TRIES`] tries and is then reported as dropped, never as an
+    /// error (an unconfirmed reply once kept a charged command circling for
+    /// good). What is dropped, if anything; several when a return of
+    /// another reply came back with this one's confirm.
+    pub async fn publish_reply(
         &self,
         queue: &str,
         body: &[u8],
         props: BasicProperties,
-        first: Result<PublisherConfirm, PublishError>,
     ) -> Vec<DroppedReply> {
-        let mut sent = first;
         let mut tries = 1;
         loop {
-            let result = match sent {
+            let result = match self.send("", queue, body, props.clone()).await {
                 Ok(confirm) => self.confirm(queue, confirm).await,
                 Err(e) => Err(e),
             };
@@ -302,7 +295,6 @@ impl Publisher {
             }
             tokio::time::sleep(REPLY_PAUSE * tries).await;
             tries += 1;
-            sent = self.send("", queue, body, props.clone()).await;
         }
     }
 
@@ -321,21 +313,37 @@ impl Publisher {
             exchange
         };
         let limit = self.inner.confirm_timeout;
-        let Ok(mut channel) = tokio::time::timeout(limit, self.inner.copies.lock()).await else {
+        let Ok(mut slot) = tokio::time::timeout(limit, self.inner.copies.lock()).await else {
             // The copies before it are not confirmed either: the broker is
             // in trouble, and waiting in line would outlast any deadline.
             return Err(PublishError::Timeout(target.to_owned(), limit));
         };
-        if !channel.status().connected() {
-            let reopened = tokio::time::timeout(limit, confirm_channel(&self.inner.connection));
-            *channel = match reopened.await {
-                Ok(reopened) => reopened?,
-                Err(_) => return Err(PublishError::Timeout(target.to_owned(), limit)),
-            };
-            tracing::info!("the copies channel was closed (a refused copy): opened a new one");
+        let channel = match slot.take() {
+            Some(open) if open.status().connected() => open,
+            closed => {
+                let reopened = tokio::time::timeout(limit, confirm_channel(&self.inner.connection));
+                let Ok(reopened) = reopened.await else {
+                    return Err(PublishError::Timeout(target.to_owned(), limit));
+                };
+                let reason = match closed {
+                    Some(_) => "the broker closed it (a refused copy)",
+                    None => "a copy on it timed out",
+                };
+                tracing::info!(reason, "opened a new copies channel");
+                reopened?
+            }
+        };
+        let confirmed = match send(&channel, exchange, routing_key, body, properties, limit).await {
+            Ok(confirm) => self.wait(target, confirm).await,
+            Err(e) => Err(e),
+        };
+        match confirmed {
+            // Not put back: dropped here, and lapin closes a channel once
+            // its last handle goes; the next copy opens a fresh one.
+            Err(PublishError::Timeout(..) | PublishError::Unwritten(..)) => {}
+            _ => *slot = Some(channel),
         }
-        let confirm = send(&channel, exchange, routing_key, body, properties, limit).await?;
-        match self.wait(target, confirm).await? {
+        match confirmed? {
             None => Ok(()),
             Some(_) => Err(PublishError::Unroutable(target.to_owned())),
         }

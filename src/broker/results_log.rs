@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 pub use super::logged::Logged;
 use super::logged::claims_and_in_flight;
 use crate::configuration::{AmqpSettings, Pem};
+use crate::contract::PUBLISHED_HEADER;
 use crate::hyperline::evidence::LogEvidence;
 
 /// Past the newest offset known at the start, a read has caught up when the
@@ -92,6 +93,9 @@ pub struct Entry {
     /// When its event occurred (Unix ms): the event's `occurred_at`, else
     /// the message's `timestamp`.
     pub at_ms: Option<u64>,
+    /// When a replica published it (Unix ms, `cpw-published-ms`); `None`
+    /// for an event of a worker older than that header.
+    pub published_ms: Option<u64>,
     /// What matters of the event, when the body is one.
     pub event: Option<Logged>,
     /// The body as published.
@@ -120,6 +124,7 @@ impl Entry {
         Entry {
             offset,
             at_ms: occurred.or(stamped),
+            published_ms: super::header_u64(headers, PUBLISHED_HEADER),
             event,
             body: delivery.data.clone(),
         }
@@ -225,14 +230,34 @@ impl Reader {
     }
 }
 
-/// When the log's oldest kept event occurred (Unix ms); `None` when it
-/// holds none. Everything after it is still in the log: a stream drops
-/// whole segments, oldest first.
-pub async fn oldest_ms(connection: &Connection, log: &str) -> Result<Option<u64>, LogError> {
+/// From when the log holds every event (Unix ms): when a replica published
+/// the oldest kept event that says so (`cpw-published-ms`). Everything
+/// written after it is still in the log: a stream drops whole segments,
+/// oldest first. Never the event's `occurred_at`: a stored outcome published
+/// again keeps it, hours old, and as the log's first entry it made a log
+/// that began after a charge pass for one that covers it. Older entries
+/// without the header (an older worker's) are read past; `None` when no
+/// entry says. The stamp precedes the write by the publish's own wait (the
+/// confirm timeout, longer only while a blocked broker holds the publish),
+/// which the clock margin of the rules covers.
+pub async fn complete_since_ms(
+    connection: &Connection,
+    log: &str,
+) -> Result<Option<u64>, LogError> {
     let mut reader = Reader::open(connection, log, Start::First).await?;
-    let first = reader.next(Some(CAUGHT_UP)).await;
+    let since = loop {
+        match reader.next(Some(CAUGHT_UP)).await {
+            Ok(Some(Entry {
+                published_ms: Some(ms),
+                ..
+            })) => break Ok(Some(ms)),
+            Ok(Some(_)) => continue,
+            Ok(None) => break Ok(None),
+            Err(e) => break Err(e),
+        }
+    };
     reader.close().await;
-    Ok(first?.and_then(|e| e.at_ms))
+    since
 }
 
 /// The offset of the newest event, and when it occurred; `None` when the
@@ -342,7 +367,7 @@ pub async fn evidence(
     log: &str,
     from_ms: u64,
 ) -> Result<LogEvidence, LogError> {
-    let complete_since_ms = oldest_ms(connection, log).await?;
+    let complete_since_ms = complete_since_ms(connection, log).await?;
     let entries = read_to_end(connection, log, Start::At(from_ms / 1000)).await?;
     let (succeeded, in_flight) = claims_and_in_flight(entries.into_iter().filter_map(|e| e.event));
     Ok(LogEvidence {

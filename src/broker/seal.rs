@@ -14,7 +14,7 @@ use hmac::{Hmac, Mac};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use sha2::Sha256;
 
-use crate::configuration::{ConfigError, Settings};
+use crate::configuration::{ConfigError, HistoryKey, Settings};
 
 /// The header that carries the MAC (hex), itself outside the MAC.
 pub const MAC_HEADER: &str = "cpw-mac";
@@ -35,6 +35,33 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 pub struct HistoryKeys {
     keys: Vec<Vec<u8>>,
+    /// Where each key comes from, in the same order, for `check`.
+    origins: Vec<KeyOrigin>,
+}
+
+/// Where a history key comes from: what `check` names, never the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Entry `n` (1-based) of the configured list, a key given as it is.
+    Configured(usize),
+    /// Entry `n` of the configured list, `derived-from-api-key`.
+    DerivedEntry(usize),
+    /// No key configured: the key derived from the API key.
+    DerivedByDefault,
+}
+
+impl std::fmt::Display for KeyOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyOrigin::Configured(n) => write!(f, "entry {n} (a configured key)"),
+            KeyOrigin::DerivedEntry(n) => {
+                write!(f, "entry {n} (the key derived from hyperline.api_key)")
+            }
+            KeyOrigin::DerivedByDefault => f.write_str(
+                "the key derived from hyperline.api_key (no worker.history_keys configured)",
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for HistoryKeys {
@@ -57,39 +84,79 @@ pub enum Provenance {
 impl HistoryKeys {
     /// The configured keys (`worker.history_keys`), or, when none is set, a
     /// key derived from the API key, so a default deployment is protected
-    /// with no new secret. `None` when neither exists (an admin command run
-    /// without a key: nothing it reads is believed).
+    /// with no new secret; a configured `derived-from-api-key` entry stands
+    /// for that key, so copies signed with it still verify after a move to
+    /// explicit keys. `None` when no key can be had (an admin command run
+    /// without the API key: nothing it reads is believed). An entry that
+    /// stands for the derived key is left out without the API key: a reader
+    /// verifies with the others ([`HistoryKeys::require`] refuses it as the
+    /// signer).
     pub fn from_settings(settings: &Settings) -> Option<HistoryKeys> {
+        let derived = || {
+            let api_key = settings.hyperline.api_key.as_ref()?;
+            Some(derive(api_key.expose().as_bytes()))
+        };
         let configured = &settings.worker.history_keys;
-        if !configured.is_empty() {
-            let keys = configured
-                .iter()
-                .map(|k| k.expose().as_bytes().to_vec())
-                .collect();
-            return Some(HistoryKeys { keys });
+        if configured.is_empty() {
+            return Some(HistoryKeys {
+                keys: vec![derived()?],
+                origins: vec![KeyOrigin::DerivedByDefault],
+            });
         }
-        let api_key = settings.hyperline.api_key.as_ref()?;
-        Some(HistoryKeys::derived(api_key.expose().as_bytes()))
+        let (keys, origins) = configured
+            .iter()
+            .zip(1..)
+            .filter_map(|(entry, n)| match entry {
+                HistoryKey::Explicit(key) => {
+                    Some((key.expose().as_bytes().to_vec(), KeyOrigin::Configured(n)))
+                }
+                HistoryKey::DerivedFromApiKey => Some((derived()?, KeyOrigin::DerivedEntry(n))),
+            })
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        (!keys.is_empty()).then_some(HistoryKeys { keys, origins })
     }
 
     /// [`HistoryKeys::from_settings`], for a tool that writes memory (a
-    /// replay keeps a letter's window): without keys it could only write
-    /// memory no replica believes.
+    /// replay keeps a letter's window): without its signing key it could
+    /// only write memory no replica believes.
     pub fn require(settings: &Settings) -> Result<HistoryKeys, ConfigError> {
-        HistoryKeys::from_settings(settings).ok_or(ConfigError::Invalid {
-            key: "hyperline.api_key",
-            reason: "is not set, nor worker.history_keys: the worker's memory on a copy can be \
-                     neither verified nor signed without one of them"
-                .into(),
-        })
+        let signer_missing = settings.worker.history_keys.first()
+            == Some(&HistoryKey::DerivedFromApiKey)
+            && settings.hyperline.api_key.is_none();
+        match HistoryKeys::from_settings(settings) {
+            Some(keys) if !signer_missing => Ok(keys),
+            _ if signer_missing => Err(ConfigError::Invalid {
+                key: "worker.history_keys",
+                reason: "starts with derived-from-api-key, the key derived from \
+                         hyperline.api_key, which is not set: the worker's memory on a copy \
+                         cannot be signed"
+                    .into(),
+            }),
+            _ => Err(ConfigError::Invalid {
+                key: "hyperline.api_key",
+                reason: "is not set, nor worker.history_keys: the worker's memory on a copy \
+                         can be neither verified nor signed without one of them"
+                    .into(),
+            }),
+        }
     }
 
     /// The key derived from `secret` with a fixed label.
     pub fn derived(secret: &[u8]) -> HistoryKeys {
-        let derived = keyed(secret).chain_update(DERIVATION_LABEL).finalize();
         HistoryKeys {
-            keys: vec![derived.into_bytes().to_vec()],
+            keys: vec![derive(secret)],
+            origins: vec![KeyOrigin::DerivedByDefault],
         }
+    }
+
+    /// Where the signing key comes from.
+    pub fn signer(&self) -> Option<&KeyOrigin> {
+        self.origins.first()
+    }
+
+    /// Where each verifying key comes from, the signer first.
+    pub fn verifiers(&self) -> &[KeyOrigin] {
+        &self.origins
     }
 
     /// Adds the MAC of `headers` (with the body and message id) to them.
@@ -141,6 +208,15 @@ impl HistoryKeys {
 /// Whether a header is one of the worker's own.
 pub fn is_ours(key: &str) -> bool {
     key.starts_with("cpw-")
+}
+
+/// The key derived from `secret` (the API key) with a fixed label.
+fn derive(secret: &[u8]) -> Vec<u8> {
+    keyed(secret)
+        .chain_update(DERIVATION_LABEL)
+        .finalize()
+        .into_bytes()
+        .to_vec()
 }
 
 fn keyed(key: &[u8]) -> HmacSha256 {
@@ -217,6 +293,7 @@ mod tests {
         keys("old").seal(&mut headers, b"body", Some("m1"));
         let rotated = HistoryKeys {
             keys: [keys("new").keys, keys("old").keys].concat(),
+            origins: vec![KeyOrigin::Configured(1), KeyOrigin::Configured(2)],
         };
         let read =
             |k: &HistoryKeys| HistoryKeys::provenance(Some(k), Some(&headers), b"body", Some("m1"));
@@ -283,5 +360,67 @@ mod tests {
         assert_ne!(k.keys[0], b"sk_live_secret".to_vec());
         assert_eq!(k.keys[0].len(), 32);
         assert!(!format!("{k:?}").contains("sk_live"));
+    }
+
+    #[test]
+    fn the_derived_key_kept_beside_explicit_keys_still_verifies_its_copies() {
+        let api_key = "sk_live_secret";
+        let explicit = "e".repeat(64);
+        let settings = |keys: Option<String>| {
+            let mut env = vec![("CPW__HYPERLINE__API_KEY".to_owned(), api_key.to_owned())];
+            env.extend(keys.map(|k| ("CPW__WORKER__HISTORY_KEYS".to_owned(), k)));
+            Settings::load_from(None, env).expect("valid settings")
+        };
+        let mut headers = memory();
+        let before = HistoryKeys::from_settings(&settings(None)).expect("derived");
+        assert_eq!(before.signer(), Some(&KeyOrigin::DerivedByDefault));
+        before.seal(&mut headers, b"body", Some("m1"));
+        let read =
+            |k: &HistoryKeys| HistoryKeys::provenance(Some(k), Some(&headers), b"body", Some("m1"));
+
+        let moved = settings(Some(explicit.clone()));
+        let moved = HistoryKeys::from_settings(&moved).expect("explicit");
+        assert_eq!(
+            read(&moved),
+            Provenance::Rejected,
+            "dropped, it verifies nothing"
+        );
+
+        let kept = settings(Some(format!("{explicit},derived-from-api-key")));
+        let kept = HistoryKeys::from_settings(&kept).expect("both");
+        assert_eq!(read(&kept), Provenance::Verified);
+        assert_eq!(kept.signer(), Some(&KeyOrigin::Configured(1)));
+        assert_eq!(
+            kept.verifiers(),
+            [KeyOrigin::Configured(1), KeyOrigin::DerivedEntry(2)]
+        );
+        let mut resealed = memory();
+        kept.seal(&mut resealed, b"body", Some("m1"));
+        let by_explicit_only =
+            HistoryKeys::provenance(Some(&moved), Some(&resealed), b"body", Some("m1"));
+        assert_eq!(
+            by_explicit_only,
+            Provenance::Verified,
+            "the explicit key signs"
+        );
+    }
+
+    #[test]
+    fn a_derived_entry_without_the_api_key_verifies_nothing_and_cannot_sign() {
+        let explicit = "e".repeat(64);
+        let load = |keys: String| {
+            Settings::load_from(None, [("CPW__WORKER__HISTORY_KEYS".to_owned(), keys)])
+                .expect("valid settings")
+        };
+        let first = load(format!("derived-from-api-key,{explicit}"));
+        let readers = HistoryKeys::from_settings(&first).expect("the explicit key");
+        assert_eq!(readers.verifiers(), [KeyOrigin::Configured(2)]);
+        let refused = HistoryKeys::require(&first).expect_err("no signer");
+        assert!(
+            refused.to_string().contains("worker.history_keys"),
+            "{refused}"
+        );
+        let second = load(format!("{explicit},derived-from-api-key"));
+        assert!(HistoryKeys::require(&second).is_ok());
     }
 }

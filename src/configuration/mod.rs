@@ -22,8 +22,8 @@ use serde::Deserialize;
 pub use amqp::{AmqpSettings, BrokerUrls, QueueType};
 pub use hyperline::HyperlineSettings;
 pub use pem::Pem;
-pub use retry::RetrySettings;
-pub use secret::{ApiKey, MIN_HISTORY_KEY_LEN, Secret};
+pub use retry::{CONFIRM_WAITS_AFTER_DEADLINE, RetrySettings, after_deadline_secs, budget_line};
+pub use secret::{ApiKey, DERIVED_HISTORY_KEY, HistoryKey, MIN_HISTORY_KEY_LEN, Secret};
 pub use unknown_keys::UnknownKey;
 use unknown_keys::{WORKING_DIRECTORY_FILE, unknown_keys_line};
 pub use worker::{LogFormat, LogSettings, ServerSettings, WorkerSettings};
@@ -148,6 +148,21 @@ impl Settings {
         )?;
         self.hyperline.read_api_key_file()?;
         Ok(self)
+    }
+
+    /// The longest one answer pauses the replica's requests (a 429's
+    /// `Retry-After` or `X-RateLimit-Reset`, whatever it says): the
+    /// delivery's deadline, or `retry.max_rate_limit_wait_secs` when that is
+    /// longer. Hyperline's write window is 10 s, so an honest wait is far
+    /// shorter; a longer pause holds no delivery (each leaves at its deadline
+    /// and waits in a delay queue), it only keeps the replica from seeing
+    /// that the API is open again. If it is not, the next 429 pauses the
+    /// replica again, using no attempt and no step. Below RabbitMQ's
+    /// consumer timeout, as both settings are.
+    pub fn longest_rate_limit_pause(&self) -> Duration {
+        self.worker
+            .delivery_deadline()
+            .max(self.retry.max_rate_limit_wait())
     }
 
     /// Hyperline's idempotency window.

@@ -144,6 +144,68 @@ impl Settings {
     }
 }
 
+/// The waits of `amqp.confirm_timeout_secs` a delivery may still make once
+/// its deadline has come, in `pipeline/executor.rs`, each bounded by the
+/// confirm timeout: the event, written then confirmed (2 waits); then the
+/// command's copy (to a delay queue or the dead-letter exchange) and, when
+/// that is refused, its copy back to the commands queue, each waiting its
+/// turn on the copies channel, opening it again after a refusal, written,
+/// confirmed (2 × 4 waits). The event's `reply_to` copy is tried after the
+/// command is settled and counts for nothing. docs/blocked-and-bounds.md
+/// and docs/configuration.md state this number; tests/docs.rs holds them to it.
+pub const CONFIRM_WAITS_AFTER_DEADLINE: u64 = 2 + 2 * 4;
+
+/// Everything a delivery may still wait for once its deadline has come, in
+/// seconds, in the worst case (RabbitMQ closes the channel, with every
+/// delivery on it, when one outlasts the consumer timeout): the
+/// credit-transaction lookup at the closed window
+/// (`hyperline.reconcile_at_window`), up to one request's deadline; the
+/// [`CONFIRM_WAITS_AFTER_DEADLINE`];
+/// one in-process hold before the copy back, at most `MAX_HOLD`.
+pub fn after_deadline_secs(settings: &Settings) -> u64 {
+    let lookup = match settings.hyperline.reconcile_at_window {
+        true => settings.hyperline.timeout_secs,
+        false => 0,
+    };
+    lookup
+        .saturating_add(
+            settings
+                .amqp
+                .confirm_timeout_secs
+                .saturating_mul(CONFIRM_WAITS_AFTER_DEADLINE),
+        )
+        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
+}
+
+/// The refusal threshold of the start-up check: 5/6 of RabbitMQ's default
+/// `consumer_timeout`, so a delivery is settled with minutes to spare.
+const BUDGET_LIMIT_SECS: u64 = CONSUMER_TIMEOUT.as_secs() * 5 / 6;
+
+/// The consumer-timeout budget as the start-up check counts it, in words,
+/// for `check`: the pages quote the command instead of copying numbers that
+/// drift from the code (they once said 10 waits while the code counted 16).
+pub fn budget_line(settings: &Settings) -> String {
+    let deadline = settings.worker.delivery_deadline_secs;
+    let after = after_deadline_secs(settings);
+    let lookup = match settings.hyperline.reconcile_at_window {
+        true => format!(
+            ", the lookup at the window {} s",
+            settings.hyperline.timeout_secs
+        ),
+        false => String::new(),
+    };
+    format!(
+        "consumer-timeout budget: a delivery is settled within {} s (worker.delivery_deadline_secs \
+         {deadline} s + {after} s after it: {CONFIRM_WAITS_AFTER_DEADLINE} waits of \
+         amqp.confirm_timeout_secs {} s, an in-process hold of {} s{lookup}), under the {} s limit \
+         (5/6 of RabbitMQ's 30 min consumer_timeout)",
+        deadline.saturating_add(after),
+        settings.amqp.confirm_timeout_secs,
+        crate::pipeline::decision::MAX_HOLD.as_secs(),
+        BUDGET_LIMIT_SECS,
+    )
+}
+
 /// The deadline of a delivery and the life of a command against the
 /// two limits they must respect: RabbitMQ's consumer timeout, and
 /// Hyperline's idempotency window.
@@ -158,42 +220,14 @@ pub(super) fn validate_time_budget(settings: &Settings) -> Result<(), ConfigErro
             ),
         ));
     }
-    // Everything a delivery may still wait for once its deadline has
-    // come, in the worst case (RabbitMQ closes the channel, with every
-    // delivery on it, when one outlasts the consumer timeout):
-    // - the credit-transaction lookup at the closed window
-    //   (`hyperline.reconcile_at_window`), up to one request's deadline;
-    // - in `pipeline/executor.rs`, each bounded by the confirm timeout:
-    //   the event, written then confirmed (2 waits); its `reply_to`
-    //   copy, up to REPLY_TRIES tries each written then confirmed, with
-    //   pauses between them; then the command's copy (to a delay queue
-    //   or the dead-letter exchange) and, when that is refused, its copy
-    //   back to the commands queue, each waiting its turn on the copies
-    //   channel, opening it again after a refusal, written, confirmed
-    //   (2 × 4 waits);
-    // - one in-process hold before the copy back, at most MAX_HOLD.
-    use crate::broker::{REPLY_PAUSE, REPLY_TRIES};
-    const CONFIRM_WAITS: u64 = 2 + 2 * REPLY_TRIES as u64 + 2 * 4;
-    let reply_pauses = (1..REPLY_TRIES).map(|t| REPLY_PAUSE * t).sum::<Duration>();
-    let lookup = match settings.hyperline.reconcile_at_window {
-        true => settings.hyperline.timeout_secs,
-        false => 0,
-    };
-    let after = lookup
-        .saturating_add(
-            settings
-                .amqp
-                .confirm_timeout_secs
-                .saturating_mul(CONFIRM_WAITS),
-        )
-        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
-        .saturating_add(reply_pauses.as_secs_f64().ceil() as u64);
+    let after = after_deadline_secs(settings);
     let settle = deadline.saturating_add(after);
-    if settle >= CONSUMER_TIMEOUT.as_secs() * 5 / 6 {
+    if settle >= BUDGET_LIMIT_SECS {
         return Err(invalid(
             "worker.delivery_deadline_secs",
             format!(
-                "({deadline} s) with the {after} s a delivery may wait after it ({CONFIRM_WAITS} \
+                "({deadline} s) with the {after} s a delivery may wait after it \
+                 ({CONFIRM_WAITS_AFTER_DEADLINE} \
                  waits of amqp.confirm_timeout_secs for its event and copies, an in-process \
                  hold, and the lookup of hyperline.reconcile_at_window) must stay well below \
                  RabbitMQ's 30 min consumer timeout"
@@ -240,27 +274,27 @@ mod tests {
                     .collect::<Vec<_>>(),
             )
         };
-        // 988 + 16 × 30 + 30 + 1 = 1499: just inside 1500 (5/6 of 30 min).
-        with(&deadline("988")).expect("the worst case fits");
-        let line = with(&deadline("989")).expect_err("refused").to_string();
+        // 1169 + 10 × 30 + 30 = 1499: just inside 1500 (5/6 of 30 min).
+        with(&deadline("1169")).expect("the worst case fits");
+        let line = with(&deadline("1170")).expect_err("refused").to_string();
         assert!(line.contains("worker.delivery_deadline_secs"), "{line}");
-        assert!(line.contains("511 s"), "says what it counted: {line}");
-        with(&deadline("1400")).expect_err("two confirm timeouts fit, sixteen do not");
+        assert!(line.contains("330 s"), "says what it counted: {line}");
+        with(&deadline("1400")).expect_err("two confirm timeouts fit, ten do not");
         let confirms = [
-            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "600".to_owned()),
+            ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "900".to_owned()),
             ("CPW__AMQP__CONFIRM_TIMEOUT_SECS", "60".to_owned()),
         ];
-        with(&confirms).expect_err("600 + 16 × 60 + 31");
+        with(&confirms).expect_err("900 + 10 × 60 + 30");
         // The lookup at the window counts only when it is on.
         let lookup = |on: &str| {
             [
-                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "950".to_owned()),
+                ("CPW__WORKER__DELIVERY_DEADLINE_SECS", "1110".to_owned()),
                 ("CPW__HYPERLINE__TIMEOUT_SECS", "60".to_owned()),
                 ("CPW__HYPERLINE__RECONCILE_AT_WINDOW", on.to_owned()),
             ]
         };
-        with(&lookup("false")).expect("950 + 511");
-        with(&lookup("true")).expect_err("950 + 60 + 511");
+        with(&lookup("false")).expect("1110 + 330");
+        with(&lookup("true")).expect_err("1110 + 60 + 330");
     }
 
     #[test]

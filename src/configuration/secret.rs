@@ -53,11 +53,39 @@ impl fmt::Display for Secret {
 /// protects nothing (`openssl rand -hex 32` gives 64 characters).
 pub const MIN_HISTORY_KEY_LEN: usize = 32;
 
+/// The entry of `worker.history_keys` that stands for the key derived from
+/// the API key (the one used when no key is configured). That key is 32 raw
+/// bytes, which no configured string can spell: without this entry, a move
+/// to explicit keys dropped it, and every copy waiting in a delay queue and
+/// every dead letter signed with it stopped verifying (windows and stored
+/// outcomes lost, `reconcile` leaving every letter, `replay` needing
+/// `--force`).
+pub const DERIVED_HISTORY_KEY: &str = "derived-from-api-key";
+
+/// One entry of `worker.history_keys`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryKey {
+    /// A key given as it is.
+    Explicit(Secret),
+    /// [`DERIVED_HISTORY_KEY`]: the key derived from `hyperline.api_key`.
+    DerivedFromApiKey,
+}
+
+impl HistoryKey {
+    /// An entry as written; surrounding whitespace is not part of it.
+    pub fn parse(text: &str) -> HistoryKey {
+        match text.trim() {
+            DERIVED_HISTORY_KEY => HistoryKey::DerivedFromApiKey,
+            key => HistoryKey::Explicit(Secret::new(key)),
+        }
+    }
+}
+
 /// Reads the key file (when `file` is set) into `keys`, and refuses a key
 /// list no replica could use: a short key an attacker could guess, or a key
 /// given twice.
 pub(super) fn read_history_keys(
-    keys: &mut Vec<Secret>,
+    keys: &mut Vec<HistoryKey>,
     file: Option<&Path>,
 ) -> Result<(), ConfigError> {
     if let Some(path) = file {
@@ -77,7 +105,7 @@ pub(super) fn read_history_keys(
             .lines()
             .map(str::trim)
             .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(Secret::new)
+            .map(HistoryKey::parse)
             .collect();
         if keys.is_empty() {
             return Err(invalid("worker.history_keys_file", "holds no key"));
@@ -87,7 +115,16 @@ pub(super) fn read_history_keys(
         Some(_) => "worker.history_keys_file",
         None => "worker.history_keys",
     };
-    for (i, secret) in keys.iter().enumerate() {
+    for (i, entry) in keys.iter().enumerate() {
+        if keys[..i].contains(entry) {
+            return Err(invalid(
+                key,
+                format!("key {} repeats an earlier key", i + 1),
+            ));
+        }
+        let HistoryKey::Explicit(secret) = entry else {
+            continue;
+        };
         let len = secret.expose().chars().count();
         if len < MIN_HISTORY_KEY_LEN {
             return Err(invalid(
@@ -100,19 +137,15 @@ pub(super) fn read_history_keys(
                 ),
             ));
         }
-        if keys[..i].contains(secret) {
-            return Err(invalid(
-                key,
-                format!("key {} repeats an earlier key", i + 1),
-            ));
-        }
     }
     Ok(())
 }
 
 /// `worker.history_keys` as a TOML array, or `a,b` from the environment
 /// (one key arrives as a scalar); blanks and empty entries dropped.
-pub(super) fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+pub(super) fn history_key_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<HistoryKey>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Keys {
@@ -128,7 +161,7 @@ pub(super) fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<
         .flat_map(|entry| entry.split(','))
         .map(str::trim)
         .filter(|key| !key.is_empty())
-        .map(Secret::new)
+        .map(HistoryKey::parse)
         .collect())
 }
 
@@ -143,8 +176,12 @@ mod tests {
         let other = "o".repeat(MIN_HISTORY_KEY_LEN + 8);
         let both = format!("{other},{long}");
         let s = load(&[("CPW__WORKER__HISTORY_KEYS", both.as_str())]).expect("two keys");
-        let keys: Vec<&str> = s.worker.history_keys.iter().map(Secret::expose).collect();
-        assert_eq!(keys, [other.as_str(), long.as_str()], "the first signs");
+        let explicit = |k: &str| HistoryKey::Explicit(Secret::new(k));
+        assert_eq!(
+            s.worker.history_keys,
+            [explicit(&other), explicit(&long)],
+            "the first signs"
+        );
         assert!(!format!("{s:?}").contains(&long), "redacted in Debug");
         refused(
             &[("CPW__WORKER__HISTORY_KEYS", "short")],
@@ -156,13 +193,31 @@ mod tests {
             "worker.history_keys",
         );
 
+        // The derived key kept beside an explicit one, in either place.
+        let beside = format!("{long}, {DERIVED_HISTORY_KEY}");
+        let s = load(&[("CPW__WORKER__HISTORY_KEYS", beside.as_str())]).expect("kept");
+        assert_eq!(
+            s.worker.history_keys,
+            [explicit(&long), HistoryKey::DerivedFromApiKey]
+        );
+        let twice = format!("{DERIVED_HISTORY_KEY},{DERIVED_HISTORY_KEY}");
+        refused(
+            &[("CPW__WORKER__HISTORY_KEYS", twice.as_str())],
+            "worker.history_keys",
+        );
+
         let dir = std::env::temp_dir().join(format!("cpw-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("keys");
-        std::fs::write(&file, format!("# rotated 2026-12-01\n{other}\n\n{long}\n")).expect("write");
+        std::fs::write(
+            &file,
+            format!("# rotated 2026-12-01\n{other}\n\n{long}\n{DERIVED_HISTORY_KEY}\n"),
+        )
+        .expect("write");
         let path = file.to_string_lossy().into_owned();
         let s = load(&[("CPW__WORKER__HISTORY_KEYS_FILE", path.as_str())]).expect("a key file");
-        assert_eq!(s.worker.history_keys.len(), 2);
+        assert_eq!(s.worker.history_keys.len(), 3);
+        assert_eq!(s.worker.history_keys[2], HistoryKey::DerivedFromApiKey);
         refused(
             &[
                 ("CPW__WORKER__HISTORY_KEYS_FILE", path.as_str()),

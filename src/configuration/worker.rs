@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::secret::{Secret, secret_list};
+use super::secret::{HistoryKey, history_key_list};
 
 /// Output format of the logs.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -27,9 +27,10 @@ pub struct WorkerSettings {
     /// Longest time a delivery stays unacked, whatever Hyperline does.
     pub delivery_deadline_secs: u64,
     /// The keys of the MAC on the worker's copies: the first signs, every
-    /// one verifies. Empty: a key derived from the API key.
-    #[serde(default, deserialize_with = "secret_list")]
-    pub history_keys: Vec<Secret>,
+    /// one verifies. Empty: a key derived from the API key, which the entry
+    /// `derived-from-api-key` keeps beside explicit keys.
+    #[serde(default, deserialize_with = "history_key_list")]
+    pub history_keys: Vec<HistoryKey>,
     /// A file of history keys, one a line (a Kubernetes secret).
     #[serde(default)]
     pub history_keys_file: Option<PathBuf>,

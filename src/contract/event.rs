@@ -21,6 +21,13 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// `cloudEvents:source` of every event.
 const SOURCE: &str = "credit-purchase-worker";
 
+/// The header of every event that says when a replica published this copy
+/// of it (Unix ms): set as the properties are built, just before the
+/// publish, so a stored outcome published again carries the time of the
+/// new publish, not its `occurred_at`. The results log's coverage is read
+/// from it (`broker::results_log::complete_since_ms`).
+pub const PUBLISHED_HEADER: &str = "cpw-published-ms";
+
 /// The event `type`, also its routing key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
@@ -335,7 +342,8 @@ impl ResultEvent {
     }
 
     /// AMQP properties and CloudEvents headers of section 3; `traceparent`
-    /// continues the command's trace.
+    /// continues the command's trace. Built for each publish: the
+    /// [`PUBLISHED_HEADER`] is the time of this call.
     pub fn amqp_properties(&self, traceparent: Option<&str>) -> BasicProperties {
         let time = self.occurred_at.format(&Rfc3339).unwrap_or_default();
         let mut buffer = Uuid::encode_buffer();
@@ -368,6 +376,11 @@ impl ResultEvent {
         if let Some(tp) = traceparent {
             put("traceparent", tp);
         }
+        let published = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
+        headers.insert(
+            ShortString::from(PUBLISHED_HEADER),
+            AMQPValue::LongLongInt(published),
+        );
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)

@@ -148,10 +148,13 @@ fn until_reset(value: &str, now: OffsetDateTime) -> Option<Duration> {
 }
 
 /// The wait a 429 asks for: no earlier than `Retry-After` (seconds or an
-/// HTTP date) and no earlier than `X-RateLimit-Reset`.
+/// HTTP date) and no earlier than `X-RateLimit-Reset`. Unbounded: a number
+/// of seconds too large for a `u64` is the longest wait there is, not no
+/// wait at all; the gate caps what it pauses for.
 pub fn rate_limit_wait(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
     let retry_after = header(headers, "retry-after").and_then(|v| match v.parse::<u64>() {
         Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Some(Duration::MAX),
         Err(_) => httpdate::parse_http_date(v).ok().map(|at| {
             at.duration_since(std::time::SystemTime::now())
                 .unwrap_or(Duration::ZERO)
@@ -412,6 +415,19 @@ mod tests {
         );
         let h = headers(&[("x-ratelimit-reset", "garbage"), ("retry-after", "soon")]);
         assert_eq!(rate_limit_wait(&h, NOW), None);
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_read_as_a_long_wait_never_as_none() {
+        let wait = |v: &str| rate_limit_wait(&headers(&[("retry-after", v)]), NOW);
+        assert_eq!(
+            wait("18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(wait("99999999999999999999999"), Some(Duration::MAX));
+        let ten_years = std::time::SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+        let asked = wait(&httpdate::fmt_http_date(ten_years)).expect("a date");
+        assert!(asked > Duration::from_secs(9 * 365 * 86_400), "{asked:?}");
     }
 
     #[test]

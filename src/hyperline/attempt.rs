@@ -193,20 +193,21 @@ impl<'a> Attempt<'a> {
         }
         if let Some(quota) = response.quota.filter(|q| q.remaining == 0) {
             // The window is spent: wait for its reset instead of collecting 429s.
-            self.pause(quota.reset_after.min(self.max_rate_wait));
+            let _ = self.pause(quota.reset_after.min(self.max_rate_wait));
         }
     }
 
     /// A 429. The quota is the account's: every request of the replica
-    /// holds back for as long as the answer asks, paused here and nowhere
-    /// else. A wait too long to hold the delivery (RabbitMQ's consumer
-    /// timeout would close the channel) ends the attempts: a delay queue
-    /// waits instead. Otherwise the gate holds the next request until the
-    /// wait is over.
+    /// holds back for as long as the answer asks, up to the gate's longest
+    /// pause, paused here and nowhere else. A wait too long to hold the
+    /// delivery (RabbitMQ's consumer timeout would close the channel) ends
+    /// the attempts: a delay queue waits instead, chosen by the capped wait
+    /// (an absurd `Retry-After` parks the command no longer than a sane
+    /// long one). Otherwise the gate holds the next request until the wait
+    /// is over.
     fn hold_back(&self, retry: &Retry) -> Option<Verdict> {
         self.tally.rate_limited.store(true, Ordering::Relaxed);
-        let wait = retry.wait.unwrap_or(self.floor);
-        self.pause(wait);
+        let wait = self.pause(retry.wait.unwrap_or(self.floor));
         if wait > self.max_rate_wait {
             return Some(Verdict::RateLimited { wait });
         }
@@ -214,10 +215,12 @@ impl<'a> Attempt<'a> {
         None
     }
 
-    /// Holds every request of the replica for `wait`, counted.
-    fn pause(&self, wait: Duration) {
-        self.ctx.gate.pause_for(wait);
-        self.ctx.metrics.rate_limit_wait(wait);
+    /// Holds every request of the replica for `wait` (at most the gate's
+    /// longest pause), counted; the pause made.
+    fn pause(&self, wait: Duration) -> Duration {
+        let paused = self.ctx.gate.pause_for(wait);
+        self.ctx.metrics.rate_limit_wait(paused);
+        paused
     }
 
     /// A failed attempt, remembered as the delivery's last failure.
@@ -363,7 +366,11 @@ mod tests {
         let client = HyperlineClient::new(&settings.hyperline, ApiKey::new("unit-test-key"))
             .expect("client");
         let (gate, credentials, metrics) = (
-            Gate::new(0, Duration::from_secs(5)),
+            Gate::new(
+                0,
+                Duration::from_secs(5),
+                settings.longest_rate_limit_pause(),
+            ),
             Credentials::default(),
             Metrics::new(),
         );
@@ -404,6 +411,17 @@ mod tests {
             Some(Verdict::RateLimited { wait: long })
         );
         assert_eq!(gate.paused_for(), long, "the replica is paused as asked");
-        assert_eq!(metrics.rate_limit_waits.get(), 2);
+        let longest = settings.longest_rate_limit_pause();
+        assert_eq!(
+            attempt.hold_back(&retry_for(Duration::from_secs(u64::MAX))),
+            Some(Verdict::RateLimited { wait: longest }),
+            "an absurd wait parks the command as the longest pause would"
+        );
+        assert_eq!(
+            gate.paused_for(),
+            longest,
+            "and pauses the replica no longer"
+        );
+        assert_eq!(metrics.rate_limit_waits.get(), 3);
     }
 }

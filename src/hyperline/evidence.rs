@@ -115,8 +115,10 @@ pub struct LogEvidence {
     pub succeeded: Vec<Succeeded>,
     /// The commands it shows in flight.
     pub in_flight: Vec<InFlight>,
-    /// When the log's oldest kept event occurred (Unix ms): from then on it
-    /// holds every event. `None` without a log, or with an empty one.
+    /// When the log's oldest kept entry was published (its
+    /// `cpw-published-ms`, Unix ms): from then on it holds every event. Not
+    /// an event's `occurred_at`, which a republished stored outcome backdates.
+    /// `None` without a log, or with an empty one.
     pub complete_since_ms: Option<u64>,
 }
 

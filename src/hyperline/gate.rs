@@ -27,6 +27,14 @@
 //!   well be another's: the replica waits for the next window.
 //!
 //! An API that announces nothing (no rate-limit headers) is not paced at all.
+//!
+//! Every wait the gate keeps comes from the network (`Retry-After`,
+//! `X-RateLimit-Reset`) or from configuration, so none is trusted to fit in
+//! an [`Instant`]: a pause is capped at the gate's longest pause, and every
+//! sum of an instant and a duration is checked ([`later`]). A
+//! `Retry-After: 18446744073709551615` once overflowed `Instant + Duration`
+//! and panicked the delivery's task, which crash-looped the command into a
+//! poison letter; a merely long one paused the replica for years.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -48,6 +56,8 @@ pub struct Gate {
     interval: Option<Duration>,
     /// How long the others wait for a probe's answer.
     patience: Duration,
+    /// The longest the replica pauses for one answer, whatever it asks.
+    longest_pause: Duration,
     state: Mutex<GateState>,
     /// Woken when a probe ends.
     probe_done: Notify,
@@ -136,7 +146,7 @@ impl GateState {
                 remaining,
                 seq,
             } if now < reset_at => {
-                let unseen = self.share * (self.admitted - seq) as f64;
+                let unseen = self.share * self.admitted.saturating_sub(seq) as f64;
                 let left = remaining as f64 - unseen;
                 if left < self.share.round().max(1.0) {
                     // What is left may be another client's.
@@ -144,15 +154,17 @@ impl GateState {
                 } else if let Some(last) = self.last_admitted {
                     // Our share of what is left, spread evenly over the time
                     // left (the last request one step before the reset).
-                    let step = (reset_at - now).mul_f64(self.share / (left + self.share));
-                    at = at.max(last + step);
+                    let step = reset_at
+                        .saturating_duration_since(now)
+                        .mul_f64(self.share / (left + self.share));
+                    at = at.max(later(last, step));
                 }
             }
             // Unknown, or the announced window is over: one request learns
             // the new one.
             QuotaView::Unknown | QuotaView::Window { .. } => match self.probing {
-                Some(since) if now < since + patience => {
-                    return Err(Wait::ForProbe(since + patience));
+                Some(since) if now < later(since, patience) => {
+                    return Err(Wait::ForProbe(later(since, patience)));
                 }
                 // The probe is overdue: its answer may never come, and
                 // waiting longer would serialise the replica behind it.
@@ -168,14 +180,28 @@ impl GateState {
     }
 }
 
+/// `at + by`, or as late as an [`Instant`] goes when the sum overflows: a
+/// wait read from the network must never panic the task that keeps it.
+fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by)
+        .or_else(|| at.checked_add(FAR_FUTURE))
+        .unwrap_or(at)
+}
+
+/// Later than any pause the gate keeps (30 years, tokio's own "far future").
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 impl Gate {
     /// A gate with a client-side cap of `per_second` requests (0 = no cap),
-    /// whose requests wait at most `patience` for a probe's answer.
-    pub fn new(per_second: u32, patience: Duration) -> Self {
+    /// whose requests wait at most `patience` for a probe's answer, and
+    /// whose pauses last at most `longest_pause` whatever an answer asks
+    /// (see [`Settings::longest_rate_limit_pause`](crate::configuration::Settings::longest_rate_limit_pause)).
+    pub fn new(per_second: u32, patience: Duration, longest_pause: Duration) -> Self {
         let now = Instant::now();
         Gate {
             interval: (per_second > 0).then(|| Duration::from_secs(1) / per_second),
             patience,
+            longest_pause,
             state: Mutex::new(GateState {
                 next_slot: now,
                 not_before: now,
@@ -207,7 +233,7 @@ impl Gate {
                         s.admitted += 1;
                         s.last_admitted = Some(now);
                         if let Some(interval) = self.interval {
-                            s.next_slot = now + interval;
+                            s.next_slot = later(now, interval);
                         }
                         if probe {
                             s.probing = Some(now);
@@ -247,7 +273,7 @@ impl Gate {
             }
             return;
         };
-        let reset_at = now + quota.reset_after;
+        let reset_at = later(now, quota.reset_after.min(self.longest_pause));
         let fresh = QuotaView::Window {
             reset_at,
             remaining: quota.remaining,
@@ -258,7 +284,7 @@ impl Gate {
                 reset_at: known,
                 remaining,
                 seq: known_seq,
-            } if reset_at < known + SAME_WINDOW && known < reset_at + SAME_WINDOW => {
+            } if reset_at < later(known, SAME_WINDOW) && known < later(reset_at, SAME_WINDOW) => {
                 // The same window: a later request's answer says more.
                 if seq <= known_seq {
                     return;
@@ -277,11 +303,22 @@ impl Gate {
         }
     }
 
-    /// Holds every request of the replica for `wait` from now.
-    pub fn pause_for(&self, wait: Duration) {
-        let until = Instant::now() + wait;
+    /// Holds every request of the replica for `wait` from now, or for the
+    /// gate's longest pause when `wait` is longer; the pause it made.
+    pub fn pause_for(&self, wait: Duration) -> Duration {
+        let paused = wait.min(self.longest_pause);
+        if paused < wait {
+            tracing::warn!(
+                asked_secs = wait.as_secs(),
+                paused_secs = paused.as_secs(),
+                "Hyperline asked for a rate-limit wait longer than the longest pause: the \
+                 replica pauses for the longest pause, then tries again"
+            );
+        }
+        let until = later(Instant::now(), paused);
         let mut s = self.lock();
         s.not_before = s.not_before.max(until);
+        paused
     }
 
     /// Time left until requests may flow again (for metrics and tests).
@@ -307,6 +344,7 @@ mod tests {
     }
 
     const PATIENCE: Duration = Duration::from_secs(5);
+    const LONGEST: Duration = Duration::from_secs(300);
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
@@ -314,7 +352,7 @@ mod tests {
 
     /// A gate past its first probe, on an API that announces nothing.
     async fn unannounced(per_second: u32) -> Gate {
-        let gate = Gate::new(per_second, PATIENCE);
+        let gate = Gate::new(per_second, PATIENCE, LONGEST);
         gate.admit().await.answered(None);
         gate
     }
@@ -331,7 +369,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_cap_spaces_requests() {
-        let gate = Gate::new(10, PATIENCE);
+        let gate = Gate::new(10, PATIENCE, LONGEST);
         let start = Instant::now();
         gate.admit().await.answered(None);
         for _ in 0..10 {
@@ -379,7 +417,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shorter_pause_never_shortens_a_longer_one() {
-        let gate = Gate::new(0, PATIENCE);
+        let gate = Gate::new(0, PATIENCE, LONGEST);
         gate.pause_for(secs(9));
         gate.pause_for(secs(1));
         assert_eq!(gate.paused_for(), secs(9));
@@ -387,7 +425,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_request_goes_alone_until_its_answer() {
-        let gate = Arc::new(Gate::new(0, PATIENCE));
+        let gate = Arc::new(Gate::new(0, PATIENCE, LONGEST));
         let probe = gate.admit().await;
         let second = {
             let gate = gate.clone();
@@ -408,7 +446,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_without_an_answer_lets_the_next_request_probe() {
-        let gate = Arc::new(Gate::new(0, PATIENCE));
+        let gate = Arc::new(Gate::new(0, PATIENCE, LONGEST));
         let probe = gate.admit().await;
         let second = {
             let gate = gate.clone();
@@ -421,7 +459,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_without_an_answer_holds_the_others_only_for_the_patience() {
-        let gate = Arc::new(Gate::new(0, PATIENCE));
+        let gate = Arc::new(Gate::new(0, PATIENCE, LONGEST));
         let start = Instant::now();
         let _hanging = gate.admit().await;
         let others: Vec<_> = (0..7)
@@ -442,7 +480,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn what_is_left_is_spread_over_the_window() {
-        let gate = Gate::new(0, PATIENCE);
+        let gate = Gate::new(0, PATIENCE, LONGEST);
         let start = Instant::now();
         let reset = start + secs(2);
         gate.admit().await.answered(quota(4, reset));
@@ -462,7 +500,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn other_clients_spending_the_quota_slow_the_replica() {
-        let gate = Gate::new(0, PATIENCE);
+        let gate = Gate::new(0, PATIENCE, LONGEST);
         let reset = Instant::now() + secs(10);
         gate.admit().await.answered(quota(40, reset));
         // Each of our requests sees the remaining fall by 3: two other
@@ -483,7 +521,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_exhausted_quota_waits_for_the_reset() {
-        let gate = Gate::new(0, PATIENCE);
+        let gate = Gate::new(0, PATIENCE, LONGEST);
         let reset = Instant::now() + secs(3);
         gate.admit().await.answered(quota(0, reset));
         let next = gate.admit().await;
@@ -493,7 +531,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_older_than_the_known_one_is_ignored() {
-        let gate = Gate::new(0, PATIENCE);
+        let gate = Gate::new(0, PATIENCE, LONGEST);
         let reset = Instant::now() + secs(20);
         gate.admit().await.answered(quota(10, reset));
         let first = gate.admit().await;
@@ -504,5 +542,36 @@ mod tests {
             panic!("a window is known")
         };
         assert_eq!(remaining, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_wait_is_capped_and_overflows_nothing() {
+        let gate = unannounced(0).await;
+        for absurd in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX),
+            Duration::from_secs(10u64.pow(12)),
+        ] {
+            assert_eq!(gate.pause_for(absurd), LONGEST);
+            assert_eq!(gate.paused_for(), LONGEST);
+            // An announced reset as absurd: taken in, capped, no panic.
+            gate.take_in(
+                u64::MAX,
+                false,
+                Some(Quota {
+                    remaining: 0,
+                    reset_after: absurd,
+                }),
+            );
+            let start = Instant::now();
+            let next = gate.admit().await;
+            assert_eq!(Instant::now() - start, LONGEST, "the replica serves again");
+            next.answered(None);
+        }
+        assert_eq!(
+            gate.pause_for(secs(2)),
+            secs(2),
+            "a sane wait is kept whole"
+        );
     }
 }

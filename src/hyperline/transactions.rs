@@ -256,10 +256,8 @@ impl HyperlineClient {
             200..=299 => serde_json::from_slice::<Page>(&body)
                 .map_err(|e| Try::Stop(TransactionsError::Malformed(self.redact(&e.to_string())))),
             429 => {
-                let wait = rate_limit_wait(&headers, now);
-                if let Some(wait) = wait {
-                    gate.pause_for(wait);
-                }
+                // Waited as long as the gate pauses, never longer.
+                let wait = rate_limit_wait(&headers, now).map(|wait| gate.pause_for(wait));
                 Err(Try::Again {
                     detail: "HTTP 429: rate limited".into(),
                     wait,

@@ -42,6 +42,10 @@ pub enum Input {
     Stored(OutcomeFacts),
     /// The delivery used half the broker's delivery limit.
     Worn,
+    /// A request may have been made before this moment (Unix ms) that no
+    /// history records, and nothing bounds how much earlier the first one
+    /// was ([`WindowStart::Unknown`]): no request may be sent.
+    StartUnknown { before_ms: u64 },
     /// The purchase attempts of this delivery.
     Attempted(Attempted),
     /// The purchase attempts of this delivery, which would have failed the
@@ -230,8 +234,11 @@ impl Policy<'_> {
     /// another purchase, could still send one inside its window.
     fn window_open_after(&self, h: &DeliveryHistory, delay: Duration) -> bool {
         let at = self.now_ms.saturating_add(millis(delay));
-        h.first_attempt_ms
-            .is_none_or(|first| window_open(first, at, self.window, self.request_timeout))
+        match window_start(h) {
+            WindowStart::NotYet => true,
+            WindowStart::From(first) => window_open(first, at, self.window, self.request_timeout),
+            WindowStart::Unknown { .. } => false,
+        }
     }
 
     fn delay_of(&self, route: Route) -> Duration {
@@ -258,6 +265,44 @@ impl Policy<'_> {
     fn after_setbacks(&self, setbacks: u32) -> Option<usize> {
         let last = self.delays.len().checked_sub(1)?;
         Some((setbacks as usize).min(last))
+    }
+}
+
+/// Where the command's 24-hour idempotency window starts, for the guard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowStart {
+    /// No request that may have charged was made: the next one opens it.
+    NotYet,
+    /// At this moment (Unix ms) or later: the guard counts from here.
+    From(u64),
+    /// A request may have been made before `before_ms` that no history
+    /// records, and nothing bounds it from below: the window may have closed.
+    Unknown { before_ms: u64 },
+}
+
+/// Where the window of a command with history `h` starts, as the guard must
+/// count it: from the earliest moment its first request may have been made.
+///
+/// A refreshed delivery ([`DeliveryHistory::unrecorded_before_ms`]) may have
+/// been preceded by requests that no history records (a worker killed
+/// mid-request records nothing), so the recorded first request is not the
+/// first. The only lower bound is the publisher's `timestamp` property
+/// ([`DeliveryHistory::published_ms`]): no request precedes the command's publication. It is the
+/// publisher's word, so it is used only to shorten the window (taken as its
+/// start, the earliest possible), and one later than the unrecorded bound
+/// (impossible) bounds nothing. A publisher who lies about it can only get
+/// its own command refused sooner, or bought as if republished.
+pub fn window_start(h: &DeliveryHistory) -> WindowStart {
+    let Some(before_ms) = h.unrecorded_before_ms else {
+        return h
+            .first_attempt_ms
+            .map_or(WindowStart::NotYet, WindowStart::From);
+    };
+    match h.published_ms.filter(|p| *p <= before_ms) {
+        Some(published) => {
+            WindowStart::From(h.first_attempt_ms.map_or(published, |f| f.min(published)))
+        }
+        None => WindowStart::Unknown { before_ms },
     }
 }
 
@@ -299,26 +344,42 @@ pub fn decide(input: Input, history: &DeliveryHistory, policy: Policy<'_>) -> Pl
             let deliveries = history
                 .deliveries
                 .saturating_mul(u64::from(history.refreshes) + 1);
+            let h = worn(history, policy.now_ms);
             let message = format!(
                 "delivered about {deliveries} times without an outcome (workers crashed or lost \
-                 their connection while handling it): dead-lettered as a possible poison message"
+                 their connection while handling it): dead-lettered as a possible poison message; \
+                 {}",
+                unrecorded(&h)
             );
-            Plan::failed(ErrorCode::RetriesExhausted, message, None, history.clone())
+            Plan::failed(ErrorCode::RetriesExhausted, message, None, h)
         }
         Input::Worn => {
             let h = DeliveryHistory {
                 refreshes: history.refreshes + 1,
-                ..history.clone()
+                ..worn(history, policy.now_ms)
             };
             Plan::new(None, Route::Return, h).returned("refreshed")
+        }
+        Input::StartUnknown { before_ms } => {
+            let h = DeliveryHistory {
+                unrecorded_before_ms: Some(before_ms),
+                ..history.clone()
+            };
+            let message = format!(
+                "{}, and the command has no `timestamp` property to bound it: another request \
+                 could reach Hyperline after it forgot the Idempotency-Key and charge twice; \
+                 `dead-letters reconcile` looks it up in Hyperline's credit transactions",
+                unrecorded(&h)
+            );
+            Plan::failed(ErrorCode::RetriesExhausted, message, h.last_status, h)
         }
         Input::Attempted(attempted) => {
             let h = learn(history, &attempted);
             let plan = after_attempts(&attempted, h.clone(), policy);
             // A command sent back for another purchase that could only
             // come back past its window is answered now instead.
-            match (plan.event.is_none(), h.first_attempt_ms) {
-                (true, Some(first))
+            match (plan.event.is_none(), window_start(&h)) {
+                (true, WindowStart::From(first))
                     if !policy.window_open_after(&h, policy.delay_of(plan.route)) =>
                 {
                     window_closed(first, h)
@@ -427,12 +488,38 @@ fn after_attempts(attempted: &Attempted, h: DeliveryHistory, policy: Policy<'_>)
     }
 }
 
+/// The history of a worn delivery: its deliveries ended without an outcome,
+/// perhaps killed mid-request, and recorded nothing, so a request may have
+/// been made before `now_ms` (the earliest such moment is kept).
+fn worn(history: &DeliveryHistory, now_ms: u64) -> DeliveryHistory {
+    DeliveryHistory {
+        unrecorded_before_ms: history.unrecorded_before_ms.or(Some(now_ms)),
+        ..history.clone()
+    }
+}
+
+/// What a history with requests no history records says of them.
+fn unrecorded(h: &DeliveryHistory) -> String {
+    let before = h
+        .unrecorded_before_ms
+        .and_then(rfc3339_ms)
+        .unwrap_or_else(|| "now".to_owned());
+    format!("a request may have charged before {before} (first request unknown)")
+}
+
 /// `retries_exhausted`: another request could charge a second time.
 fn window_closed(first_attempt_ms: u64, h: DeliveryHistory) -> Plan {
     let first = rfc3339_ms(first_attempt_ms)
         .unwrap_or_else(|| format!("{first_attempt_ms} ms after the epoch"));
+    let left = match h.unrecorded_before_ms {
+        None => format!("its first request left at {first}"),
+        Some(_) => format!(
+            "{}, and the command was published at {first}",
+            unrecorded(&h)
+        ),
+    };
     let message = format!(
-        "its first request left at {first}: another request could reach Hyperline after it \
+        "{left}: another request could reach Hyperline after it \
          forgot the Idempotency-Key and charge twice; `dead-letters reconcile` looks it \
          up in Hyperline's credit transactions before replaying it"
     );
@@ -471,6 +558,9 @@ fn looked(
         ChargeLookup::NotCharged => {
             let fresh = DeliveryHistory {
                 first_attempt_ms: attempted.first_sent_ms,
+                // No charge since the window's start: nor by a request
+                // that no history records.
+                unrecorded_before_ms: None,
                 step: 0,
                 ..h
             };

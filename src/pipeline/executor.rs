@@ -8,6 +8,11 @@
 //! history and waits before the command comes back; only when even the copy
 //! back to the commands queue is refused is the delivery requeued as it came
 //! (the broker is then in trouble, and that copy was itself held back first).
+//!
+//! A `reply_to` copy of the event comes last, after the settlement: it is a
+//! courtesy to the requester, and its tries (each waiting for a confirm)
+//! once held the ack, long enough at shutdown for the replica to stop with
+//! the event out and the command unacked, answered again by the next one.
 
 use tracing::Instrument;
 
@@ -39,8 +44,16 @@ enum Destination<'a> {
     Queue(&'a str),
 }
 
+/// An event confirmed on the results exchange, as its command's
+/// `reply_to` copy is sent once the command is settled.
+struct Reply {
+    body: Vec<u8>,
+    properties: lapin::BasicProperties,
+}
+
 impl Pipeline {
-    /// Carries out `plan`, and whatever the broker's refusals make of it.
+    /// Carries out `plan`, and whatever the broker's refusals make of it;
+    /// then, the command settled, sends the event to its `reply_to`.
     pub(super) async fn execute(
         &self,
         delivery: &Received,
@@ -48,6 +61,27 @@ impl Pipeline {
         subject: Subject<'_>,
         plan: Plan,
         traceparent: &str,
+    ) -> Outcome {
+        let mut reply = None;
+        let outcome =
+            Box::pin(self.carry_out(delivery, publisher, subject, plan, traceparent, &mut reply))
+                .await;
+        if let Some(reply) = reply {
+            Box::pin(self.reply(delivery, publisher, reply)).await;
+        }
+        outcome
+    }
+
+    /// The plan to its settlement; `reply` receives the event once it is
+    /// confirmed, when the command names a `reply_to`.
+    async fn carry_out(
+        &self,
+        delivery: &Received,
+        publisher: &Publisher,
+        subject: Subject<'_>,
+        plan: Plan,
+        traceparent: &str,
+        reply: &mut Option<Reply>,
     ) -> Outcome {
         let mut plan = plan;
         let mut published: Option<ResultEvent> = None;
@@ -67,12 +101,13 @@ impl Pipeline {
             }
             if let Some(event_plan) = plan.event.take() {
                 let event = build_event(event_plan, subject, plan.history.attempts);
-                if let Err(e) =
-                    Box::pin(self.publish_event(delivery, publisher, &event, traceparent)).await
-                {
-                    tracing::error!(error = %e, "event not confirmed: the command waits with its outcome");
-                    plan = decide(Input::EventRefused(event), &plan.history, self.policy());
-                    continue;
+                match Box::pin(self.publish_event(delivery, publisher, &event, traceparent)).await {
+                    Ok(confirmed) => *reply = confirmed,
+                    Err(e) => {
+                        tracing::error!(error = %e, "event not confirmed: the command waits with its outcome");
+                        plan = decide(Input::EventRefused(event), &plan.history, self.policy());
+                        continue;
+                    }
                 }
                 published = Some(event);
             }
@@ -177,29 +212,39 @@ impl Pipeline {
         };
         let body = record.to_json();
         let props = record.amqp_properties();
-        let dropped = Box::pin(publisher.publish_event("", &log.name, &body, props, None)).await?;
-        for d in dropped {
-            tracing::warn!(log = %d.queue, detail = %d.detail, "no results log to record the command in flight (see `check`)");
+        let returned = Box::pin(publisher.publish_event("", &log.name, &body, props)).await?;
+        match returned {
+            Some(d) if d.queue == log.name => tracing::warn!(
+                log = %d.queue,
+                detail = %d.detail,
+                "no results log to record the command in flight (see `check`)"
+            ),
+            // A reply sent earlier on the channel, returned with this confirm.
+            Some(d) => self.drop_reply(&d),
+            None => {}
         }
         Ok(())
     }
 
-    /// Publishes the event (results exchange and `reply_to`), confirmed.
+    /// Publishes the event to the results exchange, confirmed; what its
+    /// `reply_to` copy needs, when the command names one.
     async fn publish_event(
         &self,
         delivery: &Received,
         publisher: &Publisher,
         event: &ResultEvent,
         traceparent: &str,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Option<Reply>, PublishError> {
         let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
         let span = producer_span(exchange, key, event);
         let exported = telemetry::exported_traceparent(&span);
         let body = event.to_json();
         let props = event.amqp_properties(Some(exported.as_deref().unwrap_or(traceparent)));
-        let reply_to = crate::broker::reply_to(&delivery.properties);
+        // The properties (a dozen headers) are copied only when a second
+        // publish needs them.
+        let reply_props = crate::broker::reply_to(&delivery.properties).map(|_| props.clone());
         let published = publisher
-            .publish_event(exchange, key, &body, props, reply_to)
+            .publish_event(exchange, key, &body, props)
             .instrument(span.clone())
             .await
             .map(|dropped| dropped.iter().for_each(|d| self.drop_reply(d)));
@@ -209,7 +254,27 @@ impl Pipeline {
             span.record("error.type", e.kind());
             span.record("otel.status_code", "error");
         }
-        published
+        published.map(|()| reply_props.map(|properties| Reply { body, properties }))
+    }
+
+    /// Sends the event to the settled command's `reply_to`: a few bounded
+    /// tries, given up once the drain period is over (the replica stops
+    /// taking requests), so a reply never keeps the replica from stopping;
+    /// the results exchange has the event.
+    async fn reply(&self, delivery: &Received, publisher: &Publisher, reply: Reply) {
+        let Some(queue) = crate::broker::reply_to(&delivery.properties) else {
+            return;
+        };
+        let tries = publisher.publish_reply(queue, &reply.body, reply.properties);
+        let dropped = tokio::select! {
+            dropped = tries => dropped,
+            () = self.stop_requests.cancelled() => vec![DroppedReply {
+                queue: queue.to_owned(),
+                reason: "stopping",
+                detail: "the replica stopped before the broker confirmed it".to_owned(),
+            }],
+        };
+        dropped.iter().for_each(|d| self.drop_reply(d));
     }
 
     /// A `reply_to` copy given up on: the event is on the results

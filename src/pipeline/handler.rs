@@ -8,7 +8,7 @@
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::decision::{Input, Outcome, Policy, decide};
+use super::decision::{Input, Outcome, Policy, WindowStart, decide, window_start};
 use super::executor::Subject;
 use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
 use crate::clock::now_ms;
@@ -90,7 +90,8 @@ impl Pipeline {
         let props = &delivery.properties;
         let headers = props.headers().as_ref();
         let message = Message::of(props, &delivery.data);
-        let (history, provenance) = DeliveryHistory::read(message, Some(&self.history_keys));
+        let (mut history, provenance) = DeliveryHistory::read(message, Some(&self.history_keys));
+        history.published_ms = props.timestamp().map(|s| s.saturating_mul(1000));
         let incoming = header_str(headers, "traceparent");
         let message_id = message.message_id;
         let parsed = Command::parse(&delivery.data, message_id);
@@ -138,13 +139,20 @@ impl Pipeline {
                 (_, Some(facts)) => Input::Stored(facts),
                 (Err(_), None) => Input::Invalid,
                 (Ok(_), None) if self.worn(&history) => Input::Worn,
-                (Ok(command), None) => {
-                    let done =
-                        Box::pin(self.purchase(command, &history, deadline, &traceparent)).await;
-                    // Kept only for the lookup at the window, when it is on.
-                    attempted = self.reconcile_at_window.then(|| done.clone());
-                    Input::Attempted(done)
-                }
+                (Ok(command), None) => match window_start(&history) {
+                    WindowStart::Unknown { before_ms } => Input::StartUnknown { before_ms },
+                    start => {
+                        let first = match start {
+                            WindowStart::From(first) => Some(first),
+                            _ => None,
+                        };
+                        let done =
+                            Box::pin(self.purchase(command, first, deadline, &traceparent)).await;
+                        // Kept only for the lookup at the window, when it is on.
+                        attempted = self.reconcile_at_window.then(|| done.clone());
+                        Input::Attempted(done)
+                    }
+                },
             };
             let mut plan = decide(input, &history, self.policy());
             if let (Ok(command), Some(first), Some(attempted)) =
@@ -278,11 +286,11 @@ impl Pipeline {
     }
 
     /// The purchase attempts of this delivery, within its deadline and the
-    /// command's idempotency window.
+    /// command's idempotency window (from `first_ms`, when it is open).
     async fn purchase(
         &self,
         command: &Command,
-        history: &DeliveryHistory,
+        first_ms: Option<u64>,
         deadline: tokio::time::Instant,
         traceparent: &str,
     ) -> Attempted {
@@ -297,7 +305,7 @@ impl Pipeline {
         };
         let bounds = Bounds {
             deadline,
-            first_attempt_ms: history.first_attempt_ms,
+            first_attempt_ms: first_ms,
             window: self.limits.window,
         };
         purchase_with_retry(&ctx, command, Some(traceparent), bounds).await

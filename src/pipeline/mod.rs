@@ -6,7 +6,7 @@
 //! - [`handler`] takes one delivery from command to plan: delivery → command
 //!   → purchase → outcome;
 //! - [`decision`] is the one place that decides what becomes of a delivery;
-//! - [`executor`] carries the plan out: event → copy → ack.
+//! - [`executor`] carries the plan out: event → copy → ack → `reply_to`.
 
 pub mod alarm;
 pub mod decision;

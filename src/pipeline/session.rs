@@ -15,6 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::decision::Outcome;
@@ -208,23 +209,34 @@ async fn run_on(
     };
     alarm::clear(health, metrics);
     ctx.health.set_connected(false);
-    if result.is_ok() {
-        drain(ctx, &mut tasks).await;
-        settle_last(connection, &channel).await;
-        broker::close(connection, "shutting down").await;
-    }
-    result
+    let stopping = result?;
+    drain(
+        ctx,
+        &mut tasks,
+        stopping + ctx.settings.worker.shutdown_grace(),
+    )
+    .await;
+    settle_last(connection, &channel).await;
+    broker::close(connection, "shutting down").await;
+    Ok(())
 }
 
 /// Consumes until shutdown, pausing while the key is refused, and taking
-/// no deliveries while the broker blocks the connection.
+/// no deliveries while the broker blocks the connection. `Ok`: the moment
+/// the replica was told to stop, from which its drain period counts.
+///
+/// Once told to stop, nothing the broker answers or fails to answer makes
+/// this an error: an error skips the drain and the last settle, and the
+/// commands whose events were confirmed but not yet acked would be answered
+/// again by the next replica, those cut mid-request put back without their
+/// window's start.
 async fn consume(
     ctx: &SessionContext<'_>,
     channel: &Channel,
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
     blocked: &mut watch::Receiver<bool>,
-) -> Result<(), SessionError> {
+) -> Result<Instant, SessionError> {
     let tag = format!("{}-{}", ctx.name, uuid::Uuid::new_v4().simple());
     let settlements = Settlements::new(channel.clone(), ctx.settings.amqp.prefetch);
     loop {
@@ -234,7 +246,7 @@ async fn consume(
             let credentials = &ctx.pipeline.credentials;
             let recovery = credentials.recover(&ctx.pipeline.client, ctx.shutdown);
             if !beating(ctx.health, recovery).await {
-                return Ok(());
+                return Ok(Instant::now());
             }
             ctx.health.set_credentials_refused(false);
             ctx.pipeline.metrics.credentials_refused.set(0);
@@ -254,20 +266,32 @@ async fn consume(
             blocked,
         };
         let paused = run_consumer(ctx, feed, tasks).await?;
+        let stopping = Instant::now();
         ctx.health.set_consuming(false);
         if !paused && *blocked.borrow() {
-            // Stopping while blocked: a cancel could not be written, and
-            // would only time out and skip the drain. What the broker pushed
-            // goes back when the connection closes.
-            return Ok(());
+            // Stopping while blocked: a cancel could not be written. What
+            // the broker pushed goes back when the connection closes.
+            return Ok(stopping);
         }
         // Stop the flow, then put back what the broker had already pushed.
         let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-        call(ctx.health, "basic.cancel", cancel).await?;
-        requeue_buffered(&settlements, &mut consumer).await;
-        if !paused {
-            return Ok(());
+        let cancelled = call(ctx.health, "basic.cancel", cancel).await;
+        if paused {
+            cancelled?;
+            requeue_buffered(&settlements, &mut consumer).await;
+            continue;
         }
+        match cancelled {
+            Ok(()) => requeue_buffered(&settlements, &mut consumer).await,
+            // Not known to be cancelled, the consumer may still be fed:
+            // requeueing what comes would send the same commands round in
+            // a loop. They go back when the channel closes.
+            Err(e) => tracing::warn!(
+                error = %e,
+                "stopping: the consumer was not cancelled; draining the commands in flight anyway"
+            ),
+        }
+        return Ok(stopping);
     }
 }
 
@@ -391,8 +415,11 @@ async fn settle_last(connection: &Connection, channel: &Channel) {
     }
 }
 
-async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>) {
-    let grace = ctx.settings.worker.shutdown_grace();
+/// The grace period ends at `until`, counted from the moment the replica
+/// was told to stop: the cancel of the consumer, however long the broker
+/// takes to answer it, comes out of it, not on top of it.
+async fn drain(ctx: &SessionContext<'_>, tasks: &mut JoinSet<Outcome>, until: Instant) {
+    let grace = until.saturating_duration_since(Instant::now());
     tracing::info!(
         in_flight = tasks.len(),
         ?grace,

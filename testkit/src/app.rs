@@ -339,9 +339,16 @@ impl TestApp {
 
     /// Starts the binary as a child process with this app's configuration.
     pub fn spawn_process(&self) -> tokio::process::Child {
+        self.spawn_process_with(&[])
+    }
+
+    /// [`TestApp::spawn_process`] with `extra` variables over the app's (a
+    /// broker URL through a [`crate::proxy::Proxy`], say).
+    pub fn spawn_process_with(&self, extra: &[(&str, &str)]) -> tokio::process::Child {
         tokio::process::Command::new(crate::process::worker_binary())
             .arg("run")
             .envs(self.env.iter())
+            .envs(extra.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(if std::env::var("TEST_LOG").is_ok() {

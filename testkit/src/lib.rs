@@ -13,7 +13,10 @@
 //! - [`commands`]: valid command bodies with fresh ids;
 //! - [`guard`]: what a test declared on the broker, deleted when the test
 //!   ends, passed or failed;
+//! - [`pika`]: pika (Python) publishing and reading messages whose
+//!   properties are bytes, where lapin's are text;
 //! - [`process`]: the worker's binary, and its graceful stop by SIGTERM;
+//! - [`proxy`]: a TCP proxy to the broker that slows its answers on cue;
 //! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
 //!   `Command::parse`;
@@ -29,7 +32,9 @@ pub mod cluster;
 pub mod commands;
 pub mod guard;
 pub mod hostile;
+pub mod pika;
 pub mod process;
+pub mod proxy;
 pub mod rules;
 
 /// Every wait of the tests is bounded by this (or a stated shorter bound), so

@@ -146,6 +146,26 @@ pub(crate) fn the_manifest_has_no_target_the_dockerfile_stub_build_would_miss() 
             "deploy/Dockerfile does not copy benches/"
         );
     }
+    // A crate patched by path is built in the dependency layer: its sources
+    // are copied before it.
+    let stub_build = dockerfile
+        .find("cargo build --release --locked")
+        .expect("the dependency layer");
+    for patched in manifest
+        .get("patch")
+        .and_then(|p| p.get("crates-io"))
+        .and_then(|p| p.as_table())
+        .into_iter()
+        .flat_map(|t| t.values())
+    {
+        let path = patched["path"].as_str().expect("a patch by path");
+        let top = path.split('/').next().expect("a path");
+        let copy = dockerfile.find(&format!("COPY {top} ./{top}\n"));
+        assert!(
+            copy.is_some_and(|at| at < stub_build),
+            "deploy/Dockerfile does not copy {top}/ (the patched crate {path}) before the dependency layer's build"
+        );
+    }
     for section in ["example", "test"] {
         assert!(
             !manifest.contains_key(section),

@@ -658,6 +658,11 @@ pub(crate) fn the_asyncapi_headers_are_those_the_worker_sends_and_reads() {
                 lapin::types::AMQPValue::LongString(s) => {
                     String::from_utf8_lossy(s.as_bytes()).into_owned()
                 }
+                lapin::types::AMQPValue::LongLongInt(n) => {
+                    let documented = format!("/properties/{k}/type");
+                    assert_eq!(text(schema, &documented), "integer", "{k}");
+                    n.to_string()
+                }
                 other => panic!("{k}: {other:?}"),
             };
             (k.as_str().to_owned(), value)

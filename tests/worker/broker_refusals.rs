@@ -13,7 +13,12 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
-use cpw_testkit::app::{Options, TestApp, WAIT, command, command_for, command_id, spawn_app_with};
+use cpw_testkit::app::{
+    Options, SIM_KEY, TestApp, WAIT, command, command_for, command_id, spawn_app_with,
+};
+use cpw_testkit::broker::{amqp_url, sealed};
+use cpw_testkit::proxy::Proxy;
+use credit_purchase_worker::broker::history::STEP_HEADER;
 
 /// Sum of the ready messages in these queues.
 async fn parked(app: &TestApp, queues: &[String]) -> u32 {
@@ -211,5 +216,68 @@ async fn an_unroutable_copy_is_never_taken_for_a_routed_one() {
     wait_parked(&app, &[app.queue.clone()], N as u32).await;
     assert_eq!(app.take_dead_letters().await.len(), 0);
     app.assert_charged_once(&ok);
+    app.cleanup().await;
+}
+
+/// A copy whose confirm comes too late is not confirmed; the channel it
+/// went out on must not carry the next one. Here the broker's ack of the
+/// late copy reaches the worker after the return of the next copy, an
+/// unroutable one (as when the broker acks both at once and the client
+/// resolves the older first): on the same channel, the return was read
+/// against the late copy, the unroutable one taken for routed, and its
+/// command acked with its copy nowhere, never answered.
+#[tokio::test]
+async fn a_copy_after_one_that_timed_out_goes_on_a_fresh_channel() {
+    let proxy = Proxy::start(&amqp_url()).await;
+    let options = Options::default()
+        .env("CPW__AMQP__URL", proxy.url())
+        .env("CPW__AMQP__CONFIRM_TIMEOUT_SECS", 1)
+        .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", "1,2");
+    let mut app = spawn_app_with(options).await;
+    app.wait_readyz(200).await;
+    // Copies to the second delay step go nowhere.
+    app.channel
+        .queue_delete(
+            format!("{}.retry.2s", app.queue).as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the delay queue");
+    let down = |customer: &str| ScriptedResponse {
+        customer_id: Some(customer.into()),
+        status: 503,
+        body: json!({"message": "down"}),
+        headers: Default::default(),
+        times: Some(4),
+    };
+    app.set_faults(FaultsPatch {
+        scripted: Some(vec![down("cus_late"), down("cus_lost")]),
+        ..FaultsPatch::default()
+    });
+    // The first command's copy, to the first delay step, is confirmed
+    // only after the confirm timeout.
+    proxy.hold_next_confirm();
+    let late = command_id();
+    app.publish(&command_for(&late, "cus_late")).await;
+    cpw_testkit::wait_until(
+        "the late copy's confirm to be held",
+        Duration::from_millis(20),
+        async || proxy.holding(),
+    )
+    .await;
+    // The second one is at the second step: its copy is unroutable.
+    let lost = command_id();
+    let body = command_for(&lost, "cus_lost").to_string();
+    let mut headers = FieldTable::default();
+    headers.insert(STEP_HEADER.into(), AMQPValue::LongLongInt(1));
+    let props = sealed(
+        BasicProperties::default().with_headers(headers),
+        body.as_bytes(),
+        SIM_KEY,
+    );
+    app.publish_raw(body.as_bytes(), props).await;
+    let event = app.event_for(&lost).await;
+    assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
+    assert_eq!(app.ledger().charges_for(&lost), 1);
     app.cleanup().await;
 }

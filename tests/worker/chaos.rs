@@ -84,7 +84,17 @@ async fn chaos_run_keeps_every_promise() {
         } else {
             valid.push(id);
         }
-        app.publish(&body).await;
+        // With a `timestamp`, as docs/publishing.md asks: a command worn by
+        // the kills is then bought within its window counted from there,
+        // instead of dead-lettered with its first request unknown.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        app.publish_raw(
+            body.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_timestamp(now),
+        )
+        .await;
         // Paced, so the chaos meets commands in flight.
         tokio::time::sleep(Duration::from_millis(8)).await;
     }

@@ -39,28 +39,7 @@ impl Language {
     /// naming the install step, when the locked dependencies are not there.
     fn interpreter(self) -> (PathBuf, PathBuf) {
         match self {
-            Language::Python => {
-                // The venv .ci/run makes; CPW_EXAMPLES_PYTHON names another.
-                let python = std::env::var_os("CPW_EXAMPLES_PYTHON")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| {
-                        Path::new(env!("CARGO_MANIFEST_DIR"))
-                            .join("target/examples-venv/bin/python3")
-                    });
-                let has_pika = std::process::Command::new(&python)
-                    .args(["-c", "import pika"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                assert!(
-                    has_pika,
-                    "{} cannot import pika: install the examples' dependencies as .ci/run does:\n  \
-                     python3 -m venv target/examples-venv && target/examples-venv/bin/pip install \
-                     --require-hashes -r examples/python/requirements.txt",
-                    python.display()
-                );
-                (python, examples_dir().join("python"))
-            }
+            Language::Python => (cpw_testkit::pika::python(), examples_dir().join("python")),
             Language::Node => {
                 let has_node = std::process::Command::new("node")
                     .arg("--version")
@@ -258,8 +237,39 @@ impl Consumer {
 /// the broker's confirm and its ack publishes when the command comes round again.
 async fn publish_duplicate(app: &TestApp, event: &Value) -> String {
     let mut duplicate = event.clone();
-    let event_id = uuid::Uuid::new_v4().to_string();
-    duplicate["event_id"] = json!(event_id);
+    duplicate["event_id"] = json!(uuid::Uuid::new_v4().to_string());
+    publish_event(app, &duplicate).await
+}
+
+/// The `succeeded` event `dead-letters reconcile` publishes for the command
+/// of the `failed` event `failed` once it finds its charge in Hyperline's
+/// credit transactions: a new `event_id`, `"reconciled": true`. Checked
+/// against the published schema, so the consumers are shown the real shape.
+fn reconciled_success(failed: &Value) -> Value {
+    let mut event = failed.clone();
+    let object = event.as_object_mut().expect("an event object");
+    object.remove("error");
+    object.insert("event_id".into(), json!(uuid::Uuid::new_v4().to_string()));
+    object.insert("type".into(), json!("credit_purchase.succeeded"));
+    object.insert("invoice_id".into(), json!("inv_reconciled_example"));
+    object.insert("new_credit_balance".into(), json!(32));
+    object.insert("reconciled".into(), json!(true));
+    let path = examples_dir().join("../docs/schemas/succeeded.schema.json");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the schema")).expect("JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(&event)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}: {event}");
+    event
+}
+
+/// Publishes `event` as it is to the results exchange, with the worker's
+/// properties; returns its `event_id`.
+async fn publish_event(app: &TestApp, event: &Value) -> String {
+    let event_id = event["event_id"].as_str().expect("an event id").to_owned();
     let kind = event["type"].as_str().expect("an event type");
     let command_id = event["command_id"].as_str().expect("a command id");
     let confirm = app
@@ -268,7 +278,7 @@ async fn publish_duplicate(app: &TestApp, event: &Value) -> String {
             app.results_exchange.as_str().into(),
             kind.into(),
             BasicPublishOptions::default(),
-            duplicate.to_string().as_bytes(),
+            event.to_string().as_bytes(),
             BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)
@@ -280,7 +290,7 @@ async fn publish_duplicate(app: &TestApp, event: &Value) -> String {
         .expect("publish")
         .await
         .expect("confirm");
-    assert!(confirm.is_ack(), "the broker took the duplicate");
+    assert!(confirm.is_ack(), "the broker took the event");
     event_id
 }
 
@@ -352,7 +362,8 @@ async fn delete_queue(connection: &Connection, queue: &str) {
 
 /// The whole story of one language's examples: the publisher's three exits,
 /// a consumer that handles each outcome once (live, from its queue after a
-/// restart, and from the results log) and acks what it handled.
+/// restart, and from the results log), keeps a later correction (a
+/// reconciled `succeeded` after a `failed`), and acks what it handled.
 async fn examples_run_against_a_real_worker(language: Language) {
     // Before anything is declared: a missing dependency fails here, clearly.
     language.interpreter();
@@ -424,6 +435,33 @@ async fn examples_run_against_a_real_worker(language: Language) {
         .expect(&format!("duplicate command_id={succeeded_id} "))
         .await;
     assert!(line.contains(&duplicate), "{line}");
+
+    // A correction (docs/events.md, rule 2): the failed command's charge is
+    // found later, and its reconciled `succeeded` supersedes the `failed`.
+    // The same event again, and a late copy of the failure, are duplicates.
+    let correction = reconciled_success(&failed_event);
+    let correction_id = publish_event(&app, &correction).await;
+    let line = billing
+        .expect(&format!(
+            "handled command_id={failed_id} type=credit_purchase.succeeded"
+        ))
+        .await;
+    assert!(
+        line.contains(&format!(
+            "event_id={correction_id} reconciled supersedes=credit_purchase.failed"
+        )),
+        "{line}"
+    );
+    publish_event(&app, &correction).await;
+    let line = billing
+        .expect(&format!("duplicate command_id={failed_id} "))
+        .await;
+    assert!(line.contains(&correction_id), "{line}");
+    let late_failure = publish_duplicate(&app, &failed_event).await;
+    let line = billing
+        .expect(&format!("duplicate command_id={failed_id} "))
+        .await;
+    assert!(line.contains(&late_failure), "{line}");
     billing.stop().await;
     assert_eq!(
         billing.handled(&succeeded_id).len(),
@@ -433,8 +471,8 @@ async fn examples_run_against_a_real_worker(language: Language) {
     );
     assert_eq!(
         billing.handled(&failed_id).len(),
-        1,
-        "{}",
+        2,
+        "the failure, then its correction; {}",
         billing.transcript()
     );
     assert_eq!(app.depth(&first_queue).await, 0, "every event acked");
@@ -506,10 +544,23 @@ async fn examples_run_against_a_real_worker(language: Language) {
     );
     assert_eq!(app.depth(&first_queue).await, 0, "every event acked");
     let seen = std::fs::read_to_string(dir.join(format!("{first_queue}.seen"))).expect("seen file");
-    for id in [&succeeded_id, &failed_id, &logged_id, &live_id] {
-        let records = seen.lines().filter(|l| l == id).count();
-        assert_eq!(records, 1, "{id} recorded once in the seen file:\n{seen}");
+    let recorded = |id: &str| -> Vec<&str> {
+        seen.lines()
+            .filter_map(|l| l.strip_prefix(id)?.strip_prefix(' '))
+            .collect()
+    };
+    for id in [&succeeded_id, &logged_id, &live_id] {
+        assert_eq!(
+            recorded(id),
+            ["credit_purchase.succeeded"],
+            "{id} recorded once in the seen file:\n{seen}"
+        );
     }
+    assert_eq!(
+        recorded(&failed_id),
+        ["credit_purchase.failed", "credit_purchase.succeeded"],
+        "the failure, then its correction, in the seen file:\n{seen}"
+    );
 
     // No worker: no event comes, and the publisher says so with exit 2.
     app.stop_worker().await;

@@ -1,8 +1,8 @@
-//! Time: a hanging API, a long `Retry-After`, and a command whose
-//! idempotency window passes while the replica waits out a refused key.
+//! Time: a hanging API, a long `Retry-After`, an absurd one, and a command
+//! whose idempotency window passes while the replica waits out a refused key.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use credit_purchase_worker::broker::header_u64;
 use credit_purchase_worker::broker::history::FIRST_ATTEMPT_HEADER;
@@ -10,7 +10,9 @@ use credit_purchase_worker::simulator::{Faults, FaultsPatch, ScriptedResponse};
 use serde_json::json;
 use tokio::time::Instant;
 
-use cpw_testkit::app::{Options, TestApp, WAIT, command, command_id, spawn_app_with};
+use cpw_testkit::app::{
+    Options, TestApp, WAIT, command, command_for, command_id, scripted, spawn_app_with,
+};
 
 /// The distinct commands that reached the simulator.
 fn tried(app: &TestApp) -> usize {
@@ -113,6 +115,70 @@ async fn a_long_retry_after_pauses_every_command_without_using_a_step() {
             .any(|l| l.starts_with("cpw_redeliveries_total{")),
         "no delay step used:\n{text}"
     );
+    app.cleanup().await;
+}
+
+/// `Retry-After` values no replica should honour: the largest number of
+/// seconds a `u64` holds (which overflowed `Instant + Duration` and panicked
+/// the delivery's task), 10^12 s (31,700 years) and an HTTP date ten years
+/// ahead. Each pauses the replica for its longest pause (here the 5 s
+/// delivery deadline) and no longer: the next request goes then, and every
+/// command is answered and charged once.
+#[tokio::test]
+async fn an_absurd_retry_after_pauses_the_replica_for_the_longest_pause_only() {
+    let options = Options::default()
+        .env("CPW__WORKER__DELIVERY_DEADLINE_SECS", 5)
+        .env("CPW__RETRY__MAX_RATE_LIMIT_WAIT_SECS", 1);
+    let mut app = spawn_app_with(options).await;
+    let longest = app.settings().longest_rate_limit_pause();
+    assert_eq!(longest, Duration::from_secs(5));
+    let ten_years = SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+    let values = [
+        u64::MAX.to_string(),
+        10u64.pow(12).to_string(),
+        httpdate::fmt_http_date(ten_years),
+    ];
+    for retry_after in values {
+        let limited = scripted(
+            "cus_absurd",
+            429,
+            json!({"message": "slow down"}),
+            &[("Retry-After", retry_after.as_str())],
+            Some(1),
+        );
+        app.set_faults(FaultsPatch {
+            scripted: Some(vec![limited]),
+            ..FaultsPatch::default()
+        });
+        let before = app.sim.requests().len();
+        let refused = command_id();
+        app.publish(&command_for(&refused, "cus_absurd")).await;
+        app.wait_requests(before + 1).await;
+        let at = Instant::now();
+        let mut ids = app.publish_commands(2).await;
+        while app.sim.requests().len() < before + 2 {
+            assert!(
+                at.elapsed() < longest + Duration::from_secs(3),
+                "Retry-After: {retry_after}: no request within the longest pause"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let paused = at.elapsed();
+        assert!(
+            paused >= longest - Duration::from_millis(500),
+            "Retry-After: {retry_after}: the next request came {paused:?} after the 429"
+        );
+        ids.push(refused);
+        let events = app.events_answering(&ids).await;
+        assert!(
+            events
+                .iter()
+                .all(|e| e.kind() == "credit_purchase.succeeded"),
+            "Retry-After: {retry_after}: {:?}",
+            events.iter().map(|e| &e.body).collect::<Vec<_>>()
+        );
+        app.assert_charged_once(&ids);
+    }
     app.cleanup().await;
 }
 

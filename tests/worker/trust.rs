@@ -12,7 +12,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 
 use cpw_testkit::app::{
-    Options, TestApp, command, command_for, command_id, scripted, spawn_app, spawn_app_with,
+    Options, SIM_KEY, TestApp, command, command_for, command_id, scripted, spawn_app,
+    spawn_app_with,
 };
 
 /// The customer's next purchase is charged, then answered with a garbled
@@ -300,5 +301,62 @@ async fn a_publishers_user_id_does_not_make_the_command_skip_its_delay() {
         "no session was lost"
     );
     let _ = connection.close(200, "done".into()).await;
+    app.cleanup().await;
+}
+
+/// The move from the key derived from the API key to explicit keys
+/// (docs/trust.md): with the `derived-from-api-key` entry kept beside the
+/// new key, a copy waiting in a delay queue and a dead letter, both signed
+/// with the derived key before the move, still verify after it; `check`
+/// names which key signs and which verify, and prints neither.
+#[tokio::test]
+async fn copies_signed_with_the_derived_key_still_verify_after_the_move_to_explicit_keys() {
+    let options = Options::default()
+        .env("CPW__RETRY__ATTEMPTS", 1)
+        .env("CPW__RETRY__REDELIVERY_DELAYS_SECS", 5);
+    let mut app = spawn_app_with(options).await;
+    let unavailable = scripted("cus_delayed", 503, json!({"message": "down"}), &[], Some(1));
+    app.set_faults(FaultsPatch {
+        scripted: Some(vec![unavailable]),
+        ..garbled_after_charge("cus_garbled")
+    });
+    // Signed with the derived key: a dead letter, and a copy in a delay queue.
+    let (lettered, delayed) = (command_id(), command_id());
+    app.publish(&command_for(&lettered, "cus_garbled")).await;
+    let event = app.event_for(&lettered).await;
+    assert_eq!(event["error"]["code"], "unexpected_response", "{event}");
+    app.wait_depth(&app.dead_queue(), 1).await;
+    app.publish(&command_for(&delayed, "cus_delayed")).await;
+    app.wait_depth(&format!("{}.retry.5s", app.queue), 1).await;
+    app.stop_worker().await;
+
+    let explicit = "k".repeat(64);
+    let keys = format!("{explicit},derived-from-api-key");
+    app.env.insert("CPW__WORKER__HISTORY_KEYS".into(), keys);
+    app.start_worker().await;
+    let event = app.event_for(&delayed).await;
+    assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
+    assert_eq!(
+        event["attempts"], 2,
+        "the 503 before the move is remembered"
+    );
+    assert_eq!(app.metric("cpw_history_rejected_total").await, 0.0);
+
+    let (_, stdout, stderr) = app.cli(&["dead-letters", "list", "--json"], &[]).await;
+    let letter: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+    assert_eq!(letter["command_id"], lettered.as_str());
+    assert_eq!(letter["attempts"], 1, "its memory verifies: {letter}");
+    assert!(letter["first_attempt"].is_string(), "{letter}");
+
+    let (_, stdout, _) = app.cli(&["check"], &[]).await;
+    let line = "✓ history keys: copies signed with entry 1 (a configured key); verified with \
+                entry 1 (a configured key), entry 2 (the key derived from hyperline.api_key) \
+                (entries of worker.history_keys)";
+    assert!(stdout.contains(line), "{stdout}");
+    assert!(
+        !stdout.contains(&explicit) && !stdout.contains(SIM_KEY),
+        "{stdout}"
+    );
     app.cleanup().await;
 }

@@ -53,7 +53,7 @@ impl Acting<'_> {
             command_id: letter.command.id.as_str().to_owned(),
             customer_id: letter.command.customer_id.as_str().to_owned(),
             product_id: letter.command.product_id.as_str().to_owned(),
-            error_code: letter.code.as_str(),
+            error_code: letter.code,
             first_attempt: letter
                 .history
                 .first_attempt_ms
@@ -199,23 +199,26 @@ impl Acting<'_> {
     async fn publish(&self, delivery: &Delivery, event: &ResultEvent) -> Result<(), PublishError> {
         let headers = delivery.properties.headers().as_ref();
         let traceparent = header_str(headers, "traceparent");
+        let body = event.to_json();
+        let props = event.amqp_properties(traceparent.as_deref());
         let reply_to = crate::broker::reply_to(&delivery.properties);
-        self.publisher
-            .publish_event(
-                &self.topology.results_exchange,
-                event.routing_key(),
-                &event.to_json(),
-                event.amqp_properties(traceparent.as_deref()),
-                reply_to,
-            )
-            .await
-            .map(|dropped| {
-                for d in dropped {
-                    eprintln!(
-                        "note: the event could not be delivered to reply_to {}: {} (the results log has it)",
-                        d.queue, d.detail
-                    );
-                }
-            })
+        let reply_props = reply_to.map(|_| props.clone());
+        let (exchange, key) = (&self.topology.results_exchange, event.routing_key());
+        let mut dropped: Vec<_> = self
+            .publisher
+            .publish_event(exchange, key, &body, props)
+            .await?
+            .into_iter()
+            .collect();
+        if let (Some(queue), Some(props)) = (reply_to, reply_props) {
+            dropped.extend(self.publisher.publish_reply(queue, &body, props).await);
+        }
+        for d in dropped {
+            eprintln!(
+                "note: the event could not be delivered to reply_to {}: {} (the results log has it)",
+                d.queue, d.detail
+            );
+        }
+        Ok(())
     }
 }

@@ -111,7 +111,7 @@ pub fn judge(
         .zip(&matches)
         .map(|(letter, matches)| evidence::Letter {
             command: &letter.command,
-            bounded: letter.span(timing.now_ms).is_some(),
+            bounded: letter.bounded(),
             matches,
         })
         .collect();

@@ -5,15 +5,22 @@
 //! 2xx, or an undocumented status, that did not say what happened), or as
 //! `retries_exhausted` with a recorded first request that may have charged
 //! (`cpw-first-attempt-ms`: a timeout, a dropped connection or a 5xx, then
-//! either the whole budget spent or the 24-hour window refused). A
-//! `retries_exhausted` dead letter without it never sent a request that
-//! could charge, and an `invalid_command` never reached Hyperline: neither
-//! is uncertain, and `dead-letters replay` is their tool.
+//! either the whole budget spent or the 24-hour window refused); and any
+//! letter of a valid command that was delivered to a worker with no first
+//! request recorded before (a poison message after crashes, a command that
+//! expired or reached the broker's delivery limit after a delivery): a
+//! delivery killed mid-request records nothing, so its first request is
+//! unknown ([`letter::inspect`](super::super::letter::inspect) says which).
+//! A `retries_exhausted` dead letter that was never delivered so and
+//! recorded no request never sent one that could charge, and an
+//! `invalid_command` never reached Hyperline: neither is uncertain, and
+//! `dead-letters replay` is their tool.
 
 use std::collections::BTreeMap;
 
 use lapin::message::Delivery;
 
+use super::super::letter::inspect;
 use crate::broker::history::{DEAD_LETTERED_HEADER, ERROR_CODE_HEADER};
 use crate::broker::{DeliveryHistory, HistoryKeys, Message, Provenance, header_str, header_u64};
 use crate::configuration::Settings;
@@ -29,23 +36,52 @@ pub struct Letter {
     pub delivery: Delivery,
     /// Its command.
     pub command: Command,
-    /// Why the worker dead-lettered it.
-    pub code: ErrorCode,
+    /// Why it died: the worker's error code, or the broker's reason
+    /// (`expired`, `delivery_limit`).
+    pub code: &'static str,
     /// What the worker learned about it.
     pub history: DeliveryHistory,
-    /// When the worker dead-lettered it (Unix ms).
+    /// When it died (Unix ms): the worker's stamp, else the broker's death.
     pub died_ms: Option<u64>,
+    /// Delivered to a worker without a first request recorded before: a
+    /// request may have charged before this moment (Unix ms), its first
+    /// request unknown.
+    pub unrecorded_before_ms: Option<u64>,
+    /// The publisher's `timestamp` property (Unix ms).
+    pub published_ms: Option<u64>,
 }
 
 impl Letter {
     /// Its window: from its first request that may have charged to its
-    /// dead-lettering (or `now_ms`, when unstamped); `None` when its first
-    /// request is unknown.
+    /// death (or `now_ms`, when it has no time of death). When its first
+    /// request is unknown, from the command's publication (its `timestamp`
+    /// property, the publisher's word: no request precedes it), else from
+    /// the beginning of the listing, where nothing can be proved "not
+    /// charged" ([`Letter::bounded`]). `None` when it has no window at all.
     pub fn span(&self, now_ms: u64) -> Option<TimeSpan> {
+        let first = self.history.first_attempt_ms;
+        let from_ms = match self.unrecorded_before_ms {
+            None => first?,
+            Some(before) => match self.published_ms.filter(|p| *p <= before) {
+                Some(published) => first.map_or(published, |f| f.min(published)),
+                None => 0,
+            },
+        };
         Some(TimeSpan {
-            from_ms: self.history.first_attempt_ms?,
+            from_ms,
             until_ms: self.died_ms.unwrap_or(now_ms),
         })
+    }
+
+    /// Whether its window has a known start, so that an empty window
+    /// proves "not charged": false for a letter whose first request is
+    /// unknown and whose command has no `timestamp` property.
+    pub fn bounded(&self) -> bool {
+        self.unrecorded_before_ms.is_none()
+            || self
+                .published_ms
+                .zip(self.unrecorded_before_ms)
+                .is_some_and(|(p, before)| p <= before)
     }
 
     /// The customer and product, whose listing it is matched against.
@@ -60,30 +96,39 @@ impl Letter {
 /// What makes a delivery an uncertain letter.
 struct Facts {
     command: Command,
-    code: ErrorCode,
+    code: &'static str,
     history: DeliveryHistory,
     died_ms: Option<u64>,
+    unrecorded_before_ms: Option<u64>,
 }
 
 /// The facts of a dead letter whose charge is uncertain; `None` for any other.
 ///
 /// A letter whose stamp does not verify is not the worker's: its code, its
 /// window and its dead-lettering time are the publisher's word, so it is
-/// left alone.
+/// left alone, unless the broker's own marks say it was delivered (a
+/// delivery count, a death at the delivery limit): its first request is then
+/// unknown whatever its headers claim.
 fn facts(delivery: &Delivery, keys: &HistoryKeys) -> Option<Facts> {
     let headers = delivery.properties.headers().as_ref();
     let message = Message::of(&delivery.properties, &delivery.data);
     let (history, provenance) = DeliveryHistory::read(message, Some(keys));
-    if provenance != Provenance::Verified {
-        return None;
-    }
-    let code = header_str(headers, ERROR_CODE_HEADER)
+    let info = inspect(&delivery.data, &delivery.properties, 0, Some(keys));
+    let stamped = header_str(headers, ERROR_CODE_HEADER)
         .as_deref()
-        .and_then(ErrorCode::parse)?;
-    let is_uncertain = match code {
-        ErrorCode::UnexpectedResponse => true,
-        ErrorCode::RetriesExhausted => history.first_attempt_ms.is_some(),
-        _ => false,
+        .and_then(ErrorCode::parse)
+        .filter(|_| provenance == Provenance::Verified);
+    let first_unknown = info.unrecorded_before_ms.is_some();
+    let code = match stamped {
+        Some(code @ ErrorCode::UnexpectedResponse) => code.as_str(),
+        Some(code @ ErrorCode::RetriesExhausted)
+            if history.first_attempt_ms.is_some() || first_unknown =>
+        {
+            code.as_str()
+        }
+        Some(_) => return None,
+        None if first_unknown => broker_reason(info.broker_reason.as_deref()),
+        None => return None,
     };
     let message_id = delivery
         .properties
@@ -91,12 +136,27 @@ fn facts(delivery: &Delivery, keys: &HistoryKeys) -> Option<Facts> {
         .as_ref()
         .map(|m| m.as_str());
     let command = Command::parse(&delivery.data, message_id).ok()?;
-    is_uncertain.then(|| Facts {
+    let died_ms = match stamped {
+        Some(_) => header_u64(headers, DEAD_LETTERED_HEADER),
+        None => info.died_ms,
+    };
+    Some(Facts {
         command,
         code,
         history,
-        died_ms: header_u64(headers, DEAD_LETTERED_HEADER),
+        died_ms,
+        unrecorded_before_ms: info.unrecorded_before_ms,
     })
+}
+
+/// The broker's reason for a letter it dead-lettered on its own, as a label.
+fn broker_reason(reason: Option<&str>) -> &'static str {
+    match reason {
+        Some("expired") => "expired",
+        Some("delivery_limit") => "delivery_limit",
+        Some("maxlen") => "maxlen",
+        _ => "dead-lettered",
+    }
 }
 
 impl Letter {
@@ -106,13 +166,20 @@ impl Letter {
             code,
             history,
             died_ms,
+            unrecorded_before_ms,
         } = facts;
+        let published_ms = delivery
+            .properties
+            .timestamp()
+            .map(|s| s.saturating_mul(1000));
         Letter {
             delivery,
             command,
             code,
             history,
             died_ms,
+            unrecorded_before_ms,
+            published_ms,
         }
     }
 }
@@ -147,12 +214,16 @@ pub async fn read_listings(
     settings: &Settings,
     letters: &[Letter],
 ) -> Listings {
-    let gate = Gate::new(READS_PER_SECOND, settings.hyperline.timeout());
+    let gate = Gate::new(
+        READS_PER_SECOND,
+        settings.hyperline.timeout(),
+        settings.longest_rate_limit_pause(),
+    );
     let bounds = ReadBounds::from_retry(&settings.retry);
     let mut listings = Listings::new();
     for letter in letters {
         let key = letter.pair();
-        if listings.contains_key(&key) || letter.history.first_attempt_ms.is_none() {
+        if listings.contains_key(&key) || letter.span(0).is_none() {
             continue;
         }
         let listing = client

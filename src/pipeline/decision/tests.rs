@@ -599,3 +599,5 @@ mod at_the_window {
         assert!(message.contains("2 matching transactions"), "{message}");
     }
 }
+
+mod worn;
