@@ -147,6 +147,12 @@ async fn metrics_count_real_traffic() {
     });
     app.publish(&command_for(&command_id(), "cus_down")).await;
     scrape_until(&app, "cpw_redeliveries_total{step=\"1\"}").await;
+    // A `reply_to` naming no queue: the reply is dropped, and counted.
+    let nowhere = format!("cpw-ops-no-reply-{}", uuid::Uuid::new_v4().simple());
+    let props = BasicProperties::default().with_reply_to(nowhere.as_str().into());
+    let body = command(&command_id()).to_string();
+    app.publish_raw(body.as_bytes(), props).await;
+    scrape_until(&app, "cpw_replies_dropped_total{reason=\"unroutable\"}").await;
     app.set_faults(FaultsPatch {
         reject_auth: Some(true),
         ..FaultsPatch::default()
