@@ -130,7 +130,6 @@ async fn unleash(mut c: Chaos) -> Damage {
     for k in 0..c.schedule.strikes() {
         let what = format!("node stop {k}");
         wait_count(&mut c.published, k + 1, STAGE, &what).await;
-        wait_charged(&c.sim_url, c.schedule.due(k), STAGE, &what).await;
         let mut leader = None;
         blocking(&mut |nodes| leader = (0..3).find_map(|i| nodes.leader_of(i, &c.queue)));
         let ports = worker_ports(&c.ops).await;
@@ -138,6 +137,10 @@ async fn unleash(mut c: Chaos) -> Damage {
         blocking(&mut |nodes| {
             on_worker = ports.iter().find_map(|p| nodes.node_with_port(*p));
         });
+        // Looked up first (`rabbitmqctl` takes seconds on a busy machine):
+        // with every node up and none stopped since, the leader stays put,
+        // and the stop lands when it is due, its tranche still in flight.
+        wait_charged(&c.sim_url, c.schedule.due(k), STAGE, &what).await;
         let (victim, hard) = match k {
             0 => (leader, true),
             1 => (on_worker, false),
