@@ -17,6 +17,8 @@
 //!   properties are bytes, where lapin's are text;
 //! - [`process`]: the worker's binary, and its graceful stop by SIGTERM;
 //! - [`proxy`]: a TCP proxy to the broker that slows its answers on cue;
+//! - [`strikes`]: when a chaos run strikes, by progress (commands
+//!   charged) rather than by the clock, and where it holds its publishing;
 //! - [`rules`]: the command rules of docs/contract.md section 2 restated byte by
 //!   byte, independently of the parser, and what holds of every verdict of
 //!   `Command::parse`;
@@ -36,6 +38,7 @@ pub mod pika;
 pub mod process;
 pub mod proxy;
 pub mod rules;
+pub mod strikes;
 
 /// Every wait of the tests is bounded by this (or a stated shorter bound), so
 /// a test that goes wrong fails instead of hanging.

@@ -5,19 +5,48 @@
 //! outcome, the queues empty, and the dead-letter queue holding exactly the
 //! invalid commands.
 //!
+//! The strikes (12 kills, 3 cuts, 2 bursts, in an order the seed shuffles)
+//! are scheduled by progress (`cpw_testkit::strikes`): each is due a quarter
+//! into a tranche of the commands, and the next tranche is published only
+//! once it has happened, so the run makes exactly these strikes, with
+//! commands in flight, on a fast machine as on a slow one.
+//!
 //! Seeded: `CHAOS_SEED=<n>` replays a run; the seed is printed either way.
 //! `CHAOS_COMMANDS`, `CHAOS_REPLICAS` scale it.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use cpw_testkit::strikes::{Schedule, wait_charged, wait_count};
 use credit_purchase_worker::simulator::Faults;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use tokio::sync::watch;
 
-use cpw_testkit::app::{Options, command, command_id, cut_connections_named, spawn_without_worker};
+use cpw_testkit::app::{
+    Options, WAIT, command, command_id, cut_connections_named, spawn_without_worker,
+};
 use cpw_testkit::process::worker_binary;
+
+/// One strike of the run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Strike {
+    /// SIGKILL to a replica, started again at once.
+    Kill,
+    /// The broker closes a replica's connections.
+    Cut,
+    /// The API answers 429 beyond 15 requests a second until the next strike.
+    Burst,
+}
+
+/// The strikes of a run, before the seed shuffles them.
+const STRIKES: [(Strike, usize); 3] = [(Strike::Kill, 12), (Strike::Cut, 3), (Strike::Burst, 2)];
+
+/// Bound on each stage of the run (a tranche charged up to its strike, a
+/// strike made): a hang fails the test, a slow machine only takes longer.
+const STAGE: Duration = Duration::from_secs(240);
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -54,49 +83,77 @@ async fn chaos_run_keeps_every_promise() {
     )
     .await;
 
+    // Commands: ~2% invalid (they must end in the dead-letter queue).
+    let bodies: Vec<(String, serde_json::Value, bool)> = (0..commands)
+        .map(|_| {
+            let id = command_id();
+            let mut body = command(&id);
+            let valid = !rng.random_bool(0.02);
+            if !valid {
+                body["credit_count"] = json!(0);
+            }
+            (id, body, valid)
+        })
+        .collect();
+    let valid: Vec<String> = bodies.iter().filter(|b| b.2).map(|b| b.0.clone()).collect();
+    let invalid: Vec<String> = bodies
+        .iter()
+        .filter(|b| !b.2)
+        .map(|b| b.0.clone())
+        .collect();
+    let mut plan: Vec<Strike> = STRIKES
+        .iter()
+        .flat_map(|(strike, n)| std::iter::repeat_n(*strike, *n))
+        .collect();
+    plan.shuffle(&mut rng);
+    let schedule = Schedule::new(commands, plan.len());
+    // Progress is counted in charges: strike k is due once as many commands
+    // are charged as there are valid ones among the first `due(k)`; the
+    // last entry ends a burst struck last.
+    let due: Vec<usize> = (0..=plan.len())
+        .map(|k| bodies[..schedule.due(k)].iter().filter(|b| b.2).count())
+        .collect();
+
     let names: Vec<String> = (0..replicas)
         .map(|i| format!("{}-r{i}", app.connection_name))
         .collect();
-    let (stop, end) = (
-        tokio_util::sync::CancellationToken::new(),
-        tokio_util::sync::CancellationToken::new(),
-    );
+    let (published, published_rx) = watch::channel(0);
+    let (struck_tx, mut struck) = watch::channel(0);
+    let end = tokio_util::sync::CancellationToken::new();
     // The chaos runs in a task of its own: the event collection below must
     // never be cancelled half-way through taking an event.
     let chaos = tokio::spawn(unleash(Chaos {
         env: app.env.clone(),
         names,
-        faults_url: format!("{}/_sim/faults", app.sim.base_url()),
+        sim_url: app.sim.base_url(),
         rng: StdRng::seed_from_u64(rng.random()),
-        stop: stop.clone(),
+        plan,
+        due,
+        published: published_rx,
+        struck: struck_tx,
         end: end.clone(),
     }));
 
-    // Commands: ~2% invalid (they must end in the dead-letter queue).
-    let mut valid = Vec::new();
-    let mut invalid = Vec::new();
-    for _ in 0..commands {
-        let id = command_id();
-        let mut body = command(&id);
-        if rng.random_bool(0.02) {
-            body["credit_count"] = json!(0);
-            invalid.push(id);
-        } else {
-            valid.push(id);
+    for k in 0..=schedule.strikes() {
+        if k > 0 {
+            wait_count(&mut struck, k, STAGE, &format!("strike {}", k - 1)).await;
         }
-        // With a `timestamp`, as docs/publishing.md asks: a command worn by
-        // the kills is then bought within its window counted from there,
-        // instead of dead-lettered with its first request unknown.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        app.publish_raw(
-            body.to_string().as_bytes(),
-            lapin::BasicProperties::default().with_timestamp(now),
-        )
-        .await;
-        // Paced, so the chaos meets commands in flight.
-        tokio::time::sleep(Duration::from_millis(8)).await;
+        for (_, body, _) in &bodies[schedule.tranche(k)] {
+            // With a `timestamp`, as docs/publishing.md asks: a command worn
+            // by the kills is then bought within its window counted from
+            // there, instead of dead-lettered with its first request unknown.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            app.publish_raw(
+                body.to_string().as_bytes(),
+                lapin::BasicProperties::default().with_timestamp(now),
+            )
+            .await;
+            // Paced, so the chaos meets commands in flight.
+            tokio::time::sleep(Duration::from_millis(8)).await;
+        }
+        published.send_replace(k + 1);
     }
 
     let mut events = Vec::new();
@@ -121,7 +178,6 @@ async fn chaos_run_keeps_every_promise() {
             }
         }
     }
-    stop.cancel();
     // Stragglers: duplicates of commands already answered (a delivery a
     // killed replica held comes back) may still come. The replicas run on
     // until the queues are empty and no event has come for 3 s, so a
@@ -204,9 +260,10 @@ async fn chaos_run_keeps_every_promise() {
         "dead letters are exactly the invalid commands"
     );
     assert_eq!(dead.len(), invalid.len(), "each dead-lettered once");
-    assert!(
-        kills >= 10 && cuts >= 2 && bursts >= 1,
-        "enough chaos: kills={kills} cuts={cuts} bursts={bursts}"
+    assert_eq!(
+        (kills, cuts, bursts),
+        STRIKES.map(|(_, n)| n).into(),
+        "every planned strike made (seed {seed})"
     );
     println!(
         "chaos: PASS seed={seed} commands={commands} replicas={replicas} kills={kills} cuts={cuts} 429_bursts={bursts} \
@@ -223,14 +280,21 @@ async fn chaos_run_keeps_every_promise() {
     app.cleanup().await;
 }
 
-/// What the chaos task needs: how to start replicas, and how to reach the simulator.
+/// What the chaos task needs: how to start replicas, how to reach the
+/// simulator, what to strike and when.
 struct Chaos {
     env: std::collections::BTreeMap<String, String>,
     names: Vec<String>,
-    faults_url: String,
+    sim_url: String,
     rng: StdRng,
-    stop: tokio_util::sync::CancellationToken,
-    /// Kills the replicas (after `stop`).
+    plan: Vec<Strike>,
+    /// Charges after which each strike is due, and a last burst ends.
+    due: Vec<usize>,
+    /// Tranches published so far.
+    published: watch::Receiver<usize>,
+    /// Strikes made so far: the publisher holds the next tranche until then.
+    struck: watch::Sender<usize>,
+    /// Kills the replicas (once every command is answered).
     end: tokio_util::sync::CancellationToken,
 }
 
@@ -247,51 +311,49 @@ fn replica(env: &std::collections::BTreeMap<String, String>, name: &str) -> toki
         .expect("replica starts")
 }
 
-/// Runs the replicas and, until told to stop, kills them, cuts their
-/// connections and sends 429 bursts. Returns (kills, cuts, bursts); the
-/// replicas keep running, unharmed, until told to end, then are killed.
+/// Runs the replicas and makes the planned strikes, each once its tranche
+/// is published and charged up to its due count: kills a replica (started
+/// again at once), cuts a replica's connections (retried, bounded, until one
+/// is connected to be cut), or limits the API to 15 requests a second until
+/// the next strike. Returns (kills, cuts, bursts); the replicas keep
+/// running, unharmed, until told to end, then are killed.
 async fn unleash(mut c: Chaos) -> (usize, usize, usize) {
     let mut children: Vec<_> = c.names.iter().map(|n| replica(&c.env, n)).collect();
     let http = reqwest::Client::new();
+    let faults_url = format!("{}/_sim/faults", c.sim_url);
     let set_limit = |limit: u32| {
-        http.post(&c.faults_url)
+        http.post(&faults_url)
             .json(&json!({"rate_limit": limit, "rate_limit_window_ms": 1000}))
             .send()
     };
     let (mut kills, mut cuts, mut bursts) = (0, 0, 0);
-    let mut tick = tokio::time::interval(Duration::from_millis(400));
-    loop {
-        tokio::select! {
-            () = c.stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if kills >= 12 && cuts >= 3 && bursts >= 1 {
-            // Enough chaos: let the run finish under API faults only.
-            let _ = set_limit(0).await;
-            continue;
-        }
+    for (k, strike) in c.plan.iter().enumerate() {
+        let what = format!("strike {k} ({strike:?})");
+        wait_count(&mut c.published, k + 1, STAGE, &what).await;
+        wait_charged(&c.sim_url, c.due[k], STAGE, &what).await;
+        let _ = set_limit(0).await;
         let victim = c.rng.random_range(0..children.len());
-        match c.rng.random_range(0..10) {
-            0..=4 => {
+        match strike {
+            Strike::Kill => {
                 let _ = children[victim].start_kill();
                 let _ = children[victim].wait().await;
                 children[victim] = replica(&c.env, &c.names[victim]);
                 kills += 1;
             }
-            5..=6 => {
-                let name = c.names[victim].clone();
-                cuts += tokio::task::spawn_blocking(move || cut_connections_named(&name))
-                    .await
-                    .expect("rabbitmqctl");
+            Strike::Cut => {
+                cut(&c.names, victim).await;
+                cuts += 1;
             }
-            7 => {
+            Strike::Burst => {
                 let _ = set_limit(15).await;
                 bursts += 1;
             }
-            _ => {
-                let _ = set_limit(0).await;
-            }
         }
+        c.struck.send_replace(k + 1);
+    }
+    // A burst struck last ends a quarter into the last tranche.
+    if let Some(last) = c.due.last() {
+        wait_charged(&c.sim_url, *last, STAGE, "the last burst's end").await;
     }
     let _ = set_limit(0).await;
     c.end.cancelled().await;
@@ -300,4 +362,25 @@ async fn unleash(mut c: Chaos) -> (usize, usize, usize) {
         let _ = child.wait().await;
     }
     (kills, cuts, bursts)
+}
+
+/// Cuts the connections of replica `victim`, or of the next one connected:
+/// a replica just killed and started again may not be connected yet.
+/// Panics if none is within [`WAIT`].
+async fn cut(names: &[String], victim: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for i in (0..).map(|i| (victim + i) % names.len()) {
+        let name = names[i].clone();
+        let cut = tokio::task::spawn_blocking(move || cut_connections_named(&name))
+            .await
+            .expect("rabbitmqctl");
+        if cut > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no replica connected to cut within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1,10 +1,17 @@
 //! The cluster chaos run: three in-process workers and 2,000 commands
 //! against a real three-node cluster (`cpw_testkit::cluster`), with 10 %
-//! transient API faults, while every ~10 s one broker node is stopped, hard
+//! transient API faults, while four times one broker node is stopped, hard
 //! (SIGKILL) or gracefully (`stop_app`), the node holding the commands
 //! queue's leader included, then brought back. At the end: every command
 //! charged exactly once and answered, every queue empty once the workers
-//! stop (so every command was acked), and no worker restarted by hand.
+//! stop (so every command was acked), no worker restarted by hand, and
+//! exactly the planned stops made.
+//!
+//! The stops are scheduled by progress (`cpw_testkit::strikes`): each is due
+//! a quarter into a tranche of the commands, and the next tranche is
+//! published only once it has happened and the node is back, so a fast
+//! machine cannot answer every command before a stop is due, nor a slow one
+//! stop more often, and each stop meets commands in flight.
 //!
 //! Seeded: `CLUSTER_CHAOS_SEED=<n>` replays the choices of a run (which node,
 //! how); the seed is printed either way. `CLUSTER_CHAOS_COMMANDS` scales it.
@@ -15,20 +22,35 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cpw_testkit::broker::as_command;
 use cpw_testkit::cluster::Cluster;
+use cpw_testkit::strikes::{Schedule, charged, wait_charged, wait_count};
 use credit_purchase_worker::broker::{Topology, connect_first};
 use credit_purchase_worker::simulator::Faults;
 use credit_purchase_worker::startup::Application;
 use futures_util::StreamExt;
-use lapin::Connection;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ONE_CLUSTER, cluster};
-use cpw_testkit::app::{Options, WAIT, spawn_without_worker};
+use cpw_testkit::app::{Options, WAIT, command, command_id, spawn_without_worker};
+
+/// The node stops of a run: the leader's node hard, a worker's node
+/// gracefully, two more at random.
+const STOPS: usize = 4;
+
+/// Bound on each stage of the run (a tranche answered up to the next stop,
+/// a stopped node back, the last tranche answered): a hang fails the test,
+/// a slow machine only takes longer.
+const STAGE: Duration = Duration::from_secs(240);
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -44,6 +66,8 @@ struct Damage {
     hard: usize,
     leader_kills: usize,
     leader_moves: usize,
+    /// Per stop: commands published and not yet charged once it was made.
+    in_flight: Vec<usize>,
 }
 
 /// The AMQP ports of the nodes the workers are on, from their `/readyz`.
@@ -66,46 +90,58 @@ async fn worker_ports(ops: &[std::net::SocketAddr]) -> Vec<u16> {
     ports
 }
 
-/// A node stop every ~10 s (a pause of 5 to 8 s, 3 s down, the restart):
-/// the first kills the commands queue's leader's node hard, the second stops
-/// a node a worker is on gracefully, the rest pick the leader's node or a
-/// worker's, hard or gracefully, at random. Notes where the leader went;
-/// brings the node back. One node down at a time, so the quorum queues keep
-/// their majority. The cluster calls block, hence `block_in_place`.
-async fn unleash(
+/// What the chaos task needs: the cluster, whom to look at, when to strike.
+struct Chaos {
     cluster: Arc<Mutex<Cluster>>,
     queue: String,
     ops: Vec<std::net::SocketAddr>,
+    sim_url: String,
+    schedule: Schedule,
     seed: u64,
-    stop: CancellationToken,
-) -> Damage {
-    let mut rng = StdRng::seed_from_u64(seed);
+    /// Tranches published so far.
+    published: watch::Receiver<usize>,
+    /// Stops made and their nodes back: the publisher holds the next tranche
+    /// until then, so that the next stop, a quarter into it, meets the rest
+    /// in flight (published while a node is still booting, a tranche would
+    /// be answered before the next stop could be made).
+    stopped: watch::Sender<usize>,
+}
+
+/// The planned node stops, each once its tranche is published and a
+/// quarter of it charged: the first kills the commands queue's leader's
+/// node hard, the second stops a node a worker is on gracefully, the rest
+/// pick the leader's node or a worker's, hard or gracefully, at random.
+/// Notes where the leader went; brings the node back after 3 s. One node
+/// down at a time, so the quorum queues keep their majority. The cluster
+/// calls block, hence `block_in_place`.
+async fn unleash(mut c: Chaos) -> Damage {
+    let mut rng = StdRng::seed_from_u64(c.seed);
     let mut damage = Damage::default();
+    let http = reqwest::Client::new();
     let blocking = |f: &mut dyn FnMut(&mut Cluster)| {
         tokio::task::block_in_place(|| {
-            let mut nodes = cluster
+            let mut nodes = c
+                .cluster
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut nodes);
         });
     };
-    loop {
-        let pause = Duration::from_secs_f64(rng.random_range(5.0..8.0));
-        if tokio::time::timeout(pause, stop.cancelled()).await.is_ok() {
-            return damage;
-        }
+    for k in 0..c.schedule.strikes() {
+        let what = format!("node stop {k}");
+        wait_count(&mut c.published, k + 1, STAGE, &what).await;
         let mut leader = None;
-        blocking(&mut |nodes| {
-            leader = nodes
-                .leader_of(0, &queue)
-                .or_else(|| nodes.leader_of(1, &queue));
-        });
-        let ports = worker_ports(&ops).await;
+        blocking(&mut |nodes| leader = (0..3).find_map(|i| nodes.leader_of(i, &c.queue)));
+        let ports = worker_ports(&c.ops).await;
         let mut on_worker = None;
         blocking(&mut |nodes| {
             on_worker = ports.iter().find_map(|p| nodes.node_with_port(*p));
         });
-        let (victim, hard) = match damage.kills {
+        // Looked up first (`rabbitmqctl` takes seconds on a busy machine):
+        // with every node up and none stopped since, the leader stays put,
+        // and the stop lands when it is due, its tranche still in flight.
+        wait_charged(&c.sim_url, c.schedule.due(k), STAGE, &what).await;
+        let (victim, hard) = match k {
             0 => (leader, true),
             1 => (on_worker, false),
             _ if rng.random_bool(0.5) => (leader, rng.random_bool(0.5)),
@@ -119,21 +155,85 @@ async fn unleash(
                 nodes.stop_app(victim);
             }
         });
+        let done = charged(&http, &c.sim_url).await.unwrap_or(0);
+        damage
+            .in_flight
+            .push(c.schedule.tranche(k).end.saturating_sub(done));
         damage.kills += 1;
         damage.hard += usize::from(hard);
         damage.leader_kills += usize::from(leader == Some(victim));
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut now = None;
-        blocking(&mut |nodes| now = nodes.leader_of((victim + 1) % 3, &queue));
+        blocking(&mut |nodes| now = nodes.leader_of((victim + 1) % 3, &c.queue));
         if now.is_some() && now != leader {
             damage.leader_moves += 1;
         }
         println!(
-            "cluster chaos: node {victim} stopped {} (workers on ports {ports:?}; leader was {leader:?}, now {now:?})",
-            if hard { "hard" } else { "gracefully" }
+            "cluster chaos: node {victim} stopped {} at {done} charged, {} in flight \
+             (workers on ports {ports:?}; leader was {leader:?}, now {now:?})",
+            if hard { "hard" } else { "gracefully" },
+            damage.in_flight[k]
         );
         blocking(&mut |nodes| nodes.bring_back(victim));
+        c.stopped.send_replace(k + 1);
     }
+    damage
+}
+
+/// Publishes `n` commands, each confirmed, on a connection to the first
+/// node that answers (the driver's node may be down). A publish nacked or
+/// lost while the commands queue elects a new leader is made again with
+/// the same `command_id`, as docs/publishing.md asks of a producer: a copy
+/// that got through after all is charged once and answered again.
+async fn publish_tranche(urls: &[String], queue: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut open: Option<(Connection, lapin::Channel)> = None;
+    for _ in 0..n {
+        let id = command_id();
+        let body = command(&id).to_string();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (connection, channel) = match open.take() {
+                Some(open) => open,
+                None => confirmed_channel(urls).await,
+            };
+            let properties = as_command(BasicProperties::default());
+            let confirm =
+                match cpw_testkit::broker::send(&channel, queue, body.as_bytes(), properties).await
+                {
+                    Ok(pending) => pending.await.ok(),
+                    Err(_) => None,
+                };
+            if confirm.is_some_and(|c| c.is_ack()) {
+                open = Some((connection, channel));
+                break;
+            }
+            let _ = connection.close(200, "publish not confirmed".into()).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} not confirmed by any node within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ids.push(id);
+    }
+    if let Some((connection, _)) = open {
+        let _ = connection.close(200, "tranche published".into()).await;
+    }
+    ids
+}
+
+/// A channel in confirm mode on the first node that answers.
+async fn confirmed_channel(urls: &[String]) -> (Connection, lapin::Channel) {
+    let (connection, _) = connect_first(urls, 0, "cluster-chaos-publisher", None, WAIT)
+        .await
+        .expect("a node answers");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (connection, channel)
 }
 
 /// A durable quorum queue bound to every event: it outlives any one node.
@@ -244,27 +344,35 @@ async fn cluster_chaos_run_keeps_every_promise() {
         let handle = tokio::spawn(worker.run_until_stopped(token.clone()));
         workers.push((ops, token, handle));
     }
-    let ids = app.publish_commands(commands).await;
-
     let cluster = Arc::new(Mutex::new(cluster));
-    let stop = CancellationToken::new();
-    let ops: Vec<std::net::SocketAddr> = workers.iter().map(|(ops, _, _)| *ops).collect();
-    let chaos = tokio::spawn(unleash(
-        Arc::clone(&cluster),
-        app.queue.clone(),
-        ops,
+    let schedule = Schedule::new(commands, STOPS);
+    let (published, published_rx) = watch::channel(0);
+    let (stopped_tx, mut stopped) = watch::channel(0);
+    let chaos = tokio::spawn(unleash(Chaos {
+        cluster: Arc::clone(&cluster),
+        queue: app.queue.clone(),
+        ops: workers.iter().map(|(ops, _, _)| *ops).collect(),
+        sim_url: app.sim.base_url(),
+        schedule,
         seed,
-        stop.clone(),
-    ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    while !ids.iter().all(|id| app.ledger().charges_for(id) >= 1) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not every command charged within 240 s (seed {seed})"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        published: published_rx,
+        stopped: stopped_tx,
+    }));
+    let mut ids = Vec::with_capacity(commands);
+    for k in 0..=STOPS {
+        if k > 0 {
+            wait_count(&mut stopped, k, STAGE, &format!("node stop {}", k - 1)).await;
+        }
+        ids.extend(publish_tranche(&urls, &app.queue, schedule.tranche(k).len()).await);
+        published.send_replace(k + 1);
     }
-    stop.cancel();
+    wait_charged(
+        &app.sim.base_url(),
+        commands,
+        STAGE,
+        &format!("every command charged (seed {seed})"),
+    )
+    .await;
     let damage = chaos.await.expect("chaos task");
 
     let (reader, _) = connect_first(&urls, 0, "cluster-chaos-reader", None, WAIT)
@@ -312,11 +420,15 @@ async fn cluster_chaos_run_keeps_every_promise() {
     let duplicates: usize = answered.values().map(|n| n - 1).sum();
     println!(
         "cluster chaos: {commands} commands, {} node stops ({} hard, {} of the leader's node), \
-         {} leader moves, {reconnects} reconnects, {duplicates} duplicate events, {elapsed:.1?} (seed {seed})",
-        damage.kills, damage.hard, damage.leader_kills, damage.leader_moves
+         {} leader moves, in flight at each stop {:?}, {reconnects} reconnects, \
+         {duplicates} duplicate events, {elapsed:.1?} (seed {seed})",
+        damage.kills, damage.hard, damage.leader_kills, damage.leader_moves, damage.in_flight
     );
     assert!(
-        damage.leader_kills >= 1 && damage.hard >= 1 && damage.kills > damage.hard,
-        "the leader's node, a hard stop and a graceful one: {damage:?}"
+        damage.kills == STOPS
+            && damage.leader_kills >= 1
+            && damage.hard >= 1
+            && damage.kills > damage.hard,
+        "{STOPS} stops, the leader's node, a hard stop and a graceful one: {damage:?}"
     );
 }
