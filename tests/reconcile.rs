@@ -101,6 +101,35 @@ fn now_ms() -> u64 {
     u64::try_from(since.as_millis()).expect("ms")
 }
 
+/// The one JSON row a `--json` run about one letter printed.
+fn one_row(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim()).expect("one JSON line")
+}
+
+/// How long a [`forgetful`] simulator keeps an idempotency key.
+const FORGET_MS: u64 = 2_000;
+
+/// `faults` on a simulator that forgets a key after [`FORGET_MS`]: a replay
+/// after that is a new charge.
+fn forgetful(faults: Faults) -> Faults {
+    Faults {
+        replay_ttl_secs: FORGET_MS / 1_000,
+        ..faults
+    }
+}
+
+/// Returns once a [`forgetful`] simulator has forgotten the keys used until
+/// now.
+async fn wait_keys_forgotten() {
+    let used_ms = now_ms();
+    wait_until(
+        "Hyperline to forget the key",
+        Duration::from_millis(50),
+        async || now_ms() > used_ms + FORGET_MS + 500,
+    )
+    .await;
+}
+
 fn long(n: u64) -> AMQPValue {
     AMQPValue::LongLongInt(i64::try_from(n).expect("fits"))
 }
@@ -124,25 +153,24 @@ impl World {
         self.cli(&args, extra).await
     }
 
+    /// Runs `dead-letters reconcile --apply --json`, asserts it exits with
+    /// `code` (`context` leads the message), and returns what it printed.
+    async fn apply_json(&self, code: i32, context: &str) -> String {
+        let (got, stdout, stderr) = self.reconcile(&["--apply", "--json"]).await;
+        assert_eq!(got, Some(code), "{context}{stdout}\n{stderr}");
+        stdout
+    }
+
+    /// [`World::apply_json`] over one letter: the one row it printed.
+    async fn apply_json_row(&self, code: i32, context: &str) -> Value {
+        one_row(&self.apply_json(code, context).await)
+    }
+
     /// A dead letter as the worker leaves one for `retries_exhausted`,
     /// placed straight in the dead-letter queue: first request
     /// `first_attempt_ms`, nothing charged.
     async fn exhausted_dead_letter(&self, body: &Value, first_attempt_ms: u64) {
-        let mut headers = FieldTable::default();
-        let mut put = |k: &str, v: AMQPValue| {
-            headers.insert(ShortString::from(k), v);
-        };
-        put(
-            ERROR_CODE_HEADER,
-            AMQPValue::LongString(LongString::from("retries_exhausted")),
-        );
-        put(FIRST_ATTEMPT_HEADER, long(first_attempt_ms));
-        put(DEAD_LETTERED_HEADER, long(first_attempt_ms + 60_000));
-        put(ATTEMPTS_HEADER, long(6));
-        let dead = self.topology.dead.clone();
-        let props = BasicProperties::default().with_headers(headers);
-        let props = sealed(props, body.to_string().as_bytes(), SIM_KEY);
-        self.publish_to(&dead, body.to_string().as_bytes(), props)
+        self.exhausted_between(body, first_attempt_ms, first_attempt_ms + 60_000)
             .await;
     }
 
@@ -314,9 +342,7 @@ async fn a_never_charged_exhausted_dead_letter_is_replayed_and_charged_exactly_o
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 1).await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(0, "").await;
     assert_eq!(
         (&row["found"], &row["applied"]),
         (&json!("not_charged"), &json!(true)),
@@ -367,8 +393,7 @@ async fn the_answered_twin_claims_its_charge_and_the_garbled_one_is_settled_with
     world.wait_depth(&dead, 1).await;
     world.wait_unseen().await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    world.apply_json(0, "").await;
     let event = world.event_for(&garbled).await;
     let own = world
         .sim
@@ -434,9 +459,7 @@ async fn another_commands_charge_in_the_window_is_never_taken_for_the_letters() 
         scripted: Some(Vec::new()),
         ..FaultsPatch::default()
     });
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(0, "").await;
     assert_eq!(
         (&row["found"], &row["status"]),
         (&json!("not_charged"), &json!("done")),
@@ -499,8 +522,7 @@ async fn a_transaction_that_could_be_two_letters_charge_settles_neither() {
         assert!(table.contains(&format!("candidate {}", t.id)), "{table}");
     }
     println!("{table}");
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(1), "left for a person:\n{stdout}\n{stderr}");
+    let stdout = world.apply_json(1, "left for a person:\n").await;
     let rows: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
@@ -534,9 +556,7 @@ async fn a_possible_charge_without_an_invoice_is_uncertain_never_not_charged() {
     world.wait_depth(&dead, 1).await;
     let before = world.state().await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(1, "").await;
     assert_eq!(row["found"], "uncertain", "{row}");
     assert!(
         row["reason"]
@@ -553,11 +573,7 @@ async fn a_possible_charge_without_an_invoice_is_uncertain_never_not_charged() {
 async fn a_removal_that_fails_mid_run_is_not_done_and_a_second_run_buys_nothing_again() {
     // Hyperline forgets a key after 2 s here: a second replay would be a
     // second charge.
-    let mut world = setup(Faults {
-        replay_ttl_secs: 2,
-        ..Faults::default()
-    })
-    .await;
+    let mut world = setup(forgetful(Faults::default())).await;
     let id = command_id();
     world
         .exhausted_dead_letter(&command(&id), now_ms() - 25 * HOUR_MS)
@@ -597,17 +613,9 @@ async fn a_removal_that_fails_mid_run_is_not_done_and_a_second_run_buys_nothing_
     let bought = world.event_for(&id).await;
     assert_eq!(bought["type"], "credit_purchase.succeeded", "{bought}");
     world.wait_depth(&dead, 1).await;
-    let replayed_at = now_ms();
-    wait_until(
-        "Hyperline to forget the key",
-        Duration::from_millis(50),
-        async || now_ms() > replayed_at + 2_500,
-    )
-    .await;
+    wait_keys_forgotten().await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(0, "").await;
     assert_eq!(
         (&row["found"], &row["status"]),
         (&json!("already_succeeded"), &json!("done")),
@@ -723,9 +731,7 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
     let (code, table, stderr) = world.reconcile(&[]).await;
     assert_eq!(code, Some(1), "{table}\n{stderr}");
     println!("{table}");
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(1), "too young to judge:\n{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(1, "too young to judge:\n").await;
     assert_eq!(
         (&row["command_id"], &row["found"], &row["status"]),
         (&json!(a), &json!("too_young"), &json!("left")),
@@ -755,9 +761,7 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
     let b_event = world.event_for(&b).await;
     assert_eq!(b_event["type"], "credit_purchase.succeeded", "{b_event}");
     assert_eq!(b_event["invoice_id"], json!(b_invoice));
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(0, "").await;
     assert_eq!(
         (&row["found"], &row["status"]),
         (&json!("not_charged"), &json!("done")),
@@ -782,11 +786,7 @@ async fn a_double_click_never_settles_one_command_with_the_charge_of_the_other_i
 async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
     // The charge is certain (a garbled 201 after it), and Hyperline forgets
     // its key after 2 s: a replay would charge the customer again.
-    let mut world = setup(Faults {
-        replay_ttl_secs: 2,
-        ..garbled_after_charge()
-    })
-    .await;
+    let mut world = setup(forgetful(garbled_after_charge())).await;
     world.warm_log().await;
     let id = command_id();
     world.garbled_dead_letter(&id).await;
@@ -809,9 +809,8 @@ async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
             listing_patch: Some(patch),
             ..FaultsPatch::default()
         });
-        let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-        assert_eq!(code, Some(1), "{drift}: {stdout}\n{stderr}");
-        let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+        let stdout = world.apply_json(1, &format!("{drift}: ")).await;
+        let row = one_row(&stdout);
         println!("{stdout}");
         assert_eq!(
             (&row["found"], &row["status"]),
@@ -834,11 +833,7 @@ async fn a_charge_listed_in_a_drifted_shape_is_never_not_charged() {
 #[tokio::test]
 async fn a_succeeded_event_of_the_same_id_for_another_customer_is_not_the_letters() {
     // Hyperline forgets a key after 2 s: the letter's replay can be bought.
-    let mut world = setup(Faults {
-        replay_ttl_secs: 2,
-        ..Faults::default()
-    })
-    .await;
+    let mut world = setup(forgetful(Faults::default())).await;
     let id = command_id();
     // Another customer's publisher reused the id, and was served.
     world.publish(&command_for(&id, "cus_other")).await;
@@ -850,17 +845,9 @@ async fn a_succeeded_event_of_the_same_id_for_another_customer_is_not_the_letter
         .await;
     let dead = world.topology.dead.clone();
     world.wait_depth(&dead, 1).await;
-    let served = now_ms();
-    wait_until(
-        "Hyperline to forget the key",
-        Duration::from_millis(50),
-        async || now_ms() > served + 2_500,
-    )
-    .await;
+    wait_keys_forgotten().await;
 
-    let (code, stdout, stderr) = world.reconcile(&["--apply", "--json"]).await;
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let row: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let row = world.apply_json_row(0, "").await;
     assert_eq!(
         (&row["found"], &row["status"]),
         (&json!("not_charged"), &json!("done")),

@@ -52,22 +52,49 @@ async fn kill_at_request(app: &TestApp, what: &str, requested: impl Fn() -> bool
         .expect("wait");
 }
 
-#[tokio::test]
-async fn a_command_that_crashed_its_workers_mid_request_may_have_charged() {
-    // A delivery limit of 2: every redelivery is worn, so the kills refresh
-    // the command and then declare it poison in a few rounds.
+/// An app without a worker whose simulator charges every request and then
+/// holds it open unanswered, with a delivery limit of 2 and a request
+/// timeout (20 s) no kill waits for.
+async fn hanging_app() -> TestApp {
     let faults = Faults {
         hang_rate: 1.0,
         rate_limit: 0,
         ..Faults::default()
     };
-    let mut app = spawn_without_worker(
+    spawn_without_worker(
         Options::default()
             .faults(faults)
             .env("CPW__AMQP__DELIVERY_LIMIT", 2)
             .env("CPW__HYPERLINE__TIMEOUT_SECS", 20),
     )
-    .await;
+    .await
+}
+
+/// Starts a worker process and kills it at `id`'s first request, which
+/// has charged by then.
+async fn kill_at_first_request(app: &TestApp, id: &str) {
+    kill_at_request(app, "the first request", || !app.sim.requests().is_empty()).await;
+    assert_eq!(app.ledger().charges_for(id), 1, "the first request charged");
+}
+
+/// Runs `dead-letters reconcile --json`, which must exit 0 or 1 (settled,
+/// or left for a person), and returns its rows and what it printed.
+async fn reconcile_json(app: &TestApp) -> (Vec<Value>, String) {
+    let (code, out, stderr) = app.cli(&["dead-letters", "reconcile", "--json"], &[]).await;
+    println!("--- dead-letters reconcile --json\n{out}{stderr}");
+    assert!(matches!(code, Some(0 | 1)), "{out}{stderr}");
+    let rows = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    (rows, out)
+}
+
+#[tokio::test]
+async fn a_command_that_crashed_its_workers_mid_request_may_have_charged() {
+    // A delivery limit of 2: every redelivery is worn, so the kills refresh
+    // the command and then declare it poison in a few rounds.
+    let mut app = hanging_app().await;
     let id = command_id();
     let published_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -81,12 +108,7 @@ async fn a_command_that_crashed_its_workers_mid_request_may_have_charged() {
     .await;
 
     // The first request charges, then hangs: killed.
-    kill_at_request(&app, "the first request", || !app.sim.requests().is_empty()).await;
-    assert_eq!(
-        app.ledger().charges_for(&id),
-        1,
-        "the first request charged"
-    );
+    kill_at_first_request(&app, &id).await;
 
     // Every later request is held open by a Hyperline that never answers:
     // each worker is killed at its request, until one, finding the command
@@ -163,13 +185,7 @@ async fn a_command_that_crashed_its_workers_mid_request_may_have_charged() {
     assert_eq!(app.depth(&dead).await, 1, "the letter stays");
 
     // `reconcile` considers it: one row, the command's, never "not charged".
-    let (code, out, stderr) = app.cli(&["dead-letters", "reconcile", "--json"], &[]).await;
-    println!("--- dead-letters reconcile --json\n{out}{stderr}");
-    assert!(matches!(code, Some(0 | 1)), "{out}{stderr}");
-    let rows: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let (rows, out) = reconcile_json(&app).await;
     assert_eq!(rows.len(), 1, "{out}");
     assert_eq!(rows[0]["command_id"], id.as_str());
     assert_ne!(rows[0]["found"], "not_charged", "{out}");
@@ -250,13 +266,7 @@ async fn a_command_that_expired_after_a_delivery_may_have_charged() {
         .await;
     assert_eq!(code, Some(1), "{out}{stderr}");
     assert!(stderr.contains("first request unknown"), "{stderr}");
-    let (code, out, stderr) = app.cli(&["dead-letters", "reconcile", "--json"], &[]).await;
-    println!("--- dead-letters reconcile --json\n{out}{stderr}");
-    assert!(matches!(code, Some(0 | 1)), "{out}{stderr}");
-    let rows: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let (rows, out) = reconcile_json(&app).await;
     assert_eq!(rows.len(), 1, "considered: {out}");
     assert_eq!(rows[0]["error_code"], "expired", "{out}");
     // No charge at all, but no `timestamp` bounds its first request.
@@ -270,26 +280,10 @@ async fn a_command_that_expired_after_a_delivery_may_have_charged() {
 /// request and is dead-lettered, its first request unknown.
 #[tokio::test]
 async fn a_worn_command_without_a_timestamp_gets_no_further_request() {
-    let faults = Faults {
-        hang_rate: 1.0,
-        rate_limit: 0,
-        ..Faults::default()
-    };
-    let mut app = spawn_without_worker(
-        Options::default()
-            .faults(faults)
-            .env("CPW__AMQP__DELIVERY_LIMIT", 2)
-            .env("CPW__HYPERLINE__TIMEOUT_SECS", 20),
-    )
-    .await;
+    let mut app = hanging_app().await;
     let id = command_id();
     app.publish(&command(&id)).await;
-    kill_at_request(&app, "the first request", || !app.sim.requests().is_empty()).await;
-    assert_eq!(
-        app.ledger().charges_for(&id),
-        1,
-        "the first request charged"
-    );
+    kill_at_first_request(&app, &id).await;
 
     app.start_worker().await;
     let event = app.event_for(&id).await;

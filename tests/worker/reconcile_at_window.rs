@@ -81,6 +81,23 @@ async fn publish_first_attempted(app: &TestApp, id: &str, ago_ms: i64) {
     app.publish_raw(body.as_bytes(), props).await;
 }
 
+/// A purchase made straight at the simulator under `key`, as the command's
+/// own first request would have made it before its answer was lost.
+async fn buy_directly(app: &TestApp, key: &str) {
+    let charged = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
+            app.sim.base_url()
+        ))
+        .bearer_auth("sim_test_key")
+        .header("Idempotency-Key", key)
+        .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(charged.status(), 201);
+}
+
 #[tokio::test]
 async fn past_the_window_and_not_charged_it_is_purchased_once_with_the_setting_on() {
     let mut app = app(true).await;
@@ -121,18 +138,7 @@ async fn past_the_window_and_charged_once_it_succeeds_reconciled() {
     warm_log(&mut app).await;
     let id = command_id();
     // The first request charged, and its answer was lost.
-    let charged = reqwest::Client::new()
-        .post(format!(
-            "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
-            app.sim.base_url()
-        ))
-        .bearer_auth("sim_test_key")
-        .header("Idempotency-Key", &id)
-        .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(charged.status(), 201);
+    buy_directly(&app, &id).await;
     // No command that could have made the charge can still be silent: the
     // check at the window would otherwise find it too young to judge.
     let charged_at = now_ms();
@@ -192,18 +198,7 @@ async fn past_the_window_a_charge_another_command_could_still_claim_is_left_to_r
     let id = command_id();
     // A charge just made under the command's key: another command of the
     // same purchase could have made it as well and not have spoken yet.
-    let charged = reqwest::Client::new()
-        .post(format!(
-            "{}/v1/customers/cus_Typ0px2W0aiEtl/credits/itm_3kXODDF42QXtnL/purchase",
-            app.sim.base_url()
-        ))
-        .bearer_auth("sim_test_key")
-        .header("Idempotency-Key", &id)
-        .json(&json!({"credit_count": 32, "amount_excluding_tax": 24000}))
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(charged.status(), 201);
+    buy_directly(&app, &id).await;
     publish_first_attempted(&app, &id, 2_000 + 1_000 * WINDOW_SECS as i64).await;
     let event = app.next_event().await;
     assert_eq!(event.kind(), "credit_purchase.failed", "{}", event.body);
