@@ -487,7 +487,7 @@ mod at_the_window {
     use super::*;
     use crate::hyperline::matching::{Candidate, ChargeLookup};
 
-    fn refused_at_window() -> Attempted {
+    pub(super) fn refused_at_window() -> Attempted {
         Attempted {
             verdict: Verdict::WindowClosed {
                 first_attempt_ms: NOW - 25 * HOUR,

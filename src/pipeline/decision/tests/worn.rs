@@ -201,15 +201,7 @@ fn no_charge_found_forgets_the_unrecorded_requests() {
         published_ms: Some(NOW - 25 * HOUR),
         ..DeliveryHistory::default()
     };
-    let attempted = Attempted {
-        verdict: Verdict::WindowClosed {
-            first_attempt_ms: NOW - 25 * HOUR,
-        },
-        requests: 0,
-        first_sent_ms: None,
-        last_sent_ms: None,
-        last_status: None,
-    };
+    let attempted = super::at_the_window::refused_at_window();
     let input = Input::Looked {
         attempted,
         lookup: ChargeLookup::NotCharged,
