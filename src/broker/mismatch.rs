@@ -264,15 +264,16 @@ async fn compare(connection: &Connection, object: &Object) -> Finding {
             Shape::Exchange(_) => 0,
         }),
         Err(e) => match Mismatch::from_refusal(object.what, &object.name, &e) {
-            // A queue created before `amqp.quorum_initial_group_size`
-            // existed is kept as it is (see `Topology::declare`).
-            Some(mismatch) => match object.without_group_size() {
-                Some(older) => match Box::pin(compare(connection, &older)).await {
-                    Finding::Matches(ready) => Finding::Matches(ready),
-                    _ => Finding::Differs(mismatch),
-                },
-                None => Finding::Differs(mismatch),
-            },
+            // A queue an earlier release created is kept as it is (see
+            // `Topology::declare`).
+            Some(mismatch) => {
+                for (older, _) in object.earlier_forms() {
+                    if let Finding::Matches(ready) = Box::pin(compare(connection, &older)).await {
+                        return Finding::Matches(ready);
+                    }
+                }
+                Finding::Differs(mismatch)
+            }
             None => Finding::Unknown(e),
         },
     }

@@ -82,6 +82,26 @@ impl ResultsLogName {
 /// creation reads it, yet RabbitMQ compares it on every redeclaration.
 const GROUP_SIZE: &str = "x-quorum-initial-group-size";
 
+/// The argument that caps a quorum queue's deliveries of one message.
+const DELIVERY_LIMIT: &str = "x-delivery-limit";
+
+/// `x-delivery-limit` of a quorum dead-letter queue. From RabbitMQ 4.0 a
+/// quorum queue without one drops a message at its 20th return, and the dead
+/// queue has no dead-letter exchange of its own: a letter read by tools that
+/// crashed (a closed channel returns what it held) or put back with `nack`
+/// twenty times would vanish, and with it the only record of a command that
+/// may have charged. A letter leaves the dead queue by an operator's hand
+/// only, so the limit is one no such count reaches (a crashed reader every
+/// minute for a week), stated on every version, 3.x included.
+const DEAD_LETTER_DELIVERY_LIMIT: i64 = 10_000;
+
+/// What the group size was added to: every quorum queue.
+const GROUP_SIZE_ONLY: &[&str] = &[GROUP_SIZE];
+
+/// What the dead-letter queue gained in later releases: the group size, then
+/// [`DEAD_LETTER_DELIVERY_LIMIT`].
+const DEAD_QUEUE_ADDITIONS: &[&str] = &[GROUP_SIZE, DELIVERY_LIMIT];
+
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
@@ -172,11 +192,22 @@ impl Topology {
             // A backstop against a message that crashes every worker that
             // takes it; far above what our own nacks can reach.
             extra.push((
-                "x-delivery-limit",
+                DELIVERY_LIMIT,
                 AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
             ));
         }
         self.typed(&extra)
+    }
+
+    /// Arguments of the dead-letter queue: see [`DEAD_LETTER_DELIVERY_LIMIT`].
+    fn dead_arguments(&self) -> FieldTable {
+        match self.queue_type {
+            QueueType::Quorum => self.typed(&[(
+                DELIVERY_LIMIT,
+                AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
+            )]),
+            QueueType::Classic => self.typed(&[]),
+        }
     }
 
     /// Arguments of a delay queue. Expired messages go back to the commands
@@ -203,11 +234,13 @@ impl Topology {
             what,
             name: name.to_owned(),
             shape: Shape::Exchange(kind),
+            added_later: &[],
         };
         let queue = |what, name: &str, arguments| Object {
             what,
             name: name.to_owned(),
             shape: Shape::Queue(arguments),
+            added_later: GROUP_SIZE_ONLY,
         };
         let mut objects = vec![
             exchange("commands exchange", &self.queue, ExchangeKind::Direct),
@@ -217,7 +250,10 @@ impl Topology {
                 ExchangeKind::Topic,
             ),
             exchange("dead-letter exchange", &self.dlx, ExchangeKind::Fanout),
-            queue("dead-letter queue", &self.dead, self.typed(&[])),
+            Object {
+                added_later: DEAD_QUEUE_ADDITIONS,
+                ..queue("dead-letter queue", &self.dead, self.dead_arguments())
+            },
             queue("commands queue", &self.queue, self.commands_arguments()),
         ];
         // Steps with the same delay share a queue: it is declared once.
@@ -294,6 +330,9 @@ pub struct Object {
     pub name: String,
     /// An exchange of a kind, or a queue with its arguments.
     pub shape: Shape,
+    /// Arguments that a release added after earlier ones had created this
+    /// object without them (see [`Object::earlier_forms`]).
+    pub added_later: &'static [&'static str],
 }
 
 /// How an [`Object`] is declared.
@@ -306,11 +345,15 @@ pub enum Shape {
 }
 
 /// Declares `object`: an exchange on `channel`, a queue on a channel of its
-/// own. A quorum queue created before `amqp.quorum_initial_group_size`
-/// existed has no group size, and RabbitMQ refuses the declaration as
-/// inequivalent; the size matters only at creation, so the queue is declared
-/// again without it (on a fresh channel: the refusal closed the first), and
-/// any other difference is refused again, with the first refusal reported.
+/// own. A queue an earlier release created lacks the arguments added since
+/// (a quorum queue created before `amqp.quorum_initial_group_size` existed
+/// has no group size; a dead-letter queue created by an earlier release no
+/// delivery limit), and RabbitMQ refuses the declaration as inequivalent: a worker
+/// upgraded over it would never start. The group size matters only at
+/// creation, and the dead queue had no limit before either, so the queue is
+/// declared again in each earlier form (on a fresh channel: a refusal closes
+/// the channel) and kept in the first the broker accepts; any other
+/// difference is refused again, with the first refusal reported.
 async fn declare_object(
     connection: &Connection,
     channel: &Channel,
@@ -323,13 +366,25 @@ async fn declare_object(
         Ok(()) => return Ok(()),
         Err(refusal) => refusal,
     };
-    match object.without_group_size() {
-        Some(older) if on_own_channel(connection, &older).await.is_ok() => {
-            tracing::info!(queue = %object.name, "queue created without {GROUP_SIZE}; kept as it is");
-            Ok(())
+    for (older, missing) in object.earlier_forms() {
+        if on_own_channel(connection, &older).await.is_ok() {
+            let missing = missing.join(", ");
+            match missing.contains(DELIVERY_LIMIT) {
+                true => tracing::warn!(
+                    queue = %object.name,
+                    "queue created by an earlier release without {missing}; kept as it is: from \
+                     RabbitMQ 4.0 it drops a letter returned 20 times (recreate it empty to get \
+                     the explicit limit)"
+                ),
+                false => tracing::info!(
+                    queue = %object.name,
+                    "queue created by an earlier release without {missing}; kept as it is"
+                ),
+            }
+            return Ok(());
         }
-        _ => Err(refusal),
     }
+    Err(refusal)
 }
 
 /// Declares `object` on a channel opened for it and closed after.
@@ -341,25 +396,45 @@ async fn on_own_channel(connection: &Connection, object: &Object) -> Result<(), 
 }
 
 impl Object {
-    /// The same queue without `x-quorum-initial-group-size`: how a queue
-    /// created before that setting existed was declared. `None` for an
-    /// exchange or a queue declared without it.
-    pub fn without_group_size(&self) -> Option<Object> {
+    /// The same queue as earlier releases declared it: without each
+    /// non-empty set of the [`Object::added_later`] arguments it carries,
+    /// fewest left out first, each with the names it leaves out. Empty for an
+    /// exchange or a queue declared without any of them.
+    pub fn earlier_forms(&self) -> Vec<(Object, Vec<&'static str>)> {
         let Shape::Queue(arguments) = &self.shape else {
-            return None;
+            return Vec::new();
         };
-        arguments.inner().contains_key(GROUP_SIZE).then(|| {
-            let mut older = FieldTable::default();
-            for (key, value) in arguments.inner() {
-                if key.as_str() != GROUP_SIZE {
-                    older.insert(key.clone(), value.clone());
+        let present: Vec<&'static str> = self
+            .added_later
+            .iter()
+            .copied()
+            .filter(|name| arguments.inner().contains_key(*name))
+            .collect();
+        let mut sets: Vec<Vec<&'static str>> = (1..1u32 << present.len())
+            .map(|mask| {
+                (0..present.len())
+                    .filter(|bit| mask & (1 << bit) != 0)
+                    .map(|bit| present[bit])
+                    .collect()
+            })
+            .collect();
+        sets.sort_by_key(Vec::len);
+        sets.into_iter()
+            .map(|left_out| {
+                let mut older = FieldTable::default();
+                for (key, value) in arguments.inner() {
+                    if !left_out.contains(&key.as_str()) {
+                        older.insert(key.clone(), value.clone());
+                    }
                 }
-            }
-            Object {
-                shape: Shape::Queue(older),
-                ..self.clone()
-            }
-        })
+                let form = Object {
+                    shape: Shape::Queue(older),
+                    added_later: &[],
+                    ..self.clone()
+                };
+                (form, left_out)
+            })
+            .collect()
     }
 
     /// Declares it durable on `channel`, or only asks whether it exists

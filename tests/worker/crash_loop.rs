@@ -70,11 +70,16 @@ async fn hanging_app() -> TestApp {
     .await
 }
 
-/// Starts a worker process and kills it at `id`'s first request, which
-/// has charged by then.
+/// Starts a worker process and kills it once `id`'s first request has
+/// charged. The simulator records a request as it arrives and charges it a
+/// moment later, so the kill waits on the charge itself: killing at the
+/// recorded request could leave a command that was never charged.
 async fn kill_at_first_request(app: &TestApp, id: &str) {
-    kill_at_request(app, "the first request", || !app.sim.requests().is_empty()).await;
-    assert_eq!(app.ledger().charges_for(id), 1, "the first request charged");
+    kill_at_request(app, "the first request's charge", || {
+        app.ledger().charges_for(id) == 1
+    })
+    .await;
+    assert_eq!(app.sim.requests().len(), 1, "one request was made");
 }
 
 /// Runs `dead-letters reconcile --json`, which must exit 0 or 1 (settled,
