@@ -21,7 +21,7 @@ use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
 use crate::hyperline::FinalAnswer;
 use crate::hyperline::matching::ChargeLookup;
-use crate::hyperline::retry::{Attempted, Verdict, window_open};
+use crate::hyperline::verdict::{Attempted, Verdict, window_open};
 
 /// Copies made near the broker's delivery limit before a command is
 /// declared a poison message (workers crash or lose their connection every

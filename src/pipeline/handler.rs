@@ -14,8 +14,10 @@ use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, h
 use crate::clock::now_ms;
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
 use crate::hyperline::ReadBounds;
+use crate::hyperline::RetryContext;
 use crate::hyperline::matching::ChargeLookup;
-use crate::hyperline::retry::{Attempted, Bounds, RetryContext, purchase_with_retry};
+use crate::hyperline::retry::purchase_with_retry;
+use crate::hyperline::verdict::{Attempted, Bounds};
 use crate::operations::Metrics;
 use crate::telemetry;
 

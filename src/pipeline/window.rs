@@ -5,10 +5,11 @@
 //! command's charge.
 
 use super::Pipeline;
+use crate::broker::logged::LogEvidence;
 use crate::clock::{millis, now_ms};
 use crate::contract::Command;
 use crate::hyperline::CreditTransaction;
-use crate::hyperline::evidence::{Letter, LogEvidence, Timing, judge};
+use crate::hyperline::evidence::{Letter, Timing, judge};
 use crate::hyperline::matching::{ChargeLookup, TimeSpan, candidates, clock_margin};
 
 impl Pipeline {
