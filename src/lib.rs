@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod configuration;

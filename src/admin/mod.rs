@@ -11,6 +11,7 @@
 //! here re-implements a rule the worker already owns.
 
 pub mod check;
+mod dead_letter_queue;
 pub mod dead_letters;
 pub mod demo;
 mod demo_batch;

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
-use super::dead_letters::{Error, Reading, table};
+use super::dead_letter_queue::{Error, Reading, table};
 use super::letter::inspect;
 use super::output;
 use crate::broker::{HistoryKeys, Topology};

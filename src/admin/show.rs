@@ -16,7 +16,7 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 
-use super::dead_letters::{Error, Reading};
+use super::dead_letter_queue::{Error, Reading};
 use super::letter::{DeadLetterInfo, Window, inspect, window};
 use super::output;
 use crate::broker::{HistoryKeys, Topology};

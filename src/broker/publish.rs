@@ -21,6 +21,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
+use crate::budget::{REPLY_PAUSE, REPLY_TRIES};
+
 /// Why a message is not known to be safely with the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -57,12 +59,6 @@ impl PublishError {
         }
     }
 }
-
-/// Tries of a `reply_to` copy before it is dropped.
-const REPLY_TRIES: u32 = 3;
-
-/// The pause before the next try of a `reply_to` copy, times the tries so far.
-const REPLY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A `reply_to` copy of an event given up on: the event itself is on the
 /// results exchange.

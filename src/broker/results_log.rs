@@ -25,10 +25,9 @@ use lapin::{Channel, Connection, Consumer};
 use time::OffsetDateTime;
 
 pub use super::logged::Logged;
-use super::logged::claims_and_in_flight;
+use super::logged::{LogEvidence, claims_and_in_flight};
 use crate::configuration::{AmqpSettings, Pem};
 use crate::contract::PUBLISHED_HEADER;
-use crate::hyperline::evidence::LogEvidence;
 
 /// Past the newest offset known at the start, a read has caught up when the
 /// broker gives nothing more for this long (the broker pushes what is

@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::budget::CONFIRM_WAITS_AFTER_DEADLINE;
 pub use amqp::{AmqpSettings, BrokerUrls, QueueType};
 pub use hyperline::HyperlineSettings;
 pub use pem::Pem;
-pub use retry::{CONFIRM_WAITS_AFTER_DEADLINE, RetrySettings, after_deadline_secs, budget_line};
+pub use retry::{RetrySettings, after_deadline_secs, budget_line};
 pub use secret::{ApiKey, DERIVED_HISTORY_KEY, HistoryKey, MIN_HISTORY_KEY_LEN, Secret};
 pub use unknown_keys::UnknownKey;
 use unknown_keys::{WORKING_DIRECTORY_FILE, unknown_keys_line};

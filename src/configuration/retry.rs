@@ -1,14 +1,12 @@
-//! `[retry]`, and the time budget every retry must fit in.
+//! `[retry]`, and the checks of the settings against the time budget
+//! ([`crate::budget`]) every retry must fit in.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{ConfigError, IDEMPOTENCY_WINDOW, Settings, invalid};
-
-/// RabbitMQ closes the channel of a delivery left unacked this long (its
-/// default `consumer_timeout`); every delivery must be settled well before.
-const CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+use crate::budget::{BUDGET_LIMIT_SECS, CONFIRM_WAITS_AFTER_DEADLINE, TimeBudget};
 
 /// `[retry]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -142,68 +140,28 @@ impl Settings {
             .saturating_add(Duration::from_secs(longest.unwrap_or(0)))
             .saturating_add(self.unseen_bound())
     }
+
+    /// The figures of the consumer-timeout budget ([`TimeBudget`]).
+    pub fn time_budget(&self) -> TimeBudget {
+        TimeBudget {
+            deadline_secs: self.worker.delivery_deadline_secs,
+            confirm_timeout_secs: self.amqp.confirm_timeout_secs,
+            lookup_secs: self
+                .hyperline
+                .reconcile_at_window
+                .then_some(self.hyperline.timeout_secs),
+        }
+    }
 }
 
-/// The waits of `amqp.confirm_timeout_secs` a delivery may still make once
-/// its deadline has come, in `pipeline/executor.rs`, each bounded by the
-/// confirm timeout: the event, written then confirmed (2 waits); then the
-/// command's copy (to a delay queue or the dead-letter exchange) and, when
-/// that is refused, its copy back to the commands queue, each waiting its
-/// turn on the copies channel, opening it again after a refusal, written,
-/// confirmed (2 × 4 waits). The event's `reply_to` copy is tried after the
-/// command is settled and counts for nothing. docs/blocked-and-bounds.md
-/// and docs/configuration.md state this number; tests/docs.rs holds them to it.
-pub const CONFIRM_WAITS_AFTER_DEADLINE: u64 = 2 + 2 * 4;
-
-/// Everything a delivery may still wait for once its deadline has come, in
-/// seconds, in the worst case (RabbitMQ closes the channel, with every
-/// delivery on it, when one outlasts the consumer timeout): the
-/// credit-transaction lookup at the closed window
-/// (`hyperline.reconcile_at_window`), up to one request's deadline; the
-/// [`CONFIRM_WAITS_AFTER_DEADLINE`];
-/// one in-process hold before the copy back, at most `MAX_HOLD`.
+/// [`TimeBudget::after_deadline_secs`] of `settings`.
 pub fn after_deadline_secs(settings: &Settings) -> u64 {
-    let lookup = match settings.hyperline.reconcile_at_window {
-        true => settings.hyperline.timeout_secs,
-        false => 0,
-    };
-    lookup
-        .saturating_add(
-            settings
-                .amqp
-                .confirm_timeout_secs
-                .saturating_mul(CONFIRM_WAITS_AFTER_DEADLINE),
-        )
-        .saturating_add(crate::pipeline::decision::MAX_HOLD.as_secs())
+    settings.time_budget().after_deadline_secs()
 }
 
-/// The refusal threshold of the start-up check: 5/6 of RabbitMQ's default
-/// `consumer_timeout`, so a delivery is settled with minutes to spare.
-const BUDGET_LIMIT_SECS: u64 = CONSUMER_TIMEOUT.as_secs() * 5 / 6;
-
-/// The consumer-timeout budget as the start-up check counts it, in words,
-/// for `check`: the pages quote the command instead of copying numbers that
-/// drift from the code (they once said 10 waits while the code counted 16).
+/// [`TimeBudget::line`] of `settings`, as `check` prints it.
 pub fn budget_line(settings: &Settings) -> String {
-    let deadline = settings.worker.delivery_deadline_secs;
-    let after = after_deadline_secs(settings);
-    let lookup = match settings.hyperline.reconcile_at_window {
-        true => format!(
-            ", the lookup at the window {} s",
-            settings.hyperline.timeout_secs
-        ),
-        false => String::new(),
-    };
-    format!(
-        "consumer-timeout budget: a delivery is settled within {} s (worker.delivery_deadline_secs \
-         {deadline} s + {after} s after it: {CONFIRM_WAITS_AFTER_DEADLINE} waits of \
-         amqp.confirm_timeout_secs {} s, an in-process hold of {} s{lookup}), under the {} s limit \
-         (5/6 of RabbitMQ's 30 min consumer_timeout)",
-        deadline.saturating_add(after),
-        settings.amqp.confirm_timeout_secs,
-        crate::pipeline::decision::MAX_HOLD.as_secs(),
-        BUDGET_LIMIT_SECS,
-    )
+    settings.time_budget().line()
 }
 
 /// The deadline of a delivery and the life of a command against the

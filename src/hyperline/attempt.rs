@@ -11,17 +11,35 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::credentials::Credentials;
 use super::gate::{Gate, Permit};
-use super::retry::{
-    Attempted, Bounds, Retry, RetryContext, RetryReason, Step, Verdict, step, window_open,
-};
-use super::{PurchaseResponse, Quota};
+use super::verdict::{Attempted, Bounds, Retry, RetryReason, Step, Verdict, step, window_open};
+use super::{HyperlineClient, PurchaseResponse, Quota};
 use crate::clock::now_ms;
+use crate::configuration::RetrySettings;
 use crate::contract::Command;
+use crate::operations::Metrics;
 use crate::operations::metrics::ReasonLabel;
 use crate::telemetry;
+
+/// Shared by the retry loop of every command of a replica.
+pub struct RetryContext<'a> {
+    pub client: &'a HyperlineClient,
+    /// The replica-wide pacing.
+    pub gate: &'a Gate,
+    /// The replica-wide credential state.
+    pub credentials: &'a Credentials,
+    pub settings: &'a RetrySettings,
+    /// The total deadline of one request.
+    pub request_timeout: Duration,
+    /// Requests, retries and rate-limit waits are counted here.
+    pub metrics: &'a Metrics,
+    /// Cancelled when the replica stops.
+    pub cancel: &'a CancellationToken,
+}
 
 /// The attempts of one delivery: what they share and what they learned.
 pub(super) struct Attempt<'a> {

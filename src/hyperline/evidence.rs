@@ -33,6 +33,7 @@
 use std::time::Duration;
 
 use super::matching::{Candidate, ChargeLookup, Matches};
+use crate::broker::logged::{InFlight, LogEvidence, Succeeded};
 use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{Command, Pricing};
 
@@ -50,48 +51,8 @@ pub struct Letter<'a> {
     pub matches: &'a Result<Matches, String>,
 }
 
-/// A `succeeded` event in the results log: the charge it claims.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Succeeded {
-    pub command_id: String,
-    /// Its customer, product and count, as the event says.
-    pub customer_id: Option<String>,
-    pub product_id: Option<String>,
-    pub credit_count: Option<u64>,
-    /// The invoice of the charge: one per charge.
-    pub invoice_id: String,
-    /// `"reconciled": true`: found by these rules, not answered by Hyperline.
-    pub reconciled: bool,
-}
-
-impl Succeeded {
-    /// Whether it is `command`'s own event: the same id for the same
-    /// customer and purchase (an id reused by another customer is not).
-    pub fn is_of(&self, command: &Command) -> bool {
-        self.command_id == command.id.as_str()
-            && self.customer_id.as_deref() == Some(command.customer_id.as_str())
-            && self.product_id.as_deref() == Some(command.product_id.as_str())
-            && self.credit_count == Some(command.credit_count.get())
-    }
-}
-
-/// A command the results log shows in flight: a `pending` record (a request
-/// that may have charged, then a delay, a park or a return) and no event
-/// after it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InFlight {
-    pub command_id: String,
-    pub customer_id: String,
-    pub product_id: String,
-    pub credit_count: u64,
-    /// `amount_excluding_tax`, when priced so.
-    pub amount: Option<u64>,
-    /// `price_id`, when priced so.
-    pub price_id: Option<String>,
-    /// Its first request that may have charged (Unix ms).
-    pub first_attempt_ms: u64,
-}
-
+// The rules' questions to what the results log says
+// (`broker::logged`): kept with the rules, which alone ask them.
 impl InFlight {
     /// Whether it could have made a charge of `command`'s purchase: the same
     /// customer, product and count, and not provably priced otherwise.
@@ -106,20 +67,6 @@ impl InFlight {
             && self.credit_count == command.credit_count.get()
             && !priced_otherwise
     }
-}
-
-/// What the results log says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LogEvidence {
-    /// Every `succeeded` event read.
-    pub succeeded: Vec<Succeeded>,
-    /// The commands it shows in flight.
-    pub in_flight: Vec<InFlight>,
-    /// When the log's oldest kept entry was published (its
-    /// `cpw-published-ms`, Unix ms): from then on it holds every event. Not
-    /// an event's `occurred_at`, which a republished stored outcome backdates.
-    /// `None` without a log, or with an empty one.
-    pub complete_since_ms: Option<u64>,
 }
 
 impl LogEvidence {

@@ -31,7 +31,7 @@ use crate::contract::{Command, Pricing};
 /// Allowed disagreement between the clocks that stamp a command's requests
 /// and Hyperline's, which stamps the transaction: 1/96 of the idempotency
 /// window (15 minutes of 24 hours), the margin the worker keeps at the
-/// window's end (`retry::window_open`). Smaller, it would miss a charge
+/// window's end (`verdict::window_open`). Smaller, it would miss a charge
 /// stamped by a clock that runs ahead; the same margin as the guard, so a
 /// charge the guard allowed is always searched.
 pub fn clock_margin(window: Duration) -> Duration {

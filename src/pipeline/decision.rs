@@ -16,21 +16,17 @@
 use std::time::Duration;
 
 use crate::broker::DeliveryHistory;
+use crate::budget::MAX_HOLD;
 use crate::clock::{millis, rfc3339_ms};
 use crate::contract::{ErrorCode, OutcomeFacts, ResultEvent};
 use crate::hyperline::FinalAnswer;
 use crate::hyperline::matching::ChargeLookup;
-use crate::hyperline::retry::{Attempted, Verdict, window_open};
+use crate::hyperline::verdict::{Attempted, Verdict, window_open};
 
 /// Copies made near the broker's delivery limit before a command is
 /// declared a poison message (workers crash or lose their connection every
 /// time they hold it).
 pub const MAX_REFRESHES: u32 = 3;
-
-/// The longest wait in process before a command refused by the broker is
-/// put back (the wait doubles with each setback). The start-up check of the
-/// consumer-timeout budget counts it.
-pub const MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// What the worker learned about a delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]

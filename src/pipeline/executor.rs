@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::Pipeline;
 use super::decision::{EventPlan, Input, Outcome, Plan, Route, decide};
+use super::spans::producer_span;
 use crate::broker::history::DeathMark;
 use crate::broker::{
     DroppedReply, Message, PublishError, Publisher, Received, Settle, copy_properties,
@@ -324,26 +325,6 @@ impl Pipeline {
         };
         outcome
     }
-}
-
-/// The producer span of an event's publish and confirm (messaging semantic
-/// conventions), disabled unless spans are exported.
-fn producer_span(exchange: &str, key: &str, event: &ResultEvent) -> tracing::Span {
-    tracing::info_span!(
-        target: telemetry::SPANS,
-        "send",
-        otel.name = format!("send {exchange}"),
-        otel.kind = "producer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "send",
-        messaging.operation.name = "publish",
-        messaging.destination.name = exchange,
-        messaging.rabbitmq.destination.routing_key = key,
-        messaging.message.id = %event.event_id,
-        command_id = event.command_id.as_deref(),
-        error.type = tracing::field::Empty,
-    )
 }
 
 /// The event of a plan, for its subject.

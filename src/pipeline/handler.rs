@@ -10,12 +10,13 @@ use tracing::Instrument;
 use super::Pipeline;
 use super::decision::{Input, Outcome, Policy, WindowStart, decide, window_start};
 use super::executor::Subject;
+use super::spans::record_outcome;
 use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, header_str};
 use crate::clock::now_ms;
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
-use crate::hyperline::ReadBounds;
-use crate::hyperline::matching::ChargeLookup;
-use crate::hyperline::retry::{Attempted, Bounds, RetryContext, purchase_with_retry};
+use crate::hyperline::RetryContext;
+use crate::hyperline::retry::purchase_with_retry;
+use crate::hyperline::verdict::{Attempted, Bounds};
 use crate::operations::Metrics;
 use crate::telemetry;
 
@@ -34,26 +35,6 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.dec();
-    }
-}
-
-/// What became of the delivery, on its consumer span: a failure is an
-/// error of the span, its code the error type.
-fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
-    if span.is_disabled() {
-        return;
-    }
-    let kind = match outcome {
-        Outcome::Succeeded => "succeeded",
-        Outcome::Failed(_) => "failed",
-        Outcome::Deferred(_) => "deferred",
-        Outcome::Returned(_) => "returned",
-    };
-    span.record("outcome", kind);
-    if let Outcome::Failed(code) = outcome {
-        span.record("error_code", code.as_str());
-        span.record("error.type", code.as_str());
-        span.record("otel.status_code", "error");
     }
 }
 
@@ -181,30 +162,6 @@ impl Pipeline {
         outcome
     }
 
-    /// The consumer span of a delivery (messaging semantic conventions),
-    /// disabled unless spans are exported.
-    fn consumer_span(&self, delivery: &Received, message_id: Option<&str>) -> tracing::Span {
-        tracing::info_span!(
-            target: telemetry::SPANS,
-            "process",
-            otel.name = format!("process {}", self.topology.queue),
-            otel.kind = "consumer",
-            otel.status_code = tracing::field::Empty,
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "process",
-            messaging.operation.name = "process",
-            messaging.destination.name = delivery.exchange.as_str(),
-            messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
-            messaging.message.id = message_id,
-            command_id = tracing::field::Empty,
-            customer_id = tracing::field::Empty,
-            product_id = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            error_code = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-        )
-    }
-
     /// The settings and the moment a plan is made for.
     pub(super) fn policy(&self) -> Policy<'_> {
         Policy {
@@ -224,65 +181,6 @@ impl Pipeline {
         self.topology
             .delivery_limit()
             .is_some_and(|limit| history.deliveries >= u64::from(limit) / 2)
-    }
-
-    /// What Hyperline's credit transactions say about a command whose window
-    /// (opened at `first_ms`) closed: read within the delivery's deadline
-    /// (at least one request's), through the replica's read gate. A failed
-    /// read, or the replica stopping, leaves it uncertain.
-    async fn look_up(
-        &self,
-        command: &Command,
-        first_ms: u64,
-        deadline: tokio::time::Instant,
-    ) -> ChargeLookup {
-        let bounds = ReadBounds::from_retry(&self.retry);
-        let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
-        let read = async {
-            let listing = self
-                .client
-                .transactions(
-                    &command.customer_id,
-                    &command.product_id,
-                    &self.reads,
-                    bounds,
-                )
-                .await?;
-            Ok::<_, crate::hyperline::TransactionsError>(
-                self.judge_at_window(command, &listing, first_ms).await,
-            )
-        };
-        let uncertain = |reason: String| ChargeLookup::Uncertain {
-            reason,
-            candidates: Vec::new(),
-        };
-        let lookup = tokio::select! {
-            read = tokio::time::timeout_at(until, read) => match read {
-                Ok(Ok(lookup)) => lookup,
-                Ok(Err(e)) => uncertain(e.to_string()),
-                Err(_) => uncertain("no answer before the delivery's deadline".into()),
-            },
-            () = self.stop_requests.cancelled() => uncertain("the replica is stopping".into()),
-        };
-        match &lookup {
-            ChargeLookup::NotCharged => tracing::warn!(
-                "window closed and no matching credit transaction: purchasing the command as new"
-            ),
-            ChargeLookup::Charged(found) => tracing::warn!(
-                transaction_id = %found.transaction_id,
-                invoice_id = %found.invoice_id,
-                "window closed and exactly one matching credit transaction: the command was charged"
-            ),
-            ChargeLookup::Uncertain { reason, candidates }
-            | ChargeLookup::TooYoung {
-                reason, candidates, ..
-            } => tracing::error!(
-                %reason,
-                transactions = %candidates.iter().map(|c| c.transaction_id.as_str()).collect::<Vec<_>>().join(","),
-                "window closed and the credit transactions cannot tell whether the command was charged"
-            ),
-        }
-        lookup
     }
 
     /// The purchase attempts of this delivery, within its deadline and the

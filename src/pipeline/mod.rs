@@ -6,13 +6,16 @@
 //! - [`handler`] takes one delivery from command to plan: delivery → command
 //!   → purchase → outcome;
 //! - [`decision`] is the one place that decides what becomes of a delivery;
-//! - [`executor`] carries the plan out: event → copy → ack → `reply_to`.
+//! - [`executor`] carries the plan out: event → copy → ack → `reply_to`;
+//! - `window.rs` looks up and judges a command whose window closed, and
+//!   `spans.rs` holds the spans both carry, apart from their path.
 
 pub mod alarm;
 pub mod decision;
 pub mod executor;
 pub mod handler;
 pub mod session;
+mod spans;
 pub mod supervisor;
 mod window;
 

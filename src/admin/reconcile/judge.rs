@@ -17,8 +17,9 @@ use lapin::Connection;
 
 use super::select::{Letter, Listings};
 use crate::broker::Topology;
+use crate::broker::logged::LogEvidence;
 use crate::broker::results_log;
-use crate::hyperline::evidence::{self, LogEvidence, Timing};
+use crate::hyperline::evidence::{self, Timing};
 use crate::hyperline::matching::{ChargeLookup, Matches, candidates};
 
 /// What to do with a letter.

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use lapin::Connection;
 
 use super::ConnectError;
-use super::dead_letters::Reading;
+use super::dead_letter_queue::Reading;
 use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ReconcileArgs;
 use crate::configuration::{ConfigError, Settings};
@@ -43,7 +43,7 @@ pub enum Error {
     Connect(#[from] ConnectError),
     /// The dead-letter queue could not be read, or a letter put back.
     #[error(transparent)]
-    DeadLetters(#[from] super::dead_letters::Error),
+    DeadLetters(#[from] super::dead_letter_queue::Error),
     /// A channel operation failed.
     #[error("broker error: {}", super::broker_says(.0))]
     Broker(lapin::Error),
