@@ -10,13 +10,16 @@
 //! broker requeues what a closed channel held.
 //!
 //! Reading never wears a letter out. A letter returned with `nack` (or by a
-//! closed channel) counts one more delivery, and from RabbitMQ 4.0 a quorum
-//! queue drops a message at its 20th (`<queue>.dead` has no dead-letter
-//! exchange: it would be lost). So a letter is put back as a fresh copy,
+//! closed channel) counts one more delivery, and a quorum queue drops a
+//! message at its delivery limit (`<queue>.dead` has no dead-letter exchange:
+//! it would be lost). The worker declares the dead queue with a limit no
+//! reading reaches (`broker::topology`), but one an earlier release created
+//! has RabbitMQ 4.x's default of 20. So a letter is put back as a fresh copy,
 //! confirmed, and only then is the read one acked: the copy carries the same
 //! body, properties and headers (but for what would get it refused or lost,
-//! see [`fresh_copy`]) and has never been delivered. Only when the copy cannot be made is the letter
-//! returned with `nack`, which keeps it at the cost of one delivery.
+//! see [`fresh_copy`]) and has never been delivered. Only when the copy
+//! cannot be made is the letter returned with `nack`, which keeps it at the
+//! cost of one delivery.
 
 use std::sync::Arc;
 
