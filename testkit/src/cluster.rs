@@ -305,18 +305,24 @@ impl Cluster {
 }
 
 impl Drop for Cluster {
-    /// Hard stops: the data goes with the folder, so a graceful stop (seconds
-    /// per node) would buy nothing.
-    /// (`.ci/broker down` kills every node and removes the folder.) Never a
-    /// panic here: a test that already failed should say why, not this.
+    /// Hard stops (`.ci/broker down` kills every node and removes the
+    /// folder): the data goes with the folder, so a graceful stop (seconds
+    /// per node) would buy nothing. Never a panic here: a test that already
+    /// failed should say why, not this.
     fn drop(&mut self) {
         let stopped = Command::new(script())
             .args(["down", &self.dir.to_string_lossy()])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status();
-        if !matches!(stopped, Ok(s) if s.success()) {
-            eprintln!(".ci/broker down {} failed: {stopped:?}", self.dir.display());
+            .output();
+        match stopped {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                ".ci/broker down {} failed ({}):\n{}",
+                self.dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!(".ci/broker down {} did not run: {e}", self.dir.display()),
         }
     }
 }
