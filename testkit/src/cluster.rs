@@ -1,38 +1,52 @@
-//! A real three-node RabbitMQ cluster on this machine, started by a test.
+//! A real RabbitMQ cluster on this machine, started by a test.
 //!
 //! Quorum queues, leader elections and a worker moving to another node only
 //! happen on a cluster, so the tests need one; a mock would prove nothing.
-//! Each node is the installed `rabbitmq-server` with a node name, AMQP and
-//! distribution ports, data, logs and configuration of its own under a
-//! temporary folder, and the plugins off (no management or Prometheus
-//! listeners to collide with the local broker). Nodes two and three join the
-//! first with `rabbitmqctl join_cluster`. The Erlang cookie is shared through
-//! `$HOME/.erlang.cookie`, with `HOME` pointing into the temporary folder:
-//! the machine's broker at 127.0.0.1:5672, which every other test uses, and
-//! the user's own cookie are left alone.
+//! The nodes come from `.ci/broker`, the broker matrix CI runs the suite on:
+//! RabbitMQ of the Debian suite [`SUITE_VAR`] names (`bookworm`, the
+//! machine's 3.10, by default; `trixie` 4.0 or `sid` 4.3 from a root of their
+//! own), each node with a name, AMQP and distribution ports, data, logs, an
+//! Erlang cookie and configuration of its own under a temporary folder, and
+//! the plugins off (no management or Prometheus listeners to collide with
+//! the local broker, which is left alone, as is the user's own cookie).
+//! Nodes two and more join the first.
 //!
-//! Every wait is bounded. [`Cluster`]'s `Drop` kills the nodes and removes
-//! the folder, also when a test panics.
+//! Every wait is bounded (the script bounds its own). [`Cluster`]'s `Drop`
+//! stops the nodes (`.ci/broker down`) and removes the folder, also when a
+//! test panics.
 //!
-//! Blocking: the calls run `rabbitmqctl` and wait for it. From an async test,
-//! call them in `tokio::task::block_in_place` (a multi-threaded runtime) so
-//! the worker under test keeps running meanwhile.
+//! Blocking: the calls run `rabbitmqctl` or the script and wait for them.
+//! From an async test, call them in `tokio::task::block_in_place` (a
+//! multi-threaded runtime) so the worker under test keeps running meanwhile.
 
-use std::net::TcpListener;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a node gets to boot, and a stopped app to start again.
+/// How long a stopped app gets to start again.
 const BOOT: Duration = Duration::from_secs(90);
 
 /// How long one `rabbitmqctl` call may take.
 const CTL: Duration = Duration::from_secs(60);
 
-/// Where Debian installs the real scripts. `/usr/sbin/rabbitmq-server` is a
-/// wrapper that switches to the `rabbitmq` user, whose home holds the local
-/// broker's cookie and who could not write our folder.
+/// Names the Debian suite whose RabbitMQ the nodes run: `bookworm` (3.10,
+/// the default), `trixie` (4.0) or `sid` (4.3). CI sets it on its 4.x legs,
+/// with the test broker of [`crate::broker::AMQP_URL_VAR`] of that suite.
+pub const SUITE_VAR: &str = "CPW_TEST_BROKER_SUITE";
+
+/// The suite [`SUITE_VAR`] names, `bookworm` when unset.
+pub fn suite() -> String {
+    std::env::var(SUITE_VAR).unwrap_or_else(|_| "bookworm".to_owned())
+}
+
+/// The broker matrix script of the repository.
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/broker")
+}
+
+/// Where Debian installs the machine's own RabbitMQ (suite `bookworm`).
 const DEBIAN_BIN: &str = "/usr/lib/rabbitmq/bin";
 
 /// Clusters started by this process, for unique node names.
@@ -44,22 +58,20 @@ pub struct Node {
     pub name: String,
     /// AMQP port on 127.0.0.1.
     pub port: u16,
-    /// Erlang distribution port.
-    dist: u16,
-    /// Its folder: data, logs, configuration, pid file.
-    dir: PathBuf,
-    /// The `rabbitmq-server` process.
-    server: Option<Child>,
+    /// Its `rabbitmqctl`, aimed at it (the suite's, with the cookie).
+    ctl: PathBuf,
+    /// Whether its VM runs (false after [`Cluster::kill`]).
+    running: bool,
 }
 
 /// A running cluster; stopped and removed on drop.
 pub struct Cluster {
     /// The nodes, the first being the one the others joined.
     pub nodes: Vec<Node>,
-    /// The temporary folder of the whole cluster.
+    /// The state folder `.ci/broker` keeps the whole cluster in.
     dir: PathBuf,
-    /// Directory of `rabbitmq-server` and `rabbitmqctl`.
-    bin: PathBuf,
+    /// The Debian suite of its RabbitMQ.
+    pub suite: String,
     /// How long starting and joining took.
     pub started_in: Duration,
 }
@@ -72,33 +84,6 @@ impl std::fmt::Display for Skip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Names the directory of `rabbitmq-server` and `rabbitmqctl` where they are
-/// somewhere else than Debian's place or the `PATH`.
-pub const BIN_VAR: &str = "CPW_TEST_RABBITMQ_BIN";
-
-/// The directory of the installed `rabbitmq-server`, if any.
-fn server_bin() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os(BIN_VAR) {
-        let dir = PathBuf::from(dir);
-        return dir.join("rabbitmq-server").is_file().then_some(dir);
-    }
-    let debian = Path::new(DEBIAN_BIN);
-    if debian.join("rabbitmq-server").is_file() {
-        return Some(debian.to_owned());
-    }
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|dir| dir.join("rabbitmq-server").is_file())
-    })
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
 }
 
 /// Waits for `child` at most `within`; kills it after that.
@@ -117,117 +102,83 @@ fn wait_bounded(child: &mut Child, within: Duration) -> bool {
     }
 }
 
+/// Runs `.ci/broker args…` (which bounds its own waits); its standard
+/// output, or a panic with what it printed.
+fn broker(args: &[&str]) -> String {
+    let out = Command::new(script())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!(".ci/broker {args:?} runs: {e}"));
+    assert!(
+        out.status.success(),
+        ".ci/broker {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Cluster {
-    /// Starts `size` nodes and joins them into one cluster; `Err(Skip)` when
-    /// RabbitMQ is not installed. Panics when an installed RabbitMQ fails to
-    /// form the cluster in time: that is a failure, not a reason to skip.
+    /// Starts `size` nodes of [`suite`] and joins them into one cluster;
+    /// `Err(Skip)` when the machine's RabbitMQ is not installed and no other
+    /// suite is asked for. Panics when RabbitMQ fails to form the cluster in
+    /// time: that is a failure, not a reason to skip.
     pub fn start(size: usize) -> Result<Cluster, Skip> {
-        let bin = server_bin().ok_or_else(|| {
-            Skip(format!(
-                "rabbitmq-server is not installed (.ci/run installs it; {BIN_VAR} names its directory)"
-            ))
-        })?;
+        let suite = suite();
+        if suite == "bookworm" && !Path::new(DEBIAN_BIN).join("rabbitmq-server").is_file() {
+            return Err(Skip(format!(
+                "rabbitmq-server is not installed in {DEBIAN_BIN} (.ci/run installs it)"
+            )));
+        }
         let begun = Instant::now();
         let serial = STARTED.fetch_add(1, Ordering::Relaxed);
         let tag = format!("cpw{}x{serial}", std::process::id());
         let dir = std::env::temp_dir().join(format!("cpw-cluster-{tag}"));
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home).expect("cluster folder");
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(&cookie, format!("CPWTESTCOOKIE{tag}")).expect("cookie");
-        set_owner_only(&cookie);
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
-        std::fs::write(dir.join("rabbitmq-env.conf"), "").expect("env file");
-
-        let mut cluster = Cluster {
-            nodes: Vec::new(),
-            dir,
-            bin,
-            started_in: Duration::ZERO,
+        let dir_arg = dir.to_string_lossy().into_owned();
+        let nodes = size.to_string();
+        let out = broker(&[
+            "up", &suite, "--nodes", &nodes, "--name", &tag, "--dir", &dir_arg,
+        ]);
+        let vars: HashMap<&str, &str> = out
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('\'')))
+            .collect();
+        let var = |key: String| {
+            vars.get(key.as_str())
+                .map(|v| (*v).to_owned())
+                .unwrap_or_else(|| panic!(".ci/broker up printed no {key}:\n{out}"))
         };
-        for i in 1..=size {
-            let short = format!("{tag}n{i}");
-            let dir = cluster.dir.join(&short);
-            let mut node = Node {
-                name: format!("{short}@localhost"),
-                port: free_port(),
-                dist: free_port(),
-                dir,
-                server: None,
-            };
-            node.server = Some(cluster.spawn_server(&node));
-            cluster.nodes.push(node);
-        }
-        for i in 0..size {
-            cluster.await_startup(i);
-        }
-        let first = cluster.nodes[0].name.clone();
-        for i in 1..size {
-            cluster.ctl_ok(i, &["stop_app"]);
-            cluster.ctl_ok(i, &["join_cluster", &first]);
-            cluster.ctl_ok(i, &["start_app"]);
-        }
-        for i in 0..size {
-            cluster.await_startup(i);
-        }
-        cluster.started_in = begun.elapsed();
-        Ok(cluster)
+        let nodes = (1..=size)
+            .map(|i| Node {
+                name: var(format!("CPW_BROKER_NODE_{i}")),
+                port: var(format!("CPW_BROKER_PORT_{i}"))
+                    .parse()
+                    .expect("a port number"),
+                ctl: PathBuf::from(var(format!("CPW_BROKER_CTL_{i}"))),
+                running: true,
+            })
+            .collect();
+        Ok(Cluster {
+            nodes,
+            dir,
+            suite,
+            started_in: begun.elapsed(),
+        })
     }
 
-    /// Starts `rabbitmq-server` for `node`, whose folder keeps its data
-    /// across restarts (a restarted node rejoins its cluster by itself).
-    fn spawn_server(&self, node: &Node) -> Child {
-        let dir = &node.dir;
-        std::fs::create_dir_all(dir).expect("node folder");
-        let conf = dir.join("rabbitmq.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n",
-                node.port
-            ),
-        )
-        .expect("node configuration");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("stdout.log"))
-            .expect("node log");
-        self.command("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &node.name)
-            .env("RABBITMQ_NODE_PORT", node.port.to_string())
-            .env("RABBITMQ_DIST_PORT", node.dist.to_string())
-            .env("RABBITMQ_CONFIG_FILE", &conf)
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"))
-            .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("rabbitmq-server starts")
-    }
-
-    /// A command of the installed RabbitMQ, with this cluster's cookie and
-    /// none of the machine's `rabbitmq-env.conf` (which names the local node).
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin.join(program));
-        command
-            .env("HOME", self.dir.join("home"))
-            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
-            .env(
-                "RABBITMQ_ENABLED_PLUGINS_FILE",
-                self.dir.join("enabled_plugins"),
-            )
-            .stdin(Stdio::null());
+    /// `rabbitmqctl` of node `i`, quiet, with `args`.
+    fn command(&self, i: usize, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.nodes[i].ctl);
+        command.arg("-q").args(args).stdin(Stdio::null());
         command
     }
 
     /// `rabbitmqctl -q -n <node i> args…`, bounded; whether it succeeded.
     pub fn ctl(&self, i: usize, args: &[&str]) -> bool {
         let child = self
-            .command("rabbitmqctl")
-            .args(["-q", "-n", &self.nodes[i].name])
-            .args(args)
+            .command(i, args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -240,9 +191,7 @@ impl Cluster {
     /// What `rabbitmqctl -q -n <node i> args…` printed, if it succeeded.
     pub fn ctl_output(&self, i: usize, args: &[&str]) -> Option<String> {
         let child = self
-            .command("rabbitmqctl")
-            .args(["-q", "-n", &self.nodes[i].name])
-            .args(args)
+            .command(i, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -285,7 +234,7 @@ impl Cluster {
             self.ctl(i, args),
             "rabbitmqctl {args:?} on {} failed; see {}",
             self.nodes[i].name,
-            self.nodes[i].dir.display()
+            self.node_dir(i).display()
         );
     }
 
@@ -299,7 +248,7 @@ impl Cluster {
                 Instant::now() < deadline,
                 "node {} did not start within {BOOT:?}; see {}",
                 self.nodes[i].name,
-                self.nodes[i].dir.display()
+                self.node_dir(i).display()
             );
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -320,24 +269,14 @@ impl Cluster {
         self.nodes.iter().position(|n| n.port == port)
     }
 
-    /// Stops node `i` hard: SIGKILL to its Erlang VM, as a crashed machine.
-    /// A node already killed is left alone: its pid file goes with it, so a
-    /// pid the system has since given to another process is never signalled.
+    /// Stops node `i` hard: SIGKILL to its Erlang VM, as a crashed machine
+    /// (`.ci/broker kill`). A node already killed is left alone.
     pub fn kill(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let Some(mut server) = node.server.take() else {
+        if !self.nodes[i].running {
             return;
-        };
-        let pid_file = node.dir.join("pid");
-        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-            let _ = Command::new("kill")
-                .args(["-9", pid.trim()])
-                .stderr(Stdio::null())
-                .status();
-            let _ = std::fs::remove_file(&pid_file);
         }
-        let _ = server.kill();
-        let _ = wait_bounded(&mut server, CTL);
+        broker(&["kill", &self.dir.to_string_lossy(), &(i + 1).to_string()]);
+        self.nodes[i].running = false;
     }
 
     /// Stops node `i` gracefully, keeping its VM: `rabbitmqctl stop_app`.
@@ -348,32 +287,42 @@ impl Cluster {
     /// Brings node `i` back after [`Cluster::kill`] or [`Cluster::stop_app`],
     /// and waits until it runs, bounded.
     pub fn bring_back(&mut self, i: usize) {
-        if self.nodes[i].server.is_some() {
+        if self.nodes[i].running {
             self.ctl_ok(i, &["start_app"]);
         } else {
-            let server = self.spawn_server(&self.nodes[i]);
-            self.nodes[i].server = Some(server);
+            // On its data: it rejoins its cluster by itself.
+            broker(&["start", &self.dir.to_string_lossy(), &(i + 1).to_string()]);
+            self.nodes[i].running = true;
         }
         self.await_startup(i);
     }
-}
 
-#[cfg(unix)]
-fn set_owner_only(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400));
+    /// Node `i`'s folder (data, logs, configuration): where to look when it
+    /// misbehaves.
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{}", i + 1))
+    }
 }
-
-#[cfg(not(unix))]
-fn set_owner_only(_: &Path) {}
 
 impl Drop for Cluster {
-    /// Hard stops: the data goes with the folder, so a graceful stop (seconds
-    /// per node) would buy nothing.
+    /// Hard stops (`.ci/broker down` kills every node and removes the
+    /// folder): the data goes with the folder, so a graceful stop (seconds
+    /// per node) would buy nothing. Never a panic here: a test that already
+    /// failed should say why, not this.
     fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
+        let stopped = Command::new(script())
+            .args(["down", &self.dir.to_string_lossy()])
+            .stdin(Stdio::null())
+            .output();
+        match stopped {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                ".ci/broker down {} failed ({}):\n{}",
+                self.dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!(".ci/broker down {} did not run: {e}", self.dir.display()),
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

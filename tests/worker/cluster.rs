@@ -23,7 +23,10 @@ pub(crate) static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::cons
 pub(crate) fn cluster() -> Option<Cluster> {
     match tokio::task::block_in_place(|| Cluster::start(3)) {
         Ok(cluster) => {
-            println!("cluster: 3 nodes up and joined in {:?}", cluster.started_in);
+            println!(
+                "cluster: 3 nodes of RabbitMQ ({}) up and joined in {:?}",
+                cluster.suite, cluster.started_in
+            );
             Some(cluster)
         }
         Err(skip) => {
