@@ -125,6 +125,14 @@ impl Cluster {
     /// suite is asked for. Panics when RabbitMQ fails to form the cluster in
     /// time: that is a failure, not a reason to skip.
     pub fn start(size: usize) -> Result<Cluster, Skip> {
+        Cluster::start_with(size, &[])
+    }
+
+    /// [`Cluster::start`], with `config` lines (`consumer_timeout = 5000`)
+    /// added to every node's `rabbitmq.conf`: for a test that needs a
+    /// broker setting the machine's broker, shared by every test, must not
+    /// get.
+    pub fn start_with(size: usize, config: &[&str]) -> Result<Cluster, Skip> {
         let suite = suite();
         if suite == "bookworm" && !Path::new(DEBIAN_BIN).join("rabbitmq-server").is_file() {
             return Err(Skip(format!(
@@ -137,9 +145,13 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("cpw-cluster-{tag}"));
         let dir_arg = dir.to_string_lossy().into_owned();
         let nodes = size.to_string();
-        let out = broker(&[
+        let mut args = vec![
             "up", &suite, "--nodes", &nodes, "--name", &tag, "--dir", &dir_arg,
-        ]);
+        ];
+        for line in config {
+            args.extend(["--config", line]);
+        }
+        let out = broker(&args);
         let vars: HashMap<&str, &str> = out
             .lines()
             .filter_map(|line| line.split_once('='))

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use cpw_testkit::cluster::Cluster;
+use cpw_testkit::proxy::Proxy;
+use cpw_testkit::wait_until;
 use credit_purchase_worker::simulator::Faults;
 
 use cpw_testkit::app::{Options, TestApp, spawn_without_worker};
@@ -124,6 +126,92 @@ async fn a_worker_whose_node_dies_moves_to_another_and_charges_once() {
     }
     let duplicates: usize = per_command.values().map(|n| n - 1).sum();
     println!("cluster: 50 answered, {duplicates} duplicate events");
+    app.assert_charged_once(&ids);
+    app.wait_until_drained().await;
+    app.cleanup().await;
+}
+
+/// Khepri (RabbitMQ 4.3's only metadata store) needs a majority for every
+/// declaration, and a node that dies mid-declaration leaves the worker's
+/// `queue.declare` unanswered or refused. The worker is given two nodes
+/// through proxies that hold every broker frame 150 ms (so its comparison
+/// and declaration of the topology take seconds), and the node behind the
+/// one it connected to is killed while it declares: the worker must declare
+/// again on the other, serve, and charge every command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_the_worker_declares_its_topology_costs_nothing() {
+    let _one = ONE_CLUSTER.lock().await;
+    let Some(mut cluster) = cluster() else {
+        return;
+    };
+    let proxies = [
+        Proxy::start(&cluster.url(1)).await,
+        Proxy::start(&cluster.url(2)).await,
+    ];
+    for proxy in &proxies {
+        proxy.slow_answers(Duration::from_millis(150));
+    }
+    let faults = Faults {
+        rate_limit: 0,
+        ..Faults::default()
+    };
+    // The test's own connection stays on node 0, which is never killed.
+    let mut app = spawn_without_worker(
+        Options::default()
+            .driver(&cluster.url(0))
+            .env(
+                "CPW__AMQP__URL",
+                format!("{},{}", proxies[0].url(), proxies[1].url()),
+            )
+            .faults(faults),
+    )
+    .await;
+    app.start_worker().await;
+
+    // The node gauge is set on connecting, before the topology is compared
+    // and declared.
+    let label = |proxy: &Proxy| {
+        let url = url::Url::parse(proxy.url()).expect("a URL");
+        format!(
+            "cpw_broker_node{{node=\"127.0.0.1:{}\"}}",
+            url.port().expect("a port")
+        )
+    };
+    let mut on = None;
+    wait_until(
+        "the worker to connect",
+        Duration::from_millis(20),
+        async || {
+            let metrics = app.metrics().await;
+            on = (0..2).find(|i| metrics.contains(&format!("{} 1", label(&proxies[*i]))));
+            on.is_some()
+        },
+    )
+    .await;
+    let on = on.expect("waited for it");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_ne!(
+        app.readyz().await,
+        200,
+        "still declaring when its node is killed"
+    );
+    let node = on + 1;
+    tokio::task::block_in_place(|| cluster.kill(node));
+    for proxy in &proxies {
+        proxy.slow_answers(Duration::ZERO);
+    }
+    println!("cluster: node {node} killed while the worker declared its topology through it");
+
+    app.wait_readyz(200).await;
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(&format!("{} 1", label(&proxies[1 - on]))),
+        "consuming on the other node: {metrics}"
+    );
+    let ids = app.publish_commands(20).await;
+    for event in app.events_answering(&ids).await {
+        assert_eq!(event.kind(), "credit_purchase.succeeded", "{}", event.body);
+    }
     app.assert_charged_once(&ids);
     app.wait_until_drained().await;
     app.cleanup().await;

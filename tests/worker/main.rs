@@ -6,6 +6,7 @@ mod broker_refusals;
 mod chaos;
 mod cluster;
 mod cluster_chaos;
+mod consumer_timeout;
 mod crash_loop;
 mod credentials;
 mod examples;
