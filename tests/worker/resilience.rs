@@ -216,3 +216,60 @@ async fn a_burst_of_2000_with_transient_faults_charges_each_once() {
     assert_eq!(app.depth(&app.dead_queue()).await, 0);
     app.cleanup().await;
 }
+
+/// A commands queue deleted under the worker (an operator's mistake, a
+/// definitions import) ends its consumer with `basic.cancel`; lapin's
+/// stream then just ends. The worker must declare the queue again and
+/// consume from it, never stay ready on a consumer that is gone.
+#[tokio::test]
+async fn a_deleted_commands_queue_is_declared_again_and_consumed() {
+    let mut app = spawn_app_with(Options::default()).await;
+    let first = command_id();
+    app.publish(&command(&first)).await;
+    app.event_for(&first).await;
+
+    let connection = cpw_testkit::broker::connect("cpw-test-delete-queue")
+        .await
+        .expect("broker reachable");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(app.topology.queue.as_str().into(), Default::default())
+        .await
+        .expect("the commands queue deleted");
+    cpw_testkit::wait_until(
+        "the worker to declare the commands queue again",
+        Duration::from_millis(50),
+        async || {
+            let Ok(probe) = connection.create_channel().await else {
+                return false;
+            };
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let found = probe
+                .queue_declare(
+                    app.topology.queue.as_str().into(),
+                    passive,
+                    Default::default(),
+                )
+                .await
+                .is_ok();
+            let _ = probe.close(200, "probed".into()).await;
+            found
+        },
+    )
+    .await;
+
+    let after = command_id();
+    app.publish(&command(&after)).await;
+    let event = app.event_for(&after).await;
+    assert_eq!(event["type"], "credit_purchase.succeeded", "{event}");
+    assert!(
+        app.metric("cpw_reconnects_total").await >= 1.0,
+        "the lost consumer was counted as a lost session"
+    );
+    app.assert_charged_once(&[first, after]);
+    app.wait_readyz(200).await;
+    app.cleanup().await;
+}
