@@ -11,11 +11,16 @@
 #   benches/instructions.sh [--baseline] [N] [VAR=value ...]
 #
 # VAR=value pairs are set for the worker, e.g. RUST_LOG=warn,lapin=off.
+# The baseline's results exchange is bound to a stream like the worker's
+# results log (its default topology), so both publish into the same kind of
+# topology. CPW_WORKER names another worker binary (an older build to
+# compare with); CALLGRIND_KEEP=DIR keeps both runs' callgrind.out files
+# there, for callgrind_annotate --inclusive=yes.
 # Needs valgrind, rabbitmqctl and the broker at 127.0.0.1:5672 (guest).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-worker="$root/target/release/credit-purchase-worker"
+worker="${CPW_WORKER:-$root/target/release/credit-purchase-worker}"
 subject=worker
 if [[ ${1:-} == --baseline ]]; then
     subject=baseline
@@ -76,7 +81,7 @@ import pika
 
 queue = sys.argv[1]
 connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
-for name in [queue, queue + ".dead"] + [f"{queue}.retry.{s}s" for s in (30, 300, 1800, 7200)]:
+for name in [queue, queue + ".dead", queue + "-results.log"] + [f"{queue}.retry.{s}s" for s in (30, 300, 1800, 7200)]:
     channel = connection.channel()
     try:
         channel.queue_delete(name)
@@ -101,6 +106,9 @@ connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
 channel = connection.channel()
 channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
 channel.exchange_declare(queue + "-results", "topic", durable=True)
+channel.queue_declare(queue + "-results.log", durable=True, arguments={
+    "x-queue-type": "stream", "x-max-age": "7D"})
+channel.queue_bind(queue + "-results.log", queue + "-results", "#")
 PY
 }
 
@@ -135,6 +143,10 @@ run() {
     kill -TERM "$pid"
     wait "$pid" || true
     delete_topology "$queue"
+    if [[ -n ${CALLGRIND_KEEP:-} ]]; then
+        mkdir -p "$CALLGRIND_KEEP"
+        cp "$out" "$CALLGRIND_KEEP/callgrind.$subject.$commands.out"
+    fi
     grep -h '^totals:' "$out" | awk '{print $2}'
 }
 

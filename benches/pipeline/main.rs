@@ -13,7 +13,9 @@
 //! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario and of `latency-2s`,
-//! default 5; the median is reported), `BENCH_LOG` (the worker's
+//! default 5; the median is reported), `BENCH_REPEAT_NO_LOG` (runs of
+//! `instant-64` without the results log, for the worker and the baseline
+//! alike, default 3), `BENCH_LOG` (the worker's
 //! `RUST_LOG`; by default none, so the worker logs at its configured
 //! `log.level`, info, as operators run it; the instant scenarios also run it
 //! at warn, to show what logs cost),

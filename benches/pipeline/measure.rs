@@ -26,6 +26,11 @@ pub struct Plan {
     pub window: Option<Duration>,
     /// `(rate, secs)` of the latency phase.
     pub paced: Option<(u32, u32)>,
+    /// The results log (a stream bound to the results exchange) is
+    /// declared, as it is by default; without it, the worker runs at
+    /// `amqp.results_log_retention = 0`. The baseline publishes to the same
+    /// exchange either way.
+    pub results_log: bool,
 }
 
 pub async fn run_once(broker: &Broker, plan: &Plan, who: Who) -> Result<Figures> {
@@ -35,7 +40,7 @@ pub async fn run_once(broker: &Broker, plan: &Plan, who: Who) -> Result<Figures>
         sim.set_jitter(env_usize("BENCH_JITTER_MS", 0) as u64)
             .await?;
     }
-    let mut run = Run::setup(broker, plan.label, &sim, plan.prefetch).await?;
+    let mut run = Run::setup(broker, plan.label, &sim, plan.prefetch, plan.results_log).await?;
     let result = measure(broker, plan, who, &sim, &mut run).await;
     sim.stop().await;
     run.cleanup(broker).await;

@@ -43,13 +43,28 @@ pub struct Run {
 
 impl Run {
     /// Declares the worker's topology (through the worker's own code, so the
-    /// queue is exactly what the worker expects) and an observer of events.
-    pub async fn setup(broker: &Broker, label: &str, sim: &Sim, prefetch: u16) -> Result<Run> {
+    /// queue is exactly what the worker expects, the results log included
+    /// unless `results_log` is false) and an observer of events. The
+    /// baseline runs against the same topology: its events go through the
+    /// same exchange into the same stream.
+    pub async fn setup(
+        broker: &Broker,
+        label: &str,
+        sim: &Sim,
+        prefetch: u16,
+        results_log: bool,
+    ) -> Result<Run> {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let queue = format!("{PREFIX}{label}-{}", &tag[..12]);
         let mut env = worker_env(&queue, &sim.base_url, SIM_KEY);
         env.insert("CPW__AMQP__PREFETCH".to_owned(), prefetch.to_string());
         env.insert("CPW__LOG__FORMAT".to_owned(), "json".to_owned());
+        if !results_log {
+            env.insert(
+                "CPW__AMQP__RESULTS_LOG_RETENTION".to_owned(),
+                "0".to_owned(),
+            );
+        }
         let settings =
             Settings::load_from(None, env.clone()).context("the bench's worker settings")?;
         let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);

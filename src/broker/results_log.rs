@@ -5,10 +5,10 @@
 //! A stream is read by a consumer that names where to start
 //! (`x-stream-offset`: `first`, `last`, an offset, or a timestamp) and never
 //! drains: the reader must decide when it has caught up. Over AMQP 0-9-1
-//! nothing says where the end is (a stream's `queue.declare-ok` reports 0
-//! messages), and a pause in the broker's deliveries is no proof: a reader
-//! that stopped at a pause would miss the claims after it, and a charge
-//! claimed by another command would look free. So [`read_to_end`] first
+//! nothing says at which offset the end is (a stream's `queue.declare-ok`
+//! gives at most a count), and a pause in the broker's deliveries is no
+//! proof: a reader that stopped at a pause would miss the claims after it,
+//! and a charge claimed by another command would look free. So [`read_to_end`] first
 //! learns the newest offset (a consumer at `last` gets the newest chunk at
 //! once), reads until it has passed it, and only then takes a pause of
 //! [`CAUGHT_UP`] as the end; a longer silence before it is an error, never
@@ -145,6 +145,17 @@ impl Reader {
         log: &str,
         start: Start,
     ) -> Result<Reader, LogError> {
+        Reader::open_with(connection, log, start, PREFETCH).await
+    }
+
+    /// [`Reader::open`], with the broker pushing at most `prefetch`
+    /// messages ahead of the reader.
+    async fn open_with(
+        connection: &Connection,
+        log: &str,
+        start: Start,
+        prefetch: u16,
+    ) -> Result<Reader, LogError> {
         let broker = |cause| LogError::Broker {
             log: log.to_owned(),
             cause,
@@ -165,7 +176,7 @@ impl Reader {
             });
         }
         channel
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(broker)?;
         let mut arguments = FieldTable::default();
@@ -343,17 +354,30 @@ async fn read_until(
     read
 }
 
-/// How many events the log keeps: from its oldest offset to its newest,
-/// which only a read can tell. `None` when it is empty.
+/// How many events the log keeps, for a broker whose `queue.declare-ok`
+/// reports none for a stream (RabbitMQ 3.10 to 4.x report the count, and
+/// the depth sampler reads that): from the offset of the oldest event to
+/// that of the first event of the newest chunk, one message read at each
+/// end, so short by at most the newest chunk's other events. Never a read
+/// to the end: while events are written, a reader at `last` follows them
+/// without a pause, and a sampler that read until a pause parsed every
+/// event published for ten seconds out of each fifteen. `None` when the
+/// log is empty.
 pub async fn kept(connection: &Connection, log: &str) -> Result<Option<u64>, LogError> {
-    let mut oldest = Reader::open(connection, log, Start::First).await?;
-    let first = oldest.next(Some(LAST_CHUNK)).await;
-    oldest.close().await;
-    let Some(first) = first?.and_then(|e| e.offset) else {
+    let Some(first) = edge(connection, log, Start::First).await? else {
         return Ok(None);
     };
-    let last = newest(connection, log).await?.map_or(first, |(n, _)| n);
+    let last = edge(connection, log, Start::Last).await?.unwrap_or(first);
     Ok(Some(last.saturating_sub(first).saturating_add(1)))
+}
+
+/// The offset of the event at `start`, read with a prefetch of one, so the
+/// broker pushes no more than the reader takes.
+async fn edge(connection: &Connection, log: &str, start: Start) -> Result<Option<u64>, LogError> {
+    let mut reader = Reader::open_with(connection, log, start, 1).await?;
+    let entry = reader.next(Some(LAST_CHUNK)).await;
+    reader.close().await;
+    Ok(entry?.and_then(|e| e.offset))
 }
 
 /// Enough for the broker to push what it has at once (one chunk).

@@ -1,8 +1,15 @@
 //! The depth of the commands queue and of the dead-letter queue, and the
-//! events the results log keeps, as this replica sees them, so the dashboard and the alerts ("dead letters
-//! growing", "no progress while commands wait") need nothing but the
-//! worker's own `/metrics`: no broker exporter, no per-queue metrics to turn
-//! on in RabbitMQ.
+//! events the results log keeps, as this replica sees them, so the dashboard
+//! and the alerts ("dead letters growing", "no progress while commands
+//! wait") need nothing but the worker's own `/metrics`: no broker exporter,
+//! no per-queue metrics to turn on in RabbitMQ.
+//!
+//! All three come from a passive `queue.declare`, which for a stream gives
+//! the events it keeps (the offsets it holds, not a read of them). The
+//! results log was once sized by reading it: a reader at its newest chunk
+//! never caught up while events were written, and parsed every event the
+//! replica published for ten seconds out of each fifteen: 21,000
+//! instructions per command, a tenth of the worker's (BENCHMARKS.md).
 //!
 //! Every replica reports the same queues; aggregate with `max`, not `sum`.
 
@@ -50,17 +57,36 @@ pub async fn sample(connection: &Connection, topology: &Topology, metrics: &Metr
             }
         }
         if let Some(log) = &topology.results_log {
-            let kept = tokio::time::timeout(CALL_TIMEOUT, results_log::kept(connection, &log.name));
-            match kept.await {
-                Ok(Ok(kept)) => {
+            match log_size(connection, &mut channel, &log.name).await {
+                Some(kept) => {
                     let gauge = metrics.queue_messages.get_or_create(&QueueLabel {
                         queue: "results_log",
                     });
-                    gauge.set(i64::try_from(kept.unwrap_or(0)).unwrap_or(i64::MAX));
+                    gauge.set(i64::try_from(kept).unwrap_or(i64::MAX));
                 }
-                _ => tracing::debug!(log = %log.name, "cannot read the results log's size"),
+                None => {
+                    tracing::debug!(log = %log.name, "cannot read the results log's size");
+                    channel = None;
+                }
             }
         }
+    }
+}
+
+/// The events the results log `name` keeps: the passive declaration's
+/// count, or, when a broker reports none, the span of its offsets (one
+/// event read at each end, never the events between).
+async fn log_size(
+    connection: &Connection,
+    channel: &mut Option<Channel>,
+    name: &str,
+) -> Option<u64> {
+    match ready(connection, channel, name).await? {
+        0 => {
+            let kept = tokio::time::timeout(CALL_TIMEOUT, results_log::kept(connection, name));
+            Some(kept.await.ok()?.ok()?.unwrap_or(0))
+        }
+        count => Some(u64::from(count)),
     }
 }
 

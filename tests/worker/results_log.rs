@@ -1,11 +1,17 @@
 //! The results log's coverage: from when it holds every event, which
 //! `dead-letters reconcile` and the check at the window rely on to settle a
-//! letter as charged.
+//! letter as charged; and its size on `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use credit_purchase_worker::broker::history::{ATTEMPTS_HEADER, OUTCOME_HEADER};
 use credit_purchase_worker::broker::results_log;
 use credit_purchase_worker::clock::{now_ms, rfc3339_ms};
+use credit_purchase_worker::operations::depths::SAMPLE_EVERY;
 use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 
@@ -75,5 +81,78 @@ async fn a_republished_stored_outcome_does_not_backdate_the_logs_coverage() {
         "the log covers from {since} ms, {} min before it began",
         published_after.saturating_sub(since) / 60_000
     );
+    app.cleanup().await;
+}
+
+/// The log's size on `/metrics` (`cpw_queue_messages{queue="results_log"}`)
+/// while events keep coming, as they do whenever the replica has work. It
+/// was read by consuming the log until a pause of 300 ms: under a steady
+/// flow the pause never came, each sample ran into its 10-s bound and was
+/// dropped, and the gauge stayed at 0 (while the replica parsed every
+/// event it published). It is now the broker's own count.
+#[tokio::test]
+async fn the_logs_size_is_sampled_while_events_keep_coming() {
+    let app = spawn_app().await;
+    let log = app
+        .topology
+        .results_log
+        .as_ref()
+        .expect("a results log")
+        .name
+        .clone();
+    let channel = app.connection.create_channel().await.expect("a channel");
+    let published = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&published);
+    // One record every 20 ms straight into the log, for as long as the test
+    // runs (readers of the log skip a type they do not know).
+    let flow = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let sent = channel
+                .basic_publish(
+                    "".into(),
+                    log.as_str().into(),
+                    BasicPublishOptions::default(),
+                    br#"{"type":"test.flow"}"#,
+                    BasicProperties::default(),
+                )
+                .await;
+            if sent.is_err() {
+                return;
+            }
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let addr = app.ops_addr.expect("worker started");
+    let series = "cpw_queue_messages{queue=\"results_log\"} ";
+    // Two sampling periods: one sample at least falls in the flow.
+    let deadline = tokio::time::Instant::now() + 2 * SAMPLE_EVERY + Duration::from_secs(5);
+    let kept = loop {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        let kept: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if kept > 0 {
+            break kept;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the results log's size was never sampled while records kept coming \
+             ({} published):\n{text}",
+            published.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    flow.abort();
+    let sent = published.load(Ordering::Relaxed);
+    assert!(kept <= sent, "{kept} kept of {sent} published");
     app.cleanup().await;
 }

@@ -19,6 +19,7 @@ pub async fn run(broker: &Broker) -> Result<Vec<String>> {
         queued: 256 * 15,
         window: None,
         paced: Some((100, 10)),
+        results_log: true,
     };
     // With `BENCH_JITTER_MS`, answers take 2 s to 2 s + jitter, and the
     // ceiling is the prefetch over their mean.

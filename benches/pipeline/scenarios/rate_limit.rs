@@ -19,7 +19,7 @@ pub async fn run(broker: &Broker) -> Result<Vec<String>> {
         "rate-limit: 50 writes per 10 s (5/s), 3 replicas, prefetch 64 each, 60 s window",
     );
     let sim = Sim::start(0, 50).await?;
-    let mut run = Run::setup(broker, "rate-limit", &sim, 64).await?;
+    let mut run = Run::setup(broker, "rate-limit", &sim, 64, true).await?;
     let outcome = async {
         run.prepublish(broker, QUEUED).await?;
         let subjects = run.spawn_workers(REPLICAS, None)?;

@@ -19,6 +19,7 @@ pub async fn run(broker: &Broker) -> Result<Vec<String>> {
         queued: 100_000,
         window: Some(Duration::from_secs(env_usize("BENCH_RSS_SECS", 20) as u64)),
         paced: None,
+        results_log: true,
     };
     report::heading(&format!(
         "rss: 100,000 commands queued, prefetch 1000 (1,000 in flight), API latency 2 s, {} s",
