@@ -36,7 +36,13 @@ pub(crate) fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, 
     }
     let mut queues = BTreeMap::new();
     queues.insert(topology.queue.clone(), typed(commands));
-    queues.insert(topology.dead.clone(), typed(json!({})));
+    // The dead queue states the limit RabbitMQ 4.x would otherwise default
+    // to 20, dropping a letter (it has no dead-letter exchange).
+    let dead = match settings.amqp.queue_type {
+        QueueType::Quorum => json!({ "x-delivery-limit": 10_000 }),
+        QueueType::Classic => json!({}),
+    };
+    queues.insert(topology.dead.clone(), typed(dead));
     for (secs, name) in topology.delay_queues() {
         queues.insert(
             name.clone(),
