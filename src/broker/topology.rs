@@ -368,8 +368,9 @@ async fn declare_object(
     };
     for (older, missing) in object.earlier_forms() {
         if on_own_channel(connection, &older).await.is_ok() {
+            let unlimited = missing.contains(&DELIVERY_LIMIT);
             let missing = missing.join(", ");
-            match missing.contains(DELIVERY_LIMIT) {
+            match unlimited {
                 true => tracing::warn!(
                     queue = %object.name,
                     "queue created by an earlier release without {missing}; kept as it is: from \

@@ -15,10 +15,16 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 
-use cpw_testkit::app::{SIM_KEY, command, command_id, spawn_app};
+use cpw_testkit::app::{SIM_KEY, TestApp, command, command_id, spawn_app};
 use cpw_testkit::broker::{as_command, sealed};
 
 const HOUR_MS: u64 = 3_600_000;
+
+/// The name of the app's results log (on by default).
+fn log_name(app: &TestApp) -> String {
+    let log = app.topology.results_log.as_ref().expect("a results log");
+    log.name.clone()
+}
 
 /// A stored outcome decided two hours ago, published again into a log that
 /// begins with it: the log covers from that publish, not from the outcome's
@@ -27,13 +33,7 @@ const HOUR_MS: u64 = 3_600_000;
 #[tokio::test]
 async fn a_republished_stored_outcome_does_not_backdate_the_logs_coverage() {
     let mut app = spawn_app().await;
-    let log = app
-        .topology
-        .results_log
-        .as_ref()
-        .expect("a results log")
-        .name
-        .clone();
+    let log = log_name(&app);
     let decided_ms = now_ms() - 2 * HOUR_MS;
     let decided = rfc3339_ms(decided_ms).expect("a time");
     let facts = json!({
@@ -93,13 +93,7 @@ async fn a_republished_stored_outcome_does_not_backdate_the_logs_coverage() {
 #[tokio::test]
 async fn the_logs_size_is_sampled_while_events_keep_coming() {
     let app = spawn_app().await;
-    let log = app
-        .topology
-        .results_log
-        .as_ref()
-        .expect("a results log")
-        .name
-        .clone();
+    let log = log_name(&app);
     let channel = app.connection.create_channel().await.expect("a channel");
     let published = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&published);
