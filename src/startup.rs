@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::results_log::LogSource;
 use crate::broker::{HistoryKeys, Mismatch, Topology};
 use crate::configuration::{ConfigError, Settings};
+use crate::hyperline::admission::Admission;
 use crate::hyperline::credentials::Credentials;
 use crate::hyperline::gate::Gate;
 use crate::hyperline::{ClientError, HyperlineClient, READS_PER_SECOND};
+use crate::operations::metrics::LaneLabel;
 use crate::operations::{self, Health, Metrics};
 use crate::pipeline::{Limits, Pipeline, supervisor};
 
@@ -71,6 +73,13 @@ impl Application {
             .map_err(|source| StartupError::Listen { addr, source })?;
         let request_timeout = settings.hyperline.timeout();
         let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
+        let metrics = Arc::new(Metrics::new());
+        for lane in settings.amqp.lanes() {
+            let label = LaneLabel { lane: lane.name };
+            metrics.lane_share.get_or_create(&label).set(i64::from(lane.share));
+            let objective = i64::try_from(lane.objective.as_secs()).unwrap_or(i64::MAX);
+            metrics.lane_objective.get_or_create(&label).set(objective);
+        }
         let pipeline = Arc::new(Pipeline {
             client,
             gate: Gate::new(
@@ -78,6 +87,7 @@ impl Application {
                 probe_patience(request_timeout),
                 settings.longest_rate_limit_pause(),
             ),
+            admission: Admission::new(&settings.amqp.lanes(), &metrics),
             credentials: Credentials::default(),
             reads: Gate::new(
                 READS_PER_SECOND,
@@ -91,7 +101,7 @@ impl Application {
             ),
             retry: settings.retry.clone(),
             topology,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::clone(&metrics),
             limits: Limits {
                 deadline: settings.worker.delivery_deadline(),
                 request_timeout,

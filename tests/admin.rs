@@ -584,7 +584,7 @@ async fn a_queue_with_other_arguments_is_named_by_check_and_stops_run() {
 #[tokio::test]
 async fn a_missing_delay_queue_stops_run_when_the_worker_declares_nothing() {
     let admin = setup(false, Faults::default()).await;
-    let (_, missing) = admin.topology.retry_queues[1].clone();
+    let (_, missing) = admin.topology.lanes[0].retry_queues[1].clone();
     admin
         .channel
         .queue_delete(missing.as_str().into(), Default::default())

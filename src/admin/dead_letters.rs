@@ -31,7 +31,7 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let result = async {
         let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
-        let steps = topology.retry_queues.len();
+        let steps = topology.steps();
         let infos: Vec<DeadLetterInfo> = held
             .iter()
             .map(|d| inspect(&d.data, &d.properties, steps, keys.as_ref()))
@@ -151,7 +151,7 @@ async fn replay_on(
         let info = inspect(
             &delivery.data,
             &delivery.properties,
-            topology.retry_queues.len(),
+            topology.steps(),
             Some(keys),
         );
         let id = info.command_id.clone().unwrap_or_else(|| "-".to_owned());

@@ -52,9 +52,7 @@ pub async fn observe(
 /// Deletes the demo's queues and exchanges, each on a fresh channel so one
 /// failure does not stop the rest; what cannot be removed is named.
 pub async fn remove(connection: &Connection, topology: &Topology) {
-    let mut queues = vec![topology.queue.clone(), topology.dead.clone()];
-    queues.extend(topology.delay_queues().map(|(_, q)| q.clone()));
-    queues.extend(topology.results_log.iter().map(|log| log.name.clone()));
+    let queues = topology.queue_names();
     let exchanges = [
         topology.queue.clone(),
         topology.dlx.clone(),

@@ -54,7 +54,7 @@ async fn purge_on(
     keys: Option<&HistoryKeys>,
 ) -> Result<(Option<usize>, Vec<String>), Error> {
     let (reading, held) = Reading::start(connection, settings, &topology.dead).await?;
-    let steps = topology.retry_queues.len();
+    let steps = topology.steps();
     let (selected, kept): (Vec<_>, Vec<_>) = held
         .into_iter()
         .map(|d| {

@@ -31,7 +31,7 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
     let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
-    let steps = topology.retry_queues.len();
+    let steps = topology.steps();
     let result = async {
         let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
         let shown: Vec<String> = held

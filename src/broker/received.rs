@@ -45,12 +45,14 @@ impl Settlements {
         settlements
     }
 
-    /// Registers a delivery as open; every delivery of the channel must come
-    /// through here, in the order they arrive.
-    pub fn take(self: &Arc<Self>, delivery: Delivery) -> Received {
+    /// Registers a delivery of the lane at index `lane` of the topology as
+    /// open; every delivery of the channel must come through here, in the
+    /// order they arrive.
+    pub fn take(self: &Arc<Self>, delivery: Delivery, lane: usize) -> Received {
         self.lock().take(delivery.delivery_tag, Instant::now());
         Received {
             delivery,
+            lane,
             settlements: Arc::clone(self),
             settled: AtomicBool::new(false),
         }
@@ -157,6 +159,8 @@ fn hand_over(settlement: impl Future<Output = lapin::Result<()>>) -> lapin::Resu
 /// A delivery taken from the consuming channel, settled exactly once.
 pub struct Received {
     delivery: Delivery,
+    /// The index of its lane in the topology: where its copies go back to.
+    pub lane: usize,
     settlements: Arc<Settlements>,
     settled: AtomicBool,
 }

@@ -32,17 +32,19 @@ impl TopologyError {
 /// Every name of the topology.
 #[derive(Clone, Debug)]
 pub struct Topology {
-    /// The commands queue, and the direct exchange of the same name.
+    /// `amqp.queue`: the direct exchange publishers may send commands
+    /// through, the stem of the dead-letter names, and (with no lanes
+    /// configured) the one lane's commands queue.
     pub queue: String,
+    /// The lanes, in the configured order; at least one. A delivery knows
+    /// its lane by its index here.
+    pub lanes: Vec<LaneQueues>,
     /// Topic exchange of the result events.
     pub results_exchange: String,
-    /// `(delay in seconds, queue name)` per broker-side redelivery step,
-    /// indexed by step. Steps with the same delay name the same queue; see
-    /// [`Topology::delay_queues`] for each queue once.
-    pub retry_queues: Vec<(u64, String)>,
-    /// Dead-letter exchange of the commands queue.
+    /// Dead-letter exchange of every lane's commands queue.
     pub dlx: String,
-    /// Queue of dead letters, bound to the DLX.
+    /// Queue of dead letters, bound to the DLX: one for every lane, each
+    /// letter stamped with its lane's queue.
     pub dead: String,
     /// The results log (`<results_exchange>.log`), a stream bound to the
     /// results exchange with `#`; `None` when `amqp.results_log_retention`
@@ -51,6 +53,38 @@ pub struct Topology {
     queue_type: QueueType,
     delivery_limit: u32,
     quorum_initial_group_size: u32,
+}
+
+/// The queues of one lane: its commands queue and its delay queues, which
+/// send a command back to the lane it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneQueues {
+    /// The lane's name (`default` without `amqp.lanes`).
+    pub name: String,
+    /// Its commands queue, bound to the commands exchange with its own name
+    /// as the routing key.
+    pub queue: String,
+    /// `(delay in seconds, queue name)` per broker-side redelivery step,
+    /// indexed by step. Steps with the same delay name the same queue; see
+    /// [`LaneQueues::delay_queues`] for each queue once.
+    pub retry_queues: Vec<(u64, String)>,
+}
+
+impl LaneQueues {
+    /// Each delay queue once, in the order of its first step: what exists on
+    /// the broker, as opposed to [`LaneQueues::retry_queues`], which is what
+    /// each step uses (`[30, 30, 30]` is three steps through one queue).
+    pub fn delay_queues(&self) -> impl Iterator<Item = &(u64, String)> {
+        self.retry_queues
+            .iter()
+            .enumerate()
+            .filter(|(step, (_, name))| {
+                !self.retry_queues[..*step]
+                    .iter()
+                    .any(|(_, earlier)| earlier == name)
+            })
+            .map(|(_, queue)| queue)
+    }
 }
 
 /// The results log's name and retention.
@@ -118,11 +152,20 @@ impl Topology {
     /// The names derived from the settings.
     pub fn new(amqp: &AmqpSettings, redelivery_delays_secs: &[u64]) -> Self {
         let queue = amqp.queue.clone();
+        let lanes = amqp
+            .lanes()
+            .into_iter()
+            .map(|lane| LaneQueues {
+                retry_queues: redelivery_delays_secs
+                    .iter()
+                    .map(|s| (*s, format!("{}.retry.{s}s", lane.queue)))
+                    .collect(),
+                name: lane.name,
+                queue: lane.queue,
+            })
+            .collect();
         Topology {
-            retry_queues: redelivery_delays_secs
-                .iter()
-                .map(|s| (*s, format!("{queue}.retry.{s}s")))
-                .collect(),
+            lanes,
             dlx: format!("{queue}.dlx"),
             dead: format!("{queue}.dead"),
             results_log: amqp
@@ -139,19 +182,34 @@ impl Topology {
         }
     }
 
-    /// Each delay queue once, in the order of its first step: what exists on
-    /// the broker, as opposed to [`Topology::retry_queues`], which is what
-    /// each step uses (`[30, 30, 30]` is three steps through one queue).
-    pub fn delay_queues(&self) -> impl Iterator<Item = &(u64, String)> {
-        self.retry_queues
-            .iter()
-            .enumerate()
-            .filter(|(step, (_, name))| {
-                !self.retry_queues[..*step]
-                    .iter()
-                    .any(|(_, earlier)| earlier == name)
-            })
-            .map(|(_, queue)| queue)
+    /// The lane at `index`, the first for an index no lane has (a delivery's
+    /// index comes from this topology, so that never happens; and there is
+    /// always a first: [`AmqpSettings::lanes`] is never empty).
+    pub fn lane(&self, index: usize) -> &LaneQueues {
+        &self.lanes[if index < self.lanes.len() { index } else { 0 }]
+    }
+
+    /// The lane whose commands queue is `queue`, if one is.
+    pub fn lane_of_queue(&self, queue: &str) -> Option<&LaneQueues> {
+        self.lanes.iter().find(|lane| lane.queue == queue)
+    }
+
+    /// Every queue's name, each once: the dead-letter queue, each lane's
+    /// commands and delay queues, the results log. What a tool that removes
+    /// the topology (the demo, the tests) deletes.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names = vec![self.dead.clone()];
+        for lane in &self.lanes {
+            names.push(lane.queue.clone());
+            names.extend(lane.delay_queues().map(|(_, q)| q.clone()));
+        }
+        names.extend(self.results_log.iter().map(|log| log.name.clone()));
+        names
+    }
+
+    /// The broker-side redelivery steps, the same for every lane.
+    pub fn steps(&self) -> usize {
+        self.lanes.first().map_or(0, |lane| lane.retry_queues.len())
     }
 
     /// The broker's `x-delivery-limit` on the commands queue, if it has one.
@@ -210,10 +268,10 @@ impl Topology {
         }
     }
 
-    /// Arguments of a delay queue. Expired messages go back to the commands
-    /// queue through the default exchange; the TTL is per queue, so one
+    /// Arguments of a delay queue. Expired messages go back to their lane's
+    /// commands queue through the default exchange; the TTL is per queue, so one
     /// queue per delay keeps a long delay from blocking a short one behind it.
-    fn delay_arguments(&self, secs: u64) -> FieldTable {
+    fn delay_arguments(&self, secs: u64, lane_queue: &str) -> FieldTable {
         self.typed(&[
             (
                 "x-message-ttl",
@@ -222,7 +280,7 @@ impl Topology {
                 ),
             ),
             ("x-dead-letter-exchange", text("")),
-            ("x-dead-letter-routing-key", text(&self.queue)),
+            ("x-dead-letter-routing-key", text(lane_queue)),
         ])
     }
 
@@ -254,11 +312,14 @@ impl Topology {
                 added_later: DEAD_QUEUE_ADDITIONS,
                 ..queue("dead-letter queue", &self.dead, self.dead_arguments())
             },
-            queue("commands queue", &self.queue, self.commands_arguments()),
         ];
-        // Steps with the same delay share a queue: it is declared once.
-        for (secs, name) in self.delay_queues() {
-            objects.push(queue("delay queue", name, self.delay_arguments(*secs)));
+        for lane in &self.lanes {
+            objects.push(queue("commands queue", &lane.queue, self.commands_arguments()));
+            // Steps with the same delay share a queue: it is declared once.
+            for (secs, name) in lane.delay_queues() {
+                let arguments = self.delay_arguments(*secs, &lane.queue);
+                objects.push(queue("delay queue", name, arguments));
+            }
         }
         if let Some(log) = &self.results_log {
             let arguments = table(&[
@@ -291,10 +352,10 @@ impl Topology {
                     source,
                 })?;
         }
-        let mut bindings = vec![
-            (&self.dead, &self.dlx, ""),
-            (&self.queue, &self.queue, self.queue.as_str()),
-        ];
+        let mut bindings = vec![(&self.dead, &self.dlx, "")];
+        for lane in &self.lanes {
+            bindings.push((&lane.queue, &self.queue, lane.queue.as_str()));
+        }
         // Every event lands in the log by this binding: no second publish.
         if let Some(log) = &self.results_log {
             bindings.push((&log.name, &self.results_exchange, "#"));
@@ -494,7 +555,8 @@ mod tests {
     #[test]
     fn steps_with_the_same_delay_share_one_queue() {
         let t = topology("30,300,30,30");
-        let steps: Vec<&(u64, String)> = t.retry_queues.iter().collect();
+        let lane = &t.lanes[0];
+        let steps: Vec<&(u64, String)> = lane.retry_queues.iter().collect();
         assert_eq!(
             names(&steps),
             [
@@ -505,7 +567,7 @@ mod tests {
             ],
             "one entry per step"
         );
-        let queues: Vec<&(u64, String)> = t.delay_queues().collect();
+        let queues: Vec<&(u64, String)> = lane.delay_queues().collect();
         assert_eq!(
             names(&queues),
             ["credit-purchases.retry.30s", "credit-purchases.retry.300s"],
@@ -517,7 +579,8 @@ mod tests {
     #[test]
     fn distinct_delays_have_a_queue_each() {
         let t = topology("30,300,1800,7200");
-        assert_eq!(t.delay_queues().count(), 4);
-        assert!(t.delay_queues().eq(t.retry_queues.iter()));
+        let lane = &t.lanes[0];
+        assert_eq!(lane.delay_queues().count(), 4);
+        assert!(lane.delay_queues().eq(lane.retry_queues.iter()));
     }
 }

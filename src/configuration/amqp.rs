@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::lanes::{self, Lane, LaneSetting};
 use super::pem::Pem;
 use super::{ConfigError, invalid};
 
@@ -50,6 +51,9 @@ pub struct AmqpSettings {
     /// How long the results log (`<results_exchange>.log`) keeps events:
     /// `7d`, `12h`, `90m`, `3600s`; `0` declares no log.
     pub results_log_retention: String,
+    /// The lanes: commands queues sharing the write budget by weight (see
+    /// [`AmqpSettings::lanes`]); none is one lane on `queue`.
+    pub lanes: Vec<LaneSetting>,
 }
 
 /// The node URLs of `amqp.url`, at least one, each `amqp://` or `amqps://`.
@@ -123,7 +127,7 @@ fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrls, D::Err
 
 /// AMQP object names are short strings (at most 255 bytes); a longer one
 /// would make lapin panic when the name is sent.
-fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<(), ConfigError> {
+pub(super) fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(key, "is empty"));
     }
@@ -204,7 +208,16 @@ impl AmqpSettings {
         Pem::load(&mut self.ca_file, "amqp.ca_file")?;
         parse_retention(&self.results_log_retention)
             .map_err(|reason| invalid("amqp.results_log_retention", reason))?;
+        lanes::resolve(&self.lanes, &self.queue, self.prefetch)?;
         Ok(())
+    }
+
+    /// The lanes the worker consumes, in the configured order, never none:
+    /// one lane named `default` on `queue` when `amqp.lanes` is empty.
+    pub fn lanes(&self) -> Vec<Lane> {
+        // `validate` refused every error before any caller gets here.
+        lanes::resolve(&self.lanes, &self.queue, self.prefetch)
+            .unwrap_or_else(|_| vec![lanes::single(&self.queue, self.prefetch)])
     }
 
     /// The results log's retention; `None` when no log is kept (`0`).

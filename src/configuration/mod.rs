@@ -8,6 +8,7 @@
 
 mod amqp;
 mod hyperline;
+mod lanes;
 mod pem;
 mod retry;
 mod secret;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 pub use crate::budget::CONFIRM_WAITS_AFTER_DEADLINE;
 pub use amqp::{AmqpSettings, BrokerUrls, QueueType};
 pub use hyperline::HyperlineSettings;
+pub use lanes::{DEFAULT_LANE, Lane};
 pub use pem::Pem;
 pub use retry::{RetrySettings, after_deadline_secs, budget_line};
 pub use secret::{ApiKey, DERIVED_HISTORY_KEY, HistoryKey, MIN_HISTORY_KEY_LEN, Secret};
@@ -113,6 +115,7 @@ impl Settings {
                     .list_separator(",")
                     .with_list_parse_key("retry.redelivery_delays_secs")
                     .with_list_parse_key("amqp.url")
+                    .with_list_parse_key("amqp.lanes")
                     .with_list_parse_key("worker.history_keys")
                     .try_parsing(true)
                     .source(Some(env.clone())),

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::credentials::Credentials;
+use super::admission::Place;
 use super::gate::{Gate, Permit};
 use super::verdict::{Attempted, Bounds, Retry, RetryReason, Step, Verdict, step, window_open};
 use super::{HyperlineClient, PurchaseResponse, Quota};
@@ -30,6 +31,8 @@ pub struct RetryContext<'a> {
     pub client: &'a HyperlineClient,
     /// The replica-wide pacing.
     pub gate: &'a Gate,
+    /// The command's place in the lines in front of the gate.
+    pub place: Place<'a>,
     /// The replica-wide credential state.
     pub credentials: &'a Credentials,
     pub settings: &'a RetrySettings,
@@ -149,7 +152,15 @@ impl<'a> Attempt<'a> {
         else {
             return Err(self.tally.out_of_time(gate));
         };
-        let Ok(permit) = tokio::time::timeout_at(self.latest_start, gate.admit()).await else {
+        // The turn is held until the gate admits: the gate's order is the
+        // lanes' (see `admission`).
+        let admission = async {
+            let turn = self.ctx.place.turn().await;
+            let permit = gate.admit().await;
+            turn.admitted();
+            permit
+        };
+        let Ok(permit) = tokio::time::timeout_at(self.latest_start, admission).await else {
             return Err(self.tally.out_of_time(gate));
         };
         if credentials.is_faulted() {
@@ -370,6 +381,7 @@ mod tests {
 
     use super::*;
     use crate::configuration::{ApiKey, Settings};
+    use crate::hyperline::admission::Admission;
     use crate::hyperline::credentials::Credentials;
     use crate::hyperline::{HyperlineClient, PurchaseAnswer};
     use crate::operations::Metrics;
@@ -393,9 +405,15 @@ mod tests {
             Metrics::new(),
         );
         let cancel = CancellationToken::new();
+        let admission = Admission::new(&settings.amqp.lanes(), &metrics);
         let ctx = RetryContext {
             client: &client,
             gate: &gate,
+            place: Place {
+                admission: &admission,
+                lane: 0,
+                since_secs: 0,
+            },
             credentials: &credentials,
             settings: &settings.retry,
             request_timeout: Duration::from_secs(30),

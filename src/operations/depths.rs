@@ -1,10 +1,11 @@
-//! The depth of the commands queue and of the dead-letter queue, and the
-//! events the results log keeps, as this replica sees them, so the dashboard
+//! The depth of each lane's commands queue (and of all of them together, as
+//! `commands`) and of the dead-letter queue, and the events the results log
+//! keeps, as this replica sees them, so the dashboard
 //! and the alerts ("dead letters growing", "no progress while commands
 //! wait") need nothing but the worker's own `/metrics`: no broker exporter,
 //! no per-queue metrics to turn on in RabbitMQ.
 //!
-//! All three come from a passive `queue.declare`, which for a stream gives
+//! All come from a passive `queue.declare`, which for a stream gives
 //! the events it keeps (the offsets it holds, not a read of them). The
 //! results log was once sized by reading it: a reader at its newest chunk
 //! never caught up while events were written, and parsed every event the
@@ -21,7 +22,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
 use super::Metrics;
-use super::metrics::QueueLabel;
+use super::metrics::{LaneLabel, QueueLabel};
 use crate::broker::{Topology, results_log};
 
 /// How often the depths are read: about one scrape interval.
@@ -34,26 +35,37 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// lives (drop the future to stop). A failed read (a queue that is missing
 /// closes the channel) is skipped; the next one opens a new channel.
 pub async fn sample(connection: &Connection, topology: &Topology, metrics: &Metrics) -> Infallible {
-    let queues = [
-        ("commands", &topology.queue),
-        ("dead_letters", &topology.dead),
-    ];
     let mut channel: Option<Channel> = None;
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tick.tick().await;
-        for (role, name) in queues {
-            match ready(connection, &mut channel, name).await {
-                Some(depth) => {
-                    let gauge = metrics
-                        .queue_messages
-                        .get_or_create(&QueueLabel { queue: role });
-                    gauge.set(i64::from(depth));
-                }
-                None => {
-                    tracing::debug!(queue = %name, "cannot read the queue's depth");
-                    channel = None;
-                }
+        // `commands` is every lane's together, as before lanes existed: the
+        // alerts and the autoscaler that read it need not know the lanes.
+        let mut commands = Some(0);
+        for lane in &topology.lanes {
+            let depth = ready(connection, &mut channel, &lane.queue).await;
+            if let Some(depth) = depth {
+                let label = LaneLabel {
+                    lane: lane.name.clone(),
+                };
+                metrics
+                    .lane_messages
+                    .get_or_create(&label)
+                    .set(i64::from(depth));
+            }
+            commands = commands.zip(depth).map(|(sum, d)| sum + i64::from(d));
+        }
+        let dead = ready(connection, &mut channel, &topology.dead).await;
+        let depths = [
+            ("commands", commands),
+            ("dead_letters", dead.map(i64::from)),
+        ];
+        for (role, depth) in depths {
+            if let Some(depth) = depth {
+                let gauge = metrics
+                    .queue_messages
+                    .get_or_create(&QueueLabel { queue: role });
+                gauge.set(depth);
             }
         }
         if let Some(log) = &topology.results_log {
@@ -90,7 +102,8 @@ async fn log_size(
     }
 }
 
-/// Messages ready in `name`, on `channel` (opened when missing).
+/// Messages ready in `name`, on `channel` (opened when missing, and
+/// dropped after a failure: a refused passive declaration closes it).
 async fn ready(connection: &Connection, channel: &mut Option<Channel>, name: &str) -> Option<u32> {
     let read = async {
         if channel.is_none() {
@@ -107,8 +120,13 @@ async fn ready(connection: &Connection, channel: &mut Option<Channel>, name: &st
             .ok()?;
         Some(queue.message_count())
     };
-    tokio::time::timeout(CALL_TIMEOUT, read)
+    let count = tokio::time::timeout(CALL_TIMEOUT, read)
         .await
         .ok()
-        .flatten()
+        .flatten();
+    if count.is_none() {
+        tracing::debug!(queue = %name, "cannot read the queue's depth");
+        *channel = None;
+    }
+    count
 }

@@ -44,6 +44,12 @@ pub struct QueueLabel {
     pub queue: &'static str,
 }
 
+/// A lane (`amqp.lanes`; `default` without lanes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabel {
+    pub lane: String,
+}
+
 /// A broker node.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabel {
@@ -131,6 +137,19 @@ pub struct Metrics {
     pub history_rejected: Counter,
     /// `reply_to` copies given up on, by reason.
     pub replies_dropped: Family<ReasonLabel, Counter>,
+    /// Messages ready in each lane's commands queue.
+    pub lane_messages: Family<LaneLabel, Gauge>,
+    /// Writes the gate admitted, by lane.
+    pub lane_writes: Family<LaneLabel, Counter>,
+    /// From asking for a turn at the write gate to the gate's admission.
+    pub lane_gate_wait: HistogramFamily<LaneLabel>,
+    /// When the oldest command waiting for its turn was published (Unix
+    /// seconds); 0 when none waits.
+    pub lane_oldest_since: Family<LaneLabel, Gauge>,
+    /// Each lane's configured share and objective, for the dashboard and
+    /// the alert to compare with.
+    pub lane_share: Family<LaneLabel, Gauge>,
+    pub lane_objective: Family<LaneLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -165,10 +184,17 @@ impl Metrics {
             settlements_lost: Counter::default(),
             history_rejected: Counter::default(),
             replies_dropped: Family::default(),
+            lane_messages: Family::default(),
+            lane_writes: Family::default(),
+            lane_gate_wait: Family::new_with_constructor(latency_histogram),
+            lane_oldest_since: Family::default(),
+            lane_share: Family::default(),
+            lane_objective: Family::default(),
             registry: Registry::default(),
         };
         m.register_commands(&mut registry);
         m.register_replica(&mut registry);
+        m.register_lanes(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -230,6 +256,42 @@ impl Metrics {
             "Time from delivery to settlement of a command",
             prometheus_client::registry::Unit::Seconds,
             self.processing.clone(),
+        );
+    }
+
+    /// The metrics of the lanes (docs/operations.md, "Lanes").
+    fn register_lanes(&self, registry: &mut Registry) {
+        registry.register(
+            "lane_messages",
+            "Messages ready in each lane's commands queue, read by this replica",
+            self.lane_messages.clone(),
+        );
+        registry.register(
+            "lane_writes",
+            "Purchase requests the write gate admitted, by lane",
+            self.lane_writes.clone(),
+        );
+        registry.register_with_unit(
+            "lane_gate_wait",
+            "Time from asking for a turn at the write gate to being admitted, by lane",
+            prometheus_client::registry::Unit::Seconds,
+            self.lane_gate_wait.clone(),
+        );
+        registry.register(
+            "lane_oldest_waiting_since_seconds",
+            "Publish time (Unix seconds) of the oldest command of the lane waiting for its turn at the write gate; 0 when none waits",
+            self.lane_oldest_since.clone(),
+        );
+        registry.register(
+            "lane_share",
+            "The lane's share of the write budget (amqp.lanes)",
+            self.lane_share.clone(),
+        );
+        registry.register_with_unit(
+            "lane_objective",
+            "How long the lane's oldest command may wait before the LaneWaitingTooLong alert",
+            prometheus_client::registry::Unit::Seconds,
+            self.lane_objective.clone(),
         );
     }
 

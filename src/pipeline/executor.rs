@@ -114,6 +114,8 @@ impl Pipeline {
             }
             let original = Message::of(&delivery.properties, &delivery.data);
             let keys = &self.history_keys;
+            // A copy goes back to the lane it came from, never to another's.
+            let lane = self.topology.lane(delivery.lane);
             let (to, headers) = match plan.route {
                 Route::Ack => return self.settle(delivery, Settle::Ack, plan.outcome),
                 Route::RejectToDlx => {
@@ -124,22 +126,22 @@ impl Pipeline {
                         code: code.as_str(),
                         at_ms: now_ms(),
                         replica: &self.replica,
-                        queue: &self.topology.queue,
+                        queue: &lane.queue,
                     };
                     let dlx = Destination::Exchange(&self.topology.dlx);
                     (dlx, plan.history.stamp_dead(original, &mark, keys))
                 }
                 Route::Delay(step) => {
-                    let queue = self.topology.retry_queues.get(step).map(|(_, q)| q);
+                    let queue = lane.retry_queues.get(step).map(|(_, q)| q);
                     // The steps and their queues come from the same setting.
-                    let queue = queue.unwrap_or(&self.topology.queue);
+                    let queue = queue.unwrap_or(&lane.queue);
                     (
                         Destination::Queue(queue),
                         plan.history.stamp(original, keys),
                     )
                 }
                 Route::Return => (
-                    Destination::Queue(&self.topology.queue),
+                    Destination::Queue(&lane.queue),
                     plan.history.stamp(original, keys),
                 ),
             };

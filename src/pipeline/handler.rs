@@ -15,6 +15,7 @@ use crate::broker::{DeliveryHistory, Message, Provenance, Publisher, Received, h
 use crate::clock::now_ms;
 use crate::contract::{Command, ErrorCode, EventKind, InvalidCommand, OutcomeFacts};
 use crate::hyperline::RetryContext;
+use crate::hyperline::admission::Place;
 use crate::hyperline::retry::purchase_with_retry;
 use crate::hyperline::verdict::{Attempted, Bounds};
 use crate::operations::Metrics;
@@ -56,6 +57,15 @@ fn stored(
         Err(_) => invalid,
     };
     fits.then_some(facts)
+}
+
+/// Since when a command waits, for its lane's "oldest waiting" gauge: its
+/// publish time when the publisher stamped one that is not in the future
+/// (the publisher's word, used for nothing but the gauge), else now.
+fn waiting_since(delivery: &Received) -> i64 {
+    let now = now_ms() / 1000;
+    let published = delivery.properties.timestamp().filter(|s| *s <= now);
+    i64::try_from(published.unwrap_or(now)).unwrap_or(i64::MAX)
 }
 
 impl Pipeline {
@@ -127,8 +137,15 @@ impl Pipeline {
                             WindowStart::From(first) => Some(first),
                             _ => None,
                         };
-                        let done =
-                            Box::pin(self.purchase(command, first, deadline, &traceparent)).await;
+                        let place = (delivery.lane, waiting_since(delivery));
+                        let done = Box::pin(self.purchase(
+                            command,
+                            first,
+                            deadline,
+                            &traceparent,
+                            place,
+                        ))
+                        .await;
                         // Kept only for the lookup at the window, when it is on.
                         attempted = self.reconcile_at_window.then(|| done.clone());
                         Input::Attempted(done)
@@ -184,17 +201,24 @@ impl Pipeline {
     }
 
     /// The purchase attempts of this delivery, within its deadline and the
-    /// command's idempotency window (from `first_ms`, when it is open).
+    /// command's idempotency window (from `first_ms`, when it is open), in
+    /// the line of the lane `(index, waiting since)` in front of the gate.
     async fn purchase(
         &self,
         command: &Command,
         first_ms: Option<u64>,
         deadline: tokio::time::Instant,
         traceparent: &str,
+        (lane, since_secs): (usize, i64),
     ) -> Attempted {
         let ctx = RetryContext {
             client: &self.client,
             gate: &self.gate,
+            place: Place {
+                admission: &self.admission,
+                lane,
+                since_secs,
+            },
             credentials: &self.credentials,
             settings: &self.retry,
             request_timeout: self.limits.request_timeout,

@@ -27,6 +27,7 @@ use crate::broker::Topology;
 use crate::configuration::RetrySettings;
 use crate::hyperline::HyperlineClient;
 use crate::hyperline::credentials::Credentials;
+use crate::hyperline::admission::Admission;
 use crate::hyperline::gate::Gate;
 use crate::operations::Metrics;
 
@@ -35,6 +36,8 @@ pub struct Pipeline {
     pub client: HyperlineClient,
     /// Replica-wide request pacing (429 pauses, client-side cap).
     pub gate: Gate,
+    /// The lanes' lines in front of the gate: whose write goes next.
+    pub admission: Admission,
     /// Replica-wide credential state.
     pub credentials: Credentials,
     /// Pacing of the credit-transaction reads, within Hyperline's read limit

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -190,20 +191,20 @@ async fn run_on(
         Publisher::open(std::sync::Arc::clone(connection), amqp.confirm_timeout()),
     )
     .await?;
-    let channel = call(health, "open a channel", connection.create_channel()).await?;
-    let qos = BasicQosOptions { global: false };
-    call(health, "basic.qos", channel.basic_qos(amqp.prefetch, qos)).await?;
+    let lanes = open_lanes(ctx, connection).await?;
     ctx.health.set_connected(true);
-    tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, node = %label, "connected to the broker");
+    let queues: Vec<&str> = lanes.iter().map(|lane| lane.queue.as_str()).collect();
+    let prefetch: u32 = ctx.settings.amqp.lanes().iter().map(|l| u32::from(l.prefetch)).sum();
+    tracing::info!(queues = ?queues, prefetch, node = %label, "connected to the broker");
 
-    ctx.pipeline.metrics.prefetch.set(i64::from(amqp.prefetch));
+    ctx.pipeline.metrics.prefetch.set(i64::from(prefetch));
     let mut tasks = JoinSet::new();
     let metrics = &ctx.pipeline.metrics;
     let depths = depths::sample(connection, &ctx.pipeline.topology, metrics);
     let (blocks, mut blocked) = watch::channel(false);
     let alarm = alarm::follow(events, initially_blocked, health, metrics, blocks);
     let result = tokio::select! {
-        result = consume(ctx, &channel, &publisher, &mut tasks, &mut blocked) => result,
+        result = consume(ctx, &lanes, &publisher, &mut tasks, &mut blocked) => result,
         never = depths => match never {},
         never = alarm => match never {},
     };
@@ -216,9 +217,54 @@ async fn run_on(
         stopping + ctx.settings.worker.shutdown_grace(),
     )
     .await;
-    settle_last(connection, &channel).await;
+    for lane in &lanes {
+        settle_last(connection, &lane.channel).await;
+    }
     broker::close(connection, "shutting down").await;
     Ok(())
+}
+
+/// One lane's consuming channel. A channel per lane, not one for all: on a
+/// shared channel the delivery tags of every consumer interleave, and an ack
+/// with `multiple` (see [`settlement`](crate::broker::settlement)) could
+/// settle another lane's delivery still waiting in its consumer's buffer.
+struct LaneChannel {
+    channel: Channel,
+    settlements: Arc<Settlements>,
+    /// The lane's commands queue.
+    queue: String,
+    /// Its consumer tag: the replica's name, the lane's and a unique suffix.
+    tag: String,
+}
+
+/// A channel per lane, each with the lane's own prefetch: a lane's
+/// deliveries waiting at the write gate never take the slots another
+/// lane's need.
+async fn open_lanes(
+    ctx: &SessionContext<'_>,
+    connection: &Connection,
+) -> Result<Vec<LaneChannel>, SessionError> {
+    let health = ctx.health;
+    let suffix = uuid::Uuid::new_v4().simple();
+    let mut lanes = Vec::new();
+    for (lane, queues) in ctx
+        .settings
+        .amqp
+        .lanes()
+        .into_iter()
+        .zip(&ctx.pipeline.topology.lanes)
+    {
+        let channel = call(health, "open a channel", connection.create_channel()).await?;
+        let qos = BasicQosOptions { global: false };
+        call(health, "basic.qos", channel.basic_qos(lane.prefetch, qos)).await?;
+        lanes.push(LaneChannel {
+            settlements: Settlements::new(channel.clone(), lane.prefetch),
+            channel,
+            queue: queues.queue.clone(),
+            tag: format!("{}-{}-{suffix}", ctx.name, lane.name),
+        });
+    }
+    Ok(lanes)
 }
 
 /// Consumes until shutdown, pausing while the key is refused, and taking
@@ -232,13 +278,11 @@ async fn run_on(
 /// window's start.
 async fn consume(
     ctx: &SessionContext<'_>,
-    channel: &Channel,
+    lanes: &[LaneChannel],
     publisher: &Publisher,
     tasks: &mut JoinSet<Outcome>,
     blocked: &mut watch::Receiver<bool>,
 ) -> Result<Instant, SessionError> {
-    let tag = format!("{}-{}", ctx.name, uuid::Uuid::new_v4().simple());
-    let settlements = Settlements::new(channel.clone(), ctx.settings.amqp.prefetch);
     loop {
         if ctx.pipeline.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
@@ -251,17 +295,20 @@ async fn consume(
             ctx.health.set_credentials_refused(false);
             ctx.pipeline.metrics.credentials_refused.set(0);
         }
-        let consume = channel.basic_consume(
-            ctx.settings.amqp.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        );
-        let mut consumer = call(ctx.health, "basic.consume", consume).await?;
+        let mut consumers = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            let consume = lane.channel.basic_consume(
+                lane.queue.as_str().into(),
+                lane.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            );
+            consumers.push(call(ctx.health, "basic.consume", consume).await?);
+        }
         ctx.health.set_consuming(true);
         let feed = Feed {
-            settlements: &settlements,
-            consumer: &mut consumer,
+            lanes,
+            consumers: &mut consumers,
             publisher,
             blocked,
         };
@@ -274,36 +321,69 @@ async fn consume(
             return Ok(stopping);
         }
         // Stop the flow, then put back what the broker had already pushed.
-        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-        let cancelled = call(ctx.health, "basic.cancel", cancel).await;
-        if paused {
-            cancelled?;
-            requeue_buffered(&settlements, &mut consumer).await;
-            continue;
+        for (lane, consumer) in lanes.iter().zip(&mut consumers) {
+            let cancel = lane
+                .channel
+                .basic_cancel(lane.tag.as_str().into(), BasicCancelOptions::default());
+            let cancelled = call(ctx.health, "basic.cancel", cancel).await;
+            if paused {
+                cancelled?;
+                requeue_buffered(&lane.settlements, consumer).await;
+                continue;
+            }
+            match cancelled {
+                Ok(()) => requeue_buffered(&lane.settlements, consumer).await,
+                // Not known to be cancelled, the consumer may still be fed:
+                // requeueing what comes would send the same commands round in
+                // a loop. They go back when the channel closes.
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    queue = %lane.queue,
+                    "stopping: the consumer was not cancelled; draining the commands in flight anyway"
+                ),
+            }
         }
-        match cancelled {
-            Ok(()) => requeue_buffered(&settlements, &mut consumer).await,
-            // Not known to be cancelled, the consumer may still be fed:
-            // requeueing what comes would send the same commands round in
-            // a loop. They go back when the channel closes.
-            Err(e) => tracing::warn!(
-                error = %e,
-                "stopping: the consumer was not cancelled; draining the commands in flight anyway"
-            ),
+        if !paused {
+            return Ok(stopping);
         }
-        return Ok(stopping);
     }
 }
 
 /// What [`run_consumer`] feeds tasks from, and with.
 struct Feed<'a> {
-    settlements: &'a Arc<Settlements>,
-    consumer: &'a mut Consumer,
+    lanes: &'a [LaneChannel],
+    /// One consumer per lane, in the lanes' order.
+    consumers: &'a mut [Consumer],
     publisher: &'a Publisher,
     /// True while the broker blocks the connection: deliveries stay in the
     /// consumer's buffer (lapin cannot even send `basic.cancel` then), and
     /// are taken once the block is lifted.
     blocked: &'a mut watch::Receiver<bool>,
+}
+
+/// The next delivery of any lane, with the lane's index; the lanes are
+/// asked in turn from the one after the last that gave, so a busy lane's
+/// buffer never hides another's. With one lane it is that consumer's
+/// `next`, nothing more.
+fn next_delivery<'a>(
+    consumers: &'a mut [Consumer],
+    start: &'a mut usize,
+) -> impl Future<Output = Option<(usize, lapin::Result<lapin::message::Delivery>)>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let n = consumers.len();
+        for k in 0..n {
+            let lane = (*start + k) % n;
+            match consumers[lane].poll_next_unpin(cx) {
+                Poll::Ready(Some(next)) => {
+                    *start = (lane + 1) % n;
+                    return Poll::Ready(Some((lane, next)));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
 }
 
 /// Feeds deliveries to tasks. `Ok(true)`: paused for a credential fault;
@@ -314,8 +394,8 @@ async fn run_consumer(
     tasks: &mut JoinSet<Outcome>,
 ) -> Result<bool, SessionError> {
     let Feed {
-        settlements,
-        consumer,
+        lanes,
+        consumers,
         publisher,
         blocked,
     } = feed;
@@ -326,6 +406,7 @@ async fn run_consumer(
     let shutdown = ctx.shutdown.cancelled();
     let faulted = ctx.pipeline.credentials.faulted();
     tokio::pin!(shutdown, faulted);
+    let mut start = 0;
     loop {
         let taking = !*blocked.borrow_and_update();
         tokio::select! {
@@ -340,9 +421,9 @@ async fn run_consumer(
                     return Err(SessionError::PublisherClosed);
                 }
             }
-            next = consumer.next(), if taking => match next {
-                Some(Ok(delivery)) => {
-                    let delivery = settlements.take(delivery);
+            next = next_delivery(consumers, &mut start), if taking => match next {
+                Some((lane, Ok(delivery))) => {
+                    let delivery = lanes[lane].settlements.take(delivery, lane);
                     let pipeline = Arc::clone(ctx.pipeline);
                     let publisher = publisher.clone();
                     // Boxed: the task then holds a pointer, and the runtime
@@ -351,7 +432,7 @@ async fn run_consumer(
                     tasks.spawn(Box::pin(async move { pipeline.handle(&delivery, &publisher).await }));
                     reap(tasks);
                 }
-                Some(Err(e)) => return Err(e.into()),
+                Some((_, Err(e))) => return Err(e.into()),
                 None => return Err(SessionError::ConsumerCancelled),
             },
         }
@@ -382,7 +463,8 @@ fn record(done: Result<Outcome, tokio::task::JoinError>) {
 async fn requeue_buffered(settlements: &Arc<Settlements>, consumer: &mut Consumer) {
     let bounded = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let _ = settlements.take(delivery).settle(Settle::Requeue);
+            // Requeued as it came: its lane is not read.
+            let _ = settlements.take(delivery, 0).settle(Settle::Requeue);
         }
     });
     let _ = bounded.await;

@@ -42,7 +42,7 @@ impl Pipeline {
         tracing::info_span!(
             target: telemetry::SPANS,
             "process",
-            otel.name = format!("process {}", self.topology.queue),
+            otel.name = format!("process {}", self.topology.lane(delivery.lane).queue),
             otel.kind = "consumer",
             otel.status_code = tracing::field::Empty,
             messaging.system = "rabbitmq",

@@ -142,14 +142,7 @@ pub async fn delete_topology(connection: &Connection, topology: &Topology) {
     let Ok(channel) = connection.create_channel().await else {
         return;
     };
-    // Each delay queue once, though steps with the same delay share one.
-    let retry_queues = topology.delay_queues().map(|(_, q)| q);
-    let log = topology.results_log.as_ref().map(|l| &l.name);
-    for queue in [&topology.queue, &topology.dead]
-        .into_iter()
-        .chain(retry_queues)
-        .chain(log)
-    {
+    for queue in &topology.queue_names() {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;

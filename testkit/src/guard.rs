@@ -49,11 +49,7 @@ impl Declared {
     /// letters, delay queues and results log; its entry exchange, dead-letter
     /// exchange and results exchange.
     pub fn add_topology(&mut self, topology: &Topology) {
-        let delay_queues = topology.delay_queues().map(|(_, q)| q.clone());
-        let log = topology.results_log.as_ref().map(|l| l.name.clone());
-        self.queues
-            .extend([topology.queue.clone(), topology.dead.clone()]);
-        self.queues.extend(delay_queues.chain(log));
+        self.queues.extend(topology.queue_names());
         self.exchanges.extend([
             topology.queue.clone(),
             topology.dlx.clone(),

@@ -43,7 +43,7 @@ pub(crate) fn expected_queue_arguments(settings: &Settings) -> BTreeMap<String, 
         QueueType::Classic => json!({}),
     };
     queues.insert(topology.dead.clone(), typed(dead));
-    for (secs, name) in topology.delay_queues() {
+    for (secs, name) in topology.lanes[0].delay_queues() {
         queues.insert(
             name.clone(),
             typed(json!({
@@ -262,7 +262,7 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
     let cleanup = connection.create_channel().await.expect("channel");
     let mut leftovers: BTreeSet<String> = queues.iter().cloned().collect();
     leftovers.extend([topology.queue.clone(), topology.dead.clone()]);
-    leftovers.extend(topology.delay_queues().map(|(_, name)| name.clone()));
+    leftovers.extend(topology.lanes[0].delay_queues().map(|(_, name)| name.clone()));
     leftovers.extend(topology.results_log.iter().map(|log| log.name.clone()));
     let mut exchanges: BTreeSet<String> = exchanges.into_iter().collect();
     exchanges.extend([
@@ -283,7 +283,7 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
     let _ = connection.close(200, "done".into()).await;
 
     redeclared.expect("the worker's declaration agrees with deploy/rabbitmq-definitions.json");
-    assert_eq!(queues.len(), 3 + topology.delay_queues().count());
+    assert_eq!(queues.len(), 3 + topology.lanes[0].delay_queues().count());
 }
 // ---------------------------------------------------------------------------
 // The broker users of the definitions
@@ -373,7 +373,7 @@ fn worker_needs(topology: &Topology) -> BTreeSet<(Access, String)> {
         needs.insert((Access::Read, log.name.clone()));
         needs.insert((Access::Read, topology.results_exchange.clone()));
     }
-    for (_, name) in topology.delay_queues() {
+    for (_, name) in topology.lanes[0].delay_queues() {
         needs.insert((Access::Read, name.clone()));
     }
     needs.insert((Access::Read, SERVER_NAMED_QUEUE.to_owned()));

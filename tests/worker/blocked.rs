@@ -239,7 +239,7 @@ async fn a_memory_alarm_pauses_the_replica_and_every_command_completes_once_it_c
         &settings.retry.redelivery_delays_secs,
     );
     let mut queues = vec![app.queue.clone()];
-    queues.extend(topology.delay_queues().map(|(_, q)| q.clone()));
+    queues.extend(topology.lanes[0].delay_queues().map(|(_, q)| q.clone()));
     let mut quiet = 0;
     wait_until(
         "every queue to drain",

@@ -409,7 +409,7 @@ async fn cluster_chaos_run_keeps_every_promise() {
         assert!(answered.contains_key(id), "{id} answered (seed {seed})");
     }
     let mut queues = vec![topology.queue.clone(), topology.dead.clone()];
-    queues.extend(topology.delay_queues().map(|(_, q)| q.clone()));
+    queues.extend(topology.lanes[0].delay_queues().map(|(_, q)| q.clone()));
     for queue in &queues {
         assert_eq!(
             cpw_testkit::broker::depth(&reader, queue).await,

@@ -72,7 +72,7 @@ async fn held_acks_go_out_on_a_timer_behind_a_delivery_that_never_settles() {
     while taken.len() < 3 {
         let next = tokio::time::timeout(WAIT, consumer.next()).await;
         let delivery = next.expect("three deliveries").expect("open").expect("ok");
-        taken.push(settlements.take(delivery));
+        taken.push(settlements.take(delivery, 0));
     }
     let slow = taken.remove(0);
     for done in &taken {
