@@ -10,8 +10,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::{ConfigError, invalid};
 
@@ -31,7 +31,8 @@ const MAX_SHARE: u32 = 100;
 
 /// One entry of `amqp.lanes` as written: a table
 /// (`{ name = "bulk", share = 1, queue = "…", prefetch = 16, objective_secs = 3600 }`)
-/// or, in the environment, `name:share` (`CPW__AMQP__LANES=interactive:4,bulk:1`).
+/// or, in the environment, `name:share` or `name:share:queue`
+/// (`CPW__AMQP__LANES=interactive:4,bulk:1:credit-purchases`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaneSetting {
     name: String,
@@ -68,13 +69,17 @@ impl<'de> Deserialize<'de> for LaneSetting {
             }
 
             fn visit_str<E: de::Error>(self, text: &str) -> Result<LaneSetting, E> {
-                let (name, share) = text.trim().split_once(':').unwrap_or((text.trim(), "1"));
+                let mut parts = text.trim().splitn(3, ':');
+                let name = parts.next().unwrap_or_default();
                 // Not a number: share 0, which `resolve` refuses naming the key.
-                let share = share.trim().parse().unwrap_or(0);
+                let share = parts
+                    .next()
+                    .map_or(Ok(1), |s| s.trim().parse())
+                    .unwrap_or(0);
                 Ok(LaneSetting {
                     name: name.trim().to_owned(),
                     share,
-                    queue: None,
+                    queue: parts.next().map(|q| q.trim().to_owned()),
                     prefetch: None,
                     objective_secs: None,
                 })
@@ -231,6 +236,9 @@ mod tests {
     #[test]
     fn lanes_come_from_the_environment_as_name_and_share() {
         let s = load(&[("CPW__AMQP__LANES", "interactive:4, bulk:1")]).expect("two lanes");
+        let kept = load(&[("CPW__AMQP__LANES", "interactive:4,bulk:1:credit-purchases")])
+            .expect("a lane on the existing queue");
+        assert_eq!(kept.amqp.lanes()[1].queue, "credit-purchases");
         let lanes = s.amqp.lanes();
         let names: Vec<(&str, &str, u32)> = lanes
             .iter()

@@ -13,6 +13,7 @@ mod examples;
 mod held_acks;
 mod hostile;
 mod invalid;
+mod lanes;
 mod leak;
 mod logs;
 mod not_utf8;
