@@ -19,7 +19,6 @@ use crate::hyperline::admission::Place;
 use crate::hyperline::retry::purchase_with_retry;
 use crate::hyperline::verdict::{Attempted, Bounds};
 use crate::operations::Metrics;
-use crate::telemetry;
 
 /// Counts a delivery in flight for as long as its task lives, also when the
 /// task is aborted or panics (a gauge decremented after an `.await` would
@@ -83,7 +82,6 @@ impl Pipeline {
         let message = Message::of(props, &delivery.data);
         let (mut history, provenance) = DeliveryHistory::read(message, Some(&self.history_keys));
         history.published_ms = props.timestamp().map(|s| s.saturating_mul(1000));
-        let incoming = header_str(headers, "traceparent");
         let message_id = message.message_id;
         let parsed = Command::parse(&delivery.data, message_id);
         let ids = parsed
@@ -92,20 +90,9 @@ impl Pipeline {
             .map(|c| (c.id.as_str(), c.customer_id.as_str(), c.product_id.as_str()));
         let (command_id, customer_id, product_id) =
             (ids.map(|i| i.0), ids.map(|i| i.1), ids.map(|i| i.2));
-        let consumer = self.consumer_span(delivery, message_id);
-        if let Some((command_id, customer_id, product_id)) = ids {
-            consumer.record("command_id", command_id);
-            consumer.record("customer_id", customer_id);
-            consumer.record("product_id", product_id);
-        }
-        let exported = telemetry::continue_trace(&consumer, incoming.as_deref());
-        // The consumer span's, or (not exported) one hop of the publisher's
-        // trace: what the request and the event carry when they have no
-        // exported span of their own.
-        let traceparent = match &exported {
-            Some(own) => own.clone(),
-            None => telemetry::child_traceparent(incoming.as_deref()),
-        };
+        let incoming = header_str(headers, "traceparent");
+        let trace = self.trace(delivery, message_id, ids, incoming.as_deref());
+        let traceparent = &trace.traceparent;
         // Every field given at once: the JSON log layer re-reads and
         // re-writes a span's fields at each later `record`.
         let span = tracing::info_span!(
@@ -139,7 +126,7 @@ impl Pipeline {
                         };
                         let place = (delivery.lane, waiting_since(delivery));
                         let done =
-                            Box::pin(self.purchase(command, first, deadline, &traceparent, place))
+                            Box::pin(self.purchase(command, first, deadline, traceparent, place))
                                 .await;
                         // Kept only for the lookup at the window, when it is on.
                         attempted = self.reconcile_at_window.then(|| done.clone());
@@ -161,16 +148,16 @@ impl Pipeline {
             };
             // The conclusion, boxed: while the API is called, its state (the
             // event, the publish, the settlement) takes no room in the task.
-            Box::pin(self.execute(delivery, publisher, subject, plan, &traceparent)).await
+            Box::pin(self.execute(delivery, publisher, subject, plan, traceparent)).await
         }
         .instrument(span)
         // Outside the `command` span: the export spans made inside find the
         // consumer span as their nearest exported ancestor.
-        .instrument(consumer.clone())
+        .instrument(trace.consumer.clone())
         .await;
-        record_outcome(&consumer, &outcome);
-        let exemplar = exported.as_deref().and_then(telemetry::sampled_trace_id);
-        self.metrics.observe_processing(started.elapsed(), exemplar);
+        record_outcome(&trace.consumer, &outcome);
+        self.metrics
+            .observe_processing(started.elapsed(), trace.exemplar());
         outcome
     }
 

@@ -31,14 +31,58 @@ pub(super) fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     }
 }
 
+/// A delivery's place in its trace.
+pub(super) struct Trace {
+    /// The consumer span, disabled unless spans are exported.
+    pub consumer: tracing::Span,
+    /// What the request and the event carry: the consumer span's own when
+    /// it is exported, else one hop of the publisher's trace.
+    pub traceparent: String,
+    exported: bool,
+}
+
+impl Trace {
+    /// The trace id a latency observation links to, when it is exported
+    /// and sampled.
+    pub fn exemplar(&self) -> Option<&str> {
+        match self.exported {
+            true => telemetry::sampled_trace_id(&self.traceparent),
+            false => None,
+        }
+    }
+}
+
 impl Pipeline {
-    /// The consumer span of a delivery (messaging semantic conventions),
-    /// disabled unless spans are exported.
-    pub(super) fn consumer_span(
+    /// The delivery's consumer span, continuing the publisher's `incoming`
+    /// `traceparent`. `ids` are the command's id, customer and product, when
+    /// it parsed.
+    pub(super) fn trace(
         &self,
         delivery: &Received,
         message_id: Option<&str>,
-    ) -> tracing::Span {
+        ids: Option<(&str, &str, &str)>,
+        incoming: Option<&str>,
+    ) -> Trace {
+        let consumer = self.consumer_span(delivery, message_id);
+        if let Some((command_id, customer_id, product_id)) = ids {
+            consumer.record("command_id", command_id);
+            consumer.record("customer_id", customer_id);
+            consumer.record("product_id", product_id);
+        }
+        let (traceparent, exported) = match telemetry::continue_trace(&consumer, incoming) {
+            Some(own) => (own, true),
+            None => (telemetry::child_traceparent(incoming), false),
+        };
+        Trace {
+            consumer,
+            traceparent,
+            exported,
+        }
+    }
+
+    /// The consumer span of a delivery (messaging semantic conventions),
+    /// disabled unless spans are exported.
+    fn consumer_span(&self, delivery: &Received, message_id: Option<&str>) -> tracing::Span {
         tracing::info_span!(
             target: telemetry::SPANS,
             "process",

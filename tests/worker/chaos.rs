@@ -57,8 +57,31 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_run_keeps_every_promise() {
+    chaos_run(None, 2000).await;
+}
+
+/// The same run over two lanes (`amqp.lanes`), each command published to
+/// one of them at random: every promise holds with a channel, a prefetch,
+/// delay queues and a line at the gate per lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_run_over_two_lanes_keeps_every_promise() {
+    chaos_run(Some("interactive:4,bulk:1"), 1000).await;
+}
+
+/// The queues every command passes through: each lane's commands queue and
+/// delay queues.
+fn command_queues(app: &cpw_testkit::app::TestApp) -> Vec<String> {
+    let mut queues = Vec::new();
+    for lane in &app.topology.lanes {
+        queues.push(lane.queue.clone());
+        queues.extend(lane.delay_queues().map(|(_, q)| q.clone()));
+    }
+    queues
+}
+
+async fn chaos_run(lanes: Option<&str>, default_commands: usize) {
     let seed: u64 = env_or("CHAOS_SEED", rand::rng().random());
-    let commands: usize = env_or("CHAOS_COMMANDS", 2000);
+    let commands: usize = env_or("CHAOS_COMMANDS", default_commands);
     let replicas: usize = env_or("CHAOS_REPLICAS", 3);
     println!("chaos: seed={seed} (rerun with CHAOS_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -73,18 +96,21 @@ async fn chaos_run_keeps_every_promise() {
         rate_limit: 0,
         ..Faults::default()
     };
-    let mut app = spawn_without_worker(
-        Options::default()
-            .faults(faults)
-            .env("CPW__AMQP__PREFETCH", 32)
-            .env("CPW__HYPERLINE__TIMEOUT_SECS", 1)
-            .env("CPW__RETRY__ATTEMPTS", 5)
-            .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5),
-    )
-    .await;
+    let mut options = Options::default()
+        .faults(faults)
+        .env("CPW__AMQP__PREFETCH", 32)
+        .env("CPW__HYPERLINE__TIMEOUT_SECS", 1)
+        .env("CPW__RETRY__ATTEMPTS", 5)
+        .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5);
+    if let Some(lanes) = lanes {
+        options = options.env("CPW__AMQP__LANES", lanes);
+    }
+    let mut app = spawn_without_worker(options).await;
+    let lane_queues: Vec<String> = app.topology.lanes.iter().map(|l| l.queue.clone()).collect();
 
-    // Commands: ~2% invalid (they must end in the dead-letter queue).
-    let bodies: Vec<(String, serde_json::Value, bool)> = (0..commands)
+    // Commands: ~2% invalid (they must end in the dead-letter queue), each
+    // in a lane drawn at random.
+    let bodies: Vec<(String, serde_json::Value, bool, usize)> = (0..commands)
         .map(|_| {
             let id = command_id();
             let mut body = command(&id);
@@ -92,7 +118,7 @@ async fn chaos_run_keeps_every_promise() {
             if !valid {
                 body["credit_count"] = json!(0);
             }
-            (id, body, valid)
+            (id, body, valid, rng.random_range(0..lane_queues.len()))
         })
         .collect();
     let valid: Vec<String> = bodies.iter().filter(|b| b.2).map(|b| b.0.clone()).collect();
@@ -138,14 +164,15 @@ async fn chaos_run_keeps_every_promise() {
         if k > 0 {
             wait_count(&mut struck, k, STAGE, &format!("strike {}", k - 1)).await;
         }
-        for (_, body, _) in &bodies[schedule.tranche(k)] {
+        for (_, body, _, lane) in &bodies[schedule.tranche(k)] {
             // With a `timestamp`, as docs/publishing.md asks: a command worn
             // by the kills is then bought within its window counted from
             // there, instead of dead-lettered with its first request unknown.
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            app.publish_raw(
+            app.publish_to(
+                &lane_queues[*lane],
                 body.to_string().as_bytes(),
                 lapin::BasicProperties::default().with_timestamp(now),
             )
@@ -188,9 +215,9 @@ async fn chaos_run_keeps_every_promise() {
         while let Some(e) = app.next_event_within(Duration::from_secs(3)).await {
             events.push(e);
         }
-        let mut depths = vec![app.depth(&app.queue).await];
-        for step in [1, 2] {
-            depths.push(app.depth(&format!("{}.retry.{step}s", app.queue)).await);
+        let mut depths = Vec::new();
+        for queue in command_queues(&app) {
+            depths.push(app.depth(&queue).await);
         }
         if depths.iter().all(|d| *d == 0) || tokio::time::Instant::now() > quiet_by {
             break;
@@ -238,13 +265,8 @@ async fn chaos_run_keeps_every_promise() {
         valid.len(),
         "no charge outside the commands"
     );
-    assert_eq!(app.depth(&app.queue).await, 0, "commands queue empty");
-    for step in [1, 2] {
-        assert_eq!(
-            app.depth(&format!("{}.retry.{step}s", app.queue)).await,
-            0,
-            "delay queue {step}s empty"
-        );
+    for queue in command_queues(&app) {
+        assert_eq!(app.depth(&queue).await, 0, "{queue} empty");
     }
     let dead: Vec<String> = app
         .wait_dead_letters(invalid.len() as u32)
@@ -266,7 +288,7 @@ async fn chaos_run_keeps_every_promise() {
         "every planned strike made (seed {seed})"
     );
     println!(
-        "chaos: PASS seed={seed} commands={commands} replicas={replicas} kills={kills} cuts={cuts} 429_bursts={bursts} \
+        "chaos: PASS seed={seed} lanes={lanes:?} commands={commands} replicas={replicas} kills={kills} cuts={cuts} 429_bursts={bursts} \
          sim_faults={} rate_limited={} replayed={} conflicts={} requests={} charges={} events={} dead_letters={}",
         ledger.faults,
         ledger.rate_limited,
