@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,21 +13,11 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::results_log::LogSource;
 use crate::broker::{HistoryKeys, Mismatch, Topology};
 use crate::configuration::{ConfigError, Settings};
-use crate::hyperline::admission::Admission;
-use crate::hyperline::credentials::Credentials;
-use crate::hyperline::gate::Gate;
-use crate::hyperline::{ClientError, HyperlineClient, READS_PER_SECOND};
+use crate::hyperline::account::Account;
+use crate::hyperline::{ClientError, HyperlineClient};
 use crate::operations::metrics::LaneLabel;
 use crate::operations::{self, Health, Metrics};
 use crate::pipeline::{Limits, Pipeline, supervisor};
-
-/// How long requests wait for the answer of the one request that learns a
-/// new rate-limit window: a quarter of the request timeout, so that a probe
-/// that hangs delays the others by a fraction of it, and an API that answers
-/// in seconds still answers first.
-fn probe_patience(request_timeout: Duration) -> Duration {
-    (request_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
-}
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,19 +73,7 @@ impl Application {
             metrics.lane_objective.get_or_create(&label).set(objective);
         }
         let pipeline = Arc::new(Pipeline {
-            client,
-            gate: Gate::new(
-                settings.hyperline.max_requests_per_second,
-                probe_patience(request_timeout),
-                settings.longest_rate_limit_pause(),
-            ),
-            admission: Admission::new(&settings.amqp.lanes(), &metrics),
-            credentials: Credentials::default(),
-            reads: Gate::new(
-                READS_PER_SECOND,
-                probe_patience(request_timeout),
-                settings.longest_rate_limit_pause(),
-            ),
+            account: Account::new(client, &settings, &metrics),
             reconcile_at_window: settings.hyperline.reconcile_at_window,
             results_log: LogSource::new(
                 &settings.amqp,

@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::account::Account;
 use super::admission::Place;
-use super::credentials::Credentials;
 use super::gate::{Gate, Permit};
 use super::verdict::{Attempted, Bounds, Retry, RetryReason, Step, Verdict, step, window_open};
-use super::{HyperlineClient, PurchaseResponse, Quota};
+use super::{PurchaseResponse, Quota};
 use crate::clock::now_ms;
 use crate::configuration::RetrySettings;
 use crate::contract::Command;
@@ -28,13 +28,10 @@ use crate::telemetry;
 
 /// Shared by the retry loop of every command of a replica.
 pub struct RetryContext<'a> {
-    pub client: &'a HyperlineClient,
-    /// The replica-wide pacing.
-    pub gate: &'a Gate,
-    /// The command's place in the lines in front of the gate.
+    /// The account: client, write gate, credentials.
+    pub account: &'a Account,
+    /// The command's place in the lines in front of the write gate.
     pub place: Place<'a>,
-    /// The replica-wide credential state.
-    pub credentials: &'a Credentials,
     pub settings: &'a RetrySettings,
     /// The total deadline of one request.
     pub request_timeout: Duration,
@@ -125,7 +122,7 @@ impl<'a> Attempt<'a> {
     /// the key and the deadline again after them (both may have changed
     /// while it waited).
     async fn admit(&self) -> Result<Admitted<'a>, Verdict> {
-        let (credentials, gate) = (self.ctx.credentials, self.ctx.gate);
+        let (credentials, gate) = (&self.ctx.account.credentials, &self.ctx.account.writes);
         if credentials.is_faulted() {
             return Err(Verdict::CredentialFault);
         }
@@ -189,6 +186,7 @@ impl<'a> Attempt<'a> {
         let exported = telemetry::exported_traceparent(&span);
         let response = self
             .ctx
+            .account
             .client
             .purchase(self.command, exported.as_deref().or(self.traceparent))
             .instrument(span.clone())
@@ -202,7 +200,7 @@ impl<'a> Attempt<'a> {
         if opens_window && !response.may_have_charged() {
             *Tally::lock(&self.tally.first_sent_ms) = None;
         }
-        self.ctx.credentials.heard(&response);
+        self.ctx.account.credentials.heard(&response);
         response
     }
 
@@ -247,7 +245,7 @@ impl<'a> Attempt<'a> {
     /// Holds every request of the replica for `wait` (at most the gate's
     /// longest pause), counted; the pause made.
     fn pause(&self, wait: Duration) -> Duration {
-        let paused = self.ctx.gate.pause_for(wait);
+        let paused = self.ctx.account.writes.pause_for(wait);
         self.ctx.metrics.rate_limit_wait(paused);
         paused
     }
@@ -381,8 +379,6 @@ mod tests {
 
     use super::*;
     use crate::configuration::{ApiKey, Settings};
-    use crate::hyperline::admission::Admission;
-    use crate::hyperline::credentials::Credentials;
     use crate::hyperline::{HyperlineClient, PurchaseAnswer};
     use crate::operations::Metrics;
 
@@ -395,26 +391,17 @@ mod tests {
         let settings = Settings::load_from(None, []).expect("defaults");
         let client = HyperlineClient::new(&settings.hyperline, ApiKey::new("unit-test-key"))
             .expect("client");
-        let (gate, credentials, metrics) = (
-            Gate::new(
-                0,
-                Duration::from_secs(5),
-                settings.longest_rate_limit_pause(),
-            ),
-            Credentials::default(),
-            Metrics::new(),
-        );
+        let metrics = Metrics::new();
+        let account = Account::new(client, &settings, &metrics);
+        let gate = &account.writes;
         let cancel = CancellationToken::new();
-        let admission = Admission::new(&settings.amqp.lanes(), &metrics);
         let ctx = RetryContext {
-            client: &client,
-            gate: &gate,
+            account: &account,
             place: Place {
-                admission: &admission,
+                admission: &account.admission,
                 lane: 0,
                 since_secs: 0,
             },
-            credentials: &credentials,
             settings: &settings.retry,
             request_timeout: Duration::from_secs(30),
             metrics: &metrics,

@@ -14,6 +14,7 @@
 //!
 //! The retry loop never looks at a status code: it only matches on the answer.
 
+pub mod account;
 pub mod admission;
 mod answer;
 mod attempt;

@@ -95,7 +95,7 @@ impl Pipeline {
                     () = self.stop_requests.cancelled() => {}
                 }
             }
-            if plan.credential_fault && self.credentials.report_fault() {
+            if plan.credential_fault && self.account.credentials.report_fault() {
                 tracing::error!(
                     "Hyperline refuses the API key: pausing consumption until it is accepted"
                 );

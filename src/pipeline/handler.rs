@@ -194,14 +194,12 @@ impl Pipeline {
         (lane, since_secs): (usize, i64),
     ) -> Attempted {
         let ctx = RetryContext {
-            client: &self.client,
-            gate: &self.gate,
+            account: &self.account,
             place: Place {
-                admission: &self.admission,
+                admission: &self.account.admission,
                 lane,
                 since_secs,
             },
-            credentials: &self.credentials,
             settings: &self.retry,
             request_timeout: self.limits.request_timeout,
             metrics: &self.metrics,

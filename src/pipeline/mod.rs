@@ -25,24 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Topology;
 use crate::configuration::RetrySettings;
-use crate::hyperline::HyperlineClient;
-use crate::hyperline::admission::Admission;
-use crate::hyperline::credentials::Credentials;
-use crate::hyperline::gate::Gate;
+use crate::hyperline::account::Account;
 use crate::operations::Metrics;
 
 /// Everything a delivery's task needs, shared by all tasks of a replica.
 pub struct Pipeline {
-    pub client: HyperlineClient,
-    /// Replica-wide request pacing (429 pauses, client-side cap).
-    pub gate: Gate,
-    /// The lanes' lines in front of the gate: whose write goes next.
-    pub admission: Admission,
-    /// Replica-wide credential state.
-    pub credentials: Credentials,
-    /// Pacing of the credit-transaction reads, within Hyperline's read limit
-    /// (apart from the purchases' write limit).
-    pub reads: Gate,
+    /// The Hyperline account: client, write and read gates, credentials,
+    /// and the lanes' lines in front of the write gate.
+    pub account: Account,
     /// `hyperline.reconcile_at_window`: read the credit transactions before
     /// failing a command for its closed window.
     pub reconcile_at_window: bool,

@@ -290,11 +290,11 @@ async fn consume(
     blocked: &mut watch::Receiver<bool>,
 ) -> Result<Instant, SessionError> {
     loop {
-        if ctx.pipeline.credentials.is_faulted() {
+        let account = &ctx.pipeline.account;
+        if account.credentials.is_faulted() {
             ctx.health.set_credentials_refused(true);
             ctx.pipeline.metrics.credentials_refused.set(1);
-            let credentials = &ctx.pipeline.credentials;
-            let recovery = credentials.recover(&ctx.pipeline.client, ctx.shutdown);
+            let recovery = account.credentials.recover(&account.client, ctx.shutdown);
             if !beating(ctx.health, recovery).await {
                 return Ok(Instant::now());
             }
@@ -410,7 +410,7 @@ async fn run_consumer(
     // Built once, not on every turn of the loop: each would register a
     // waiter anew for every delivery.
     let shutdown = ctx.shutdown.cancelled();
-    let faulted = ctx.pipeline.credentials.faulted();
+    let faulted = ctx.pipeline.account.credentials.faulted();
     tokio::pin!(shutdown, faulted);
     let mut start = 0;
     loop {

@@ -74,11 +74,12 @@ impl Pipeline {
         let until = deadline.max(tokio::time::Instant::now() + self.limits.request_timeout);
         let read = async {
             let listing = self
+                .account
                 .client
                 .transactions(
                     &command.customer_id,
                     &command.product_id,
-                    &self.reads,
+                    &self.account.reads,
                     bounds,
                 )
                 .await?;
