@@ -262,7 +262,11 @@ pub(crate) async fn the_worker_redeclares_the_definitions_topology_without_confl
     let cleanup = connection.create_channel().await.expect("channel");
     let mut leftovers: BTreeSet<String> = queues.iter().cloned().collect();
     leftovers.extend([topology.queue.clone(), topology.dead.clone()]);
-    leftovers.extend(topology.lanes[0].delay_queues().map(|(_, name)| name.clone()));
+    leftovers.extend(
+        topology.lanes[0]
+            .delay_queues()
+            .map(|(_, name)| name.clone()),
+    );
     leftovers.extend(topology.results_log.iter().map(|log| log.name.clone()));
     let mut exchanges: BTreeSet<String> = exchanges.into_iter().collect();
     exchanges.extend([
