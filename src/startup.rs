@@ -76,7 +76,10 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         for lane in settings.amqp.lanes() {
             let label = LaneLabel { lane: lane.name };
-            metrics.lane_share.get_or_create(&label).set(i64::from(lane.share));
+            metrics
+                .lane_share
+                .get_or_create(&label)
+                .set(i64::from(lane.share));
             let objective = i64::try_from(lane.objective.as_secs()).unwrap_or(i64::MAX);
             metrics.lane_objective.get_or_create(&label).set(objective);
         }

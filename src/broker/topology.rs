@@ -314,7 +314,11 @@ impl Topology {
             },
         ];
         for lane in &self.lanes {
-            objects.push(queue("commands queue", &lane.queue, self.commands_arguments()));
+            objects.push(queue(
+                "commands queue",
+                &lane.queue,
+                self.commands_arguments(),
+            ));
             // Steps with the same delay share a queue: it is declared once.
             for (secs, name) in lane.delay_queues() {
                 let arguments = self.delay_arguments(*secs, &lane.queue);

@@ -127,7 +127,11 @@ fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrls, D::Err
 
 /// AMQP object names are short strings (at most 255 bytes); a longer one
 /// would make lapin panic when the name is sent.
-pub(super) fn check_amqp_name(key: &'static str, name: &str, suffix_room: usize) -> Result<(), ConfigError> {
+pub(super) fn check_amqp_name(
+    key: &'static str,
+    name: &str,
+    suffix_room: usize,
+) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(key, "is empty"));
     }

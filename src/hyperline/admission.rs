@@ -305,7 +305,12 @@ mod tests {
             }
         }
         // Every command in its line before the turn comes back.
-        while admission.lock().lines.iter().map(|l| l.waiting.len()).sum::<usize>()
+        while admission
+            .lock()
+            .lines
+            .iter()
+            .map(|l| l.waiting.len())
+            .sum::<usize>()
             < shares.len() * depth
         {
             tokio::task::yield_now().await;
@@ -357,7 +362,10 @@ mod tests {
         });
         assert!(all.await.is_ok(), "the bulk lane alone took every turn");
         let text = metrics.encode();
-        assert!(text.contains("cpw_lane_writes_total{lane=\"lane1\"} 10"), "{text}");
+        assert!(
+            text.contains("cpw_lane_writes_total{lane=\"lane1\"} 10"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -382,7 +390,14 @@ mod tests {
                     drop(turn);
                 });
             }
-            while admission.lock().lines.iter().map(|l| l.waiting.len()).sum::<usize>() < 6 {
+            while admission
+                .lock()
+                .lines
+                .iter()
+                .map(|l| l.waiting.len())
+                .sum::<usize>()
+                < 6
+            {
                 tokio::task::yield_now().await;
             }
             drop(holder);
@@ -422,7 +437,10 @@ mod tests {
         }
         drop(holder);
         let passed = tokio::time::timeout(Duration::from_secs(5), next).await;
-        assert!(matches!(passed, Ok(Ok(()))), "the turn skipped the one that left");
+        assert!(
+            matches!(passed, Ok(Ok(()))),
+            "the turn skipped the one that left"
+        );
         assert!(!admission.lock().busy, "and came back to nobody");
         assert!(
             metrics

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::credentials::Credentials;
 use super::admission::Place;
+use super::credentials::Credentials;
 use super::gate::{Gate, Permit};
 use super::verdict::{Attempted, Bounds, Retry, RetryReason, Step, Verdict, step, window_open};
 use super::{HyperlineClient, PurchaseResponse, Quota};

@@ -138,14 +138,9 @@ impl Pipeline {
                             _ => None,
                         };
                         let place = (delivery.lane, waiting_since(delivery));
-                        let done = Box::pin(self.purchase(
-                            command,
-                            first,
-                            deadline,
-                            &traceparent,
-                            place,
-                        ))
-                        .await;
+                        let done =
+                            Box::pin(self.purchase(command, first, deadline, &traceparent, place))
+                                .await;
                         // Kept only for the lookup at the window, when it is on.
                         attempted = self.reconcile_at_window.then(|| done.clone());
                         Input::Attempted(done)

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Topology;
 use crate::configuration::RetrySettings;
 use crate::hyperline::HyperlineClient;
-use crate::hyperline::credentials::Credentials;
 use crate::hyperline::admission::Admission;
+use crate::hyperline::credentials::Credentials;
 use crate::hyperline::gate::Gate;
 use crate::operations::Metrics;
 

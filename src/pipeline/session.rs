@@ -194,7 +194,13 @@ async fn run_on(
     let lanes = open_lanes(ctx, connection).await?;
     ctx.health.set_connected(true);
     let queues: Vec<&str> = lanes.iter().map(|lane| lane.queue.as_str()).collect();
-    let prefetch: u32 = ctx.settings.amqp.lanes().iter().map(|l| u32::from(l.prefetch)).sum();
+    let prefetch: u32 = ctx
+        .settings
+        .amqp
+        .lanes()
+        .iter()
+        .map(|l| u32::from(l.prefetch))
+        .sum();
     tracing::info!(queues = ?queues, prefetch, node = %label, "connected to the broker");
 
     ctx.pipeline.metrics.prefetch.set(i64::from(prefetch));
