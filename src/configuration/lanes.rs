@@ -19,7 +19,7 @@ use super::{ConfigError, invalid};
 pub const DEFAULT_LANE: &str = "default";
 
 /// The objective of a lane that states none: how long its oldest command may
-/// wait before the `LaneWaitingTooLong` alert fires.
+/// wait before the `CpwLaneWaitingTooLong` alert fires.
 pub const DEFAULT_OBJECTIVE: Duration = Duration::from_secs(600);
 
 /// More lanes than this is a configuration error, not a design: each lane

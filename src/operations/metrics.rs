@@ -289,7 +289,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "lane_objective",
-            "How long the lane's oldest command may wait before the LaneWaitingTooLong alert",
+            "How long the lane's oldest command may wait before the CpwLaneWaitingTooLong alert",
             prometheus_client::registry::Unit::Seconds,
             self.lane_objective.clone(),
         );

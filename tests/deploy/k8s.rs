@@ -117,14 +117,19 @@ pub(crate) fn mounted_volume(file: &str) -> (Value, String) {
 /// worker.toml as the `--config` file, its environment, its secret file.
 pub(crate) fn deployment_settings() -> Settings {
     let env = deployment_env();
+    let (volume, file) = mounted_volume(env_value(&env, "CPW_CONFIG"));
+    let config_map = k8s_resource("ConfigMap", Some(text(&volume, "/configMap/name")));
+    settings_with_worker_toml(text(&config_map, &format!("/data/{file}")))
+}
+
+/// The settings of a pod of the Deployment whose ConfigMap holds
+/// `worker_toml` (an overlay's).
+pub(crate) fn settings_with_worker_toml(worker_toml_text: &str) -> Settings {
+    let env = deployment_env();
     let dir = std::env::temp_dir().join(format!("cpw-deploy-test-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-
-    let config_path = env_value(&env, "CPW_CONFIG");
-    let (volume, file) = mounted_volume(config_path);
-    let config_map = k8s_resource("ConfigMap", Some(text(&volume, "/configMap/name")));
     let worker_toml = dir.join("worker.toml");
-    std::fs::write(&worker_toml, text(&config_map, &format!("/data/{file}"))).expect("write");
+    std::fs::write(&worker_toml, worker_toml_text).expect("write");
 
     let key_path = env_value(&env, "CPW__HYPERLINE__API_KEY_FILE");
     let (volume, file) = mounted_volume(key_path);
@@ -358,6 +363,59 @@ pub(crate) fn keda_scales_on_the_commands_queue_with_unacked_messages_counted() 
         "{url}"
     );
 }
+/// `lanes/`, the example overlay with two lanes: its worker.toml starts a
+/// pod, and KEDA has exactly one trigger per lane queue, with the lane's
+/// prefetch as its value and the base trigger's other settings.
+#[test]
+fn the_lanes_overlay_scales_on_every_lane_queue() {
+    let overlay = yaml(&format!("{K8S}/lanes/kustomization.yaml"));
+    assert_eq!(at(&overlay, "/resources"), &json!([".."]));
+    let patches = at(&overlay, "/patches").as_array().expect("patches");
+    let patch = |kind: &str| -> Value {
+        let found = patches
+            .iter()
+            .find(|p| p["target"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} patch"));
+        let base = k8s_resource(kind, Some(text(found, "/target/name")));
+        let patched: Value = serde_norway::from_str(text(found, "/patch")).expect("YAML");
+        assert_eq!(patched["metadata"]["name"], base["metadata"]["name"]);
+        patched
+    };
+    let config_map = patch("ConfigMap");
+    let settings = settings_with_worker_toml(text(&config_map, "/data/worker.toml"));
+    let lanes = settings.amqp.lanes();
+    assert!(lanes.len() >= 2, "{lanes:?}");
+    assert!(
+        lanes.iter().any(|l| l.queue == settings.amqp.queue),
+        "one lane keeps the existing queue"
+    );
+    let scaled = patch("ScaledObject");
+    let base = k8s_resource("ScaledObject", None);
+    let base_trigger = at(&base, "/spec/triggers/0");
+    let triggers = at(&scaled, "/spec/triggers").as_array().expect("triggers");
+    let by_queue: BTreeSet<(String, String)> = triggers
+        .iter()
+        .map(|t| {
+            for key in ["type", "authenticationRef"] {
+                assert_eq!(t[key], base_trigger[key], "{key}");
+            }
+            for key in ["protocol", "mode", "vhostName"] {
+                assert_eq!(t["metadata"][key], base_trigger["metadata"][key], "{key}");
+            }
+            (
+                text(t, "/metadata/queueName").to_owned(),
+                text(t, "/metadata/value").to_owned(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = lanes
+        .iter()
+        .map(|l| (l.queue.clone(), l.prefetch.to_string()))
+        .collect();
+    assert_eq!(by_queue, expected);
+    assert_eq!(triggers.len(), lanes.len());
+}
+
 /// The labels a selector requires (`matchLabels`) are all on `labels`.
 fn selects(selector: &Value, labels: &Value, what: &str) {
     let required = selector.as_object().expect("matchLabels is a map");
