@@ -16,20 +16,20 @@ use crate::broker::{LaneQueues, Topology};
 pub struct Home<'a> {
     /// Its lane, or the first when its queue is no lane's.
     pub lane: &'a LaneQueues,
-    /// The queue it names when that is no lane's (`-` when it names none):
-    /// why it goes to the first lane.
-    pub stray: Option<String>,
+    /// Whether that is the lane it came from: false for a stray letter.
+    pub own: bool,
+    /// The queue it names, if any.
+    named: Option<String>,
 }
 
 /// The lane of the letter that names `queue` (its
 /// [`DeadLetterInfo::queue`](super::letter::DeadLetterInfo::queue)).
 pub fn home<'a>(topology: &'a Topology, queue: Option<&str>) -> Home<'a> {
-    match queue.and_then(|queue| topology.lane_of_queue(queue)) {
-        Some(lane) => Home { lane, stray: None },
-        None => Home {
-            lane: topology.lane(0),
-            stray: Some(queue.unwrap_or("-").to_owned()),
-        },
+    let own = queue.and_then(|queue| topology.lane_of_queue(queue));
+    Home {
+        lane: own.unwrap_or_else(|| topology.lane(0)),
+        own: own.is_some(),
+        named: queue.map(str::to_owned),
     }
 }
 
@@ -37,10 +37,12 @@ impl Home<'_> {
     /// For a stray letter, the line that says where command `id` went and
     /// why; `None` for a letter back in its own lane.
     pub fn note(&self, id: &str) -> Option<String> {
-        let named = self.stray.as_deref()?;
-        let why = match named {
-            "-" => "names no queue".to_owned(),
-            queue => format!("came from `{queue}`, which is no configured lane's queue"),
+        if self.own {
+            return None;
+        }
+        let why = match &self.named {
+            None => "names no queue".to_owned(),
+            Some(queue) => format!("came from `{queue}`, which is no configured lane's queue"),
         };
         Some(format!(
             "note: {id} {why}: put in the first lane, `{}` (`{}`)",

@@ -172,8 +172,8 @@ impl Acting<'_> {
                 );
                 // Named as the worker names its events: only with lanes
                 // configured, and only a lane the letter came from.
-                let lane = (self.topology.named_lanes && home.stray.is_none())
-                    .then_some(home.lane.name.as_str());
+                let lane =
+                    (self.topology.named_lanes && home.own).then_some(home.lane.name.as_str());
                 self.publish(&letter.delivery, &event, lane).await
             }
             Plan::Replay => {
