@@ -38,8 +38,9 @@ pub enum Command {
     ///
     /// The command is checked with the worker's own rules first (an invalid
     /// one is refused with the reason), then published persistent and
-    /// confirmed by the broker to the commands queue. Prints the command id;
-    /// with `--wait`, then the result event.
+    /// confirmed by the broker to the commands queue of its lane (`--lane`,
+    /// the first by default). Prints the command id; with `--wait`, then the
+    /// result event.
     Publish(PublishArgs),
     /// List, show, replay, purge or reconcile the dead letters (`<queue>.dead`).
     ///
@@ -49,15 +50,17 @@ pub enum Command {
     DeadLetters(DeadLetters),
     /// Read the results log: what happened to a command, or every event since a time.
     ///
+    /// With `amqp.lanes`, each event names its lane (`lane=…`; `--lane` keeps one).
+    ///
     /// The log (`<results_exchange>.log`, a RabbitMQ stream kept for
     /// `amqp.results_log_retention`) holds every event the worker published.
     /// Reading stops by itself once it has caught up, unless `--follow`.
     /// Exit status: 0; 1 when `--command-id` found no event or the start is
     /// older than the log's retention; 2 when the log is missing or cannot be read.
     Events(EventsArgs),
-    /// Check the configuration, the broker, the topology and the API key.
+    /// Check the configuration, the lanes, the broker, the topology and the API key.
     ///
-    /// One ✓/✗ line each; exits 1 when any check fails. Nothing is consumed
+    /// One ✓/✗ line each (one per lane, and per queue of every lane); exits 1 when any check fails. Nothing is consumed
     /// or bought, and neither the key nor the broker password is printed.
     Check,
 }
@@ -76,12 +79,14 @@ impl Command {
 /// `dead-letters` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetters {
-    /// List the dead letters with why and when they died.
+    /// List the dead letters with why and when they died, and their lane.
     ///
-    /// Nothing is removed: every message read is put back.
+    /// Nothing is removed: every message read is put back. A letter whose
+    /// queue is no configured lane's shows LANE `-` (`null` in `--json`):
+    /// a replay puts it in the first lane.
     List(ListArgs),
     /// Show one command's dead letter in full: the worker's reading of it,
-    /// its idempotency window, its properties and headers, and its body.
+    /// its lane, its idempotency window, its properties and headers, and its body.
     ///
     /// Nothing is removed. Exit status 1 when there is no such dead letter.
     Show(ShowArgs),
@@ -91,8 +96,11 @@ pub enum DeadLetters {
     /// (or takes `--yes`). Exit status 1 when not confirmed or a command id
     /// has no dead letter.
     Purge(PurgeArgs),
-    /// Move dead letters back to the commands queue for another try.
+    /// Move dead letters back to their lane's commands queue for another try.
     ///
+    /// Each goes back to the lane whose queue it came from (its `cpw-queue`
+    /// stamp, else the broker's `x-death`); one whose queue is no
+    /// configured lane's goes to the first lane, with a `note:` line.
     /// The copy starts a fresh retry budget. A command first attempted close to
     /// 24 hours ago or more is refused unless `--force`: Hyperline's
     /// idempotency window would no longer protect it from a second charge.
@@ -110,7 +118,8 @@ pub enum DeadLetters {
     /// A candidate whose invoice a `succeeded` event of another command in
     /// the results log carries is that command's, not a candidate.
     ///
-    /// Not charged (no candidate): replay it with its history reset.
+    /// Not charged (no candidate): replay it with its history reset, into
+    /// its own lane (as `replay` does).
     /// Charged (exactly one candidate, no other letter's, and the results log
     /// covers it): publish its `succeeded` event ("reconciled": true), then
     /// remove the letter. Its command's `succeeded` event already in the log:
@@ -143,6 +152,10 @@ pub struct EventsArgs {
     /// Only the events of this command.
     #[arg(long = "command-id", value_name = "ID")]
     pub command_id: Option<String>,
+    /// Only the events of this lane (`amqp.lanes`; their `cpw-lane` header).
+    /// An event that names no lane is of the lane `default`.
+    #[arg(long, value_name = "NAME")]
+    pub lane: Option<String>,
     /// Start this long ago: `90s`, `30m`, `2h`, `7d`. Default: the oldest event kept.
     #[arg(long, value_name = "AGO", value_parser = ago)]
     pub since: Option<std::time::Duration>,
@@ -213,6 +226,10 @@ pub struct PublishArgs {
     /// twice with the same id charges once. A fresh UUID when omitted.
     #[arg(long, value_name = "ID")]
     pub command_id: Option<String>,
+    /// The lane (`amqp.lanes`) whose commands queue takes it; the first lane
+    /// when omitted (the commands queue itself without lanes).
+    #[arg(long, value_name = "NAME")]
+    pub lane: Option<String>,
     /// Wait for the command's result event and print it. Exit status: 0 when
     /// it succeeded, 1 when it failed, 2 when none came in time.
     #[arg(long)]

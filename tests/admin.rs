@@ -21,10 +21,13 @@ use serde_json::{Value, json};
 
 const SIM_KEY: &str = "sim_admin_key";
 
-/// A fresh topology with an observer bound to its results, and the worker
-/// in-process when `worker` is true; no rate limit unless a test sets one.
-async fn setup(worker: bool, faults: Faults) -> TestApp {
-    let options = Options::default()
+#[path = "admin/lanes.rs"]
+mod lanes;
+
+/// The options of every test here: fresh names, the simulator's key, no
+/// rate limit unless a test sets one.
+fn options(faults: Faults) -> Options {
+    Options::default()
         .prefix("cpw-admin")
         .api_key(SIM_KEY)
         .faults(Faults {
@@ -32,7 +35,17 @@ async fn setup(worker: bool, faults: Faults) -> TestApp {
             ..faults
         })
         .env("CPW__RETRY__ATTEMPTS", 2)
-        .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5);
+        .env("CPW__WORKER__SHUTDOWN_GRACE_SECS", 5)
+}
+
+/// A fresh topology with an observer bound to its results, and the worker
+/// in-process when `worker` is true.
+async fn setup(worker: bool, faults: Faults) -> TestApp {
+    start(worker, options(faults)).await
+}
+
+/// The app of `options`, with the worker in-process when `worker` is true.
+async fn start(worker: bool, options: Options) -> TestApp {
     match worker {
         true => spawn_app_with(options).await,
         false => spawn_without_worker(options).await,
@@ -959,6 +972,8 @@ async fn events_tells_what_happened_to_a_command_after_a_restart_and_stops_by_it
     for part in [lost.as_str(), "failed", "unexpected_response", "HTTP 201"] {
         assert!(lines[0].contains(part), "{part} in {stdout}");
     }
+    // Without `amqp.lanes` an event names no lane.
+    assert!(!lines[0].contains("lane="), "{stdout}");
     println!("events --command-id ended by itself after {took:?}:\n{stdout}{stderr}");
 
     // After an outage: everything since a time, as published, in order.

@@ -16,9 +16,9 @@ use credit_purchase_worker::admin::reconcile::judge::{Judged, Verdict};
 use credit_purchase_worker::admin::reconcile::render::Status;
 use credit_purchase_worker::admin::reconcile::select;
 use credit_purchase_worker::broker::history::{
-    ATTEMPTS_HEADER, DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, FIRST_ATTEMPT_HEADER,
+    ATTEMPTS_HEADER, DEAD_LETTERED_HEADER, ERROR_CODE_HEADER, FIRST_ATTEMPT_HEADER, QUEUE_HEADER,
 };
-use credit_purchase_worker::broker::{HistoryKeys, Publisher};
+use credit_purchase_worker::broker::{HistoryKeys, Publisher, header_str};
 use credit_purchase_worker::hyperline::matching::ChargeLookup;
 use credit_purchase_worker::simulator::{Faults, FaultsPatch, Ledger, ScriptedResponse};
 use lapin::BasicProperties;
@@ -177,7 +177,19 @@ impl World {
     /// A dead letter as the worker leaves one for `retries_exhausted`,
     /// whose window ran from `first_ms` to `died_ms`.
     async fn exhausted_between(&self, body: &Value, first_ms: u64, died_ms: u64) {
+        self.exhausted_in(None, body, first_ms, died_ms).await;
+    }
+
+    /// [`World::exhausted_between`], stamped as consumed from `queue` (a
+    /// lane's commands queue) when one is given.
+    async fn exhausted_in(&self, queue: Option<&str>, body: &Value, first_ms: u64, died_ms: u64) {
         let mut headers = FieldTable::default();
+        if let Some(queue) = queue {
+            headers.insert(
+                ShortString::from(QUEUE_HEADER),
+                AMQPValue::LongString(LongString::from(queue)),
+            );
+        }
         headers.insert(
             ShortString::from(ERROR_CODE_HEADER),
             AMQPValue::LongString(LongString::from("retries_exhausted")),
@@ -358,6 +370,34 @@ async fn a_never_charged_exhausted_dead_letter_is_replayed_and_charged_exactly_o
     world.wait_depth(&dead, 0).await;
     assert!(world.no_event_for(Duration::from_secs(2)).await);
     assert_eq!(world.sim.ledger().charges_for(&id), 1, "exactly once");
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_letter_reconcile_replays_goes_back_to_its_own_lane() {
+    let lanes = [("CPW__AMQP__LANES", "interactive:4,bulk:1")];
+    let mut world = setup_with(Faults::default(), &lanes).await;
+    let bulk = world.lane_queue("bulk");
+    let id = command_id();
+    let first = now_ms() - 25 * HOUR_MS;
+    world
+        .exhausted_in(Some(&bulk), &command(&id), first, first + 60_000)
+        .await;
+    let dead = world.topology.dead.clone();
+    world.wait_depth(&dead, 1).await;
+
+    let row = world.apply_json_row(0, "").await;
+    assert_eq!(
+        (&row["found"], &row["applied"]),
+        (&json!("not_charged"), &json!(true)),
+        "{row}"
+    );
+    // The worker names the lane it took the replay from.
+    let events = world.events_answering(std::slice::from_ref(&id)).await;
+    let lane = header_str(events[0].properties.headers().as_ref(), "cpw-lane");
+    assert_eq!(events[0].kind(), "credit_purchase.succeeded");
+    assert_eq!(lane.as_deref(), Some("bulk"));
+    assert_eq!(world.sim.ledger().charges_for(&id), 1);
     world.cleanup().await;
 }
 

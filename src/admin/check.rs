@@ -5,9 +5,11 @@
 //! topology is managed outside the worker), or a refused API key. This tells
 //! them apart in seconds, before a deploy or during an incident, without
 //! consuming or buying anything: each queue and exchange is compared with
-//! what `run` declares (see `broker::mismatch`: a passive declaration, then
+//! what `run` declares, every lane's commands and delay queues among them
+//! (see `broker::mismatch`: a passive declaration, then
 //! the same declaration as `run`'s on a throwaway channel, which the broker
-//! refuses when an argument differs) and the key is probed with a request
+//! refuses when an argument differs), each lane is named with its share,
+//! and the key is probed with a request
 //! that cannot charge. The history keys are named by where they come from
 //! (which signs, which verify), so a move from the derived key to explicit
 //! ones can be checked on each replica before a copy depends on it. The
@@ -64,6 +66,7 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
         Err(e) => report.fail(e),
     }
     report.pass(crate::configuration::budget_line(&settings));
+    lanes(&mut report, &settings);
     history_keys(&mut report, &settings);
     // Every node of a cluster, one line each: a node down is a replica's
     // failover waiting to happen. The topology is read on the first that
@@ -95,6 +98,26 @@ pub async fn run(config: Option<&Path>) -> ExitCode {
     }
     api(&mut report, &settings).await;
     report.exit_code()
+}
+
+/// The lanes the worker consumes, one line each, as it will run them: the
+/// queue, the share of the write budget, the prefetch and the objective.
+/// Their queues are among the topology's, compared below.
+fn lanes(report: &mut Report, settings: &Settings) {
+    let note = match settings.amqp.lanes.is_empty() {
+        true => " (no amqp.lanes: one lane on amqp.queue)",
+        false => "",
+    };
+    for lane in settings.amqp.lanes() {
+        report.pass(format!(
+            "lane `{}`: queue `{}`, share {}, prefetch {}, objective {}{note}",
+            lane.name,
+            lane.queue,
+            lane.share,
+            lane.prefetch,
+            super::human(lane.objective)
+        ));
+    }
 }
 
 /// Which history key signs the worker's copies and which verify them,

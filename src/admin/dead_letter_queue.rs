@@ -223,7 +223,8 @@ pub(super) fn fresh_copy(p: &BasicProperties) -> BasicProperties {
 }
 
 /// The aligned table of `list` (and of `purge`): why (the code and the last HTTP status),
-/// how hard the worker tried, when, and which replica gave up.
+/// how hard the worker tried, when, which replica gave up, and the lane a
+/// replay puts it back in (`-`: no configured lane's, the first then).
 pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
     let dash = |s: Option<&str>| s.unwrap_or("-").to_owned();
     let number = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
@@ -236,10 +237,11 @@ pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
         "LAST ATTEMPT",
         "DIED AT",
         "REPLICA",
+        "LANE",
         "DETAIL",
     ]
     .map(String::from);
-    let rows: Vec<[String; 9]> = infos
+    let rows: Vec<[String; 10]> = infos
         .iter()
         .map(|i| {
             let detail = match (&i.detail, i.broker_reason.as_deref()) {
@@ -257,6 +259,7 @@ pub(super) fn table(infos: &[DeadLetterInfo]) -> String {
                 dash(i.last_attempt.as_deref()),
                 dash(i.died_at.as_deref()),
                 dash(i.replica.as_deref()),
+                dash(i.lane.as_deref()),
                 detail,
             ]
         })

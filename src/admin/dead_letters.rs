@@ -7,6 +7,7 @@
 //! [`dead_letter_queue`](super::dead_letter_queue): how a letter is read and
 //! put back without wearing it out).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use lapin::Connection;
 use lapin::options::BasicAckOptions;
 
 use super::dead_letter_queue::{Reading, table};
-use super::letter::{DeadLetterInfo, Window, inspect, replay_properties, window};
+use super::lane::home;
+use super::letter::{DeadLetterInfo, Window, inspect_in, replay_properties, window};
 use super::output;
 use crate::broker::{HistoryKeys, Topology};
 use crate::cli::{ListArgs, ReplayArgs};
@@ -31,10 +33,9 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
     let result = async {
         let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
-        let steps = topology.steps();
         let infos: Vec<DeadLetterInfo> = held
             .iter()
-            .map(|d| inspect(&d.data, &d.properties, steps, keys.as_ref()))
+            .map(|d| inspect_in(&topology, d, keys.as_ref()))
             .collect();
         reading.put_back(&held).await?;
         reading.finish("listed").await.map_err(Error::PutBack)?;
@@ -56,12 +57,21 @@ pub async fn list(config: Option<&Path>, args: ListArgs) -> Result<ExitCode, Err
             infos.len(),
             topology.dead
         ));
+        let strays = infos.iter().filter(|i| i.lane.is_none()).count();
+        if strays > 0 {
+            output::line(format_args!(
+                "{strays} of them came from no configured lane's queue (LANE -): a replay puts \
+                 them in the first lane, `{}`",
+                topology.lane(0).name
+            ));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `dead-letters replay`: republishes the selected dead letters to the
-/// commands queue. Exit status 1 when one was refused or not found.
+/// `dead-letters replay`: republishes the selected dead letters, each to
+/// its own lane's commands queue. Exit status 1 when one was refused or not
+/// found.
 pub async fn replay(config: Option<&Path>, args: ReplayArgs) -> Result<ExitCode, Error> {
     let settings = Settings::load(config)?;
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
@@ -79,6 +89,14 @@ pub async fn replay(config: Option<&Path>, args: ReplayArgs) -> Result<ExitCode,
         "replayed {}, skipped {}",
         tally.replayed, tally.skipped
     ));
+    if topology.named_lanes && !tally.lanes.is_empty() {
+        let lanes: Vec<String> = tally
+            .lanes
+            .iter()
+            .map(|(lane, n)| format!("{lane} {n}"))
+            .collect();
+        output::line(format_args!("replayed into lanes: {}", lanes.join(", ")));
+    }
     if tally.invalid > 0 {
         output::line(format_args!(
             "left {} invalid command(s) in {}: they can never succeed; their publisher must \
@@ -106,6 +124,8 @@ struct Tally {
     /// Invalid commands passed over by `--all`.
     invalid: usize,
     not_found: Vec<String>,
+    /// How many went back to each lane, by name.
+    lanes: BTreeMap<String, usize>,
 }
 
 /// Why a selected letter is not replayed, if it is not: an invalid
@@ -148,12 +168,7 @@ async fn replay_on(
     let now = crate::clock::now_ms();
     let budget = settings.worker.delivery_deadline();
     for delivery in held {
-        let info = inspect(
-            &delivery.data,
-            &delivery.properties,
-            topology.steps(),
-            Some(keys),
-        );
+        let info = inspect_in(topology, &delivery, Some(keys));
         let id = info.command_id.clone().unwrap_or_else(|| "-".to_owned());
         let selected = args.all || args.command_id.contains(&id);
         if !selected || failure.is_some() {
@@ -182,15 +197,23 @@ async fn replay_on(
             args.force,
             keys,
         );
+        // Back to its own lane, never another's (see `lane`).
+        let home = home(topology, info.queue.as_deref());
         match reading
             .publisher()
-            .publish_routed("", &topology.queue, &delivery.data, properties)
+            .publish_routed("", &home.lane.queue, &delivery.data, properties)
             .await
         {
             // Acked only now: until the copy is confirmed, the dead letter is
             // the only copy there is.
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => tally.replayed += 1,
+                Ok(true) => {
+                    tally.replayed += 1;
+                    *tally.lanes.entry(home.lane.name.clone()).or_default() += 1;
+                    if let Some(note) = home.note(&id) {
+                        eprintln!("{note}");
+                    }
+                }
                 // The copy is queued and the dead letter will come back: a
                 // duplicate, which the Idempotency-Key makes harmless, but
                 // the replay is not done as asked.

@@ -196,6 +196,10 @@ fn demo_settings(mut s: Settings, tag: &str, base_url: &str) -> Result<Settings,
     s.amqp.results_exchange = format!("{queue}-results");
     s.amqp.connection_name = format!("credit-purchase-worker demo {tag}");
     s.amqp.queue = queue;
+    // One lane, on the throwaway queue: a configured lane may name a real
+    // queue (`queue = "credit-purchases"`), which the demo would consume
+    // from and delete at the end.
+    s.amqp.lanes = Vec::new();
     s.amqp.declare_topology = true;
     s.hyperline.base_url = base_url
         .parse()

@@ -17,7 +17,7 @@ use super::{ConnectError, output};
 use crate::broker::results_log::{Entry, LogError, Reader, Start, read_to_end};
 use crate::cli::EventsArgs;
 use crate::clock::{millis, now_ms, rfc3339_ms};
-use crate::configuration::{ConfigError, Settings};
+use crate::configuration::{ConfigError, DEFAULT_LANE, Settings};
 
 /// Why the log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,17 @@ pub async fn run(config: Option<&Path>, args: EventsArgs) -> Result<ExitCode, Er
              published before {} is gone; printing what it still holds",
             rfc3339_ms(now.saturating_sub(millis(retention))).unwrap_or_default()
         );
+    }
+    if let Some(lane) = &args.lane {
+        let lanes = settings.amqp.lanes();
+        if !lanes.iter().any(|l| &l.name == lane) {
+            let names: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
+            eprintln!(
+                "note: no lane `{lane}` is configured (lanes: {}); printing the events the log \
+                 holds of it, if any",
+                names.join(", ")
+            );
+        }
     }
     let connection = super::connect(&settings.amqp, "events").await?;
     let read = read(&connection, &log, from_ms, &args).await;
@@ -124,18 +135,30 @@ fn print(entry: &Entry, from_ms: Option<u64>, args: &EventsArgs) -> bool {
             .and_then(|e| e.command_id.as_deref())
             .is_some_and(|c| c == id),
     };
+    let wanted = wanted
+        && args
+            .lane
+            .as_deref()
+            .is_none_or(|lane| lane_of(entry) == lane);
     if wanted {
         match args.json {
             true => output::line(String::from_utf8_lossy(&entry.body)),
-            false => output::line(describe(&entry.body, entry.at_ms)),
+            false => output::line(describe(&entry.body, entry.at_ms, entry.lane.as_deref())),
         }
     }
     wanted
 }
 
+/// The lane of an entry's command: its `cpw-lane`, or, for an event that
+/// names none (published without `amqp.lanes`), the one lane such a
+/// configuration has.
+fn lane_of(entry: &Entry) -> &str {
+    entry.lane.as_deref().unwrap_or(DEFAULT_LANE)
+}
+
 /// One event (or `pending` record) on one line: when, what, which
-/// command, and the outcome.
-fn describe(body: &[u8], at_ms: Option<u64>) -> String {
+/// command (and its lane, when the event names one), and the outcome.
+fn describe(body: &[u8], at_ms: Option<u64>, lane: Option<&str>) -> String {
     let at = at_ms.and_then(rfc3339_ms).unwrap_or_else(|| "-".into());
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return format!("{at}  (not an event: {} bytes)", body.len());
@@ -149,6 +172,9 @@ fn describe(body: &[u8], at_ms: Option<u64>) -> String {
         text("customer_id"),
         v["attempts"]
     );
+    if let Some(lane) = lane {
+        line.push_str(&format!("  lane={lane}"));
+    }
     if let Some(invoice) = v["invoice_id"].as_str() {
         line.push_str(&format!(
             "  invoice_id={invoice}  new_credit_balance={}",

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
@@ -19,7 +20,8 @@ use crate::broker::history::{
     QUEUE_HEADER, REPLICA_HEADER,
 };
 use crate::broker::{
-    DeliveryHistory, HistoryKeys, Message, Provenance, copy_properties, header_str, header_u64,
+    DeliveryHistory, HistoryKeys, Message, Provenance, Topology, copy_properties, header_str,
+    header_u64,
 };
 use crate::configuration::IDEMPOTENCY_WINDOW;
 use crate::contract::{Command, ErrorCode};
@@ -42,6 +44,10 @@ pub struct DeadLetterInfo {
     pub broker_reason: Option<String>,
     /// The queue it was consumed from (the worker's stamp) or died in.
     pub queue: Option<String>,
+    /// The lane whose commands queue that is, where `replay` puts it back;
+    /// `None` when it is no configured lane's (`replay` then puts it in the
+    /// first lane). Known only to [`inspect_in`], which knows the lanes.
+    pub lane: Option<String>,
     /// When it first died (RFC 3339, UTC): the worker's stamp, else the
     /// earliest `x-death` entry.
     pub died_at: Option<String>,
@@ -91,6 +97,22 @@ pub struct DeadLetterInfo {
     /// that may have charged was ever made.
     #[serde(skip)]
     pub stamped: bool,
+}
+
+/// [`inspect`] by a tool that knows the topology: the delay steps from it,
+/// and the letter's lane.
+pub fn inspect_in(
+    topology: &Topology,
+    delivery: &Delivery,
+    keys: Option<&HistoryKeys>,
+) -> DeadLetterInfo {
+    let mut info = inspect(&delivery.data, &delivery.properties, topology.steps(), keys);
+    info.lane = info
+        .queue
+        .as_deref()
+        .and_then(|queue| topology.lane_of_queue(queue))
+        .map(|lane| lane.name.clone());
+    info
 }
 
 /// Reads a dead letter. `delay_steps` is the number of configured
@@ -156,6 +178,7 @@ pub fn inspect(
             .or_else(|| latest.and_then(|d| d.queue.clone()))
             .or_else(|| header_str(headers, "x-first-death-queue")),
         died_at: died_ms.and_then(crate::clock::rfc3339_ms),
+        lane: None,
         count: latest.and_then(|d| d.count),
         detail: invalid_reason.clone().or_else(|| {
             let charge = match (unrecorded_before_ms, history.first_attempt_ms) {

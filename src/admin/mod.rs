@@ -17,6 +17,7 @@ pub mod demo;
 mod demo_batch;
 mod demo_queues;
 pub mod events;
+mod lane;
 mod letter;
 pub mod output;
 pub mod publish;

@@ -5,7 +5,8 @@
 //! properties. This builds the body, runs it through the worker's own parser
 //! first (a command the worker would dead-letter is refused here, with the
 //! reason), then publishes it persistent, mandatory and publisher-confirmed,
-//! so "published" means the broker has it in the commands queue. With
+//! so "published" means the broker has it in the commands queue of its lane
+//! (`--lane`, the first by default). With
 //! `--wait` it listens on a private reply queue (`reply_to`, docs/contract.md section
 //! 3) and prints the result event.
 
@@ -20,7 +21,7 @@ use serde_json::{Value, json};
 use super::ConnectError;
 use crate::broker::{self, Publisher};
 use crate::cli::PublishArgs;
-use crate::configuration::{ConfigError, Settings};
+use crate::configuration::{ConfigError, Lane, Settings};
 use crate::contract::{Command, EventKind, ResultEvent};
 
 /// Why a command was not published, or its result not seen.
@@ -32,6 +33,14 @@ pub enum Error {
     /// The worker would refuse this command; nothing was sent.
     #[error("refusing to publish an invalid command: {0}")]
     Invalid(String),
+    /// `--lane` names no configured lane; nothing was sent.
+    #[error("no lane `{name}` is configured (amqp.lanes): the lanes are {known}")]
+    UnknownLane {
+        /// The name given.
+        name: String,
+        /// The configured lanes' names, comma-separated.
+        known: String,
+    },
     /// The broker could not be reached.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -69,17 +78,36 @@ pub async fn run(config: Option<&Path>, args: PublishArgs) -> Result<ExitCode, E
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let body = command_body(&args, &id).to_string().into_bytes();
     Command::parse(&body, Some(&id)).map_err(|e| Error::Invalid(e.reason.to_string()))?;
+    let lane = lane(&settings.amqp.lanes(), args.lane.as_deref())?;
 
     let connection = super::connect(&settings.amqp, "publish").await?;
-    let result = publish_and_wait(&connection, &settings, &args, &id, &body).await;
+    let result = publish_and_wait(&connection, &settings, &args, &lane, &id, &body).await;
     super::close(&connection).await;
     result
+}
+
+/// The lane `--lane` names, the first without it; an unknown name is an
+/// error that lists the lanes.
+fn lane(lanes: &[Lane], name: Option<&str>) -> Result<Lane, Error> {
+    let found = match name {
+        None => lanes.first(),
+        Some(name) => lanes.iter().find(|lane| lane.name == name),
+    };
+    found.cloned().ok_or_else(|| Error::UnknownLane {
+        name: name.unwrap_or_default().to_owned(),
+        known: lanes
+            .iter()
+            .map(|lane| lane.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 async fn publish_and_wait(
     connection: &std::sync::Arc<Connection>,
     settings: &Settings,
     args: &PublishArgs,
+    lane: &Lane,
     id: &str,
     body: &[u8],
 ) -> Result<ExitCode, Error> {
@@ -102,7 +130,7 @@ async fn publish_and_wait(
     if let Some(reply) = &reply {
         properties = properties.with_reply_to(reply.name.as_str().into());
     }
-    let queue = &settings.amqp.queue;
+    let queue = &lane.queue;
     match publisher.publish_routed("", queue, body, properties).await {
         Ok(()) => {}
         Err(broker::PublishError::Unroutable(q)) => return Err(Error::Unroutable(q)),
@@ -112,7 +140,10 @@ async fn publish_and_wait(
     let Some(mut reply) = reply else {
         return Ok(ExitCode::SUCCESS);
     };
-    eprintln!("published to `{queue}`; waiting for its result...");
+    eprintln!(
+        "published to `{queue}` (lane `{}`); waiting for its result...",
+        lane.name
+    );
     let within = Duration::from_secs(args.timeout_secs);
     let event = reply
         .wait_for(id, within)
@@ -214,6 +245,7 @@ mod tests {
             price_id: None,
             expires_at: None,
             command_id: None,
+            lane: None,
             wait: false,
             timeout_secs: 60,
         }
@@ -245,6 +277,26 @@ mod tests {
         assert!(
             pretty(&odd).contains("\"extra\": true"),
             "nothing is dropped"
+        );
+    }
+
+    #[test]
+    fn the_lane_is_the_named_one_or_the_first_and_an_unknown_one_lists_them() {
+        let lane = |name: &str| Lane {
+            name: name.into(),
+            queue: format!("q.{name}"),
+            share: 1,
+            prefetch: 1,
+            objective: Duration::from_secs(1),
+        };
+        let lanes = [lane("interactive"), lane("bulk")];
+        let queue = |name| super::lane(&lanes, name).map(|l| l.queue);
+        assert_eq!(queue(None).expect("the first"), "q.interactive");
+        assert_eq!(queue(Some("bulk")).expect("named"), "q.bulk");
+        let unknown = queue(Some("Bulk")).expect_err("unknown").to_string();
+        assert_eq!(
+            unknown,
+            "no lane `Bulk` is configured (amqp.lanes): the lanes are interactive, bulk"
         );
     }
 

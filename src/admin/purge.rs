@@ -16,7 +16,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
 use super::dead_letter_queue::{Error, Reading, table};
-use super::letter::inspect;
+use super::letter::inspect_in;
 use super::output;
 use crate::broker::{HistoryKeys, Topology};
 use crate::cli::PurgeArgs;
@@ -54,11 +54,10 @@ async fn purge_on(
     keys: Option<&HistoryKeys>,
 ) -> Result<(Option<usize>, Vec<String>), Error> {
     let (reading, held) = Reading::start(connection, settings, &topology.dead).await?;
-    let steps = topology.steps();
     let (selected, kept): (Vec<_>, Vec<_>) = held
         .into_iter()
         .map(|d| {
-            let info = inspect(&d.data, &d.properties, steps, keys);
+            let info = inspect_in(topology, &d, keys);
             (d, info)
         })
         .partition(|(_, info)| match &args.code {

@@ -17,7 +17,7 @@ use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 
 use super::dead_letter_queue::{Error, Reading};
-use super::letter::{DeadLetterInfo, Window, inspect, window};
+use super::letter::{DeadLetterInfo, Window, inspect_in, window};
 use super::output;
 use crate::broker::{HistoryKeys, Topology};
 use crate::cli::ShowArgs;
@@ -31,14 +31,13 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
     let keys = HistoryKeys::from_settings(&settings);
     let topology = Topology::new(&settings.amqp, &settings.retry.redelivery_delays_secs);
     let connection = super::connect(&settings.amqp, "dead-letters").await?;
-    let steps = topology.steps();
     let result = async {
         let (reading, held) = Reading::start(&connection, &settings, &topology.dead).await?;
         let shown: Vec<String> = held
             .iter()
-            .map(|d| (d, inspect(&d.data, &d.properties, steps, keys.as_ref())))
+            .map(|d| (d, inspect_in(&topology, d, keys.as_ref())))
             .filter(|(_, info)| info.command_id.as_deref() == Some(args.command_id.as_str()))
-            .map(|(d, info)| render(d, &info, &settings))
+            .map(|(d, info)| render(d, &info, &settings, &topology))
             .collect();
         reading.put_back(&held).await?;
         reading.finish("shown").await.map_err(Error::PutBack)?;
@@ -66,7 +65,12 @@ pub async fn show(config: Option<&Path>, args: ShowArgs) -> Result<ExitCode, Err
 
 /// One letter: the worker's reading, the idempotency window, the message's
 /// properties and headers, then the body.
-fn render(delivery: &Delivery, info: &DeadLetterInfo, settings: &Settings) -> String {
+fn render(
+    delivery: &Delivery,
+    info: &DeadLetterInfo,
+    settings: &Settings,
+    topology: &Topology,
+) -> String {
     let dash = |s: Option<&str>| s.unwrap_or("-").to_owned();
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
@@ -89,6 +93,14 @@ fn render(delivery: &Delivery, info: &DeadLetterInfo, settings: &Settings) -> St
     field("died at", dash(info.died_at.as_deref()));
     field("replica", dash(info.replica.as_deref()));
     field("queue", dash(info.queue.as_deref()));
+    let lane = match &info.lane {
+        Some(lane) => lane.clone(),
+        None => format!(
+            "- (its queue is no configured lane's: a replay puts it in the first lane, `{}`)",
+            topology.lane(0).name
+        ),
+    };
+    field("lane", lane);
     if let Some(reason) = &info.invalid_reason {
         field("invalid", reason.clone());
     }

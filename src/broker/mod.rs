@@ -22,7 +22,7 @@ pub use publish::{DroppedReply, PublishError, Publisher, header_str, header_u64,
 pub use received::{Received, Settlements};
 pub use seal::{HistoryKeys, KeyOrigin, Provenance};
 pub use settlement::Settle;
-pub use topology::{Object, ResultsLogName, Shape, Topology, TopologyError};
+pub use topology::{LaneQueues, Object, ResultsLogName, Shape, Topology, TopologyError};
 
 use std::time::Duration;
 

@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 pub use super::logged::Logged;
 use super::logged::{LogEvidence, claims_and_in_flight};
 use crate::configuration::{AmqpSettings, Pem};
-use crate::contract::PUBLISHED_HEADER;
+use crate::contract::{LANE_HEADER, PUBLISHED_HEADER};
 
 /// Past the newest offset known at the start, a read has caught up when the
 /// broker gives nothing more for this long (the broker pushes what is
@@ -97,6 +97,8 @@ pub struct Entry {
     pub published_ms: Option<u64>,
     /// What matters of the event, when the body is one.
     pub event: Option<Logged>,
+    /// The lane of its command (`cpw-lane`), set where lanes are configured.
+    pub lane: Option<String>,
     /// The body as published.
     pub body: Vec<u8>,
 }
@@ -124,6 +126,7 @@ impl Entry {
             offset,
             at_ms: occurred.or(stamped),
             published_ms: super::header_u64(headers, PUBLISHED_HEADER),
+            lane: super::header_str(headers, LANE_HEADER),
             event,
             body: delivery.data.clone(),
         }

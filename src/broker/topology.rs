@@ -39,6 +39,10 @@ pub struct Topology {
     /// The lanes, in the configured order; at least one. A delivery knows
     /// its lane by its index here.
     pub lanes: Vec<LaneQueues>,
+    /// `amqp.lanes` is set: the lanes are the operator's, and each event
+    /// names its command's (`cpw-lane`). False for the one `default` lane
+    /// of a configuration without it, whose events stay as they were.
+    pub named_lanes: bool,
     /// Topic exchange of the result events.
     pub results_exchange: String,
     /// Dead-letter exchange of every lane's commands queue.
@@ -166,6 +170,7 @@ impl Topology {
             .collect();
         Topology {
             lanes,
+            named_lanes: !amqp.lanes.is_empty(),
             dlx: format!("{queue}.dlx"),
             dead: format!("{queue}.dead"),
             results_log: amqp

@@ -28,6 +28,11 @@ const SOURCE: &str = "credit-purchase-worker";
 /// from it (`broker::results_log::complete_since_ms`).
 pub const PUBLISHED_HEADER: &str = "cpw-published-ms";
 
+/// The header of an event that names its command's lane (`amqp.lanes`),
+/// for `events --lane` and for consumers that care. Sent only where lanes
+/// are configured: the default configuration's events are as they were.
+pub const LANE_HEADER: &str = "cpw-lane";
+
 /// The event `type`, also its routing key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
@@ -342,9 +347,14 @@ impl ResultEvent {
     }
 
     /// AMQP properties and CloudEvents headers of section 3; `traceparent`
-    /// continues the command's trace. Built for each publish: the
+    /// continues the command's trace; `lane`, when lanes are configured, is
+    /// the [`LANE_HEADER`]. Built for each publish: the
     /// [`PUBLISHED_HEADER`] is the time of this call.
-    pub fn amqp_properties(&self, traceparent: Option<&str>) -> BasicProperties {
+    pub fn amqp_properties(
+        &self,
+        traceparent: Option<&str>,
+        lane: Option<&str>,
+    ) -> BasicProperties {
         let time = self.occurred_at.format(&Rfc3339).unwrap_or_default();
         let mut buffer = Uuid::encode_buffer();
         let event_id: &str = self.event_id.hyphenated().encode_lower(&mut buffer);
@@ -375,6 +385,9 @@ impl ResultEvent {
         }
         if let Some(tp) = traceparent {
             put("traceparent", tp);
+        }
+        if let Some(lane) = lane {
+            put(LANE_HEADER, lane);
         }
         let published = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
         headers.insert(
@@ -524,7 +537,7 @@ mod tests {
         let longest = format!("{}\u{1}", "é".repeat(127));
         for id in ["id\r\nX-Injected: 1", "bad\u{1}id\nx", "\u{0}", &longest] {
             let event = invalid_with_id(id);
-            let p = event.amqp_properties(None);
+            let p = event.amqp_properties(None, None);
             assert_eq!(
                 p.correlation_id().as_ref().map(|s| s.as_str().as_bytes()),
                 Some(id.as_bytes()),
@@ -538,7 +551,7 @@ mod tests {
     #[test]
     fn an_id_without_control_characters_is_also_the_subject() {
         let id = "abc é\u{202E}";
-        let p = invalid_with_id(id).amqp_properties(None);
+        let p = invalid_with_id(id).amqp_properties(None, None);
         assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some(id));
         assert_eq!(header_str(&p, "cloudEvents:subject").as_deref(), Some(id));
     }
@@ -547,7 +560,7 @@ mod tests {
     fn an_id_too_long_for_a_short_string_is_left_out_not_a_panic() {
         let mut event = invalid_with_id("x");
         event.command_id = Some("x".repeat(256));
-        let p = event.amqp_properties(None);
+        let p = event.amqp_properties(None, None);
         assert!(p.correlation_id().is_none());
         assert_eq!(
             header_str(&p, "cloudEvents:subject").map(|s| s.len()),
@@ -560,7 +573,7 @@ mod tests {
     fn no_id_no_identity_properties() {
         let mut event = invalid_with_id("x");
         event.command_id = None;
-        let p = event.amqp_properties(None);
+        let p = event.amqp_properties(None, None);
         assert!(p.correlation_id().is_none());
         assert!(header_str(&p, "cloudEvents:subject").is_none());
     }
@@ -568,9 +581,10 @@ mod tests {
     #[test]
     fn properties_and_cloudevents_headers() {
         let e = ResultEvent::succeeded(&command(), "inv_1".into(), 1, 1);
-        let p = e.amqp_properties(Some(
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        ));
+        let p = e.amqp_properties(
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            None,
+        );
         let id = e.event_id.to_string();
         assert_eq!(
             p.content_type().as_ref().map(|s| s.as_str()),
@@ -609,5 +623,13 @@ mod tests {
         );
         assert!(header_str(&p, "cloudEvents:time").is_some());
         assert!(header_str(&p, "traceparent").is_some());
+        assert!(header(&p, LANE_HEADER).is_none(), "no lanes, no lane");
+    }
+
+    #[test]
+    fn an_event_of_a_configured_lane_names_it() {
+        let e = ResultEvent::succeeded(&command(), "inv_1".into(), 1, 1);
+        let p = e.amqp_properties(None, Some("interactive"));
+        assert_eq!(header_str(&p, LANE_HEADER).as_deref(), Some("interactive"));
     }
 }

@@ -12,7 +12,8 @@ mod pending;
 
 pub use command::{Command, InvalidCommand, InvalidReason, MAX_BODY_BYTES, Pricing, RawIds};
 pub use event::{
-    ErrorCode, EventError, EventKind, OutcomeFacts, PUBLISHED_HEADER, ResultEvent, SCHEMA_VERSION,
+    ErrorCode, EventError, EventKind, LANE_HEADER, OutcomeFacts, PUBLISHED_HEADER, ResultEvent,
+    SCHEMA_VERSION,
 };
 pub use ids::{CommandId, CreditCount, CustomerId, IdError, MAX_JSON_INTEGER, PriceId, ProductId};
 pub use pending::{PENDING_TYPE, PendingRecord};

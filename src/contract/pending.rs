@@ -10,13 +10,13 @@
 //! no new event type, and `events` shows it.
 
 use lapin::BasicProperties;
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::command::{Command, Pricing};
-use super::event::SCHEMA_VERSION;
+use super::event::{LANE_HEADER, SCHEMA_VERSION};
 
 /// The record's `type`.
 pub const PENDING_TYPE: &str = "credit_purchase.pending";
@@ -84,8 +84,9 @@ impl PendingRecord {
     }
 
     /// Persistent JSON, identified like an event (`message_id`, `type`,
-    /// `correlation_id` = the command id, `timestamp`).
-    pub fn amqp_properties(&self) -> BasicProperties {
+    /// `correlation_id` = the command id, `timestamp`), with the command's
+    /// lane as an event names it ([`LANE_HEADER`]) where lanes are configured.
+    pub fn amqp_properties(&self, lane: Option<&str>) -> BasicProperties {
         let mut buffer = Uuid::encode_buffer();
         let id: &str = self.record_id.hyphenated().encode_lower(&mut buffer);
         let mut props = BasicProperties::default()
@@ -96,6 +97,11 @@ impl PendingRecord {
             .with_timestamp(self.occurred_at.unix_timestamp().max(0) as u64);
         if let Ok(command) = ShortString::try_new(self.command_id.as_str()) {
             props = props.with_correlation_id(command);
+        }
+        if let Some(lane) = lane {
+            let mut headers = FieldTable::default();
+            headers.insert(LANE_HEADER.into(), AMQPValue::LongString(lane.into()));
+            props = props.with_headers(headers);
         }
         props
     }
@@ -116,10 +122,17 @@ mod tests {
         assert_eq!(json["price_id"], "pri_1");
         assert!(json.get("amount_excluding_tax").is_none(), "{json}");
         assert_eq!(json["first_attempt_at"], "2026-09-21T14:13:20.123Z");
-        let props = record.amqp_properties();
+        let props = record.amqp_properties(None);
         assert_eq!(
             props.correlation_id().as_ref().map(|c| c.as_str()),
             Some("cmd-0000000000000001")
         );
+        assert!(props.headers().is_none(), "no lanes, no headers");
+        let laned = record.amqp_properties(Some("bulk"));
+        let lane = laned
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(LANE_HEADER));
+        assert_eq!(lane, Some(&AMQPValue::LongString("bulk".into())));
     }
 }

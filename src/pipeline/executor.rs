@@ -153,7 +153,10 @@ impl Pipeline {
                 _ => None,
             };
             let recorded = match &pending {
-                Some(record) => self.publish_pending(publisher, record).await,
+                Some(record) => {
+                    let lane = self.lane_label(delivery);
+                    self.publish_pending(publisher, record, lane).await
+                }
                 None => Ok(()),
             };
             let copied = match recorded {
@@ -209,12 +212,13 @@ impl Pipeline {
         &self,
         publisher: &Publisher,
         record: &PendingRecord,
+        lane: Option<&str>,
     ) -> Result<(), PublishError> {
         let Some(log) = &self.topology.results_log else {
             return Ok(());
         };
         let body = record.to_json();
-        let props = record.amqp_properties();
+        let props = record.amqp_properties(lane);
         let returned = Box::pin(publisher.publish_event("", &log.name, &body, props)).await?;
         match returned {
             Some(d) if d.queue == log.name => tracing::warn!(
@@ -227,6 +231,15 @@ impl Pipeline {
             None => {}
         }
         Ok(())
+    }
+
+    /// The name of the delivery's lane for its event's `cpw-lane`, only
+    /// where lanes are configured: the default configuration's events, and
+    /// their cost, stay as they were.
+    fn lane_label(&self, delivery: &Received) -> Option<&str> {
+        self.topology
+            .named_lanes
+            .then(|| self.topology.lane(delivery.lane).name.as_str())
     }
 
     /// Publishes the event to the results exchange, confirmed; what its
@@ -242,7 +255,10 @@ impl Pipeline {
         let span = producer_span(exchange, key, event);
         let exported = telemetry::exported_traceparent(&span);
         let body = event.to_json();
-        let props = event.amqp_properties(Some(exported.as_deref().unwrap_or(traceparent)));
+        let props = event.amqp_properties(
+            Some(exported.as_deref().unwrap_or(traceparent)),
+            self.lane_label(delivery),
+        );
         // The properties (a dozen headers) are copied only when a second
         // publish needs them.
         let reply_props = crate::broker::reply_to(&delivery.properties).map(|_| props.clone());

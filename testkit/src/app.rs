@@ -464,6 +464,13 @@ impl TestApp {
         crate::broker::depth(&self.connection, queue).await
     }
 
+    /// The commands queue of the lane `name` (`CPW__AMQP__LANES`).
+    pub fn lane_queue(&self, name: &str) -> String {
+        let lane = self.topology.lanes.iter().find(|lane| lane.name == name);
+        lane.map(|lane| lane.queue.clone())
+            .unwrap_or_else(|| panic!("no lane {name} in the test's settings"))
+    }
+
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.queue)
     }

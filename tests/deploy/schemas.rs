@@ -646,9 +646,10 @@ pub(crate) fn the_asyncapi_headers_are_those_the_worker_sends_and_reads() {
         .collect();
 
     let with_everything = ResultEvent::succeeded(&parsed(&example()), "inv_1".into(), 1, 1);
-    let props = with_everything.amqp_properties(Some(
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-    ));
+    let props = with_everything.amqp_properties(
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        Some("interactive"),
+    );
     let headers = props.headers().as_ref().expect("headers");
     let sent: BTreeMap<String, String> = headers
         .inner()
@@ -671,9 +672,9 @@ pub(crate) fn the_asyncapi_headers_are_those_the_worker_sends_and_reads() {
     let sent_names: BTreeSet<&str> = sent.keys().map(String::as_str).collect();
     assert_eq!(sent_names, documented, "the event headers");
 
-    // The minimal event (no command id, no traceparent) still has the required ones.
+    // The minimal event (no command id, no traceparent, no lanes) still has the required ones.
     let invalid = invalid_commands().into_iter().next().expect("one");
-    let minimal = ResultEvent::invalid(&invalid).amqp_properties(None);
+    let minimal = ResultEvent::invalid(&invalid).amqp_properties(None, None);
     let minimal_names: BTreeSet<String> = minimal
         .headers()
         .as_ref()

@@ -8,11 +8,14 @@
 //! (the close is answered after every ack before it). A letter whose removal
 //! failed comes back; the next run finds its command's `succeeded` event in
 //! the results log, or its replay in the commands queue, and never buys it
-//! twice (see [`judge`](super::judge)).
+//! twice (see [`judge`](super::judge)). A replay goes back to the letter's
+//! own lane (see [`lane`](super::super::lane)), the first for a letter of
+//! no configured lane.
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
+use super::super::lane::home;
 use super::judge::{Judged, Verdict};
 use super::render::{Found, Row, Status};
 use super::select::Letter;
@@ -157,6 +160,8 @@ impl Acting<'_> {
     /// What the plan sends before the letter is removed: its event, its
     /// replay, or nothing.
     async fn carry_out(&self, letter: &Letter, plan: Plan) -> Result<(), PublishError> {
+        // Its own lane's, never another's (see `lane`).
+        let home = home(self.topology, letter.queue.as_deref());
         match plan {
             Plan::Publish(t) => {
                 let event = ResultEvent::reconciled(
@@ -165,7 +170,11 @@ impl Acting<'_> {
                     t.balance_after,
                     letter.history.attempts.max(1),
                 );
-                self.publish(&letter.delivery, &event).await
+                // Named as the worker names its events: only with lanes
+                // configured, and only a lane the letter came from.
+                let lane =
+                    (self.topology.named_lanes && home.own).then_some(home.lane.name.as_str());
+                self.publish(&letter.delivery, &event, lane).await
             }
             Plan::Replay => {
                 let delivery = &letter.delivery;
@@ -173,8 +182,12 @@ impl Acting<'_> {
                 let headers = DeliveryHistory::fresh_start(message, None, self.keys);
                 let properties = copy_properties(&delivery.properties, headers);
                 self.publisher
-                    .publish_routed("", &self.topology.queue, &letter.delivery.data, properties)
-                    .await
+                    .publish_routed("", &home.lane.queue, &letter.delivery.data, properties)
+                    .await?;
+                if let Some(note) = home.note(letter.command.id.as_str()) {
+                    eprintln!("{note}");
+                }
+                Ok(())
             }
             Plan::Remove => Ok(()),
         }
@@ -195,12 +208,18 @@ impl Acting<'_> {
     }
 
     /// The event, as the worker publishes one: to the results exchange and
-    /// the command's `reply_to`, confirmed.
-    async fn publish(&self, delivery: &Delivery, event: &ResultEvent) -> Result<(), PublishError> {
+    /// the command's `reply_to`, confirmed, naming its `lane` where lanes
+    /// are configured.
+    async fn publish(
+        &self,
+        delivery: &Delivery,
+        event: &ResultEvent,
+        lane: Option<&str>,
+    ) -> Result<(), PublishError> {
         let headers = delivery.properties.headers().as_ref();
         let traceparent = header_str(headers, "traceparent");
         let body = event.to_json();
-        let props = event.amqp_properties(traceparent.as_deref());
+        let props = event.amqp_properties(traceparent.as_deref(), lane);
         let reply_to = crate::broker::reply_to(&delivery.properties);
         let reply_props = reply_to.map(|_| props.clone());
         let (exchange, key) = (&self.topology.results_exchange, event.routing_key());

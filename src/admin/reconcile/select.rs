@@ -49,6 +49,9 @@ pub struct Letter {
     pub unrecorded_before_ms: Option<u64>,
     /// The publisher's `timestamp` property (Unix ms).
     pub published_ms: Option<u64>,
+    /// The queue it was consumed from or died in: its lane's, where a
+    /// replay puts it back.
+    pub queue: Option<String>,
 }
 
 impl Letter {
@@ -100,6 +103,7 @@ struct Facts {
     history: DeliveryHistory,
     died_ms: Option<u64>,
     unrecorded_before_ms: Option<u64>,
+    queue: Option<String>,
 }
 
 /// The facts of a dead letter whose charge is uncertain; `None` for any other.
@@ -146,6 +150,7 @@ fn facts(delivery: &Delivery, keys: &HistoryKeys) -> Option<Facts> {
         history,
         died_ms,
         unrecorded_before_ms: info.unrecorded_before_ms,
+        queue: info.queue,
     })
 }
 
@@ -167,6 +172,7 @@ impl Letter {
             history,
             died_ms,
             unrecorded_before_ms,
+            queue,
         } = facts;
         let published_ms = delivery
             .properties
@@ -180,6 +186,7 @@ impl Letter {
             died_ms,
             unrecorded_before_ms,
             published_ms,
+            queue,
         }
     }
 }
