@@ -15,7 +15,9 @@
 # results log (its default topology), so both publish into the same kind of
 # topology. CPW_WORKER names another worker binary (an older build to
 # compare with); CALLGRIND_KEEP=DIR keeps both runs' callgrind.out files
-# there, for callgrind_annotate --inclusive=yes.
+# there, for callgrind_annotate --inclusive=yes. INSTRUCTIONS_SIM_PORT and
+# INSTRUCTIONS_OPS_PORT (default 18089 and 19090) move the simulator and the
+# worker's operations port, so that two counts can run at once.
 # Needs valgrind, rabbitmqctl and the broker at 127.0.0.1:5672 (guest).
 set -euo pipefail
 
@@ -29,7 +31,9 @@ fi
 n=${1:-3000}
 shift || true
 work=$(mktemp -d)
-sim_port=18089
+# Ports of its own, settable so that two runs can share a machine.
+sim_port=${INSTRUCTIONS_SIM_PORT:-18089}
+ops_port=${INSTRUCTIONS_OPS_PORT:-19090}
 
 cleanup() {
     [[ -n ${sim:-} ]] && kill "$sim" 2>/dev/null || true
@@ -129,7 +133,7 @@ run() {
     else
         env "$@" CPW__AMQP__QUEUE="$queue" CPW__AMQP__RESULTS_EXCHANGE="$queue-results" \
             CPW__AMQP__PREFETCH=64 CPW__HYPERLINE__BASE_URL="http://127.0.0.1:$sim_port" \
-            CPW__HYPERLINE__API_KEY=sim_test_key CPW__SERVER__LISTEN=127.0.0.1:19090 \
+            CPW__HYPERLINE__API_KEY=sim_test_key CPW__SERVER__LISTEN=127.0.0.1:$ops_port \
             valgrind --tool=callgrind --callgrind-out-file="$out" \
             "$worker" run >"$work/subject.log" 2>&1 &
     fi
