@@ -134,8 +134,8 @@ fn as_string(raw: &RawValue) -> Option<String> {
     // Without a backslash, a string's value is its text between the
     // quotes: `serde_json` checked it (no control character; the body is
     // UTF-8) when it read the body, and a `RawValue` starts and ends with
-    // its value. Decoding it again cost a deserializer per field (about
-    // 380 instructions each, callgrind).
+    // its value. Decoding it again cost a deserializer per field
+    // (BENCHMARKS.md, issue 30).
     match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
         Some(plain) if !plain.contains('\\') => Some(plain.to_owned()),
         _ => serde_json::from_str::<String>(text).ok(),

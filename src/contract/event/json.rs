@@ -5,10 +5,10 @@
 //! Why by hand: every command publishes one event, and through the derive
 //! each key went through `serde_json`'s string escaper, each field through
 //! a generic `serialize_entry`, and `occurred_at` through a `String` of its
-//! own: about 10,300 instructions per event under callgrind
-//! (BENCHMARKS.md, issue 30). Here the keys are literals and only the
-//! values are escaped. The derive stays the reference: the tests compare
-//! both on every kind of event and on arbitrary strings.
+//! own (BENCHMARKS.md, issue 30, has the count). Here the keys are
+//! literals and only the values are escaped. The derive stays the
+//! reference: the tests compare both on every kind of event and on
+//! arbitrary strings.
 
 use serde::Serializer as _;
 use time::OffsetDateTime;
