@@ -128,8 +128,18 @@ struct Fields<'a> {
     expires_at: Option<&'a RawValue>,
 }
 
+/// The string `raw` holds, or `None` if it is not a string.
 fn as_string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
+    let text = raw.get();
+    // Without a backslash, a string's value is its text between the
+    // quotes: `serde_json` checked it (no control character; the body is
+    // UTF-8) when it read the body, and a `RawValue` starts and ends with
+    // its value. Decoding it again cost a deserializer per field
+    // (BENCHMARKS.md, issue 30).
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(plain) if !plain.contains('\\') => Some(plain.to_owned()),
+        _ => serde_json::from_str::<String>(text).ok(),
+    }
 }
 
 /// A raw id worth echoing in an event: a string of at most 255 bytes.

@@ -36,15 +36,27 @@ fn check_chars(
     allowed: &'static str,
     ok: impl Fn(char) -> bool,
 ) -> Result<(), IdError> {
-    // One pass: every command checks three ids on the hot path.
-    let mut got = 0;
-    let mut first_bad = None;
-    for (position, c) in value.chars().enumerate() {
-        got = position + 1;
-        if first_bad.is_none() && !ok(c) {
-            first_bad = Some((position, c));
+    // One pass: every command checks three ids on the hot path. An ASCII
+    // id (every valid one) is read a byte at a time, without decoding
+    // UTF-8: a byte is then a character, at the same position.
+    let (got, first_bad) = if value.is_ascii() {
+        let first_bad = value
+            .bytes()
+            .map(char::from)
+            .enumerate()
+            .find(|(_, c)| !ok(*c));
+        (value.len(), first_bad)
+    } else {
+        let mut got = 0;
+        let mut first_bad = None;
+        for (position, c) in value.chars().enumerate() {
+            got = position + 1;
+            if first_bad.is_none() && !ok(c) {
+                first_bad = Some((position, c));
+            }
         }
-    }
+        (got, first_bad)
+    };
     if got < min || got > max {
         return Err(IdError::Length { min, max, got });
     }
@@ -169,6 +181,35 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn positions_and_lengths_count_characters_ascii_or_not() {
+        let character = |found, position| IdError::Character {
+            found,
+            position,
+            allowed: "A-Z a-z 0-9 . _ : -",
+        };
+        assert_eq!(
+            CommandId::parse(format!("{}/", "a".repeat(16))),
+            Err(character('/', 16))
+        );
+        assert_eq!(
+            CommandId::parse(format!("{}/é", "é".repeat(15))),
+            Err(character('é', 0))
+        );
+        assert_eq!(
+            CommandId::parse(format!("{}é/", "a".repeat(14))),
+            Err(character('é', 14))
+        );
+        assert_eq!(
+            CommandId::parse("é".repeat(15)),
+            Err(IdError::Length {
+                min: 16,
+                max: 255,
+                got: 15
+            })
+        );
     }
 
     #[test]

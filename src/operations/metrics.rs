@@ -5,6 +5,7 @@
 //! `_seconds` in base units); the text comes from `prometheus-client`, never
 //! from hand-written formatting.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -150,7 +151,31 @@ pub struct Metrics {
     /// the alert to compare with.
     pub lane_share: Family<LaneLabel, Gauge>,
     pub lane_objective: Family<LaneLabel, Gauge>,
+    /// The label sets every charge is counted under, taken from their
+    /// families at first use, not looked up per command: a lookup hashes
+    /// the labels (SipHash) and takes the family's lock, three times per
+    /// charge. A family's handle shares its value, so `/metrics` shows the
+    /// same figures, and a label set still appears only once used.
+    hot: HotLabels,
 }
+
+/// See [`Metrics`]'s `hot`.
+#[derive(Default)]
+struct HotLabels {
+    /// `outcomes{type="succeeded",code=""}`.
+    succeeded: OnceLock<Counter>,
+    /// `hyperline_requests` and `hyperline_latency`, `status="2xx"`.
+    answered: OnceLock<(Counter, LatencyHistogram)>,
+}
+
+/// The outcome labels of a success.
+const SUCCEEDED: OutcomeLabels = OutcomeLabels {
+    r#type: "succeeded",
+    code: "",
+};
+
+/// The status class of a purchase answered.
+const ANSWERED: &str = "2xx";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -190,6 +215,7 @@ impl Metrics {
             lane_oldest_since: Family::default(),
             lane_share: Family::default(),
             lane_objective: Family::default(),
+            hot: HotLabels::default(),
             registry: Registry::default(),
         };
         m.register_commands(&mut registry);
@@ -362,12 +388,36 @@ impl Metrics {
     /// `trace_id` if any.
     pub fn hyperline_request(&self, status: &'static str, took: Duration, trace_id: Option<&str>) {
         let label = StatusLabel { status };
-        self.hyperline_requests.get_or_create(&label).inc();
-        self.hyperline_latency.get_or_create(&label).observe(
-            took.as_secs_f64(),
-            exemplar(trace_id),
-            None,
-        );
+        let observe = |requests: &Counter, latency: &LatencyHistogram| {
+            requests.inc();
+            latency.observe(took.as_secs_f64(), exemplar(trace_id), None);
+        };
+        if status == ANSWERED {
+            let (requests, latency) = self.hot.answered.get_or_init(|| {
+                (
+                    self.hyperline_requests.get_or_create_owned(&label),
+                    self.hyperline_latency.get_or_create_owned(&label),
+                )
+            });
+            observe(requests, latency);
+        } else {
+            observe(
+                &self.hyperline_requests.get_or_create(&label),
+                &self.hyperline_latency.get_or_create(&label),
+            );
+        }
+    }
+
+    /// Counts a final outcome.
+    pub fn outcome(&self, labels: OutcomeLabels) {
+        if labels == SUCCEEDED {
+            self.hot
+                .succeeded
+                .get_or_init(|| self.outcomes.get_or_create_owned(&labels))
+                .inc();
+        } else {
+            self.outcomes.get_or_create(&labels).inc();
+        }
     }
 
     /// Records the processing of one delivery, made under the sampled trace
@@ -387,6 +437,32 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handles_kept_for_a_charge_count_in_their_families() {
+        let m = Metrics::new();
+        assert!(
+            !m.encode().contains("type=\"succeeded\""),
+            "a label set appears once used, not before"
+        );
+        for _ in 0..2 {
+            m.outcome(SUCCEEDED);
+            m.hyperline_request("2xx", Duration::from_millis(20), None);
+        }
+        m.outcome(OutcomeLabels {
+            r#type: "failed",
+            code: "rejected",
+        });
+        let text = m.encode();
+        for line in [
+            "cpw_outcomes_total{type=\"succeeded\",code=\"\"} 2",
+            "cpw_outcomes_total{type=\"failed\",code=\"rejected\"} 1",
+            "cpw_hyperline_requests_total{status=\"2xx\"} 2",
+            "cpw_hyperline_request_duration_seconds_count{status=\"2xx\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {

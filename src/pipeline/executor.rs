@@ -324,23 +324,21 @@ impl Pipeline {
         }
         let m = &self.metrics;
         match outcome {
-            Outcome::Succeeded => m
-                .outcomes
-                .get_or_create(&OutcomeLabels {
-                    r#type: "succeeded",
-                    code: "",
-                })
-                .inc(),
-            Outcome::Failed(code) => m
-                .outcomes
-                .get_or_create(&OutcomeLabels {
-                    r#type: "failed",
-                    code: code.as_str(),
-                })
-                .inc(),
-            Outcome::Deferred(step) => m.redeliveries.get_or_create(&StepLabel { step }).inc(),
-            Outcome::Returned(reason) => m.requeued.get_or_create(&ReasonLabel { reason }).inc(),
-        };
+            Outcome::Succeeded => m.outcome(OutcomeLabels {
+                r#type: "succeeded",
+                code: "",
+            }),
+            Outcome::Failed(code) => m.outcome(OutcomeLabels {
+                r#type: "failed",
+                code: code.as_str(),
+            }),
+            Outcome::Deferred(step) => {
+                m.redeliveries.get_or_create(&StepLabel { step }).inc();
+            }
+            Outcome::Returned(reason) => {
+                m.requeued.get_or_create(&ReasonLabel { reason }).inc();
+            }
+        }
         outcome
     }
 }

@@ -98,14 +98,15 @@ impl<M: Members> Visit for Encode<'_, M> {
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.member(field.name(), |out| {
-            let _ = write!(out, "{value}");
+            if value < 0 {
+                out.push('-');
+            }
+            integer_value(out, value.unsigned_abs());
         });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.member(field.name(), |out| {
-            let _ = write!(out, "{value}");
-        });
+        self.0.member(field.name(), |out| integer_value(out, value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -244,6 +245,25 @@ fn debug_value(out: &mut String, value: &dyn fmt::Debug) {
     out.push('"');
     let _ = write!(Escaping(out), "{value:?}");
     out.push('"');
+}
+
+/// `value` in decimal, without `fmt`'s machinery: every charge's line has
+/// two numbers (BENCHMARKS.md, issue 30).
+fn integer_value(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        if let Some(digit) = digits.get_mut(start) {
+            *digit = b'0' + (value % 10) as u8;
+        }
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(digits.get(start..).unwrap_or_default()).unwrap_or_default());
 }
 
 /// JSON has no NaN or infinity: those are `null`.
@@ -414,6 +434,8 @@ mod tests {
                 shown = %hostile,
                 debugged = ?hostile,
                 negative = -3_i64,
+                smallest = i64::MIN,
+                zero = 0_u64,
                 big = u64::MAX,
                 yes = true,
                 ratio = 0.5_f64,
@@ -427,6 +449,8 @@ mod tests {
         assert_eq!(line["debugged"], format!("{hostile:?}"));
         assert_eq!(line["message"], hostile);
         assert_eq!(line["negative"], -3);
+        assert_eq!(line["smallest"], json!(i64::MIN));
+        assert_eq!(line["zero"], 0);
         assert_eq!(line["big"], json!(u64::MAX));
         assert_eq!(line["yes"], true);
         assert_eq!(line["ratio"], 0.5);
