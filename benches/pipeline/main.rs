@@ -10,7 +10,10 @@
 //! BENCH_N=20000 BENCH_REPEAT=3 cargo bench --bench pipeline -- instant-64
 //! ```
 //!
-//! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`.
+//! Scenarios: `instant-64`, `instant-256`, `latency-2s`, `rate-limit`, `rss`,
+//! `lanes` (issue 31: interactive commands published behind a bulk backlog
+//! under a write limit scaled up to 500 per 10 s, on one queue, on lanes
+//! `interactive:4,bulk:1`, and on lanes with 3 replicas; about 7 min).
 //! Environment: `BENCH_N` (commands per instant-API run, default 100000),
 //! `BENCH_REPEAT` (runs of each instant-API scenario and of `latency-2s`,
 //! default 5; the median is reported), `BENCH_REPEAT_NO_LOG` (runs of
@@ -75,12 +78,13 @@ const WORKER_BIN: &str = env!("CARGO_BIN_EXE_credit-purchase-worker");
 const SIM_KEY: &str = "sim_test_key";
 const PREFIX: &str = "cpw-bench-";
 const BASELINE_CHILD: &str = "--baseline-child";
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
     "instant-64",
     "instant-256",
     "latency-2s",
     "rate-limit",
     "rss",
+    "lanes",
 ];
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -145,6 +149,7 @@ async fn bench(args: Vec<String>) -> Result<()> {
             "latency-2s" => scenarios::latency::run(&broker).await?,
             "rate-limit" => scenarios::rate_limit::run(&broker).await?,
             "rss" => scenarios::rss::run(&broker).await?,
+            "lanes" => scenarios::lanes::run(&broker).await?,
             _ => unreachable!("checked above"),
         };
         summary.extend(lines);

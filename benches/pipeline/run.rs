@@ -54,11 +54,28 @@ impl Run {
         prefetch: u16,
         results_log: bool,
     ) -> Result<Run> {
+        Run::setup_lanes(broker, label, sim, prefetch, results_log, None).await
+    }
+
+    /// [`Run::setup`] with `amqp.lanes` set to `lanes` (as in
+    /// `CPW__AMQP__LANES`, e.g. `interactive:4,bulk:1`): each lane's queue is
+    /// declared and the workers consume them all.
+    pub async fn setup_lanes(
+        broker: &Broker,
+        label: &str,
+        sim: &Sim,
+        prefetch: u16,
+        results_log: bool,
+        lanes: Option<&str>,
+    ) -> Result<Run> {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let queue = format!("{PREFIX}{label}-{}", &tag[..12]);
         let mut env = worker_env(&queue, &sim.base_url, SIM_KEY);
         env.insert("CPW__AMQP__PREFETCH".to_owned(), prefetch.to_string());
         env.insert("CPW__LOG__FORMAT".to_owned(), "json".to_owned());
+        if let Some(lanes) = lanes {
+            env.insert("CPW__AMQP__LANES".to_owned(), lanes.to_owned());
+        }
         if !results_log {
             env.insert(
                 "CPW__AMQP__RESULTS_LOG_RETENTION".to_owned(),
@@ -104,27 +121,18 @@ impl Run {
         })
     }
 
+    /// The commands queue of the lane named `name`, if the run has it.
+    pub fn lane_queue(&self, name: &str) -> Option<&str> {
+        self.topology
+            .lanes
+            .iter()
+            .find(|lane| lane.name == name)
+            .map(|lane| lane.queue.as_str())
+    }
+
     /// Publishes `n` commands and waits for every confirm.
     pub async fn prepublish(&self, broker: &Broker, n: usize) -> Result<()> {
-        const CHUNK: usize = 5_000;
-        let mut left = n;
-        while left > 0 {
-            let chunk = left.min(CHUNK);
-            let mut confirms = Vec::with_capacity(chunk);
-            for _ in 0..chunk {
-                let body = command(&command_id()).to_string();
-                let properties = as_command(BasicProperties::default());
-                let confirm = send(&broker.channel, &self.queue, body.as_bytes(), properties);
-                confirms.push(confirm.await?);
-            }
-            for c in confirms {
-                if !c.await?.is_ack() {
-                    bail!("a command was not confirmed");
-                }
-            }
-            left -= chunk;
-        }
-        Ok(())
+        prepublish_to(broker, &self.queue, n).await
     }
 
     /// Starts `replicas` workers, logging as operators run them (the
@@ -176,12 +184,17 @@ impl Run {
 
     /// The instant the broker reports `n` consumers on the commands queue.
     pub async fn consumers_up(&self, broker: &Broker, n: u32) -> Result<Instant> {
+        self.consumers_on(broker, &self.queue, n).await
+    }
+
+    /// The instant the broker reports `n` consumers on `queue` (a lane's).
+    pub async fn consumers_on(&self, broker: &Broker, queue: &str, n: u32) -> Result<Instant> {
         let ch = broker.connection.create_channel().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let q = ch
                 .queue_declare(
-                    self.queue.as_str().into(),
+                    queue.into(),
                     QueueDeclareOptions {
                         passive: true,
                         ..QueueDeclareOptions::default()
@@ -195,7 +208,7 @@ impl Run {
                 return Ok(at);
             }
             if Instant::now() > deadline {
-                bail!("no consumer on {} after 30 s", self.queue);
+                bail!("no consumer on {queue} after 30 s");
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -238,6 +251,29 @@ impl Run {
             let _ = ch.close(200, "cleaned".into()).await;
         }
     }
+}
+
+/// Publishes `n` commands to `queue` and waits for every confirm.
+pub async fn prepublish_to(broker: &Broker, queue: &str, n: usize) -> Result<()> {
+    const CHUNK: usize = 5_000;
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(CHUNK);
+        let mut confirms = Vec::with_capacity(chunk);
+        for _ in 0..chunk {
+            let body = command(&command_id()).to_string();
+            let properties = as_command(BasicProperties::default());
+            let confirm = send(&broker.channel, queue, body.as_bytes(), properties);
+            confirms.push(confirm.await?);
+        }
+        for c in confirms {
+            if !c.await?.is_ack() {
+                bail!("a command was not confirmed");
+            }
+        }
+        left -= chunk;
+    }
+    Ok(())
 }
 
 #[derive(Default)]

@@ -22,6 +22,20 @@ pub struct LedgerCounts {
     pub rate_limited: u64,
 }
 
+/// The ledger with its charges, in the order they were made.
+#[derive(Deserialize)]
+pub struct Ledger {
+    pub charges: Vec<Charge>,
+    pub requests: u64,
+    pub rate_limited: u64,
+}
+
+/// One charge: the worker sends the command's id as its idempotency key.
+#[derive(Deserialize)]
+pub struct Charge {
+    pub idempotency_key: Option<String>,
+}
+
 impl Sim {
     pub async fn start(latency_ms: u64, rate_limit: u32) -> Result<Sim> {
         let mut child = Command::new(WORKER_BIN)
@@ -51,6 +65,16 @@ impl Sim {
 
     pub async fn ledger(&self) -> Result<LedgerCounts> {
         ledger_of(&self.base_url).await
+    }
+
+    /// The whole ledger, charges included. It grows with every charge, so it
+    /// is read when a phase has ended; [`Sim::ledger`] is the one to poll.
+    pub async fn charges(&self) -> Result<Ledger> {
+        Ok(reqwest::get(format!("{}/_sim/ledger", self.base_url))
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 
     /// Spreads the latency uniformly over `latency ..= latency + jitter`, as

@@ -2,6 +2,7 @@
 //! their subjects.
 
 pub mod instant;
+pub mod lanes;
 pub mod latency;
 pub mod rate_limit;
 pub mod rss;
