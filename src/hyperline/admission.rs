@@ -59,9 +59,17 @@ struct Line {
 
 #[derive(Debug)]
 struct Waiter {
-    granted: oneshot::Sender<()>,
+    granted: oneshot::Sender<Charge>,
     /// Unix seconds since the command waits (its publish time).
     since_secs: i64,
+}
+
+/// What a turn cost its lane: the lane's pass and the virtual time before
+/// the charge, to refund it when the turn is reconsidered.
+#[derive(Clone, Copy, Debug)]
+struct Charge {
+    pass: u64,
+    now: u64,
 }
 
 #[derive(Debug)]
@@ -82,12 +90,24 @@ impl State {
             .map(|(lane, _)| lane)
     }
 
-    /// Charges `lane` one turn.
-    fn charge(&mut self, lane: usize) {
+    /// Charges `lane` one turn; what it cost.
+    fn charge(&mut self, lane: usize) -> Charge {
         let line = &mut self.lines[lane];
+        let before = Charge {
+            pass: line.pass,
+            now: self.now,
+        };
         let start = line.pass.max(self.now);
         self.now = start;
         line.pass = start.saturating_add(line.stride);
+        before
+    }
+
+    /// Takes back the charge of the turn out (no other was given since:
+    /// one turn is out at a time).
+    fn refund(&mut self, lane: usize, charge: Charge) {
+        self.lines[lane].pass = charge.pass;
+        self.now = charge.now;
     }
 }
 
@@ -133,8 +153,8 @@ impl Admission {
 
     /// Waits for the turn of a command of `lane` (an index of the lanes
     /// given to [`Admission::new`]) that waits since `since_secs` (Unix
-    /// seconds). Hold the turn until the gate admits the request, then
-    /// [`Turn::admitted`].
+    /// seconds). Hold the turn until the gate is ready, then
+    /// [`Turn::reconsider`] it, and once the gate admits, [`Turn::admitted`].
     pub async fn turn(&self, lane: usize, since_secs: i64) -> Turn<'_> {
         let lane = lane.min(self.meters.len().saturating_sub(1));
         let asked = Instant::now();
@@ -144,8 +164,8 @@ impl Admission {
                 if !s.busy {
                     // Nobody waits while no turn is out.
                     s.busy = true;
-                    s.charge(lane);
-                    return self.turn_of(lane, asked);
+                    let charge = s.charge(lane);
+                    return self.turn_of(lane, since_secs, asked, charge);
                 }
                 let (granted, wait) = oneshot::channel();
                 let line = &mut s.lines[lane].waiting;
@@ -158,23 +178,32 @@ impl Admission {
                 }
                 wait
             };
-            let mut waiting = Waiting {
-                admission: self,
-                granted,
-                received: false,
-            };
-            waiting.received = (&mut waiting.granted).await.is_ok();
-            if waiting.received {
-                return self.turn_of(lane, asked);
+            if let Some(charge) = self.wait_for(granted).await {
+                return self.turn_of(lane, since_secs, asked, charge);
             }
         }
     }
 
-    fn turn_of(&self, lane: usize, asked: Instant) -> Turn<'_> {
+    /// The turn given through `granted`; `None` if it never comes.
+    async fn wait_for(&self, granted: oneshot::Receiver<Charge>) -> Option<Charge> {
+        let mut waiting = Waiting {
+            admission: self,
+            granted,
+            received: false,
+        };
+        let charge = (&mut waiting.granted).await.ok();
+        waiting.received = charge.is_some();
+        charge
+    }
+
+    fn turn_of(&self, lane: usize, since_secs: i64, asked: Instant, charge: Charge) -> Turn<'_> {
         Turn {
             admission: self,
             lane,
+            since_secs,
             asked,
+            charge,
+            out: true,
         }
     }
 
@@ -182,19 +211,28 @@ impl Admission {
     /// still waiting, or nobody holds it.
     fn pass_on(&self) {
         let mut s = self.lock();
+        if !self.give(&mut s) {
+            s.busy = false;
+        }
+    }
+
+    /// Gives the turn to the first command still waiting in the lane whose
+    /// turn comes first; false when nobody waits.
+    fn give(&self, s: &mut State) -> bool {
         while let Some(lane) = s.next_lane() {
             let Some(waiter) = s.lines[lane].waiting.pop_front() else {
                 break;
             };
             let head = s.lines[lane].waiting.front().map_or(0, |w| w.since_secs);
             self.meters[lane].oldest_since.set(head);
-            if waiter.granted.send(()).is_ok() {
-                s.charge(lane);
-                return;
+            let before = s.charge(lane);
+            if waiter.granted.send(before).is_ok() {
+                return true;
             }
-            // That command gave up waiting: the next one.
+            // That command gave up waiting: the charge back, the next one.
+            s.refund(lane, before);
         }
-        s.busy = false;
+        false
     }
 }
 
@@ -218,7 +256,7 @@ impl Place<'_> {
 /// and a turn given to it meanwhile is passed on.
 struct Waiting<'a> {
     admission: &'a Admission,
-    granted: oneshot::Receiver<()>,
+    granted: oneshot::Receiver<Charge>,
     /// The turn came and was taken: it is the command's, not to pass on.
     received: bool,
 }
@@ -241,10 +279,67 @@ impl Drop for Waiting<'_> {
 pub struct Turn<'a> {
     admission: &'a Admission,
     lane: usize,
+    since_secs: i64,
     asked: Instant,
+    charge: Charge,
+    /// Still this command's to pass on when it drops.
+    out: bool,
 }
 
-impl Turn<'_> {
+impl<'a> Turn<'a> {
+    /// The gate is ready: the slot goes to the command whose turn comes
+    /// first now, which is not this one when a command of a lane with an
+    /// earlier turn came meanwhile (a checkout that arrived while a bulk
+    /// command waited for the slot would otherwise wait for that slot and
+    /// then its own). Then this command goes back to the front of its line,
+    /// its turn's charge refunded, and waits for its turn again. With one
+    /// lane, or nobody waiting in another, it keeps the turn at once.
+    /// `(turn, kept)`: `kept` when the turn was not given away.
+    pub async fn reconsider(mut self) -> (Turn<'a>, bool) {
+        let admission = self.admission;
+        let granted = {
+            let mut s = admission.lock();
+            let lane = self.lane;
+            let others = s
+                .lines
+                .iter()
+                .enumerate()
+                .any(|(i, line)| i != lane && !line.waiting.is_empty());
+            if !others {
+                drop(s);
+                return (self, true);
+            }
+            s.refund(lane, self.charge);
+            let (granted, mut wait) = oneshot::channel();
+            s.lines[lane].waiting.push_front(Waiter {
+                granted,
+                since_secs: self.since_secs,
+            });
+            admission.meters[lane].oldest_since.set(self.since_secs);
+            // Someone waits: the turn is given, if only back to this command.
+            admission.give(&mut s);
+            match wait.try_recv() {
+                Ok(charge) => {
+                    self.charge = charge;
+                    drop(s);
+                    return (self, true);
+                }
+                Err(_) => {
+                    self.out = false;
+                    wait
+                }
+            }
+        };
+        let (lane, since_secs, asked) = (self.lane, self.since_secs, self.asked);
+        drop(self);
+        match admission.wait_for(granted).await {
+            Some(charge) => (admission.turn_of(lane, since_secs, asked, charge), false),
+            // Never given (cannot happen while the admission lives): in
+            // line again.
+            None => (admission.turn(lane, since_secs).await, false),
+        }
+    }
+
     /// The gate admitted the request: one write of the lane, after the wait
     /// since the turn was asked for.
     pub fn admitted(self) {
@@ -258,7 +353,9 @@ impl Turn<'_> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.admission.pass_on();
+        if self.out {
+            self.admission.pass_on();
+        }
     }
 }
 
@@ -448,6 +545,64 @@ mod tests {
                 .contains("cpw_lane_oldest_waiting_since_seconds{lane=\"lane0\"} 0"),
             "nobody waits"
         );
+    }
+
+    #[tokio::test]
+    async fn an_open_slot_goes_to_the_checkout_that_came_while_bulk_waited_for_it() {
+        let metrics = Metrics::new();
+        let admission = Arc::new(Admission::new(&lanes(&[4, 1]), &metrics));
+        // A bulk command holds the turn, waiting for the gate's slot.
+        let bulk = admission.turn(1, 0).await;
+        let checkout = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move {
+                let turn = admission.turn(0, 0).await;
+                let (turn, kept) = turn.reconsider().await;
+                assert!(kept, "nobody else waits: the checkout keeps it");
+                turn.admitted();
+            })
+        };
+        while admission.lock().lines[0].waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // The slot opens: it is the checkout's; the bulk command waits at the
+        // front of its line and gets the next.
+        let (bulk, kept) = bulk.reconsider().await;
+        assert!(!kept, "given to the checkout first");
+        assert!(checkout.await.is_ok());
+        let (bulk, kept) = bulk.reconsider().await;
+        assert!(kept);
+        bulk.admitted();
+        let text = metrics.encode();
+        assert!(
+            text.contains("cpw_lane_writes_total{lane=\"lane0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cpw_lane_writes_total{lane=\"lane1\"} 1"),
+            "{text}"
+        );
+        assert!(!admission.lock().busy);
+    }
+
+    #[tokio::test]
+    async fn a_turn_that_still_comes_first_is_kept_when_reconsidered() {
+        let metrics = Metrics::new();
+        let admission = Arc::new(Admission::new(&lanes(&[1, 1]), &metrics));
+        // Lane 1 has had a turn: lane 0's next comes first.
+        admission.turn(1, 0).await.admitted();
+        let first = admission.turn(0, 0).await;
+        let other = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move { admission.turn(1, 0).await.admitted() })
+        };
+        while admission.lock().lines[1].waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let (first, kept) = first.reconsider().await;
+        assert!(kept, "lane 0's turn comes before lane 1's second");
+        first.admitted();
+        assert!(other.await.is_ok());
     }
 
     #[tokio::test]

@@ -150,9 +150,18 @@ impl<'a> Attempt<'a> {
             return Err(self.tally.out_of_time(gate));
         };
         // The turn is held until the gate admits: the gate's order is the
-        // lanes' (see `admission`).
+        // lanes'. The slot, once open, goes to whoever's turn comes first
+        // then (see `admission`).
         let admission = async {
-            let turn = self.ctx.place.turn().await;
+            let mut turn = self.ctx.place.turn().await;
+            loop {
+                gate.ready().await;
+                let (reconsidered, kept) = turn.reconsider().await;
+                turn = reconsidered;
+                if kept {
+                    break;
+                }
+            }
             let permit = gate.admit().await;
             turn.admitted();
             permit

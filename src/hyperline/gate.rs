@@ -249,15 +249,36 @@ impl Gate {
             };
             // Whatever changes meanwhile (a 429, an announcement) is taken
             // into account when the loop asks again.
-            match wait {
-                Wait::Until(at) => tokio::time::sleep_until(at).await,
-                Wait::ForProbe(until) => {
-                    let done = self.probe_done.notified();
-                    tokio::pin!(done);
-                    done.as_mut().enable();
-                    if self.lock().probing.is_some() {
-                        let _ = tokio::time::timeout_at(until, done).await;
-                    }
+            self.sit_out(wait).await;
+        }
+    }
+
+    /// Waits until [`Gate::admit`] would admit at once, without taking the
+    /// slot: the lanes give a slot that has opened to the command whose
+    /// turn comes first then, not to the one that started waiting for it
+    /// (see `admission`).
+    pub async fn ready(&self) {
+        loop {
+            let wait = {
+                let s = self.lock();
+                match s.admission(Instant::now(), self.interval.is_some(), self.patience) {
+                    Ok(_) => return,
+                    Err(wait) => wait,
+                }
+            };
+            self.sit_out(wait).await;
+        }
+    }
+
+    async fn sit_out(&self, wait: Wait) {
+        match wait {
+            Wait::Until(at) => tokio::time::sleep_until(at).await,
+            Wait::ForProbe(until) => {
+                let done = self.probe_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if self.lock().probing.is_some() {
+                    let _ = tokio::time::timeout_at(until, done).await;
                 }
             }
         }
