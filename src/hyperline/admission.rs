@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::oneshot;
 
+use super::gate::Gate;
 use crate::configuration::Lane;
 use crate::operations::Metrics;
 use crate::operations::metrics::{LaneLabel, LatencyHistogram};
@@ -287,6 +288,24 @@ pub struct Turn<'a> {
 }
 
 impl<'a> Turn<'a> {
+    /// Holds the turn until `gate` is ready, and [`Turn::reconsider`]s it
+    /// then, until it is kept. With one lane there is nobody to give it to:
+    /// the gate's own wait in `admit` is the only one.
+    pub async fn at_open_slot(self, gate: &Gate) -> Turn<'a> {
+        if self.admission.meters.len() < 2 {
+            return self;
+        }
+        let mut turn = self;
+        loop {
+            gate.ready().await;
+            let (reconsidered, kept) = turn.reconsider().await;
+            if kept {
+                return reconsidered;
+            }
+            turn = reconsidered;
+        }
+    }
+
     /// The gate is ready: the slot goes to the command whose turn comes
     /// first now, which is not this one when a command of a lane with an
     /// earlier turn came meanwhile (a checkout that arrived while a bulk

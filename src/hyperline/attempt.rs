@@ -153,15 +153,7 @@ impl<'a> Attempt<'a> {
         // lanes'. The slot, once open, goes to whoever's turn comes first
         // then (see `admission`).
         let admission = async {
-            let mut turn = self.ctx.place.turn().await;
-            loop {
-                gate.ready().await;
-                let (reconsidered, kept) = turn.reconsider().await;
-                turn = reconsidered;
-                if kept {
-                    break;
-                }
-            }
+            let turn = self.ctx.place.turn().await.at_open_slot(gate).await;
             let permit = gate.admit().await;
             turn.admitted();
             permit
