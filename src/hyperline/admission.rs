@@ -421,14 +421,7 @@ mod tests {
             }
         }
         // Every command in its line before the turn comes back.
-        while admission
-            .lock()
-            .lines
-            .iter()
-            .map(|l| l.waiting.len())
-            .sum::<usize>()
-            < shares.len() * depth
-        {
+        while waiting(&admission) < shares.len() * depth {
             tokio::task::yield_now().await;
         }
         drop(holder);
@@ -441,6 +434,11 @@ mod tests {
         }
         tasks.abort_all();
         lanes
+    }
+
+    /// Commands waiting in every line.
+    fn waiting(admission: &Admission) -> usize {
+        admission.lock().lines.iter().map(|l| l.waiting.len()).sum()
     }
 
     fn count(order: &[usize], lane: usize) -> usize {
@@ -506,14 +504,7 @@ mod tests {
                     drop(turn);
                 });
             }
-            while admission
-                .lock()
-                .lines
-                .iter()
-                .map(|l| l.waiting.len())
-                .sum::<usize>()
-                < 6
-            {
+            while waiting(&admission) < 6 {
                 tokio::task::yield_now().await;
             }
             drop(holder);
