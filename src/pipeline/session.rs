@@ -193,7 +193,9 @@ async fn run_on(
     .await?;
     let lanes = open_lanes(ctx, connection).await?;
     ctx.health.set_connected(true);
+    // One string, as the field was before lanes: the one lane's queue.
     let queues: Vec<&str> = lanes.iter().map(|lane| lane.queue.as_str()).collect();
+    let queues = queues.join(",");
     let prefetch: u32 = ctx
         .settings
         .amqp
@@ -201,7 +203,7 @@ async fn run_on(
         .iter()
         .map(|l| u32::from(l.prefetch))
         .sum();
-    tracing::info!(queues = ?queues, prefetch, node = %label, "connected to the broker");
+    tracing::info!(queue = %queues, prefetch, node = %label, "connected to the broker");
 
     ctx.pipeline.metrics.prefetch.set(i64::from(prefetch));
     let mut tasks = JoinSet::new();
